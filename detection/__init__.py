@@ -1,0 +1,23 @@
+"""detection: DETR/ViT detectors that expose per-detection attention as saliency maps.
+
+Public entry points are re-exported lazily so that `import detection` stays cheap.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Detections": "detection.structures",
+    "AttentionRecord": "detection.models.outputs",
+    "load_model": "detection.models.registry",
+    "build_model": "detection.models.registry",
+    "postprocess": "detection.postprocess",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'detection' has no attribute {name!r}")

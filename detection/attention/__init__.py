@@ -1,0 +1,1 @@
+"""Attention -> saliency: maps in image coordinates, aggregation (heads, layers, rollout), metrics."""

@@ -1,0 +1,45 @@
+"""`detr-attn` command line: each verb is a thin call into the module that owns it.
+
+Each verb module provides `add_arguments(parser)` and `run(args) -> int` (the exit status).
+Modules are imported only when their verb runs, so `detr-attn --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+VERBS: dict[str, tuple[str, str]] = {
+    "predict": ("detection.engine.predict", "detect objects and save detections, attention maps, overlays"),
+    "eval": ("detection.engine.evaluate", "COCO-subset evaluation: pycocotools AP + attention faithfulness"),
+    "train": ("detection.train.loop", "train or fine-tune a DETR model"),
+    "synth": ("detection.data.synthetic", "generate a synthetic COCO-format dataset"),
+    "report": ("detection.render.report", "build an HTML + PDF report from a predict run folder"),
+    "weights": ("detection.models.weights_cli", "list, download, convert and verify checkpoints"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detr-attn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for verb, (module_name, help_text) in VERBS.items():
+        sub.add_parser(verb, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in VERBS:
+        build_parser().parse_args(argv)  # prints usage / help and exits
+        return 2
+    verb, rest = argv[0], argv[1:]
+    module = importlib.import_module(VERBS[verb][0])
+    parser = argparse.ArgumentParser(prog=f"detr-attn {verb}", description=VERBS[verb][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

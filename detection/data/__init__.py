@@ -1,0 +1,1 @@
+"""Data: the safe image loader, inference preprocessing, COCO datasets, augmentation, synthetic data."""

@@ -1,0 +1,1 @@
+"""Engines: batch prediction, evaluation."""

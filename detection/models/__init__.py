@@ -1,0 +1,1 @@
+"""DETR-family models that can return their attention weights."""

@@ -1,0 +1,1 @@
+"""Rendering: overlays, panels (OpenCV) and HTML/PDF reports. Never runs a model."""

@@ -1,0 +1,122 @@
+"""Typed per-image detection container: equal-length fields, indexing applies to all.
+
+Coordinate convention: `boxes` are float32 (N, 4) xyxy in ORIGINAL image pixels
+(x right, y down, origin at the top-left corner of the top-left pixel).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+
+def _length(value: Any) -> int:
+    return len(value)
+
+
+def _index(value: Any, item: Any) -> Any:
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        if isinstance(item, int):
+            return value[item : item + 1]
+        if isinstance(value, np.ndarray) and isinstance(item, torch.Tensor):
+            item = item.cpu().numpy()
+        return value[item]
+    # plain Python list: support int, slice, bool mask and integer index arrays
+    if isinstance(item, int):
+        return [value[item]]
+    if isinstance(item, slice):
+        return value[item]
+    index = item.cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
+    if index.dtype == bool:
+        index = np.nonzero(index)[0]
+    return [value[int(i)] for i in index]
+
+
+class Detections:
+    """Detections of one image, detectron2-`Instances` style.
+
+    Standard fields (all length N):
+      boxes        float32 (N, 4) xyxy, original-image pixels
+      scores       float32 (N,)
+      labels       int64 (N,) contiguous model label index (into `class_names` of the model)
+      query_index  int64 (N,) decoder query that produced the detection (ties it to its attention)
+      class_names  list[str] (N,)
+    Optional fields, e.g. `maps` float32 (N, H, W) saliency in original-image pixels.
+
+    `image_size` is the original image (height, width).
+    """
+
+    def __init__(self, image_size: tuple[int, int], **fields: Any) -> None:
+        object.__setattr__(self, "image_size", (int(image_size[0]), int(image_size[1])))
+        object.__setattr__(self, "_fields", {})
+        for name, value in fields.items():
+            self.set(name, value)
+
+    # -- field access -------------------------------------------------------------------
+    def set(self, name: str, value: Any) -> None:
+        if name == "boxes":
+            value = torch.as_tensor(value, dtype=torch.float32).reshape(-1, 4)
+        if self._fields:
+            expected = len(self)
+            if _length(value) != expected:
+                raise ValueError(
+                    f"field {name!r} has length {_length(value)}, other fields have {expected}"
+                )
+        self._fields[name] = value
+
+    def has(self, name: str) -> bool:
+        return name in self._fields
+
+    def get(self, name: str) -> Any:
+        return self._fields[name]
+
+    def fields(self) -> dict[str, Any]:
+        return dict(self._fields)
+
+    def __getattr__(self, name: str) -> Any:
+        fields = object.__getattribute__(self, "_fields")
+        if name in fields:
+            return fields[name]
+        raise AttributeError(f"Detections has no field {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.set(name, value)
+
+    # -- container protocol -------------------------------------------------------------
+    def __len__(self) -> int:
+        for value in self._fields.values():
+            return _length(value)
+        return 0
+
+    def __getitem__(self, item: Any) -> "Detections":
+        if isinstance(item, int):
+            if item >= len(self) or item < -len(self):
+                raise IndexError(f"index {item} out of range for {len(self)} detections")
+            item = item % len(self)
+        return Detections(self.image_size, **{k: _index(v, item) for k, v in self._fields.items()})
+
+    def __iter__(self) -> Iterator["Detections"]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def to(self, device: Any) -> "Detections":
+        return Detections(
+            self.image_size,
+            **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self._fields.items()},
+        )
+
+    def __repr__(self) -> str:
+        names = ", ".join(self._fields)
+        return f"Detections(num={len(self)}, image_size={self.image_size}, fields=[{names}])"
+
+    @staticmethod
+    def empty(image_size: tuple[int, int]) -> "Detections":
+        return Detections(
+            image_size,
+            boxes=torch.zeros((0, 4)),
+            scores=torch.zeros((0,)),
+            labels=torch.zeros((0,), dtype=torch.int64),
+            query_index=torch.zeros((0,), dtype=torch.int64),
+            class_names=[],
+        )

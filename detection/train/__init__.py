@@ -1,0 +1,1 @@
+"""Training: matcher, losses, checkpoints, loop, distributed helpers."""
