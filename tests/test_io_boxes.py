@@ -1,0 +1,37 @@
+import json
+import os
+
+import pytest
+import torch
+
+from detection import boxes
+from detection.io import atomic_path, write_json_atomic
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "sub" / "out.json"
+    write_json_atomic(target, {"a": 1})
+    write_json_atomic(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 2}
+    assert os.listdir(target.parent) == ["out.json"]
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_box_conversions_round_trip():
+    xyxy = torch.tensor([[10.0, 20.0, 50.0, 80.0], [0.0, 0.0, 1.0, 1.0]])
+    cxcywh = boxes.xyxy_to_cxcywh(xyxy)
+    assert cxcywh.tolist() == [[30.0, 50.0, 40.0, 60.0], [0.5, 0.5, 1.0, 1.0]]
+    assert torch.equal(boxes.cxcywh_to_xyxy(cxcywh), xyxy)
+    xywh = boxes.xyxy_to_xywh(xyxy)
+    assert xywh.tolist()[0] == [10.0, 20.0, 40.0, 60.0]
+    assert torch.equal(boxes.xywh_to_xyxy(xywh), xyxy)
