@@ -1,0 +1,204 @@
+"""COCO ground truth for evaluation: load + validate an instances file, pick an image/category subset.
+
+Validation guards the pycocotools pitfalls up front (annotation id 0 or duplicated ids break
+matching, missing `area`/`iscrowd` crash COCOeval) so the user gets one clear message naming
+the file instead of a KeyError deep inside pycocotools or silently wrong numbers.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+class GroundTruthError(ValueError):
+    """The annotation file cannot be evaluated; the message names the file and the problem."""
+
+
+def _fail(path: Path | str, problem: str) -> None:
+    raise GroundTruthError(f"{path}: {problem}")
+
+
+def validate_coco_gt(dataset: dict[str, Any], path: Path | str = "<ground truth>") -> dict[str, Any]:
+    """Check a COCO instances dict for everything COCOeval needs; return it unchanged.
+
+    Refuses (GroundTruthError naming `path`): missing sections, duplicate image / category ids,
+    annotation id 0 or duplicated (pycocotools records matches by annotation id and treats 0
+    as "unmatched", so a GT with id 0 can never be matched), annotations referring to unknown
+    images or categories, boxes that are not 4 finite numbers with w, h >= 0, and missing
+    `area` / `iscrowd` fields (COCOeval reads both for every GT).
+    """
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(dataset.get(key), list):
+            _fail(path, f"not a COCO instances file: missing list {key!r}")
+    image_ids = [img.get("id") for img in dataset["images"]]
+    if any(not isinstance(i, int) for i in image_ids):
+        _fail(path, "every image needs an integer 'id'")
+    if len(set(image_ids)) != len(image_ids):
+        dup = sorted({i for i in image_ids if image_ids.count(i) > 1})[:5]
+        _fail(path, f"duplicate image ids {dup}")
+    for img in dataset["images"]:
+        if not isinstance(img.get("width"), int) or not isinstance(img.get("height"), int):
+            _fail(path, f"image {img['id']} needs integer 'width' and 'height'")
+    cat_ids = [c.get("id") for c in dataset["categories"]]
+    if any(not isinstance(i, int) for i in cat_ids) or any("name" not in c for c in dataset["categories"]):
+        _fail(path, "every category needs an integer 'id' and a 'name'")
+    if len(set(cat_ids)) != len(cat_ids):
+        _fail(path, "duplicate category ids")
+    known_images, known_cats = set(image_ids), set(cat_ids)
+    seen_ann_ids: set[int] = set()
+    for ann in dataset["annotations"]:
+        ann_id = ann.get("id")
+        if not isinstance(ann_id, int):
+            _fail(path, f"annotation without an integer 'id': {str(ann)[:120]}")
+        if ann_id == 0:
+            _fail(
+                path,
+                "annotation id 0 found; pycocotools treats id 0 as 'unmatched', so this object "
+                "could never be matched. Renumber annotation ids from 1.",
+            )
+        if ann_id in seen_ann_ids:
+            _fail(path, f"duplicate annotation id {ann_id}; pycocotools indexes annotations by id")
+        seen_ann_ids.add(ann_id)
+        if ann.get("image_id") not in known_images:
+            _fail(path, f"annotation {ann_id} refers to unknown image_id {ann.get('image_id')}")
+        if ann.get("category_id") not in known_cats:
+            _fail(path, f"annotation {ann_id} refers to unknown category_id {ann.get('category_id')}")
+        bbox = ann.get("bbox")
+        if (
+            not isinstance(bbox, (list, tuple))
+            or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in bbox)
+            or bbox[2] < 0
+            or bbox[3] < 0
+        ):
+            _fail(path, f"annotation {ann_id} has an invalid bbox {bbox!r} (need [x, y, w, h], w, h >= 0)")
+        for needed in ("area", "iscrowd"):
+            if needed not in ann:
+                _fail(path, f"annotation {ann_id} has no {needed!r} field (COCOeval needs it)")
+    return dataset
+
+
+def load_coco_gt(path: str | Path) -> dict[str, Any]:
+    """Read and validate a COCO instances JSON file (see `validate_coco_gt`)."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            dataset = json.load(handle)
+    except FileNotFoundError:
+        raise GroundTruthError(f"{path}: annotation file not found") from None
+    except json.JSONDecodeError as error:
+        raise GroundTruthError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(dataset, dict):
+        _fail(path, "not a COCO instances file (top level is not an object)")
+    return validate_coco_gt(dataset, path)
+
+
+@dataclass
+class SubsetSpec:
+    """Which part of the dataset to evaluate. Filters apply in this order:
+    image-ids file -> category names -> at least `min_objects` objects -> first N or random N.
+
+    first / random count images in annotation-file order; `random` draws without replacement
+    with numpy's `default_rng(seed)` and keeps the drawn images in file order.
+    `min_objects` counts non-crowd annotations of the selected categories.
+    """
+
+    first: int | None = None
+    random: int | None = None
+    seed: int = 0
+    image_ids_file: str | Path | None = None
+    category_names: Sequence[str] | None = None
+    min_objects: int = 0
+
+
+@dataclass
+class Subset:
+    """The evaluated part: image ids (file order) and category ids (file order)."""
+
+    image_ids: list[int]
+    category_ids: list[int]
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+def read_image_ids_file(path: str | Path) -> list[int]:
+    """Image ids from a JSON list or a text file (ids separated by whitespace or commas)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GroundTruthError(f"{path}: image-ids file not found") from None
+    stripped = text.strip()
+    try:
+        if stripped.startswith("["):
+            values = json.loads(stripped)
+        else:
+            values = [token for token in stripped.replace(",", " ").split() if not token.startswith("#")]
+        ids = [int(v) for v in values]
+    except (ValueError, TypeError, json.JSONDecodeError) as error:
+        raise GroundTruthError(f"{path}: cannot read image ids ({error})") from None
+    return ids
+
+
+def select_subset(dataset: dict[str, Any], spec: SubsetSpec, ann_path: str | Path = "<ground truth>") -> Subset:
+    """Apply `spec` to a validated COCO dict; errors name `ann_path` or the ids file."""
+    if spec.first is not None and spec.random is not None:
+        raise ValueError("choose either first N or random N images, not both")
+    images = [img["id"] for img in dataset["images"]]
+    categories = dataset["categories"]
+    description: dict[str, Any] = {"images_in_file": len(images)}
+
+    if spec.image_ids_file is not None:
+        wanted = read_image_ids_file(spec.image_ids_file)
+        unknown = sorted(set(wanted) - set(images))
+        if unknown:
+            raise GroundTruthError(
+                f"{spec.image_ids_file}: {len(unknown)} image ids are not in {ann_path}: {unknown[:10]}"
+            )
+        wanted_set = set(wanted)
+        images = [i for i in images if i in wanted_set]
+        description["image_ids_file"] = str(spec.image_ids_file)
+
+    category_ids = [c["id"] for c in categories]
+    if spec.category_names:
+        by_name = {c["name"].strip().lower(): c["id"] for c in categories}
+        missing = [n for n in spec.category_names if n.strip().lower() not in by_name]
+        if missing:
+            available = ", ".join(c["name"] for c in categories)
+            raise GroundTruthError(f"{ann_path}: unknown category names {missing}; available: {available}")
+        chosen = {by_name[n.strip().lower()] for n in spec.category_names}
+        category_ids = [c for c in category_ids if c in chosen]
+        description["category_names"] = list(spec.category_names)
+
+    if spec.min_objects > 0:
+        chosen_cats = set(category_ids)
+        counts: dict[int, int] = {}
+        for ann in dataset["annotations"]:
+            if ann["category_id"] in chosen_cats and not ann.get("iscrowd", 0):
+                counts[ann["image_id"]] = counts.get(ann["image_id"], 0) + 1
+        images = [i for i in images if counts.get(i, 0) >= spec.min_objects]
+        description["min_objects"] = spec.min_objects
+
+    if spec.first is not None:
+        if spec.first < 1:
+            raise ValueError("first N needs N >= 1")
+        images = images[: spec.first]
+        description["first"] = spec.first
+    elif spec.random is not None:
+        if spec.random < 1:
+            raise ValueError("random N needs N >= 1")
+        if spec.random < len(images):
+            rng = np.random.default_rng(spec.seed)
+            picked = set(rng.choice(len(images), size=spec.random, replace=False).tolist())
+            images = [i for k, i in enumerate(images) if k in picked]
+        description["random"] = spec.random
+        description["seed"] = spec.seed
+
+    if not images:
+        raise GroundTruthError(f"{ann_path}: the subset selects no images ({description})")
+    description["images_selected"] = len(images)
+    description["categories_selected"] = len(category_ids)
+    return Subset(image_ids=images, category_ids=category_ids, description=description)
