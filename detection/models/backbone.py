@@ -1,0 +1,130 @@
+"""Image backbones through timm: ResNet (frozen batch norm, optional DC5 dilation) and ViT.
+
+Each backbone maps normalised images (B, 3, H, W) + padding mask (B, H, W) (True = pad) to one
+feature map (B, C, h, w) + the feature-level padding mask (B, h, w) and reports its
+`feature_stride` (input pixels per feature cell) and `num_channels`.
+"""
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+# DETR (models/backbone.py) uses its own FrozenBatchNorm2d with eps=1e-5; torchvision's class
+# computes the same affine transform, so state dicts (weight, bias, running_mean, running_var)
+# map 1:1.
+FROZEN_BN_EPS = 1e-5
+
+
+def freeze_batch_norm(module: nn.Module) -> nn.Module:
+    """Replace every nn.BatchNorm2d in `module` (recursively, in place) by FrozenBatchNorm2d.
+
+    The statistics and affine parameters are copied, so a pretrained network keeps its output.
+    Returns the module (or the replacement, if `module` itself is a BatchNorm2d).
+    """
+    if isinstance(module, nn.BatchNorm2d):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=FROZEN_BN_EPS)
+        with torch.no_grad():
+            if module.affine:
+                frozen.weight.copy_(module.weight)
+                frozen.bias.copy_(module.bias)
+            if module.running_mean is not None:
+                frozen.running_mean.copy_(module.running_mean)
+                frozen.running_var.copy_(module.running_var)
+        return frozen
+    for name, child in module.named_children():
+        replaced = freeze_batch_norm(child)
+        if replaced is not child:
+            setattr(module, name, replaced)
+    return module
+
+
+def downsample_padding_mask(padding_mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) bool -> (B, h, w) bool by nearest interpolation, exactly as DETR does."""
+    return F.interpolate(padding_mask[None].float(), size=size).bool()[0]
+
+
+class ResNetBackbone(nn.Module):
+    """timm ResNet, last stage only, batch norm frozen.
+
+    `dilation=True` (DC5) dilates the last stage instead of striding it: output stride 16.
+    timm's `output_stride=16` gives the first block of layer4 dilation 1 and stride 1 and the
+    following blocks dilation 2, the same as torchvision's
+    `replace_stride_with_dilation=[False, False, True]` used by the DETR authors and HF.
+
+    Parameter names under `body.` are torchvision's (conv1, bn1, layer1..layer4), so the
+    authors' `backbone.0.body.*` keys map by prefix only.
+    """
+
+    def __init__(self, name: str, dilation: bool = False, pretrained: bool = False,
+                 frozen_batch_norm: bool = True) -> None:
+        super().__init__()
+        kwargs = {"output_stride": 16} if dilation else {}
+        body = timm.create_model(name, pretrained=pretrained, features_only=True,
+                                 out_indices=(4,), **kwargs)
+        if frozen_batch_norm:
+            body = freeze_batch_norm(body)
+        self.body = body
+        self.num_channels = int(body.feature_info.channels()[-1])
+        self.feature_stride = int(body.feature_info.reduction()[-1])
+
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W), padding_mask (B, H, W) -> features (B, C, h, w), mask (B, h, w)."""
+        features = self.body(images)[-1]
+        return features, downsample_padding_mask(padding_mask, features.shape[-2:])
+
+
+class ViTBackbone(nn.Module):
+    """timm Vision Transformer; the patch tokens (prefix tokens dropped) reshaped to (h, w).
+
+    `dynamic_img_size=True` resamples the position embedding to each input's patch grid and
+    `dynamic_img_pad=True` zero-pads the input at the bottom/right to a multiple of the patch
+    size, so any input size works; h = ceil(H / patch), w = ceil(W / patch).
+    Patch tokens that lie entirely on padding are masked out of the ViT's self-attention.
+    """
+
+    def __init__(self, name: str, pretrained: bool = False) -> None:
+        super().__init__()
+        self.body = timm.create_model(name, pretrained=pretrained, num_classes=0,
+                                      dynamic_img_size=True, dynamic_img_pad=True)
+        patch = self.body.patch_embed.patch_size
+        if patch[0] != patch[1]:
+            raise ValueError(f"ViT backbone {name!r} has non-square patches {patch}")
+        self.num_channels = int(self.body.embed_dim)
+        self.feature_stride = int(patch[0])
+        self.num_prefix_tokens = int(self.body.num_prefix_tokens)
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        stride = self.feature_stride
+        return -(-height // stride), -(-width // stride)
+
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W), padding_mask (B, H, W) -> features (B, C, h, w), mask (B, h, w)."""
+        batch = images.shape[0]
+        h, w = self.grid_size(images.shape[-2], images.shape[-1])
+        feature_mask = downsample_padding_mask(padding_mask, (h, w))
+        attn_mask = None
+        if bool(feature_mask.any()):
+            # SDPA bool semantics: True = may be attended to. Prefix tokens always may.
+            keep = torch.cat([
+                feature_mask.new_ones((batch, self.num_prefix_tokens)),
+                ~feature_mask.flatten(1),
+            ], dim=1)
+            attn_mask = keep[:, None, None, :]
+        tokens = self.body.forward_features(images, attn_mask=attn_mask)
+        patches = tokens[:, self.num_prefix_tokens:]
+        features = patches.transpose(1, 2).reshape(batch, self.num_channels, h, w)
+        return features, feature_mask
+
+
+def build_backbone(name: str, dilation: bool = False, pretrained: bool = False) -> nn.Module:
+    """A ResNet (`resnet*`) or ViT (`vit_*`) backbone by timm model name."""
+    if name.startswith("vit_"):
+        if dilation:
+            raise ValueError(f"dilation (DC5) is only defined for ResNet backbones, not {name!r}")
+        return ViTBackbone(name, pretrained=pretrained)
+    if "resnet" in name:
+        return ResNetBackbone(name, dilation=dilation, pretrained=pretrained)
+    raise ValueError(f"unsupported backbone {name!r}: expected a timm resnet* or vit_* model name")
