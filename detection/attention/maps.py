@@ -372,13 +372,19 @@ def save_maps_npz(
 def load_maps_npz(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     """Read a `save_maps_npz` file -> (maps float32 (N, H, W), metadata dict). Never unpickles."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "maps" not in archive or "meta_json" not in archive:
-                raise ValueError(f"{path}: not a maps npz (needs 'maps' and 'meta_json', has {sorted(archive.files)})")
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError) as error:  # numpy says ValueError for "not npz/npy"
+        raise ValueError(f"{path}: cannot read maps npz: {error}") from error
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not a maps npz (a single .npy array)")
+    with archive:
+        if "maps" not in archive.files or "meta_json" not in archive.files:
+            raise ValueError(f"{path}: not a maps npz (needs 'maps' and 'meta_json', has {sorted(archive.files)})")
+        try:
             maps = archive["maps"].astype(np.float32)
             meta = json.loads(archive["meta_json"].tobytes().decode("utf-8"))
-    except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: cannot read maps npz: {error}") from error
+        except (OSError, EOFError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError too
+            raise ValueError(f"{path}: cannot read maps npz: {error}") from error
     if not isinstance(meta, dict) or meta.get("format") != NPZ_FORMAT:
         raise ValueError(f"{path}: unknown maps format {meta.get('format') if isinstance(meta, dict) else meta!r}")
     if maps.ndim != 3 or len(maps) != meta.get("num_maps"):
