@@ -1,0 +1,318 @@
+"""Saliency overlays with OpenCV: colormap blends, mass contours, boxes, labels; RGB in and out.
+
+Inputs: image uint8 (H, W, 3) RGB; saliency float (H, W) in [0, 1] in the same pixels (see
+`detection.attention.maps`); `Detections` whose `image_size` is (H, W). Outputs are new uint8
+RGB arrays (inputs are never modified). Same input -> same bytes: no randomness, no clocks.
+
+Readability: the colour is blended with a per-pixel opacity alpha·saliency, so cold regions
+show the untouched photo and only attended regions are coloured. Text and line sizes scale with
+the image's shorter side (`text_style`), and every label sits on a filled box in the class colour.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from detection.io import write_bytes_atomic
+from detection.render.colors import DEFAULT_COLORMAP, apply_colormap, class_color, swap_red_blue, text_color_on
+from detection.structures import Detections
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+# float16 storage rounds 1.0 to within 1e-3; tolerate that much outside [0, 1] and clip
+_RANGE_TOLERANCE = 1e-3
+
+
+# -- validation -----------------------------------------------------------------------------------
+def check_image(image_rgb: np.ndarray, name: str = "image") -> np.ndarray:
+    """Return `image_rgb` as a contiguous uint8 (H, W, 3) array or raise ValueError."""
+    if not isinstance(image_rgb, np.ndarray) or image_rgb.dtype != np.uint8:
+        kind = image_rgb.dtype if isinstance(image_rgb, np.ndarray) else type(image_rgb).__name__
+        raise ValueError(f"{name} must be a uint8 RGB numpy array, got {kind}")
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.shape[0] == 0 or image_rgb.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (H, W, 3), got {image_rgb.shape}")
+    return np.ascontiguousarray(image_rgb)
+
+
+def check_saliency(saliency: np.ndarray, image_shape: Sequence[int], name: str = "saliency") -> np.ndarray:
+    """Return `saliency` as float32 (..., H, W) in [0, 1], or raise ValueError naming the problem."""
+    saliency = np.asarray(saliency)
+    if saliency.shape[-2:] != tuple(image_shape[:2]):
+        raise ValueError(f"{name} has spatial shape {saliency.shape[-2:]}, the image is {tuple(image_shape[:2])}")
+    if not np.issubdtype(saliency.dtype, np.floating):
+        raise ValueError(f"{name} must be floating point in [0, 1], got {saliency.dtype}")
+    saliency = saliency.astype(np.float32)
+    if saliency.size and not np.isfinite(saliency).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if saliency.size and (saliency.min() < -_RANGE_TOLERANCE or saliency.max() > 1 + _RANGE_TOLERANCE):
+        raise ValueError(
+            f"{name} must lie in [0, 1] (got [{saliency.min():.4g}, {saliency.max():.4g}]); "
+            "normalise with detection.attention.aggregate.normalize_maps"
+        )
+    return np.clip(saliency, 0.0, 1.0)
+
+
+def check_detections(detections: Detections, image_shape: Sequence[int]) -> None:
+    if tuple(detections.image_size) != tuple(image_shape[:2]):
+        raise ValueError(
+            f"detections are for an image of size {detections.image_size}, the image is {tuple(image_shape[:2])}"
+        )
+
+
+# -- text and boxes -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TextStyle:
+    """Sizes for one image: Hershey font scale and thickness, box line width, label padding (px)."""
+
+    font_scale: float
+    thickness: int
+    line_width: int
+    padding: int
+
+
+def text_style(height: int, width: int) -> TextStyle:
+    """Text about 3% of the shorter side tall (never under 10 px), lines ~0.4% of it (>= 1 px)."""
+    shorter = min(int(height), int(width))
+    text_height = max(10.0, 0.03 * shorter)
+    # FONT_HERSHEY_SIMPLEX capitals are 22 px tall at scale 1
+    scale = text_height / 22.0
+    return TextStyle(
+        font_scale=scale,
+        thickness=max(1, int(round(scale * 1.6))),
+        line_width=max(1, int(round(shorter / 250.0))),
+        padding=max(2, int(round(text_height * 0.3))),
+    )
+
+
+def ascii_text(text: str) -> str:
+    """OpenCV's Hershey fonts draw ASCII only; anything else becomes '?'."""
+    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in str(text))
+
+
+def label_size(text: str, style: TextStyle) -> tuple[int, int]:
+    """(width, height) in pixels of a drawn label including its padded background box."""
+    (text_w, text_h), baseline = cv2.getTextSize(ascii_text(text), _FONT, style.font_scale, style.thickness)
+    return text_w + 2 * style.padding, text_h + baseline + 2 * style.padding
+
+
+def draw_label(
+    image: np.ndarray, text: str, x: int, y: int, background: tuple[int, int, int], style: TextStyle
+) -> tuple[int, int, int, int]:
+    """Draw `text` on a filled box whose top-left is (x, y), shifted to stay inside the image.
+
+    Modifies `image` in place; returns the box (x0, y0, x1, y1) actually used (exclusive ends).
+    """
+    text = ascii_text(text)
+    (text_w, text_h), baseline = cv2.getTextSize(text, _FONT, style.font_scale, style.thickness)
+    box_w, box_h = label_size(text, style)
+    height, width = image.shape[:2]
+    x = int(min(max(0, x), max(0, width - box_w)))
+    y = int(min(max(0, y), max(0, height - box_h)))
+    cv2.rectangle(image, (x, y), (x + box_w - 1, y + box_h - 1), background, thickness=cv2.FILLED)
+    origin = (x + style.padding, y + style.padding + text_h)
+    cv2.putText(image, text, origin, _FONT, style.font_scale, text_color_on(background), style.thickness, cv2.LINE_AA)
+    return x, y, x + box_w, y + box_h
+
+
+def detection_label(detections: Detections, index: int, show_score: bool = True) -> str:
+    """"<class name> <score>" of detection `index` (falls back to "class <label>")."""
+    if detections.has("class_names"):
+        name = str(detections.class_names[index])
+    else:
+        name = f"class {int(detections.labels[index])}"
+    if show_score and detections.has("scores"):
+        return f"{name} {float(detections.scores[index]):.2f}"
+    return name
+
+
+def _pixel_box(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
+    """xyxy (continuous pixels) -> inclusive integer corners clipped to the image."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    left = int(np.clip(np.floor(x0), 0, width - 1))
+    top = int(np.clip(np.floor(y0), 0, height - 1))
+    right = int(np.clip(np.ceil(x1) - 1, left, width - 1))
+    bottom = int(np.clip(np.ceil(y1) - 1, top, height - 1))
+    return left, top, right, bottom
+
+
+def _draw_boxes_and_labels(
+    image: np.ndarray, detections: Detections, style: TextStyle, show_labels: bool, show_scores: bool
+) -> None:
+    """Boxes first, then labels (highest score drawn last, so on top). In place."""
+    height, width = image.shape[:2]
+    boxes = np.asarray(detections.boxes, dtype=np.float64).reshape(-1, 4)
+    colors = [class_color(int(label)) for label in np.asarray(detections.labels).reshape(-1)]
+    corners = [_pixel_box(box, height, width) for box in boxes]
+    for (left, top, right, bottom), color in zip(corners, colors):
+        # axis-aligned: no anti-aliasing needed, and edges keep the exact class colour
+        cv2.rectangle(image, (left, top), (right, bottom), color, style.line_width, cv2.LINE_8)
+    if not show_labels:
+        return
+    scores = np.asarray(detections.scores).reshape(-1) if detections.has("scores") else np.zeros(len(corners))
+    for index in np.argsort(scores, kind="stable"):
+        left, top, _, _ = corners[index]
+        text = detection_label(detections, int(index), show_scores)
+        _, box_h = label_size(text, style)
+        # above the box when there is room, else just inside its top edge
+        label_top = top - box_h if top - box_h >= 0 else top
+        draw_label(image, text, left, label_top, colors[index], style)
+
+
+def draw_detections(image_rgb: np.ndarray, detections: Detections, show_labels: bool = True, show_scores: bool = True) -> np.ndarray:
+    """Image with each detection's box in its class colour and a "<class> <score>" label."""
+    image = check_image(image_rgb).copy()
+    check_detections(detections, image.shape)
+    _draw_boxes_and_labels(image, detections, text_style(*image.shape[:2]), show_labels, show_scores)
+    return image
+
+
+# -- saliency ------------------------------------------------------------------------------------
+def mass_region(saliency: np.ndarray, mass: float) -> np.ndarray:
+    """Smallest set of pixels holding at least `mass` (0 < mass <= 1) of the map's total: bool (H, W).
+
+    Pixels are taken hottest first (ties in row-major order, so the result is deterministic).
+    An all-zero map gives an empty region.
+    """
+    if not 0.0 < float(mass) <= 1.0:
+        raise ValueError(f"contour mass must be in (0, 1], got {mass}")
+    flat = np.asarray(saliency, dtype=np.float64).reshape(-1)
+    if flat.size and flat.min() < 0:
+        raise ValueError("mass_region needs a non-negative map")
+    total = flat.sum()
+    region = np.zeros(flat.shape, dtype=bool)
+    if total <= 0:
+        return region.reshape(np.shape(saliency))
+    order = np.argsort(-flat, kind="stable")
+    cumulative = np.cumsum(flat[order])
+    count = min(int(np.searchsorted(cumulative, float(mass) * total, side="left")) + 1, flat.size)
+    region[order[:count]] = True
+    return region.reshape(np.shape(saliency))
+
+
+def mass_contours(saliency: np.ndarray, mass: float) -> list[np.ndarray]:
+    """Outer contours (OpenCV point arrays) of `mass_region(saliency, mass)`."""
+    region = mass_region(saliency, mass).astype(np.uint8)
+    contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return list(contours)
+
+
+def _draw_contours(image: np.ndarray, contours: list[np.ndarray], color: tuple[int, int, int], style: TextStyle) -> None:
+    # a dark halo under the coloured line keeps it visible on light and dark backgrounds alike
+    cv2.drawContours(image, contours, -1, (0, 0, 0), style.line_width + 2, cv2.LINE_AA)
+    cv2.drawContours(image, contours, -1, color, style.line_width, cv2.LINE_AA)
+
+
+def _blend(image: np.ndarray, color_layer: np.ndarray, opacity: np.ndarray) -> np.ndarray:
+    """image·(1 − opacity) + color_layer·opacity per pixel; opacity (H, W) in [0, 1]."""
+    weight = opacity[..., None].astype(np.float32)
+    mixed = image.astype(np.float32) * (1.0 - weight) + color_layer.astype(np.float32) * weight
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def _check_alpha(alpha: float) -> float:
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return float(alpha)
+
+
+def render_detection_overlay(
+    image_rgb: np.ndarray,
+    detections: Detections,
+    saliency: np.ndarray,
+    colormap: int = DEFAULT_COLORMAP,
+    alpha: float = 0.6,
+    contour_mass: float | None = None,
+    show_box: bool = True,
+    show_label: bool = True,
+) -> np.ndarray:
+    """One detection's saliency as a colormap blend, with its box, label and optional contour.
+
+    detections: exactly one detection (e.g. `detections[k]`). saliency: (H, W) in [0, 1].
+    alpha: opacity of the colour where saliency is 1 (opacity is alpha·saliency per pixel).
+    contour_mass: e.g. 0.5 draws the outline of the smallest region holding 50% of the map.
+    """
+    image = check_image(image_rgb)
+    check_detections(detections, image.shape)
+    if len(detections) != 1:
+        raise ValueError(f"render_detection_overlay draws one detection, got {len(detections)} (use detections[k])")
+    saliency = check_saliency(saliency, image.shape)
+    if saliency.ndim != 2:
+        raise ValueError(f"saliency must be (H, W), got {saliency.shape}")
+    out = _blend(image, apply_colormap(saliency, colormap), _check_alpha(alpha) * saliency)
+    style = text_style(*image.shape[:2])
+    if contour_mass is not None:
+        _draw_contours(out, mass_contours(saliency, contour_mass), (255, 255, 255), style)
+    if show_box:
+        _draw_boxes_and_labels(out, detections, style, show_label, True)
+    return out
+
+
+def render_overlay(
+    image_rgb: np.ndarray,
+    detections: Detections,
+    maps: np.ndarray | None,
+    alpha: float = 0.6,
+    contour_mass: float | None = None,
+    show_boxes: bool = True,
+    show_labels: bool = True,
+) -> np.ndarray:
+    """All detections of an image: per-pixel max of their maps, each tinted by its class colour.
+
+    maps: (N, H, W) in [0, 1] matching `detections`, or None for boxes and labels only. Where
+    detection k has the largest value m at a pixel, that pixel is blended with class_color of
+    k's label at opacity alpha·m. contour_mass outlines each map's mass region in its colour.
+    """
+    image = check_image(image_rgb)
+    check_detections(detections, image.shape)
+    out = image.copy()
+    style = text_style(*image.shape[:2])
+    labels = np.asarray(detections.labels).reshape(-1) if len(detections) else np.zeros(0, np.int64)
+    if maps is not None:
+        maps = check_saliency(maps, image.shape, "maps")
+        if maps.ndim != 3 or len(maps) != len(detections):
+            raise ValueError(f"maps must be (N={len(detections)}, H, W), got {maps.shape}")
+        if len(maps):
+            palette = np.array([class_color(int(label)) for label in labels], dtype=np.uint8)
+            strongest = maps.max(axis=0)
+            owner = maps.argmax(axis=0)
+            out = _blend(image, palette[owner], _check_alpha(alpha) * strongest)
+            if contour_mass is not None:
+                for saliency, label in zip(maps, labels):
+                    _draw_contours(out, mass_contours(saliency, contour_mass), class_color(int(label)), style)
+    if show_boxes:
+        _draw_boxes_and_labels(out, detections, style, show_labels, True)
+    return out
+
+
+# -- files ------------------------------------------------------------------------------------------
+def encode_image(image_rgb: np.ndarray, extension: str = ".png", jpeg_quality: int = 90) -> bytes:
+    """Encode an RGB image as PNG or JPEG bytes (deterministic for the same input)."""
+    image = check_image(image_rgb)
+    extension = extension.lower() if extension.startswith(".") else f".{extension.lower()}"
+    if extension == ".png":
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 6]
+    elif extension in (".jpg", ".jpeg"):
+        params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)]
+    else:
+        raise ValueError(f"image format must be .png or .jpg, got {extension!r}")
+    ok, buffer = cv2.imencode(extension, swap_red_blue(image), params)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {image.shape} image as {extension}")
+    return buffer.tobytes()
+
+
+def write_image(path: str | os.PathLike, image_rgb: np.ndarray, jpeg_quality: int = 90) -> None:
+    """Atomically write an RGB image; the format follows the extension (.png, .jpg, .jpeg)."""
+    write_bytes_atomic(path, encode_image(image_rgb, os.path.splitext(str(path))[1] or ".png", jpeg_quality))
+
+
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 RGB (H, W, 3). For our own rendered files, not user photos
+    (those go through detection.data.images.load_image, which handles EXIF and bombs)."""
+    decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if decoded is None:
+        raise ValueError(f"{name}: not a decodable PNG/JPEG image")
+    return swap_red_blue(decoded)
