@@ -73,16 +73,22 @@ class TextStyle:
     padding: int
 
 
-def text_style(height: int, width: int) -> TextStyle:
-    """Text about 3% of the shorter side tall (never under 10 px), lines ~0.4% of it (>= 1 px)."""
-    shorter = min(int(height), int(width))
-    text_height = max(10.0, 0.03 * shorter)
+def text_style(height: int, width: int, display_width: int | None = None) -> TextStyle:
+    """Text about 3% of the shorter side tall (never under 10 px), lines ~0.4% of it (>= 1 px).
+
+    display_width: the width the image will be SHOWN at (e.g. a panel tile). Sizes are then
+    chosen for the displayed image and scaled up by width / display_width, so text drawn on a
+    large image that is later shrunk still reads at >= 10 px.
+    """
+    zoom = max(1.0, int(width) / display_width) if display_width else 1.0
+    shorter = min(int(height), int(width)) / zoom
+    text_height = max(10.0, 0.03 * shorter) * zoom
     # FONT_HERSHEY_SIMPLEX capitals are 22 px tall at scale 1
     scale = text_height / 22.0
     return TextStyle(
         font_scale=scale,
         thickness=max(1, int(round(scale * 1.6))),
-        line_width=max(1, int(round(shorter / 250.0))),
+        line_width=max(1, int(round(max(1.0, shorter / 250.0) * zoom))),
         padding=max(2, int(round(text_height * 0.3))),
     )
 
@@ -161,11 +167,20 @@ def _draw_boxes_and_labels(
         draw_label(image, text, left, label_top, colors[index], style)
 
 
-def draw_detections(image_rgb: np.ndarray, detections: Detections, show_labels: bool = True, show_scores: bool = True) -> np.ndarray:
-    """Image with each detection's box in its class colour and a "<class> <score>" label."""
+def draw_detections(
+    image_rgb: np.ndarray,
+    detections: Detections,
+    show_labels: bool = True,
+    show_scores: bool = True,
+    display_width: int | None = None,
+) -> np.ndarray:
+    """Image with each detection's box in its class colour and a "<class> <score>" label.
+
+    display_width: see `text_style` (for images shown smaller than they are, e.g. in panels).
+    """
     image = check_image(image_rgb).copy()
     check_detections(detections, image.shape)
-    _draw_boxes_and_labels(image, detections, text_style(*image.shape[:2]), show_labels, show_scores)
+    _draw_boxes_and_labels(image, detections, text_style(*image.shape[:2], display_width), show_labels, show_scores)
     return image
 
 
@@ -218,6 +233,30 @@ def _check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
+def render_saliency(
+    image_rgb: np.ndarray,
+    saliency: np.ndarray,
+    colormap: int = DEFAULT_COLORMAP,
+    alpha: float = 0.6,
+    contour_mass: float | None = None,
+    display_width: int | None = None,
+) -> np.ndarray:
+    """A (H, W) saliency in [0, 1] blended over the image through `colormap`, no boxes.
+
+    Opacity is alpha·saliency per pixel; contour_mass (e.g. 0.5) outlines in white the smallest
+    region holding that share of the map's mass.
+    """
+    image = check_image(image_rgb)
+    saliency = check_saliency(saliency, image.shape)
+    if saliency.ndim != 2:
+        raise ValueError(f"saliency must be (H, W), got {saliency.shape}")
+    out = _blend(image, apply_colormap(saliency, colormap), _check_alpha(alpha) * saliency)
+    if contour_mass is not None:
+        style = text_style(*image.shape[:2], display_width)
+        _draw_contours(out, mass_contours(saliency, contour_mass), (255, 255, 255), style)
+    return out
+
+
 def render_detection_overlay(
     image_rgb: np.ndarray,
     detections: Detections,
@@ -227,8 +266,9 @@ def render_detection_overlay(
     contour_mass: float | None = None,
     show_box: bool = True,
     show_label: bool = True,
+    display_width: int | None = None,
 ) -> np.ndarray:
-    """One detection's saliency as a colormap blend, with its box, label and optional contour.
+    """One detection's saliency (`render_saliency`) with its box, label and optional contour.
 
     detections: exactly one detection (e.g. `detections[k]`). saliency: (H, W) in [0, 1].
     alpha: opacity of the colour where saliency is 1 (opacity is alpha·saliency per pixel).
@@ -238,15 +278,9 @@ def render_detection_overlay(
     check_detections(detections, image.shape)
     if len(detections) != 1:
         raise ValueError(f"render_detection_overlay draws one detection, got {len(detections)} (use detections[k])")
-    saliency = check_saliency(saliency, image.shape)
-    if saliency.ndim != 2:
-        raise ValueError(f"saliency must be (H, W), got {saliency.shape}")
-    out = _blend(image, apply_colormap(saliency, colormap), _check_alpha(alpha) * saliency)
-    style = text_style(*image.shape[:2])
-    if contour_mass is not None:
-        _draw_contours(out, mass_contours(saliency, contour_mass), (255, 255, 255), style)
+    out = render_saliency(image, saliency, colormap, alpha, contour_mass, display_width)
     if show_box:
-        _draw_boxes_and_labels(out, detections, style, show_label, True)
+        _draw_boxes_and_labels(out, detections, text_style(*image.shape[:2], display_width), show_label, True)
     return out
 
 
@@ -258,6 +292,7 @@ def render_overlay(
     contour_mass: float | None = None,
     show_boxes: bool = True,
     show_labels: bool = True,
+    display_width: int | None = None,
 ) -> np.ndarray:
     """All detections of an image: per-pixel max of their maps, each tinted by its class colour.
 
@@ -268,7 +303,7 @@ def render_overlay(
     image = check_image(image_rgb)
     check_detections(detections, image.shape)
     out = image.copy()
-    style = text_style(*image.shape[:2])
+    style = text_style(*image.shape[:2], display_width)
     labels = np.asarray(detections.labels).reshape(-1) if len(detections) else np.zeros(0, np.int64)
     if maps is not None:
         maps = check_saliency(maps, image.shape, "maps")
