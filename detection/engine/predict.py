@@ -376,8 +376,10 @@ def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
     fingerprint = _fingerprint(settings, model.config, predictor.precision)
 
     folder = RunFolder(out, context.rank, context.world_size)
-    if settings.overwrite and context.is_main:
-        _clear_outputs(out)
+    if context.is_main:
+        if settings.overwrite:
+            _clear_outputs(out)
+        folder.remove_stale_temp_files()
     context.barrier()
     mismatch = None
     try:

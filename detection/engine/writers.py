@@ -180,6 +180,24 @@ class RunFolder:
                 f"{self.out} holds a run with different settings ({', '.join(differing)}); "
                 "rerun with the same options to resume, or use another --out, or --overwrite")
 
+    def remove_stale_temp_files(self) -> int:
+        """Delete temp files a killed run left behind (`.NAME.*.tmp` from detection.io).
+
+        Call on one rank only, before any rank writes. Returns the number removed.
+        """
+        removed = 0
+        if not self.out.is_dir():
+            return 0
+        for folder in (self.out, self.out / PARTS_DIR, self.out / "overlays", self.out / "attention"):
+            if not folder.is_dir():
+                continue
+            pattern = ".*.tmp" if folder == self.out or folder.name == PARTS_DIR else "**/.*.tmp"
+            for path in folder.glob(pattern):
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
     def open(self) -> set[str]:
         """Repair this rank's journals, open them for appending; returns the keys already done.
 
