@@ -64,8 +64,9 @@ class MultiheadAttention(nn.Module):
             scores = torch.matmul(q, k.transpose(-2, -1)) * (self.head_dim ** -0.5)
             if key_padding_mask is not None:
                 scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-            weights = scores.softmax(dim=-1)
-            out = torch.matmul(F.dropout(weights, dropout_p, self.training), v)
+            # softmax in float32 even under bf16/fp16 autocast: these weights are the product
+            weights = scores.float().softmax(dim=-1)
+            out = torch.matmul(F.dropout(weights, dropout_p, self.training).to(v.dtype), v)
         else:
             attn_mask = None
             if key_padding_mask is not None:
