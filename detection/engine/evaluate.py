@@ -496,20 +496,14 @@ def choice_name(layers: str, heads: str) -> str:
     return f"{layers}/{heads}"
 
 
-def _autocast(device: str, precision: str):
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def detection_score_fn(model: Any, box_xyxy: Sequence[float], label: int, device: str, precision: str) -> Callable[[np.ndarray], np.ndarray]:
+def detection_score_fn(engine: Any, config: Any, box_xyxy: Sequence[float], label: int) -> Callable[[np.ndarray], np.ndarray]:
     """Score of one detection on perturbed copies of its image (for deletion / insertion).
 
-    uint8 (K, H, W, 3) -> (K,): max over queries of p(label) x IoU(query box, detection box),
-    D-RISE-style, so the detection is followed even if another query takes it over.
+    engine: the Predictor's model callable `(images, padding_mask) -> outputs` (same device,
+    precision and folding as the detections came from); config: the model's DetrConfig.
+    Returns uint8 (K, H, W, 3) -> (K,): max over queries of p(label) x IoU(query box,
+    detection box), D-RISE-style, so the detection is followed even if another query takes
+    it over. On the unperturbed image this is >= the detection's own score.
     """
     import torch
     from torchvision.ops import box_iou
@@ -517,14 +511,13 @@ def detection_score_fn(model: Any, box_xyxy: Sequence[float], label: int, device
     from detection.boxes import cxcywh_to_xyxy
     from detection.data.preprocess import image_to_input, pad_batch
 
-    config = model.config
     target = torch.tensor([list(box_xyxy)], dtype=torch.float32)
 
     def score(batch: np.ndarray) -> np.ndarray:
         height, width = batch.shape[1:3]
         images, mask = pad_batch([image_to_input(np.ascontiguousarray(im), config.min_size, config.max_size) for im in batch])
-        with torch.no_grad(), _autocast(device, precision):
-            outputs = model(images.to(device), mask.to(device))
+        with torch.no_grad():
+            outputs = engine(images, mask)
         probs = outputs["pred_logits"].float().softmax(-1)[..., label].cpu()  # (K, Q)
         boxes = cxcywh_to_xyxy(outputs["pred_boxes"].float().cpu()) * torch.tensor([width, height, width, height])
         ious = torch.stack([box_iou(b, target)[:, 0] for b in boxes])  # (K, Q)
@@ -554,6 +547,7 @@ def run_model(
     from detection.attention.metrics import FaithfulnessAccumulator, perturbation_curve
     from detection.data.images import load_image
     from detection.engine.predict import Predictor
+    from detection.engine.sources import SourceItem
 
     images_by_id = {img["id"]: img for img in gt_dataset["images"]}
     evaluated = set(subset.category_ids)
@@ -562,9 +556,11 @@ def run_model(
         if ann["category_id"] in evaluated:
             gt_by_image.setdefault(ann["image_id"], []).append(ann)
     my_ids = subset.image_ids[rank::world_size]
-    path_to_id = {}
-    for image_id in my_ids:
-        path_to_id[str(images_dir / images_by_id[image_id]["file_name"])] = image_id
+    # SourceItems carry the GT image id through the engine (no path matching needed)
+    items = [
+        SourceItem(key=f"img{image_id}", file=str(images_dir / images_by_id[image_id]["file_name"]), image_id=int(image_id), unit=unit)
+        for unit, image_id in enumerate(my_ids)
+    ]
     choices = [(layers, heads) for layers in options.layers for heads in options.heads]
     accumulator = (
         FaithfulnessAccumulator([choice_name(*c) for c in choices], gaussian_sigma_fraction=options.gaussian_sigma)
@@ -579,16 +575,18 @@ def run_model(
         num_workers=options.num_workers,
         score_threshold=options.score_threshold,
         attention=options.attention,
+        rollout=options.attention and "rollout" in options.layers,
+        keep_images=options.deletion_insertion,
     )
     results: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     warnings: list[str] = []
     dropped_unmapped = 0
-    stream = predictor.run(list(path_to_id))
+    stream = predictor.run(items) if items else iter(())
     if options.progress:
-        stream = tqdm(stream, total=len(path_to_id), desc=f"eval{f' rank {rank}' if world_size > 1 else ''}", unit="img")
+        stream = tqdm(stream, total=len(items), desc=f"eval{f' rank {rank}' if world_size > 1 else ''}", unit="img")
     for result in stream:
-        image_id = path_to_id[str(result.path)]
+        image_id = result.item.image_id
         if result.error is not None:
             errors.append({"file": str(result.path), "reason": str(result.error)})
             continue
@@ -633,9 +631,9 @@ def run_model(
         if options.deletion_insertion:
             from detection.attention.metrics import GAUSSIAN_BASELINE, gaussian_box_map
 
-            image = load_image(result.path).rgb
+            image = result.image if result.image is not None else load_image(result.path).rgb
             for j, k in enumerate(explain[: options.di_max_detections]):
-                score_fn = detection_score_fn(model, boxes[k], int(labels[k]), options.device, options.precision)
+                score_fn = detection_score_fn(predictor.engine, model.config, boxes[k], int(labels[k]))
                 candidates = {name: m[j] for name, m in maps.items()}
                 candidates[GAUSSIAN_BASELINE] = gaussian_box_map(boxes[k], tuple(result.original_size), options.gaussian_sigma)
                 for name, saliency in candidates.items():
@@ -760,8 +758,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mapping.add_argument("--class-map", help='JSON {"model class": "dataset category name" | id | null}')
     mapping.add_argument("--allow-unmapped", action="store_true", help="score dataset categories without a model class as missed instead of failing")
     model = parser.add_argument_group("inference (--model)")
-    model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    model.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    model.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1")
+    model.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                       help="auto = bf16 where the hardware runs it natively (CUDA, CPU with AMX/AVX512-BF16)")
     model.add_argument("--batch-size", type=int, default=2)
     model.add_argument("--num-workers", type=int, default=0)
     model.add_argument("--score-threshold", type=float, default=0.0, help="keep detections above this score for AP (default 0: all queries, as DETR's COCO eval)")
@@ -826,19 +825,17 @@ def _run_model_cli(args, gt_dataset, subset, rank, world_size, local_rank):
     """Load the model, run this rank's share, gather everything on rank 0."""
     import torch
 
-    from detection.attention.metrics import GAUSSIAN_BASELINE  # noqa: F401  (documents the extra row)
+    from detection.engine.distributed import init_from_env
     from detection.models.registry import load_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if world_size > 1:
-        import torch.distributed as dist
-
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(local_rank)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    model = load_model(args.model, device=device)
+    context = init_from_env()
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if context.enabled and device.startswith("cuda"):
+        device = f"cuda:{context.local_rank}"
+    # the Predictor's engine moves (a copy of) the model to `device`; the CPU copy stays here
+    model = load_model(args.model, device="cpu")
     class_map = load_class_map(args.class_map) if args.class_map else None
     label_to_category, warnings = map_classes(
         model.config.class_names, gt_dataset["categories"], subset.category_ids, class_map,
@@ -860,11 +857,8 @@ def _run_model_cli(args, gt_dataset, subset, rank, world_size, local_rank):
     gathered = _gather((results, state, errors, run_warnings, seconds), world_size)
     choices = [choice_name(layers, heads) for layers in options.layers for heads in options.heads]
     if rank != 0:
-        if world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-            dist.destroy_process_group()
+        context.barrier()
+        context.close()
         return [], None, choices, [], {}
     merged_results: list[dict[str, Any]] = []
     merged_state: dict[str, Any] | None = None
@@ -890,11 +884,8 @@ def _run_model_cli(args, gt_dataset, subset, rank, world_size, local_rank):
     if merged_errors:
         write_text_atomic(out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in merged_errors))
         warnings.append(f"{len(merged_errors)} images could not be processed (errors.jsonl); they count as images without detections")
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    context.barrier()
+    context.close()
     extra = {
         "settings": {
             "device": device, "precision": args.precision, "batch_size": args.batch_size,
