@@ -60,3 +60,15 @@ def test_vit_detr_geometry_and_round_trip(tmp_path) -> None:
         again = loaded(images, mask, attention=True)
     assert torch.equal(again["pred_logits"], out["pred_logits"])
     assert torch.equal(again["attention"].decoder_cross, record.decoder_cross)
+
+
+def test_vit_feature_mask_is_exact_patch_geometry() -> None:
+    """Cell (y, x) is padding iff patch [16y, 16y+16) x [16x, 16x+16) holds no real pixel."""
+    backbone = ViTBackbone("vit_tiny_patch16_224").eval()
+    mask = torch.ones(1, 72, 100, dtype=torch.bool)
+    mask[0, :60, :33] = False  # real image 60 x 33 -> patches rows 0..3 (60 > 48), cols 0..2 (33 > 32)
+    with torch.no_grad():
+        _, feature_mask = backbone(torch.zeros(1, 3, 72, 100), mask)
+    expected = torch.ones(5, 7, dtype=torch.bool)
+    expected[:4, :3] = False
+    assert torch.equal(feature_mask[0], expected)

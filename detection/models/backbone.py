@@ -82,7 +82,8 @@ class ViTBackbone(nn.Module):
     `dynamic_img_size=True` resamples the position embedding to each input's patch grid and
     `dynamic_img_pad=True` zero-pads the input at the bottom/right to a multiple of the patch
     size, so any input size works; h = ceil(H / patch), w = ceil(W / patch).
-    Patch tokens that lie entirely on padding are masked out of the ViT's self-attention.
+    Patch tokens that lie entirely on padding are masked out of the ViT's self-attention, and
+    the feature padding mask is exact: a cell is padding iff its patch holds no real pixel.
     """
 
     def __init__(self, name: str, pretrained: bool = False) -> None:
@@ -104,7 +105,9 @@ class ViTBackbone(nn.Module):
         """images (B, 3, H, W), padding_mask (B, H, W) -> features (B, C, h, w), mask (B, h, w)."""
         batch = images.shape[0]
         h, w = self.grid_size(images.shape[-2], images.shape[-1])
-        feature_mask = downsample_padding_mask(padding_mask, (h, w))
+        # A patch is padding iff its top-left pixel is (images sit at the top-left), i.e. it
+        # holds no real pixel: exact for the stride geometry, unlike DETR's nearest resize.
+        feature_mask = padding_mask[:, ::self.feature_stride, ::self.feature_stride]
         attn_mask = None
         if bool(feature_mask.any()):
             # SDPA bool semantics: True = may be attended to. Prefix tokens always may.
