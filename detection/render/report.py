@@ -242,6 +242,12 @@ def _detection_cells(index: int, det: dict) -> list[str]:
     ]
 
 
+def _caption(index: int, det: dict) -> str:
+    """"#k <class> <score> (query q)" for figure captions and PDF tile titles."""
+    _, name, score, _, query = _detection_cells(index, det)
+    return f"#{index} {name} {score}" + (f" (query {query})" if query else "")
+
+
 def _image_section(number: int, entry: ImageEntry, source: _ImageSource) -> str:
     parts = [f'<section class="image" id="img-{number}">', f"<h2>{_escape(entry.file)}</h2>"]
     parts.append(
@@ -268,8 +274,7 @@ def _image_section(number: int, entry: ImageEntry, source: _ImageSource) -> str:
         parts.append("</table>")
         parts.append('<div class="dets">')
         for index, (det, path) in enumerate(zip(entry.detections, entry.detection_overlays)):
-            _, name, score, _, query = _detection_cells(index, det)
-            caption = f"#{index} {name} {score}" + (f" (query {query})" if query else "")
+            caption = _caption(index, det)
             image = (
                 f'<img src="{_escape(source(path, DETECTION_WIDTH))}" alt="{_escape(caption)}">'
                 if path is not None
@@ -342,11 +347,31 @@ def _write_lines(page: np.ndarray, lines: Iterable[str], top: int, scale: float 
     return top + line_height // 2
 
 
+_TABLE_COLUMNS = (0, 40, 300, 380, 620)  # x offsets of the detection table's columns
+
+
+def _write_table(page: np.ndarray, header: list[str], rows: list[list[str]], top: int) -> int:
+    """Draw a table with fixed column offsets (Hershey fonts are proportional, so no padding)."""
+    for line in [header, *rows]:
+        top += _LINE_HEIGHT
+        for offset, cell in zip(_TABLE_COLUMNS, line):
+            text = ascii_text(cell)[:32]
+            origin = (_PAGE_MARGIN + offset, top)
+            cv2.putText(page, text, origin, cv2.FONT_HERSHEY_SIMPLEX, _TEXT_SCALE, (20, 20, 20), 1, cv2.LINE_AA)
+    return top + _LINE_HEIGHT // 2
+
+
 def _paste(page: np.ndarray, image: np.ndarray, top: int, max_height: int) -> int:
-    """Paste `image` scaled to fit the page width and `max_height` at `top`; returns its bottom."""
-    fitted = fit_image(image, page.shape[1] - 2 * _PAGE_MARGIN, max(1, max_height))
+    """Paste `image` scaled to fit the page width and `max_height` (enlarged at most 2x) at `top`;
+    returns its bottom."""
+    max_width = min(page.shape[1] - 2 * _PAGE_MARGIN, 2 * image.shape[1])
+    fitted = fit_image(image, max_width, max(1, min(max_height, 2 * image.shape[0])))
     page[top : top + fitted.shape[0], _PAGE_MARGIN : _PAGE_MARGIN + fitted.shape[1]] = fitted
     return top + fitted.shape[0]
+
+
+def _fit_scale(image: np.ndarray, max_height: int) -> float:
+    return min((PDF_PAGE[1] - 2 * _PAGE_MARGIN) / image.shape[1], max_height / image.shape[0])
 
 
 def _cover_page(run: RunContents, title: str, shown: int) -> np.ndarray:
@@ -373,27 +398,23 @@ def _image_pages(entry: ImageEntry) -> list[np.ndarray]:
         top = _paste(page, decode_image(entry.overlay.read_bytes(), str(entry.overlay)), top, int(PDF_PAGE[0] * 0.38)) + 8
     else:
         top = _write_lines(page, ["(no combined overlay in this run folder)"], top)
-    rows = [
-        "  #  class                      score   box x, y, w, h             query",
-        *(
-            f"{c[0]:>3}  {c[1][:25]:<25}  {c[2]:>6}   {c[3]:<25}  {c[4]}"
-            for c in (_detection_cells(i, d) for i, d in enumerate(entry.detections[:12]))
-        ),
-    ]
-    if len(entry.detections) > 12:
-        rows.append(f"  ... and {len(entry.detections) - 12} more (see the HTML report)")
     if entry.detections:
-        top = _write_lines(page, rows, top)
+        shown = [_detection_cells(i, d) for i, d in enumerate(entry.detections[:12])]
+        top = _write_table(page, ["#", "class", "score", "box x, y, w, h", "query"], shown, top)
+    if len(entry.detections) > 12:
+        top = _write_lines(page, [f"... and {len(entry.detections) - 12} more (see the HTML report)"], top - _LINE_HEIGHT // 2)
     pages = [page]
     tiles = [
-        (decode_image(path.read_bytes(), str(path)), f"#{k} {_detection_cells(k, entry.detections[k])[1]}")
+        (decode_image(path.read_bytes(), str(path)), _caption(k, entry.detections[k]))
         for k, path in enumerate(entry.detection_overlays)
         if path is not None
     ]
     for start in range(0, len(tiles), PDF_DETECTIONS_PER_PAGE):
         chunk = tiles[start : start + PDF_DETECTIONS_PER_PAGE]
-        grid = compose_grid([t for t, _ in chunk], [c for _, c in chunk], columns=3, tile_width=320)
-        if start > 0 or usable - top < 200:
+        # 3 x 240 px tiles + gaps ~ the page's usable width, so titles are not shrunk
+        grid = compose_grid([t for t, _ in chunk], [c for _, c in chunk], columns=3, tile_width=240)
+        # a grid shrunk much below its drawn size has unreadable titles: give it a fresh page
+        if start > 0 or _fit_scale(grid, usable - top) < 0.8:
             pages.append(_blank_page())
             top = _write_lines(pages[-1], [f"{entry.file} (continued)"], _PAGE_MARGIN, scale=0.6)
         _paste(pages[-1], grid, top, usable - top)
