@@ -28,6 +28,7 @@ def test_reduce_heads_mean_max_and_index():
     assert torch.allclose(reduce_heads(attention, "max", dim=1), t([[0.6, 0.3, 0.5]]))
     assert torch.equal(reduce_heads(attention, 1, dim=1), t([[0.6, 0.1, 0.3]]))
     assert torch.equal(reduce_heads(attention, -2, dim=1), t([[0.2, 0.3, 0.5]]))
+    assert torch.equal(reduce_heads(attention, "1", dim=1), t([[0.6, 0.1, 0.3]]))  # from a command line
 
 
 @pytest.mark.parametrize("bad", [2, -3, "sum", True, 1.0])
@@ -42,6 +43,7 @@ def test_reduce_layers_last_mean_and_index():
     assert torch.allclose(reduce_layers(attention, "mean"), t([3.0, 3.0]))
     assert torch.equal(reduce_layers(attention, 1), t([3.0, 6.0]))
     assert torch.equal(reduce_layers(attention, -3), t([1.0, 2.0]))
+    assert torch.equal(reduce_layers(attention, "-1"), t([5.0, 1.0]))
     with pytest.raises(ValueError, match="layer index 3 out of range"):
         reduce_layers(attention, 3)
     with pytest.raises(ValueError, match="rollout"):

@@ -27,7 +27,7 @@ def _gaussian(height: int, width: int, cy: float, cx: float, sigma: float) -> np
     return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2)).astype(np.float32)
 
 
-def make_run(root: Path, detection_counts=(2, 0, 12), absolute_files: bool = True) -> Path:
+def make_run(root: Path, detection_counts=(2, 0, 12), absolute_files: bool = True, suffix: str = "png") -> Path:
     """A predict run folder as docs/ARCHITECTURE.md describes it, with real rendered overlays."""
     run_dir = root / "run"
     (run_dir / "overlays").mkdir(parents=True)
@@ -47,9 +47,9 @@ def make_run(root: Path, detection_counts=(2, 0, 12), absolute_files: bool = Tru
             query_index=torch.arange(count) * 3, class_names=names,
         )
         maps = np.stack([_gaussian(height, width, 35, 22 + 10 * k % 100, 6) for k in range(count)]) if count else np.zeros((0, height, width), np.float32)
-        write_image(run_dir / "overlays" / f"{stem}.png", render_overlay(image, detections, maps))
+        write_image(run_dir / "overlays" / f"{stem}.{suffix}", render_overlay(image, detections, maps))
         for k in range(count):
-            write_image(run_dir / "overlays" / stem / f"det_{k}.png", render_detection_overlay(image, detections[k], maps[k]))
+            write_image(run_dir / "overlays" / stem / f"det_{k}.{suffix}", render_detection_overlay(image, detections[k], maps[k]))
         lines.append(
             {
                 "file": file, "image_id": image_id, "width": width, "height": height,
@@ -172,6 +172,26 @@ def test_stem_field_wins_and_missing_overlays_are_reported(tmp_path):
     html_path, pdf_path = write_report(run_dir)
     assert "no combined overlay in this run folder" in html_path.read_text(encoding="utf-8")
     assert pdf_page_count(pdf_path) >= 4
+
+
+def test_jpeg_overlays_and_the_engine_key_field(tmp_path):
+    run_dir = make_run(tmp_path, suffix="jpg")
+    lines = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    # the engine names the stem ("key", here with its de-duplication suffix) and the overlay
+    for line in lines:
+        if line["image_id"] == 1:
+            (run_dir / "overlays" / "a__one.jpg").rename(run_dir / "overlays" / "a__one~2.jpg")
+            (run_dir / "overlays" / "a__one").rename(run_dir / "overlays" / "a__one~2")
+            line["key"] = "a__one~2"
+            line["overlay"] = "overlays/a__one~2.jpg"
+    (run_dir / "predictions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run = read_run(run_dir)
+    assert [entry.stem for entry in run.images] == ["a__one~2", "b__two", "three <x>"]
+    assert run.images[0].overlay.name == "a__one~2.jpg"
+    assert [p.name for p in run.images[0].detection_overlays] == ["det_0.jpg", "det_1.jpg"]
+    assert run.notes == []
+    html_path, _ = write_report(run_dir)
+    assert html_path.read_text(encoding="utf-8").count('src="data:image/jpeg;base64,') == 20
 
 
 def test_bad_run_folders_raise_clear_errors(tmp_path):

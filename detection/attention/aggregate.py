@@ -43,12 +43,21 @@ LayerChoice = Union[Literal["last", "mean", "rollout"], int]
 NormalizeChoice = Union[Literal["minmax", "percentile"], None]
 
 
+def _as_index(choice: object) -> object:
+    """"2" / "-1" (from a command line) -> 2 / -1; anything else unchanged."""
+    if isinstance(choice, str) and choice.lstrip("-").isdigit():
+        return int(choice)
+    return choice
+
+
 def reduce_heads(attention: torch.Tensor, heads: HeadChoice = "mean", dim: int = 1) -> torch.Tensor:
     """Aggregate the head dimension `dim`: "mean", "max" (element-wise) or one head index.
 
-    The returned tensor has `dim` removed. A negative head index counts from the end.
+    The returned tensor has `dim` removed. A negative head index counts from the end; an index
+    may also be given as a string ("2", "-1").
     """
     count = attention.shape[dim]
+    heads = _as_index(heads)
     if heads == "mean":
         return attention.mean(dim=dim)
     if heads == "max":
@@ -66,6 +75,7 @@ def reduce_layers(attention: torch.Tensor, layers: LayerChoice = "last", dim: in
     Rollout is not a reduction of one tensor; use `decoder_rollout` / `encoder_rollout`.
     """
     count = attention.shape[dim]
+    layers = _as_index(layers)
     if layers == "last":
         return attention.select(dim, count - 1)
     if layers == "mean":

@@ -323,12 +323,17 @@ def render_overlay(
 
 
 # -- files ------------------------------------------------------------------------------------------
-def encode_image(image_rgb: np.ndarray, extension: str = ".png", jpeg_quality: int = 90) -> bytes:
-    """Encode an RGB image as PNG or JPEG bytes (deterministic for the same input)."""
+def encode_image(
+    image_rgb: np.ndarray, extension: str = ".png", jpeg_quality: int = 90, png_compression: int = 6
+) -> bytes:
+    """Encode an RGB image as PNG or JPEG bytes (deterministic for the same input).
+
+    png_compression: zlib level 0-9 (1 is much faster and ~10-20% larger than 6).
+    """
     image = check_image(image_rgb)
     extension = extension.lower() if extension.startswith(".") else f".{extension.lower()}"
     if extension == ".png":
-        params = [cv2.IMWRITE_PNG_COMPRESSION, 6]
+        params = [cv2.IMWRITE_PNG_COMPRESSION, int(png_compression)]
     elif extension in (".jpg", ".jpeg"):
         params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)]
     else:

@@ -1,7 +1,8 @@
 """`detr-attn report RUN_DIR`: a self-contained HTML page and a multi-page PDF from a predict run.
 
 Reads the run folder laid out in docs/ARCHITECTURE.md (run.json, predictions.jsonl,
-errors.jsonl, overlays/<stem>.png, overlays/<stem>/det_<k>.png) and never runs a model.
+errors.jsonl, overlays/<stem>.png|jpg, overlays/<stem>/det_<k>.png|jpg) and never runs a model.
+The stem is the line's "key" (or "stem") field when present, else found from its "file".
 
 HTML: index of thumbnails, then one section per image (combined overlay, detections table,
 per-detection overlays), model and settings from run.json. Images are embedded as base64 JPEG
@@ -96,20 +97,36 @@ def stem_candidates(file: str) -> list[str]:
     return ["__".join(parts[i:]) for i in range(len(parts))]
 
 
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _find_image(stem_path: Path) -> Path | None:
+    """`stem_path` + .png / .jpg / .jpeg, whichever exists (predict writes PNG or JPEG)."""
+    for suffix in _IMAGE_SUFFIXES:
+        candidate = stem_path.with_name(stem_path.name + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def _resolve_stem(row: dict, run_dir: Path) -> str | None:
-    for key in ("stem", "key"):  # written by the engine when it knows it (exact, handles "~2")
+    for key in ("key", "stem"):  # written by the engine (exact, handles "~2" de-duplication)
         if isinstance(row.get(key), str) and row[key]:
             return row[key]
     for candidate in stem_candidates(str(row["file"])):
-        if (run_dir / "overlays" / f"{candidate}.png").is_file() or (run_dir / "overlays" / candidate).is_dir():
+        if _find_image(run_dir / "overlays" / candidate) or (run_dir / "overlays" / candidate).is_dir():
             return candidate
         if (run_dir / "attention" / f"{candidate}.npz").is_file():
             return candidate
     return None
 
 
-def _existing(path: Path) -> Path | None:
-    return path if path.is_file() else None
+def _inside(run_dir: Path, relative: Any) -> Path | None:
+    """A run-relative path from predictions.jsonl, if it names a file inside the run folder."""
+    if not isinstance(relative, str) or not relative:
+        return None
+    path = (run_dir / relative).resolve()
+    return path if path.is_file() and run_dir.resolve() in path.parents else None
 
 
 def _image_entry(row: dict, path: Path, number: int, run_dir: Path) -> ImageEntry:
@@ -121,8 +138,8 @@ def _image_entry(row: dict, path: Path, number: int, run_dir: Path) -> ImageEntr
     stem = _resolve_stem(row, run_dir)
     overlay = per_detection = None
     if stem is not None:
-        overlay = _existing(run_dir / "overlays" / f"{stem}.png")
-        per_detection = [_existing(run_dir / "overlays" / stem / f"det_{k}.png") for k in range(len(row["detections"]))]
+        overlay = _inside(run_dir, row.get("overlay")) or _find_image(run_dir / "overlays" / stem)
+        per_detection = [_find_image(run_dir / "overlays" / stem / f"det_{k}") for k in range(len(row["detections"]))]
     return ImageEntry(
         file=str(row["file"]),
         image_id=row.get("image_id"),
@@ -385,7 +402,12 @@ def _cover_page(run: RunContents, title: str, shown: int) -> np.ndarray:
         "Model and settings:",
     ]
     top = _write_lines(page, [line for line in summary if line is not None], top)
-    _write_lines(page, [f"  {k}: {v}" for k, v in _settings_rows(run.info)][:55], top)
+    top = _write_lines(page, [f"  {k}: {v}" for k, v in _settings_rows(run.info)][:40], top)
+    if run.errors:
+        lines = ["Errors:", *(f"  {e.get('file', '')}: {e.get('reason', '')}" for e in run.errors[:10])]
+        if len(run.errors) > 10:
+            lines.append(f"  ... and {len(run.errors) - 10} more (see the HTML report)")
+        _write_lines(page, lines, top)
     return page
 
 
