@@ -373,9 +373,16 @@ def draw_pr_plot(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], title: st
         points = np.array([to_px(r, p) for r, p in zip(np.asarray(recall)[valid], np.asarray(precision)[valid])], np.int32)
         if len(points) >= 2:
             cv2.polylines(canvas, [points.reshape(-1, 1, 2)], False, colour, 2, cv2.LINE_AA)
-        legend_y = top + 20 + 20 * index
-        cv2.line(canvas, (right - 200, legend_y - 5), (right - 175, legend_y - 5), colour, 3)
-        cv2.putText(canvas, label[:24], (right - 168, legend_y), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    # legend bottom-left (low recall, low precision: the corner PR curves rarely visit), boxed
+    if curves:
+        legend_top = bottom - 10 - 20 * len(curves)
+        cv2.rectangle(canvas, (left + 8, legend_top - 8), (left + 300, bottom - 6), (255, 255, 255), -1)
+        cv2.rectangle(canvas, (left + 8, legend_top - 8), (left + 300, bottom - 6), (160, 160, 160), 1)
+        for index, (label, _, _) in enumerate(curves):
+            colour = _PALETTE[index % len(_PALETTE)]
+            legend_y = legend_top + 12 + 20 * index
+            cv2.line(canvas, (left + 16, legend_y - 5), (left + 41, legend_y - 5), colour, 3)
+            cv2.putText(canvas, label[:34], (left + 48, legend_y), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     return canvas
 
 
@@ -388,7 +395,7 @@ def write_png(path: str | Path, image_rgb: np.ndarray) -> None:
 
 def write_pr_curves(evaluation: BboxEvaluation, names: dict[int, str], out_dir: Path, max_categories: int = 10) -> list[Path]:
     """pr_curve.png (IoU .50, .75, mean over .50:.95; mean over categories with GT) and
-    pr_per_category.png (IoU .50, the `max_categories` categories with most GT first in id order)."""
+    pr_per_category.png (IoU .50, the first `max_categories` categories with GT, in id order)."""
     recall_points = evaluation.recall_thresholds
     precision = evaluation.precision[:, :, :, 0, -1]  # (T, R, K)
 
@@ -401,15 +408,18 @@ def write_pr_curves(evaluation: BboxEvaluation, names: dict[int, str], out_dir: 
 
     at50 = np.isclose(evaluation.iou_thresholds, 0.5)
     at75 = np.isclose(evaluation.iou_thresholds, 0.75)
+    stats = evaluation.stats
     overall = [
-        ("IoU 0.50", recall_points, category_mean(precision[at50][0])),
-        ("IoU 0.75", recall_points, category_mean(precision[at75][0])),
-        ("IoU 0.50:0.95 mean", recall_points, category_mean(np.where(precision > -1, precision, np.nan).mean(axis=0))),
+        (f"IoU 0.50 (AP50 {stats['AP50']:.3f})", recall_points, category_mean(precision[at50][0])),
+        (f"IoU 0.75 (AP75 {stats['AP75']:.3f})", recall_points, category_mean(precision[at75][0])),
+        (f"IoU 0.50:0.95 mean (AP {stats['AP']:.3f})", recall_points,
+         category_mean(np.where(precision > -1, precision, np.nan).mean(axis=0))),
     ]
     paths = [out_dir / "pr_curve.png", out_dir / "pr_per_category.png"]
     write_png(paths[0], draw_pr_plot(overall, "precision-recall (all categories)"))
     per_category = [
-        (names[c], recall_points, precision[at50][0][:, k]) for k, c in enumerate(evaluation.category_ids)
+        (f"{names[c]} (AP50 {_mean_valid(precision[at50][0][:, k]):.3f})", recall_points, precision[at50][0][:, k])
+        for k, c in enumerate(evaluation.category_ids)
         if (precision[at50][0][:, k] > -1).any()
     ][:max_categories]
     write_png(paths[1], draw_pr_plot(per_category, "per category, IoU 0.50"))
@@ -598,8 +608,10 @@ def run_model(
             )
         det = result.detections
         labels = det.labels.tolist()
-        keep = [k for k, label in enumerate(labels) if int(label) in label_to_category]
-        dropped_unmapped += len(labels) - len(keep)
+        mapped = [k for k, label in enumerate(labels) if int(label) in label_to_category]
+        dropped_unmapped += len(labels) - len(mapped)
+        # only evaluated categories are written: detections.json is exactly what was scored
+        keep = [k for k in mapped if label_to_category[int(labels[k])] in evaluated]
         boxes = det.boxes.numpy().astype(np.float64)
         scores = det.scores.numpy().astype(np.float64)
         categories = np.array([label_to_category.get(int(label), -1) for label in labels])
@@ -615,7 +627,7 @@ def run_model(
             )
         if accumulator is None or result.attention is None:
             continue
-        explain = [k for k in keep if scores[k] >= options.attention_threshold and categories[k] in evaluated]
+        explain = [k for k in keep if scores[k] >= options.attention_threshold]
         if not explain:
             continue
         query_index = det.query_index[explain]
