@@ -16,7 +16,7 @@ from torch import nn
 
 from detection.io import atomic_path, write_json_atomic
 from detection.models.detr import DETR, DetrConfig
-from detection.models.weights import CheckpointError, load_checkpoint_file, load_weights_into
+from detection.models.weights import load_checkpoint_file, load_weights_into
 
 __all__ = ["DetrConfig", "DETR", "build_model", "load_model", "save_model", "load_config",
            "available_configs", "replace_class_head", "CONFIG_DIR", "DEMO_DIR"]
