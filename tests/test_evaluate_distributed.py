@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,10 @@ def test_torchrun_two_gloo_processes_equal_single(setup, tmp_path):
     single = json.loads((tmp_path / "single" / "metrics.json").read_text())
     torchrun = str(TORCHRUN)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29561", "-m", "detection.cli", *args,
+    with socket.socket() as probe:  # a free port, so parallel test runs do not collide
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", port, "-m", "detection.cli", *args,
                            "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     sharded = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
