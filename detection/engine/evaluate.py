@@ -23,7 +23,8 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+import warnings as _warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -401,8 +402,8 @@ def write_pr_curves(evaluation: BboxEvaluation, names: dict[int, str], out_dir: 
 
     def category_mean(rows: np.ndarray) -> np.ndarray:  # (R, K) -> (R,)
         masked = np.where(rows > -1, rows, np.nan)
-        with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
-            __import__("warnings").simplefilter("ignore", RuntimeWarning)
+        with _warnings.catch_warnings():  # all-NaN rows (no category with GT) are expected
+            _warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(masked, axis=-1)
         return np.nan_to_num(mean, nan=-1.0)
 
