@@ -323,3 +323,28 @@ def test_class_mapping_by_name_map_file_and_errors(tmp_path):
     assert mapping == {0: 5} and any("Disc" in w for w in warnings)
     # restricting the evaluated categories makes a partial model fine
     assert E.map_classes(["disc"], cats, [9])[0] == {0: 9}
+
+
+def test_match_file_names_for_predict_output(dataset, tmp_path, capsys):
+    gt, ann, results, res = dataset
+    by_id = {img["id"]: img["file_name"] for img in gt["images"]}
+    # predict numbers images 1..N by input order and records the path it was given
+    position = {img["id"]: k + 1 for k, img in enumerate(gt["images"])}
+    predicted = [dict(r, image_id=position[r["image_id"]], file_name=f"/data/coco/val/{by_id[r['image_id']]}") for r in results]
+    pred = tmp_path / "predicted.json"
+    pred.write_text(json.dumps(predicted))
+    assert _eval(["--detections", str(pred), "--ann", str(ann), "--out", str(tmp_path / "bad")]) == 2
+    assert "--match-file-names" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert _eval(["--detections", str(pred), "--ann", str(ann), "--out", str(out), "--match-file-names"]) == 0
+    assert [_metrics(out)["bbox"][n] for n in E.BBOX_STAT_NAMES] == direct_stats(ann, res)
+    with pytest.raises(E.EvaluationError, match="matches no image"):
+        E.image_ids_from_file_names([dict(predicted[0], file_name="/x/unknown.png")], gt, "p.json")
+    twin = copy.deepcopy(gt)
+    name = twin["images"][0]["file_name"]
+    twin["images"].append(dict(twin["images"][0], id=999, file_name="other/" + name))
+    twin["images"].append(dict(twin["images"][0], id=998))  # same file_name twice: ambiguous
+    with pytest.raises(E.EvaluationError, match="several images"):
+        E.image_ids_from_file_names([dict(predicted[0], file_name=f"/x/{name}")], twin, "p.json")
+    # the longest matching suffix wins
+    assert E.image_ids_from_file_names([dict(predicted[0], file_name=f"/x/other/{name}")], twin, "p.json")[0]["image_id"] == 999

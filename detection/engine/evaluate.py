@@ -84,6 +84,42 @@ def load_results(path: str | Path) -> list[dict[str, Any]]:
     return validate_results(results, path)
 
 
+def image_ids_from_file_names(
+    results: list[dict[str, Any]], gt_dataset: dict[str, Any], source: str | Path
+) -> list[dict[str, Any]]:
+    """Re-key results by their `file_name` (as `detr-attn predict` writes it) to GT image ids.
+
+    predict numbers images by input position, not by the dataset's ids, so its results need
+    this. A result's file_name matches the GT image whose file_name equals it or is its
+    trailing path components ("/data/val/000001.png" matches "000001.png" and "val/000001.png").
+    Unmatched or ambiguous names are errors naming `source`.
+    """
+    by_parts: dict[tuple[str, ...], list[int]] = {}
+    for image in gt_dataset["images"]:
+        parts = tuple(Path(str(image.get("file_name", ""))).parts)
+        by_parts.setdefault(parts, []).append(image["id"])
+    resolved: dict[str, int] = {}
+    out = []
+    for index, entry in enumerate(results):
+        name = entry.get("file_name")
+        if not isinstance(name, str):
+            raise EvaluationError(f"{source}: entry {index} has no 'file_name' (needed by --match-file-names)")
+        if name not in resolved:
+            parts = Path(name).parts
+            candidates: set[int] = set()
+            for k in range(len(parts)):  # longest matching suffix wins
+                ids = by_parts.get(tuple(parts[k:]), [])
+                if ids:
+                    candidates = set(ids)
+                    break
+            if len(candidates) != 1:
+                problem = "matches no image" if not candidates else f"matches several images {sorted(candidates)[:5]}"
+                raise EvaluationError(f"{source}: file_name {name!r} {problem} of the ground truth")
+            resolved[name] = candidates.pop()
+        out.append(dict(entry, image_id=resolved[name]))
+    return out
+
+
 def restrict_results(
     results: list[dict[str, Any]],
     gt_dataset: dict[str, Any],
@@ -103,9 +139,12 @@ def restrict_results(
     gt_images = {img["id"] for img in gt_dataset["images"]}
     unknown_images = sorted({r["image_id"] for r in results} - gt_images)
     if unknown_images:
+        hint = ""
+        if results and "file_name" in results[0]:
+            hint = " (results from `detr-attn predict` number images by input order: add --match-file-names)"
         raise EvaluationError(
             f"{source}: {len(unknown_images)} image ids are not in {ann_path} "
-            f"(e.g. {unknown_images[:10]}); results must refer to images of the ground truth"
+            f"(e.g. {unknown_images[:10]}); results must refer to images of the ground truth{hint}"
         )
     gt_categories = {c["id"] for c in gt_dataset["categories"]}
     images, categories = set(subset.image_ids), set(subset.category_ids)
@@ -756,6 +795,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="model name (e.g. demo, detr-r50) or native model folder")
     source.add_argument("--detections", help="score an existing COCO results JSON (any detector) instead of running a model")
+    parser.add_argument("--match-file-names", action="store_true",
+                        help="with --detections: take image ids from each result's file_name (e.g. detr-attn predict output)")
     parser.add_argument("--ann", required=True, help="COCO instances JSON (ground truth)")
     parser.add_argument("--images", help="image folder (file_name in the annotations is relative to it); needed with --model")
     parser.add_argument("--out", required=True, help="run folder for detections.json, metrics.json, metrics.md, PR curves")
@@ -809,6 +850,8 @@ def run(args: argparse.Namespace) -> int:
         attention_state, choices, extra = None, [], {}
         if args.detections:
             raw = load_results(args.detections)
+            if args.match_file_names:
+                raw = image_ids_from_file_names(raw, gt_dataset, args.detections)
             results, counts, warnings = restrict_results(raw, gt_dataset, subset, args.detections, args.ann)
             source = {"detections": str(args.detections), **counts}
         else:
