@@ -143,6 +143,11 @@ def test_mass_region_edge_cases():
     single = np.zeros((4, 4))
     single[2, 1] = 3.0
     np.testing.assert_array_equal(np.argwhere(mass_region(single, 1.0)), [[2, 1]])
+    # ties: exactly enough equal pixels, the first ones in row-major order
+    flat_map = np.ones((4, 4))
+    expected = np.zeros(16, dtype=bool)
+    expected[:8] = True
+    np.testing.assert_array_equal(mass_region(flat_map, 0.5), expected.reshape(4, 4))
     with pytest.raises(ValueError, match="contour mass"):
         mass_region(single, 0.0)
 

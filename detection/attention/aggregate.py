@@ -187,17 +187,20 @@ def normalize_maps(
     low_q, high_q = float(percentiles[0]), float(percentiles[1])
     if method == "percentile" and not 0.0 <= low_q < high_q <= 100.0:
         raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
-    flat = maps.reshape(len(maps), -1)
+    out = maps.copy()
+    flat = out.reshape(len(out), -1)  # a view: the in-place steps below fill `out`
     if flat.shape[1] == 0:
-        return maps.copy()
+        return out
     if method == "percentile":
         low = np.percentile(flat, low_q, axis=1, keepdims=True).astype(np.float32)
         high = np.percentile(flat, high_q, axis=1, keepdims=True).astype(np.float32)
-        flat = np.clip(flat, low, high)
+        np.clip(flat, low, high, out=flat)
     else:
         low = flat.min(axis=1, keepdims=True)
         high = flat.max(axis=1, keepdims=True)
     span = high - low
     # a constant map (span 0) carries no location information: all zeros
-    out = np.where(span > 0, (flat - low) / np.where(span > 0, span, 1.0), 0.0)
-    return out.astype(np.float32).reshape(maps.shape)
+    scale = np.where(span > 0, 1.0 / np.where(span > 0, span, 1.0), 0.0).astype(np.float32)
+    flat -= low
+    flat *= scale
+    return out

@@ -148,8 +148,8 @@ def cells_to_image(
         )
     rows = _axis_weights(out_h, input_h, valid_h, feature_stride, interpolation)
     cols = _axis_weights(out_w, input_w, valid_w, feature_stride, interpolation)
-    # separable resampling: (H, hv) @ (N, hv, wv) @ (wv, W)
-    return np.matmul(np.matmul(rows, maps), cols.T).astype(np.float32)
+    # separable resampling (H, hv) @ (N, hv, wv) @ (wv, W), the small product first
+    return np.matmul(rows, np.matmul(maps, cols.T))
 
 
 def image_points_to_cells(
