@@ -255,8 +255,11 @@ def write_image_outputs(folder: RunFolder, result: PredictionResult, options: Ou
 
     if result.attention is None:
         raise ValueError("attention maps requested but the model returned no attention")
-    maps = detection_maps(result.attention, 0, detections.query_index, detections.image_size,
-                          heads=options.heads, layers=options.layers, normalize=options.normalize)
+    if len(detections):
+        maps = detection_maps(result.attention, 0, detections.query_index, detections.image_size,
+                              heads=options.heads, layers=options.layers, normalize=options.normalize)
+    else:  # nothing to explain; still write the (empty) npz and the plain overlay
+        maps = np.zeros((0, *detections.image_size), dtype=np.float32)
     if options.save_attention:
         meta = map_metadata(result.attention, 0, heads=options.heads, layers=options.layers,
                             normalize=options.normalize)
