@@ -16,6 +16,16 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
     assert os.listdir(target.parent) == ["out.json"]
 
 
+def test_atomic_write_gives_umask_permissions(tmp_path):
+    target = tmp_path / "out.bin"
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(target, [1])
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o644
+
+
 def test_atomic_write_failure_keeps_old_file(tmp_path):
     target = tmp_path / "out.txt"
     target.write_text("old")
