@@ -762,7 +762,10 @@ def evaluate(
     annotated = {a["image_id"] for a in gt_dataset["annotations"] if a["category_id"] in set(subset.category_ids)}
     without = len(subset_images - annotated)
     if without:
-        warnings.append(f"{without} evaluated images have no ground-truth objects; their detections count as false positives")
+        warnings.append(
+            f"{without} evaluated images have no ground-truth objects of the evaluated categories; "
+            "their detections count as false positives"
+        )
     names = {c["id"]: c["name"] for c in gt_dataset["categories"]}
     attention_summary: dict[str, Any] = {}
     if attention_state is not None:
