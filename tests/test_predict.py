@@ -335,3 +335,15 @@ def test_repair_journal_drops_partial_line(tmp_path: Path) -> None:
     assert repair_journal(journal) == len(b'{"key": "c", "detec')
     assert journal.read_bytes() == b'{"key": "a"}\n{"key": "b"}\n'
     assert repair_journal(journal) == 0
+
+
+def test_infer_gpu_wrapper_defaults_yield_to_user_options() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("infer_gpu", Path(__file__).resolve().parents[1] / "scripts" / "infer_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = module.with_gpu_defaults(["a.jpg", "--out", "o", "--batch-size=4", "--device", "cpu"])
+    assert argv[:5] == ["a.jpg", "--out", "o", "--batch-size=4", "--device"]
+    assert argv.count("--device") == 1 and "--batch-size" not in argv
+    assert argv[argv.index("--precision") + 1] == "bf16" and argv[argv.index("--batching") + 1] == "padded"

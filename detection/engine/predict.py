@@ -13,6 +13,7 @@ same command to resume).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import shutil
 import sys
@@ -83,6 +84,7 @@ class Predictor:
     attention: also return each image's AttentionRecord (decoder cross-attention of every
         layer and head); `rollout=True` adds decoder and encoder self-attention.
     keep_images: also return the decoded RGB image (for overlays).
+    last_layer_only: keep only the last decoder layer in the returned records (L = 1).
     """
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", precision: str = "fp32",
@@ -90,7 +92,7 @@ class Predictor:
                  attention: bool = False, batching: str = "exact", keep_images: bool = False,
                  rollout: bool = False, fold_bn: bool = True, channels_last: bool = True,
                  compile: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 video_stride: int = 1) -> None:
+                 video_stride: int = 1, last_layer_only: bool = False) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.config = model.config
@@ -105,6 +107,9 @@ class Predictor:
         self.keep_images = keep_images
         self.max_pixels = max_pixels
         self.video_stride = video_stride
+        # keep only the last decoder layer's cross-attention (what layers="last" maps use):
+        # 1/L of the memory and of the device -> host copy on GPU
+        self.last_layer_only = bool(last_layer_only) and not self.rollout
         self.model_seconds = 0.0
         if batching not in ("exact", "padded"):
             raise ValueError(f"batching must be 'exact' or 'padded', got {batching!r}")
@@ -166,6 +171,8 @@ class Predictor:
                                  self.score_threshold)
         self.model_seconds += time.perf_counter() - start
         record = outputs["attention"]
+        if record is not None and self.last_layer_only:
+            record = dataclasses.replace(record, decoder_cross=record.decoder_cross[-1:])
         if record is not None and record.decoder_cross.device.type != "cpu":
             record = _record_to_cpu(record)
         return detections, record
@@ -371,7 +378,7 @@ def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
                           keep_images=options.overlays, rollout=options.layers == "rollout",
                           fold_bn=settings.fold_bn, channels_last=settings.channels_last,
                           compile=settings.compile, max_pixels=settings.max_pixels,
-                          video_stride=settings.video_stride)
+                          video_stride=settings.video_stride, last_layer_only=options.layers == "last")
     items = expand_sources(settings.inputs, settings.list_files, video_stride=settings.video_stride)
     if not items:
         print("detr-attn predict: no inputs given", file=sys.stderr)
