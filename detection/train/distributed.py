@@ -83,3 +83,12 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, -(-self.length // self.num_replicas) - self.skip)
+
+
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Broadcast every buffer from rank 0 (e.g. batch-norm statistics, which each rank updates
+    from its own batch after DDP's per-forward broadcast), so all ranks hold identical state."""
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)

@@ -523,6 +523,9 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike, resume: bool = Fal
                 os.kill(os.getpid(), signal.SIGKILL)  # crash-recovery tests: die like a killed job
         epoch += 1
         step_in_epoch = 0
+        dist_utils.sync_buffers(model)
+        if ema is not None:
+            dist_utils.sync_buffers(ema)
         do_eval = val_set is not None and eval_cfg.get("every_epochs") and (
             epoch % int(eval_cfg["every_epochs"]) == 0 or epoch == epochs)
         if do_eval and is_main:
