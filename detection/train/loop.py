@@ -106,6 +106,11 @@ def apply_override(config: dict[str, Any], assignment: str) -> dict[str, Any]:
         raise ValueError(f"--set expects key=value, got {assignment!r}")
     key, text = assignment.split("=", 1)
     value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "2e-3" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     update: dict[str, Any] = value
     for part in reversed(key.strip().split(".")):
         update = {part: update}
