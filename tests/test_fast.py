@@ -130,5 +130,8 @@ def _demo_images(model, folder: Path) -> list[str]:
     """Synthetic scenes of the demo model's classes (the demo model is trained on them)."""
     from detection.data.synthetic import SynthConfig, generate_split
 
-    generate_split(folder / "synth", "val", 6, seed=123, config=SynthConfig())
+    # the demo model's data options (configs/train/demo.yaml), another seed
+    config = SynthConfig(image_size=128, size_jitter=0.15, difficulty=0.3, max_objects=6,
+                         min_object_size=20, max_object_size=80)
+    generate_split(folder / "synth", "val", 8, seed=123, config=config)
     return sorted(str(p) for p in (folder / "synth" / "val").glob("*.png"))
