@@ -368,8 +368,21 @@ def _datasets(config: dict[str, Any], model_config: Any | None = None) -> tuple[
 
 def train(config: dict[str, Any], out_dir: str | os.PathLike, resume: bool = False,
           kill_after_step: int | None = None) -> dict[str, Any]:
-    """Run (or resume) training as `config` says; returns a summary dict."""
-    out_dir = Path(out_dir)
+    """Run (or resume) training as `config` says; returns a summary dict.
+
+    Process-wide settings it changes (thread count, deterministic algorithms) are restored
+    on return, so calling it in-process (tests, notebooks) leaves no trace.
+    """
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        return _train(config, Path(out_dir), resume, kill_after_step)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        dist_utils.cleanup()
+
+
+def _train(config: dict[str, Any], out_dir: Path, resume: bool, kill_after_step: int | None) -> dict[str, Any]:
     device = _resolve_device(config["device"])
     rank, world_size, local_rank = dist_utils.init_from_env(device.type)
     if device.type == "cuda" and world_size > 1:
@@ -415,6 +428,7 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike, resume: bool = Fal
     ).to(device)
 
     epoch, step, step_in_epoch, best_metric = 0, 0, 0, None
+    resumed_from: dict[str, Any] | None = None
     checkpoint_dir = out_dir / "checkpoints"
     if resume:
         last = checkpoint_dir / "last.pt"
@@ -432,6 +446,8 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike, resume: bool = Fal
             set_rng_state(state["rng"])
             if is_main:
                 log.info("resumed from %s at epoch %d, step %d", last, epoch, step)
+                resumed_from = {"type": "resume", "epoch": epoch, "step": step, "time": time.time(),
+                                "code_version": code_version()}
         elif is_main:
             log.warning("--resume: %s does not exist; starting from scratch", last)
 
@@ -444,7 +460,9 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike, resume: bool = Fal
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=True))
     json_log = JsonLog(out_dir / "log.jsonl", is_main)
-    if is_main and not resume:
+    if resumed_from is not None:
+        json_log.write(resumed_from)
+    elif is_main:
         json_log.write({"type": "start", "config": config, "code_version": code_version(),
                         "world_size": world_size, "steps_per_epoch": steps_per_epoch,
                         "num_parameters": sum(p.numel() for p in model.parameters()),
@@ -561,7 +579,6 @@ def train(config: dict[str, Any], out_dir: str | os.PathLike, resume: bool = Fal
     summary = {"steps": step, "epochs": epoch, "best_metric": best_metric, "metrics": last_metrics,
                "elapsed_s": time.time() - start_time, "rank": rank, "world_size": world_size,
                "weights_sha256": weights_digest(model)}
-    dist_utils.cleanup()
     return summary
 
 
