@@ -303,6 +303,14 @@ def test_cli_usage_errors(tmp_path: Path, tiny_model_dir: Path) -> None:
     # same folder, other settings: refused (resuming would mix results)
     assert cli_main(base + ["--score-threshold", "0.1"]) == 2
     assert cli_main(base + ["--score-threshold", "0.1", "--overwrite"]) == 0
+    # other weights under the same model path (e.g. retrained): refused too
+    torch.manual_seed(1)
+    save_model(build_model("detr-tiny").eval(), tmp_path / "model_v")
+    command = base[:2] + ["--model", str(tmp_path / "model_v"), "--out", str(tmp_path / "out_v")] + base[6:]
+    assert cli_main(command) == 0
+    torch.manual_seed(2)
+    save_model(build_model("detr-tiny").eval(), tmp_path / "model_v")
+    assert cli_main(command) == 2
 
 
 def test_cli_overlays_and_attention_files(tmp_path: Path, tiny_model_dir: Path) -> None:
