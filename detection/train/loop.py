@@ -41,6 +41,7 @@ from detection.data.coco import CocoDetection, LabelMap, collate
 from detection.data.transforms import EvalTransform, build_transform
 from detection.io import write_text_atomic
 from detection.train import distributed as dist_utils
+from detection.train.dense import DenseSupervision, dense_losses
 from detection.train.checkpoint import code_version, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from detection.train.ema import ModelEma
 from detection.train.losses import SetCriterion
@@ -69,7 +70,8 @@ DEFAULTS: dict[str, Any] = {
         "min_lr_ratio": 0.01, "lr_drop_epochs": [], "lr_drop_factor": 0.1,
     },
     "loss": {"ce": 1.0, "bbox": 5.0, "giou": 2.0, "eos_coef": 0.1,
-             "match_class": 1.0, "match_bbox": 5.0, "match_giou": 2.0, "aux": True},
+             "match_class": 1.0, "match_bbox": 5.0, "match_giou": 2.0, "aux": True,
+             "dense": 0.0},           # weight of the training-only dense encoder supervision (dense.py)
     "ema": {"enabled": False, "decay": 0.999},
     "precision": "fp32",           # fp32 | bf16 (CPU or CUDA) | fp16 (CUDA)
     "device": "auto",              # auto | cpu | cuda
@@ -226,7 +228,8 @@ def build_optimizer(model: nn.Module, optim: dict[str, Any]) -> torch.optim.Opti
     backbone, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (backbone if name.startswith("backbone.") else rest).append(p)
+            # "backbone.x" on a bare DETR, "model.backbone.x" inside DenseSupervision
+            (backbone if "backbone" in name.split(".")[:2] else rest).append(p)
     groups = [{"params": rest, "lr": float(optim["lr"])}]
     if backbone:
         groups.append({"params": backbone, "lr": float(optim["lr_backbone"])})
@@ -415,7 +418,9 @@ def _train(config: dict[str, Any], out_dir: Path, resume: bool, kill_after_step:
     epochs = int(optim_cfg["epochs"])
     total_steps = epochs * steps_per_epoch
 
-    optimizer = build_optimizer(model, optim_cfg)
+    dense_weight = float(loss_cfg.get("dense") or 0.0)
+    train_module: nn.Module = DenseSupervision(model).to(device) if dense_weight > 0 else model
+    optimizer = build_optimizer(train_module, optim_cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, steps_per_epoch, optim_cfg))
     scaler = torch.amp.GradScaler("cuda") if config["precision"] == "fp16" else None
@@ -435,6 +440,8 @@ def _train(config: dict[str, Any], out_dir: Path, resume: bool, kill_after_step:
         if last.is_file():
             state = load_checkpoint(last)
             model.load_state_dict(state["model"])
+            if state.get("aux_heads"):
+                train_module.load_state_dict({**_prefixed(model.state_dict(), "model."), **state["aux_heads"]})
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             if scaler is not None and state.get("scaler"):
@@ -451,10 +458,10 @@ def _train(config: dict[str, Any], out_dir: Path, resume: bool, kill_after_step:
         elif is_main:
             log.warning("--resume: %s does not exist; starting from scratch", last)
 
-    ddp_model = model
+    ddp_model = train_module
     if world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            train_module, device_ids=[device.index] if device.type == "cuda" else None)
 
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -473,6 +480,8 @@ def _train(config: dict[str, Any], out_dir: Path, resume: bool, kill_after_step:
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "ema": ema.state_dict() if ema is not None else None,
+            "aux_heads": {k: v for k, v in train_module.state_dict().items() if not k.startswith("model.")}
+            if train_module is not model else None,
             "epoch": epoch_value, "step": step, "step_in_epoch": step_in_epoch_value,
             "best_metric": best_metric, "rng": rng_state(), "config": config,
             "model_config": model.config.to_dict(), "code_version": code_version(),
@@ -496,6 +505,7 @@ def _train(config: dict[str, Any], out_dir: Path, resume: bool, kill_after_step:
             train_set, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
             num_workers=int(config["data"].get("num_workers") or 0),
             generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        train_module.train()
         _set_train_mode(model, config["freeze_backbone"])
         for images, mask, targets in loader:
             if step_in_epoch >= steps_per_epoch:
@@ -507,6 +517,10 @@ def _train(config: dict[str, Any], out_dir: Path, resume: bool, kill_after_step:
             if not loss_cfg.get("aux", True):
                 outputs = {**outputs, "aux_outputs": []}
             loss, terms = criterion(outputs, targets)
+            if dense_weight > 0:
+                dense = dense_losses(outputs, targets, model.feature_stride, label_map.num_classes)
+                loss = loss + dense_weight * (dense["loss_dense_ce"] + dense["loss_dense_box"])
+                terms.update(dense)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; terms {_floats(terms)}")
             optimizer.zero_grad(set_to_none=True)
@@ -529,7 +543,7 @@ def _train(config: dict[str, Any], out_dir: Path, resume: bool, kill_after_step:
             step += 1
             step_in_epoch += 1
 
-            values = {"loss": loss.item(), **_floats({k: v for k, v in terms.items() if k.count("_") == 1})}
+            values = {"loss": loss.item(), **_floats({k: v for k, v in terms.items() if not k[-1].isdigit()})}
             for k, v in values.items():
                 running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
             if progress is not None:
@@ -602,6 +616,10 @@ def weights_digest(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _prefixed(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {prefix + k: v for k, v in state.items()}
 
 
 def _floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:
