@@ -125,7 +125,7 @@ def make_input(batch: int, seed: int = 0) -> torch.Tensor:
 def hf_runner(hf, images: torch.Tensor, device: torch.device, attentions: bool = False):
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
-    pixel_values = ((images - mean) / std).to(device)
+    pixel_values = (images.to(device) - mean) / std
     pixel_mask = torch.ones((images.shape[0], *images.shape[-2:]), dtype=torch.long, device=device)
 
     @torch.inference_mode()
@@ -212,8 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=10, help="detections whose maps are computed")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the CNN body")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0 = torch's default). On a machine shared with other "
+                             "busy processes, fewer threads than cores avoids OpenMP oversubscription, "
+                             "which can slow every figure down several-fold")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
