@@ -135,3 +135,14 @@ def _demo_images(model, folder: Path) -> list[str]:
                          min_object_size=20, max_object_size=80)
     generate_split(folder / "synth", "val", 8, seed=123, config=config)
     return sorted(str(p) for p in (folder / "synth" / "val").glob("*.png"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_close_to_cpu_fp32(tiny, batch) -> None:
+    images, mask = batch
+    reference = InferenceModel(tiny, "cpu", "fp32")(images, mask, attention=True)
+    outputs = InferenceModel(tiny, "cuda", "bf16")(images, mask, attention=True)
+    assert outputs["pred_boxes"].device.type == "cuda"
+    assert (outputs["pred_boxes"].cpu() - reference["pred_boxes"]).abs().max() <= 1e-3
+    assert (outputs["attention"].decoder_cross.cpu() - reference["attention"].decoder_cross).abs().max() <= 5e-3
