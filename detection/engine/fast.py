@@ -12,7 +12,9 @@ caller's model (it works on a deep copy) and always returns float32 outputs:
   and the class and box heads run in float32 on float32 inputs so that box coordinates are
   not rounded to 8 mantissa bits (a 2^-9 error in a normalised coordinate is ~2 px at 1066 px).
   ViT bodies are not converted (autocast only).
-* compile: `torch.compile` of the CNN body (static shapes; recompiles per new input size).
+* compile: `torch.compile` of the CNN body with inductor's weight freezing (static shapes:
+  it recompiles for each new input size, so use it for fixed-size inputs or exact batching
+  of same-size images; the first call of each size takes seconds to minutes).
 
 Numerics of the bf16 path are checked in tests/test_fast.py and by scripts/bench.py.
 """
@@ -181,7 +183,9 @@ class InferenceModel:
             if channels_last:
                 body = body.to(memory_format=torch.channels_last)
             if compile:
-                body = torch.compile(body, dynamic=False)
+                # freezing: weights become constants, so inductor can pre-pack them and fuse
+                # conv + bias + ReLU / residual add into oneDNN post-ops (inference only)
+                body = torch.compile(body, dynamic=False, options={"freezing": True})
             model.backbone.body = _BodyCast(body, self.dtype, channels_last)
         if self.dtype != torch.float32:
             model.class_embed = _Float32Head(model.class_embed)
