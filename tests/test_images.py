@@ -40,7 +40,7 @@ def test_rgb_png_is_exact(tmp_path: Path) -> None:
     rgb = _rng().integers(0, 256, (13, 17, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "a.png")
     loaded = load_image(tmp_path / "a.png")
-    assert loaded.rgb.dtype == np.uint8 and loaded.rgb.flags.c_contiguous
+    assert loaded.rgb.dtype == np.uint8 and loaded.rgb.flags.c_contiguous and loaded.rgb.flags.writeable
     np.testing.assert_array_equal(loaded.rgb, rgb)
     assert loaded.original_size == (13, 17)
     assert loaded.source_format == "PNG"

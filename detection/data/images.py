@@ -58,7 +58,7 @@ class ImageLoadError(ValueError):
 class LoadedImage:
     """A decoded image.
 
-    rgb: uint8 (H, W, 3), RGB, C-contiguous, EXIF orientation applied.
+    rgb: uint8 (H, W, 3), RGB, C-contiguous, writable, EXIF orientation applied.
     path: the file it came from.
     original_size: (H, W) of `rgb` (after EXIF rotation): the frame boxes are reported in.
     exif_orientation: EXIF orientation tag that was applied (1 = none; 0 = no/unreadable EXIF).
@@ -190,7 +190,7 @@ def _to_rgb_uint8(image: Image.Image, notes: list[str]) -> np.ndarray:
         return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
     if mode != "RGB":
         image = image.convert("RGB")
-    array = np.asarray(image)
+    array = np.array(image)  # a writable copy (np.asarray of a PIL image is read-only)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"unsupported pixel layout after conversion: {array.dtype} {array.shape}")
     return np.ascontiguousarray(array)
