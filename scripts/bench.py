@@ -12,6 +12,9 @@ very same weights to our model with detection.models.convert.hf_to_native, and t
     pixels with detection.attention.maps.detection_maps);
   * drawing one overlay at 800x1066 (combined, and one detection), PNG encoding apart;
   * agreement: fp32 vs HF, bf16 vs fp32 (max |box| in pixels, max |logit|, same top queries).
+    With random weights the decoder gives nearly the same score to every query (the printed
+    score gap says how close): "same top queries" is only meaningful for a trained model
+    (tests/test_fast.py checks that on the shipped demo model).
 
 Times are medians over --repeats runs after --warmup runs; figures depend on the machine and
 on its load (print `lscpu` / load average with the table). GPU: --device cuda --batch-sizes
@@ -105,6 +108,10 @@ def build_pair(seed: int = 0):
         for name, tensor in hf.state_dict().items():
             if name.endswith("running_var"):
                 tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            elif "query_position_embeddings" in name:
+                # N(0, 1) like the authors' nn.Embedding; HF's 0.02-std init makes all 100
+                # queries nearly identical, so every query would predict the same box
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
             elif tensor.is_floating_point():
                 tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.02)
     ours = build_model(config).eval()
@@ -174,8 +181,11 @@ def agreement(reference: dict, other: dict, top_k: int) -> dict[str, Any]:
         scores = outputs["pred_logits"].softmax(-1)[..., :-1].max(-1).values[0]
         return torch.argsort(scores, descending=True)[:top_k].tolist()
 
+    scores = reference["pred_logits"].softmax(-1)[..., :-1].max(-1).values[0].sort(descending=True).values
     return {"max_box_px": box_px, "max_logit": logit, "same_top_queries": top(reference) == top(other),
-            "same_top_queries_as_set": set(top(reference)) == set(top(other))}
+            "same_top_queries_as_set": set(top(reference)) == set(top(other)),
+            "reference_top_score_gap": float(scores[top_k - 1] - scores[top_k]) if len(scores) > top_k else None,
+            "reference_top_scores": [round(float(v), 4) for v in scores[:top_k]]}
 
 
 def bench_overlay(top_k: int, repeats: int) -> dict[str, float]:
@@ -300,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             report[f"agreement[{ref_name} vs {other_name}]"] = stats
             print(f"  {ref_name:>15} vs {other_name:<22} max |box| {stats['max_box_px']:.4f} px, "
                   f"max |logit| {stats['max_logit']:.4f}, top-{args.top_k} queries same order "
-                  f"{stats['same_top_queries']}, same set {stats['same_top_queries_as_set']}")
+                  f"{stats['same_top_queries']}, same set {stats['same_top_queries_as_set']} "
+                  f"(reference top-{args.top_k} scores {stats['reference_top_scores'][0]:.4f}..."
+                  f"{stats['reference_top_scores'][-1]:.4f}; gap to the next {stats['reference_top_score_gap']:.2e})")
 
     overlay = bench_overlay(args.top_k, args.repeats)
     report["overlay"] = overlay
