@@ -418,13 +418,14 @@ def _train(config: dict[str, Any], out_dir: Path, resume: bool, kill_after_step:
     epochs = int(optim_cfg["epochs"])
     total_steps = epochs * steps_per_epoch
 
+    # EMA copies the bare model before DenseSupervision hooks into it
+    ema = ModelEma(model, float(config["ema"]["decay"])) if config["ema"]["enabled"] else None
     dense_weight = float(loss_cfg.get("dense") or 0.0)
     train_module: nn.Module = DenseSupervision(model).to(device) if dense_weight > 0 else model
     optimizer = build_optimizer(train_module, optim_cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, steps_per_epoch, optim_cfg))
     scaler = torch.amp.GradScaler("cuda") if config["precision"] == "fp16" else None
-    ema = ModelEma(model, float(config["ema"]["decay"])) if config["ema"]["enabled"] else None
     criterion = SetCriterion(
         label_map.num_classes,
         HungarianMatcher(loss_cfg["match_class"], loss_cfg["match_bbox"], loss_cfg["match_giou"]),
