@@ -160,3 +160,11 @@ def test_normalize_none_and_errors():
         normalize_maps(maps, "zscore")
     with pytest.raises(ValueError, match="percentiles"):
         normalize_maps(maps, "percentile", percentiles=(90.0, 10.0))
+
+
+def test_normalize_maps_accepts_zero_maps():
+    from detection.attention.aggregate import normalize_maps
+
+    for method in ("minmax", "percentile"):
+        out = normalize_maps(np.zeros((0, 5, 7), dtype=np.float32), method)
+        assert out.shape == (0, 5, 7) and out.dtype == np.float32

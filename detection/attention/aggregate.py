@@ -188,9 +188,9 @@ def normalize_maps(
     if method == "percentile" and not 0.0 <= low_q < high_q <= 100.0:
         raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
     out = maps.copy()
-    flat = out.reshape(len(out), -1)  # a view: the in-place steps below fill `out`
-    if flat.shape[1] == 0:
+    if out.size == 0:  # no detections (or empty maps): nothing to scale
         return out
+    flat = out.reshape(len(out), -1)  # a view: the in-place steps below fill `out`
     if method == "percentile":
         low = np.percentile(flat, low_q, axis=1, keepdims=True).astype(np.float32)
         high = np.percentile(flat, high_q, axis=1, keepdims=True).astype(np.float32)

@@ -241,14 +241,10 @@ class OutputOptions:
 
 
 def _encode(rgb: np.ndarray, image_format: str) -> bytes:
-    import cv2
+    # PNG level 1: ~5x faster to write than the default 6 for ~15 % more bytes
+    from detection.render.overlay import encode_image
 
-    ext = ".jpg" if image_format == "jpg" else ".png"
-    params = [cv2.IMWRITE_JPEG_QUALITY, 92] if ext == ".jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
-    ok, data = cv2.imencode(ext, np.ascontiguousarray(rgb[..., ::-1]), params)
-    if not ok:
-        raise RuntimeError(f"cv2.imencode({ext}) failed")
-    return data.tobytes()
+    return encode_image(rgb, f".{image_format}", jpeg_quality=92, png_compression=1)
 
 
 def write_image_outputs(folder: RunFolder, result: PredictionResult, options: OutputOptions,
