@@ -117,3 +117,34 @@ def test_training_samples_depend_only_on_seed_epoch_index(tmp_path):
         a.set_epoch(epoch)
         outputs.add((tuple(a[0][0].shape), float(a[0][0].sum())))
     assert len(outputs) > 1
+
+
+def _target(boxes, labels, size, seed):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels),
+            "ann_ids": torch.arange(len(labels)), "size": torch.tensor(size), "seed": seed}
+
+
+def test_crop_to_common_size_leaves_no_padding_and_keeps_boxes_on_their_pixels():
+    from detection.data.coco import TrainCollate, crop_to_common_size
+
+    # image 0: 40 x 60 with a bright square at x 24..36, y 16..24 (cxcywh 0.5, 0.5, 0.2, 0.2)
+    # and a box at the right edge (x 54..60) that any crop narrower than 54 px loses
+    image0 = torch.zeros(3, 40, 60)
+    image0[:, 16:24, 24:36] = 1.0
+    t0 = _target([[0.5, 0.5, 0.2, 0.2], [0.95, 0.5, 0.1, 0.2]], [0, 1], [40, 60], seed=5)
+    t1 = _target([], [], [50, 30], seed=6)
+    cropped = crop_to_common_size([(image0, t0), (torch.zeros(3, 50, 30), t1)], min_visibility=0.3)
+    assert [tuple(im.shape) for im, _ in cropped] == [(3, 40, 30), (3, 40, 30)]
+    (image, target), (_, empty) = cropped
+    assert target["labels"].tolist() == [0] and target["ann_ids"].tolist() == [0]
+    assert target["size"].tolist() == [40, 30] and empty["boxes"].shape == (0, 4)
+    # the kept box still frames the bright pixels of the crop
+    ys, xs = torch.nonzero(image[0] > 0.5, as_tuple=True)
+    cx, cy, w, h = (target["boxes"][0] * torch.tensor([30, 40, 30, 40])).tolist()
+    assert (xs.min().item(), xs.max().item() + 1) == pytest.approx((cx - w / 2, cx + w / 2), abs=1e-4)
+    assert (ys.min().item(), ys.max().item() + 1) == pytest.approx((cy - h / 2, cy + h / 2), abs=1e-4)
+
+    batch, mask, _ = TrainCollate(common_crop_p=1.0)([(image0, t0), (torch.zeros(3, 50, 30), t1)])
+    assert batch.shape == (2, 3, 40, 30) and not mask.any()
+    batch, mask, _ = TrainCollate(common_crop_p=0.0)([(image0, t0), (torch.zeros(3, 50, 30), t1)])
+    assert batch.shape == (2, 3, 50, 60) and mask.any()

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
-from detection.boxes import xywh_to_xyxy, xyxy_to_cxcywh
+from detection.boxes import cxcywh_to_xyxy, xywh_to_xyxy, xyxy_to_cxcywh
 from detection.data.images import ImageLoadError, load_image
 from detection.data.preprocess import pad_batch
 
@@ -239,6 +239,7 @@ class CocoDetection(torch.utils.data.Dataset):
             "image_id": int(image_id),
             "orig_size": torch.tensor([orig_h, orig_w], dtype=torch.int64),
             "size": torch.tensor([height, width], dtype=torch.int64),
+            "seed": self.sample_seed(index),
         }
         return tensor, target
 
@@ -248,3 +249,59 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[torch
     images, targets = zip(*batch)
     padded, mask = pad_batch(list(images))
     return padded, mask, list(targets)
+
+
+def crop_to_common_size(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]], min_visibility: float = 0.3
+                        ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Random-crop every image of a batch to the batch's smallest height and width, so the
+    padded batch has NO padding.
+
+    Why: a batch padded to its largest image shows most images with zero padding beyond their
+    border, while a single image at inference has none; convolutions see the two differently
+    (padding stops being zero after the first conv + batch norm). A model trained only on
+    padded batches then depends on the batch it is run in. Mixing unpadded batches in training
+    removes that dependence. Boxes are clipped to the crop and dropped when less than
+    `min_visibility` of their area stays inside; the offset is drawn from each sample's seed
+    (reproducible). Targets keep the contract: normalised cxcywh of the cropped image.
+    """
+    height = min(int(image.shape[1]) for image, _ in batch)
+    width = min(int(image.shape[2]) for image, _ in batch)
+    out = []
+    for image, target in batch:
+        full_h, full_w = int(image.shape[1]), int(image.shape[2])
+        rng = np.random.default_rng(int(target.get("seed", 0)) + 1)
+        top = int(rng.integers(0, full_h - height + 1))
+        left = int(rng.integers(0, full_w - width + 1))
+        scale = torch.tensor([full_w, full_h, full_w, full_h], dtype=torch.float32)
+        xyxy = cxcywh_to_xyxy(target["boxes"]) * scale
+        area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])
+        shifted = xyxy - torch.tensor([left, top, left, top], dtype=torch.float32)
+        shifted[:, 0::2] = shifted[:, 0::2].clamp(0, width)
+        shifted[:, 1::2] = shifted[:, 1::2].clamp(0, height)
+        kept_area = (shifted[:, 2] - shifted[:, 0]) * (shifted[:, 3] - shifted[:, 1])
+        keep = (kept_area > 0) & (kept_area >= min_visibility * area)
+        new_scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        cropped = dict(target)
+        cropped["boxes"] = xyxy_to_cxcywh(shifted[keep] / new_scale)
+        cropped["labels"] = target["labels"][keep]
+        cropped["ann_ids"] = target["ann_ids"][keep]
+        cropped["size"] = torch.tensor([height, width], dtype=torch.int64)
+        out.append((image[:, top:top + height, left:left + width], cropped))
+    return out
+
+
+class TrainCollate:
+    """Training collate: with probability `common_crop_p` (decided per batch from the first
+    sample's seed) the batch is first cropped to a common size (`crop_to_common_size`), then
+    padded by `pad_batch` like any batch."""
+
+    def __init__(self, common_crop_p: float = 0.0, min_visibility: float = 0.3) -> None:
+        self.common_crop_p = float(common_crop_p)
+        self.min_visibility = float(min_visibility)
+
+    def __call__(self, batch):
+        if self.common_crop_p > 0:
+            draw = np.random.default_rng(int(batch[0][1].get("seed", 0)) + 2).random()
+            if draw < self.common_crop_p:
+                batch = crop_to_common_size(batch, self.min_visibility)
+        return collate(batch)

@@ -37,8 +37,8 @@ import yaml
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detection.data.coco import CocoDetection, LabelMap, collate
-from detection.data.transforms import EvalTransform, build_transform
+from detection.data.coco import CocoDetection, LabelMap, TrainCollate, collate
+from detection.data.transforms import AugmentConfig, EvalTransform, build_transform
 from detection.io import write_text_atomic
 from detection.train import distributed as dist_utils
 from detection.train.dense import DenseSupervision, dense_losses
@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
         "train_images": None, "train_annotations": None,
         "val_images": None, "val_annotations": None,
         "num_workers": 1,
+        "common_crop_p": 0.0,      # share of batches cropped to a common size (no padding), see coco.py
     },
     "augment": {},                 # see detection/data/transforms.py
     "optim": {
@@ -503,7 +504,9 @@ def _train(config: dict[str, Any], out_dir: Path, resume: bool, kill_after_step:
         sampler = _sampler(train_set, seed, epoch, rank, world_size, skip=step_in_epoch * batch_size)
         # own generator: creating a loader must not draw from the global RNG (exact resume)
         loader = torch.utils.data.DataLoader(
-            train_set, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
+            train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
+            collate_fn=TrainCollate(float(config["data"].get("common_crop_p") or 0.0),
+                                    AugmentConfig.from_dict(config["augment"]).min_visibility),
             num_workers=int(config["data"].get("num_workers") or 0),
             generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         train_module.train()
