@@ -109,21 +109,36 @@ def test_invalid_precision_and_device() -> None:
 
 @pytest.mark.skipif(not (Path(DEMO_DIR) / "model.json").exists(), reason="no shipped demo model in weights/demo")
 def test_demo_model_bf16_keeps_detections(tmp_path: Path) -> None:
-    """With a confident model: same detections above 0.7 in bf16 and fp32, boxes within 1 px."""
+    """Stated tolerance of the bf16 fast path on the shipped model, at threshold 0.7:
+    every detection whose fp32 score is >= 0.7 + SCORE_TOL is kept with the same label, its
+    box within 1 px and score within SCORE_TOL; bf16 never adds a detection whose fp32 score is
+    below 0.7 - SCORE_TOL. Only detections within SCORE_TOL of the threshold may flip."""
     from detection.engine.predict import Predictor
     from detection.models.registry import load_model
 
+    score_tol, threshold = 0.03, 0.7
     model = load_model("demo")
     images = _demo_images(model, tmp_path)
-    fp32 = {r.item.key: r.detections for r in Predictor(model, "cpu", "fp32", score_threshold=0.7).run(images)}
-    bf16 = {r.item.key: r.detections for r in Predictor(model, "cpu", "bf16", score_threshold=0.7).run(images)}
-    assert sum(len(d) for d in fp32.values()) > 0
+    # fp32 at a low threshold, so a bf16 detection can be looked up whatever its fp32 score
+    fp32 = {r.item.key: r.detections for r in Predictor(model, "cpu", "fp32", score_threshold=0.05).run(images)}
+    bf16 = {r.item.key: r.detections for r in Predictor(model, "cpu", "bf16", score_threshold=threshold).run(images)}
+    confident = 0
     for key, reference in fp32.items():
         got = bf16[key]
-        assert sorted(reference.query_index.tolist()) == sorted(got.query_index.tolist()), key
-        order_a, order_b = torch.argsort(reference.query_index), torch.argsort(got.query_index)
-        assert reference.labels[order_a].tolist() == got.labels[order_b].tolist()
-        assert (reference.boxes[order_a] - got.boxes[order_b]).abs().max() <= 1.0
+        got_by_query = {q: i for i, q in enumerate(got.query_index.tolist())}
+        ref_by_query = {q: i for i, q in enumerate(reference.query_index.tolist())}
+        for i, query in enumerate(reference.query_index.tolist()):
+            if float(reference.scores[i]) < threshold + score_tol:
+                continue
+            confident += 1
+            assert query in got_by_query, (key, query, float(reference.scores[i]))
+            j = got_by_query[query]
+            assert int(got.labels[j]) == int(reference.labels[i])
+            assert (got.boxes[j] - reference.boxes[i]).abs().max() <= 1.0
+            assert abs(float(got.scores[j]) - float(reference.scores[i])) <= score_tol
+        for j, query in enumerate(got.query_index.tolist()):
+            assert query in ref_by_query and float(reference.scores[ref_by_query[query]]) >= threshold - score_tol
+    assert confident > 0
 
 
 def _demo_images(model, folder: Path) -> list[str]:
