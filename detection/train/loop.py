@@ -361,7 +361,7 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _datasets(config: dict[str, Any], model_config: Any | None = None) -> tuple[CocoDetection, CocoDetection | None]:
+def _datasets(config: dict[str, Any]) -> tuple[CocoDetection, CocoDetection | None]:
     data = config["data"]
     train = CocoDetection(data["train_images"], data["train_annotations"], seed=config["seed"])
     val = None
