@@ -42,3 +42,14 @@ def test_pad_batch_places_images_top_left_and_marks_padding():
     assert torch.equal(batch[1, :, :5, :2], b) and batch[1, :, :, 2:].abs().sum() == 0
     assert mask[0].sum() == 5 * 6 - 4 * 6 and not mask[0, :4].any()
     assert mask[1].sum() == 5 * 6 - 5 * 2 and mask[1, :, 2:].all()
+
+
+def test_image_to_input_accepts_read_only_arrays_without_warning():
+    import warnings
+
+    image = np.full((6, 8, 3), 51, dtype=np.uint8)
+    image.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = image_to_input(image, min_size=6, max_size=None)
+    assert torch.allclose(tensor, torch.full((3, 6, 8), 0.2))

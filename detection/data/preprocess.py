@@ -37,7 +37,10 @@ def image_to_input(image_rgb: np.ndarray, min_size: int, max_size: int | None) -
     new_h, new_w = resized_size(height, width, min_size, max_size)
     if (new_h, new_w) != (height, width):
         image_rgb = cv2.resize(image_rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    tensor = torch.from_numpy(np.ascontiguousarray(image_rgb)).permute(2, 0, 1)
+    image_rgb = np.ascontiguousarray(image_rgb)
+    if not image_rgb.flags.writeable:  # torch.from_numpy warns on read-only buffers (e.g. PIL's)
+        image_rgb = image_rgb.copy()
+    tensor = torch.from_numpy(image_rgb).permute(2, 0, 1)
     return tensor.float().div_(255.0)
 
 
