@@ -7,17 +7,8 @@ import math
 import pytest
 import torch
 
+from box_reference import giou_by_hand
 from detection.train.matcher import HungarianMatcher, matching_cost
-
-
-def _giou_by_hand(a, b):
-    """GIoU of two cxcywh boxes with plain arithmetic (independent of torchvision)."""
-    ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
-    bx0, by0, bx1, by1 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
-    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    hull = (max(ax1, bx1) - min(ax0, bx0)) * (max(ay1, by1) - min(ay0, by0))
-    return inter / union - (hull - union) / hull
 
 
 def test_cost_matrix_by_hand():
@@ -28,7 +19,7 @@ def test_cost_matrix_by_hand():
     e = [math.exp(v) for v in (2.0, 0.5, -1.0)]
     prob1 = e[1] / sum(e)
     l1 = 0.05 + 0.05 + 0.1 + 0.1
-    expected = -1.5 * prob1 + 5.0 * l1 - 2.0 * _giou_by_hand(pred[0].tolist(), tgt[0].tolist())
+    expected = -1.5 * prob1 + 5.0 * l1 - 2.0 * giou_by_hand(pred[0].tolist(), tgt[0].tolist())
     assert cost.shape == (1, 1)
     assert cost.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
