@@ -7,6 +7,8 @@ that fails becomes a sample with `error` set; the batch goes on without it.
 """
 from __future__ import annotations
 
+import multiprocessing
+
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -137,5 +139,10 @@ def make_loader(dataset: BatchLoadingDataset, num_workers: int, prefetch: int = 
     """A DataLoader yielding LoadedBatch objects (batching is already planned)."""
     kwargs = {}
     if num_workers > 0:
-        kwargs = dict(worker_init_fn=_worker_init, prefetch_factor=prefetch, persistent_workers=False)
+        # Not "fork": a child forked while OpenCV's / OpenMP's thread pools hold locks in the
+        # parent can deadlock in its first cv2 call (seen under pytest-xdist). forkserver starts
+        # workers from a clean process.
+        context = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        kwargs = dict(worker_init_fn=_worker_init, prefetch_factor=prefetch, persistent_workers=False,
+                      multiprocessing_context=context)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity, **kwargs)
