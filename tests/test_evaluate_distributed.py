@@ -9,24 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from detection.cli import main
-from detection.models.registry import build_model, save_model
-from test_evaluate_model import _write_dataset
+from test_evaluate_model import confident_model_setup
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evalddp")
-    torch.manual_seed(0)
-    model = build_model("detr-tiny").eval()
-    with torch.no_grad():
-        model.class_embed.bias[-1] = -4.0
-    save_model(model, root / "model", source="random init (test)")
-    return root, _write_dataset(root, model)
+    return confident_model_setup(tmp_path_factory.mktemp("evalddp"))
 
 
 @pytest.mark.slow

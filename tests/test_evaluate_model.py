@@ -56,17 +56,20 @@ def _write_dataset(root: Path, model) -> Path:
     return ann
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evalmodel")
+def confident_model_setup(root):
+    """A seeded random detr-tiny saved to root/model, and a dataset built from its detections."""
     torch.manual_seed(0)
     model = build_model("detr-tiny").eval()
     # a confident random model: push "no object" down so detections pass the attention threshold
     with torch.no_grad():
         model.class_embed.bias[-1] = -4.0
     save_model(model, root / "model", source="random init (test)")
-    ann = _write_dataset(root, model)
-    return root, ann
+    return root, _write_dataset(root, model)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return confident_model_setup(tmp_path_factory.mktemp("evalmodel"))
 
 
 def _run(root, ann, out, *extra) -> dict:

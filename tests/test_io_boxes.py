@@ -45,3 +45,20 @@ def test_box_conversions_round_trip():
     xywh = boxes.xyxy_to_xywh(xyxy)
     assert xywh.tolist()[0] == [10.0, 20.0, 40.0, 60.0]
     assert torch.equal(boxes.xywh_to_xyxy(xywh), xyxy)
+
+
+def test_read_json_names_the_file_and_problem(tmp_path):
+    from detection.io import read_json
+
+    class Custom(ValueError):
+        pass
+
+    good = tmp_path / "a.json"
+    good.write_text('{"x": [1, 2]}')
+    assert read_json(good, "results file") == {"x": [1, 2]}
+    with pytest.raises(Custom, match=r"missing\.json: results file not found"):
+        read_json(tmp_path / "missing.json", "results file", Custom)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad\.json: not valid JSON"):
+        read_json(bad, "annotation file")

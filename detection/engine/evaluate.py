@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from detection.engine.subsets import GroundTruthError, Subset, SubsetSpec, load_coco_gt, select_subset
-from detection.io import write_bytes_atomic, write_json_atomic, write_text_atomic
+from detection.io import read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 BBOX_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 DEFAULT_LAYERS = ("last", "mean", "rollout")
@@ -74,14 +74,7 @@ def validate_results(results: Any, source: str | Path) -> list[dict[str, Any]]:
 
 def load_results(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            results = json.load(handle)
-    except FileNotFoundError:
-        raise EvaluationError(f"{path}: results file not found") from None
-    except json.JSONDecodeError as error:
-        raise EvaluationError(f"{path}: not valid JSON ({error})") from None
-    return validate_results(results, path)
+    return validate_results(read_json(path, "results file", EvaluationError), path)
 
 
 def image_ids_from_file_names(
@@ -298,12 +291,7 @@ def normalise_name(name: str) -> str:
 def load_class_map(path: str | Path) -> dict[str, Any]:
     """JSON object {model class name: dataset category name | category id | null (ignore)}."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ClassMappingError(f"{path}: class-map file not found") from None
-    except json.JSONDecodeError as error:
-        raise ClassMappingError(f"{path}: not valid JSON ({error})") from None
+    data = read_json(path, "class-map file", ClassMappingError)
     if not isinstance(data, dict):
         raise ClassMappingError(f"{path}: expected a JSON object {{model class name: dataset category name or id}}")
     return data

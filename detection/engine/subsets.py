@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from detection.io import read_json
+
 
 class GroundTruthError(ValueError):
     """The annotation file cannot be evaluated; the message names the file and the problem."""
@@ -85,13 +87,7 @@ def validate_coco_gt(dataset: dict[str, Any], path: Path | str = "<ground truth>
 def load_coco_gt(path: str | Path) -> dict[str, Any]:
     """Read and validate a COCO instances JSON file (see `validate_coco_gt`)."""
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            dataset = json.load(handle)
-    except FileNotFoundError:
-        raise GroundTruthError(f"{path}: annotation file not found") from None
-    except json.JSONDecodeError as error:
-        raise GroundTruthError(f"{path}: not valid JSON ({error})") from None
+    dataset = read_json(path, "annotation file", GroundTruthError)
     if not isinstance(dataset, dict):
         _fail(path, "not a COCO instances file (top level is not an object)")
     return validate_coco_gt(dataset, path)
