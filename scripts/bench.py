@@ -8,7 +8,7 @@ very same weights to our model with detection.models.convert.hf_to_native, and t
   * HF DetrForObjectDetection fp32 (its default attention path, no attention output);
   * ours fp32 as built (no BN folding, NCHW) and the fast path (BN folded, channels_last),
     bf16 fast path (bf16 ResNet body, autocast transformer, fp32 heads), each without and
-    with attention maps (decoder cross-attention of the top detections mapped to image
+    with attention maps, and the bf16 ResNet-50 body alone (the floor under the bf16 figures) (decoder cross-attention of the top detections mapped to image
     pixels with detection.attention.maps.detection_maps);
   * drawing one overlay at 800x1066 (combined, and one detection), PNG encoding apart;
   * agreement: fp32 vs HF, bf16 vs fp32 (max |box| in pixels, max |logit|, same top queries).
@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detection.engine.allocator import retain_freed_memory  # noqa: E402
 from detection.engine.fast import InferenceModel  # noqa: E402
 from detection.models import convert  # noqa: E402
 from detection.models.registry import build_model, load_config  # noqa: E402
@@ -171,6 +172,21 @@ def ours_runner(engine: InferenceModel, images: torch.Tensor, maps: str, top_k: 
     return run
 
 
+def body_only_runner(engine: InferenceModel, images: torch.Tensor):
+    """The engine's prepared CNN body alone (normalised input, as the model feeds it)."""
+    body = engine.model.backbone.body
+    config = engine.config
+    mean = torch.tensor(config.image_mean, device=engine.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.image_std, device=engine.device).view(1, 3, 1, 1)
+    normalised = (images.to(engine.device) - mean) / std
+
+    @torch.inference_mode()
+    def run():
+        return body(normalised)
+
+    return run
+
+
 def agreement(reference: dict, other: dict, top_k: int) -> dict[str, Any]:
     """Max |box| difference in pixels, max |logit|, and whether the top-k queries agree."""
     box_px = ((reference["pred_boxes"] - other["pred_boxes"]).abs()
@@ -230,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    # Our engine keeps freed CPU memory for reuse (detection/engine/allocator.py). The setting
+    # is process-wide, so it is made before anything runs: the HF reference gets it too.
+    # DETR_ATTN_MALLOC=default measures everything with glibc's default behaviour instead.
+    allocator = "glibc keeps freed memory" if retain_freed_memory() else "default allocator"
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -238,14 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     load_before = os.getloadavg()
     print(f"machine: {machine}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"load average {load_before[0]:.2f} (shared machines slow every figure down)")
+          f"{allocator}; load average {load_before[0]:.2f} (shared machines slow every figure down)")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}; input {HEIGHT}x{WIDTH}; DETR-R50 random weights; "
           f"median of {args.repeats} after {args.warmup} warm-up")
 
     hf, ours = build_pair()
     class_names = ours.config.class_names
     report: dict[str, Any] = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "device": str(device),
-                              "load_average_start": load_before[0], "rows": []}
+                              "load_average_start": load_before[0], "allocator": allocator, "rows": []}
 
     def row(name: str, batch: int, seconds: float, best: float, reference: float | None) -> None:
         per_image, best_per_image = seconds / batch, best / batch
@@ -295,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {'':<40} overhead of the {what}: {overhead:+.1f} %")
                 report[f"overhead_percent[{name}][{mode}][batch {batch}]"] = overhead
             results[name] = {"outputs": {k: outputs["none"]["outputs"][k].cpu() for k in ("pred_logits", "pred_boxes")}}
+            if name == "ours bf16 fast":
+                # the floor under every other bf16 figure: the ResNet-50 body on its own
+                body_runner = body_only_runner(engine, images)
+                body_seconds, _ = timed(body_runner, device, args.warmup, args.repeats)
+                row("  of which the ResNet-50 body alone", batch, body_seconds, BEST_TIMES[id(body_runner)],
+                    hf_seconds)
             del engine
 
         print("\n  agreement (batch image 0):")

@@ -35,6 +35,24 @@ def test_save_load_round_trip(tmp_path) -> None:
     assert loaded.source == "random init"
 
 
+def test_backbone_kwargs_shape_the_timm_body_and_round_trip(tmp_path) -> None:
+    torch.manual_seed(0)
+    config = registry.load_config("detr-tiny").replace(
+        backbone="resnet18", backbone_kwargs={"channels": [8, 16, 24, 40]})
+    model = build_model(config).eval()
+    assert model.backbone.num_channels == 40 and model.input_proj.in_channels == 40
+    assert model.backbone.body.layer1[0].conv1.out_channels == 8
+    assert len(model.backbone.body.layer2) == 2  # resnet18's depth, narrow widths
+    folder = save_model(model, tmp_path / "m", source="random init", source_sha256=None)
+    loaded = load_model(folder)
+    assert loaded.config.backbone_kwargs == {"channels": [8, 16, 24, 40]}
+    images, mask = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model(images, mask)["pred_boxes"], loaded(images, mask)["pred_boxes"])
+    with pytest.raises(TypeError):
+        build_model(config.replace(backbone_kwargs={"no_such_argument": 1}))
+
+
 def test_load_reports_missing_and_unexpected_keys(tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 

@@ -62,6 +62,20 @@ def test_overrides_parse_yaml_and_reject_unknown_keys():
                                       "optim.lr=2e-3", "ema.enabled=false", "augment.scales=[32, 48]"])
     assert config["optim"]["lr"] == 2e-3 and config["ema"]["enabled"] is False
     assert config["augment"]["scales"] == [32, 48]
+    # free-form mappings merge: setting one key keeps the file's others and earlier --sets
+    assert config["augment"]["hflip"] == 0.5 and config["augment"]["crop"] == {"p": 0.3, "max_fraction": 0.2}
+    config = load_train_config(TINY, ["data.train_images=a", "data.train_annotations=b",
+                                      "model_overrides.backbone=resnet18",
+                                      "model_overrides.backbone_kwargs={channels: [8, 16, 32, 64]}",
+                                      "augment.crop.p=0.0"])
+    assert config["model_overrides"]["backbone"] == "resnet18"
+    assert config["model_overrides"]["backbone_kwargs"] == {"channels": [8, 16, 32, 64]}
+    assert config["model_overrides"]["hidden_dim"] == 32  # from the file
+    assert config["augment"]["crop"] == {"p": 0.0, "max_fraction": 0.2}
+    # a whole mapping replaces the section
+    config = load_train_config(TINY, ["data.train_images=a", "data.train_annotations=b",
+                                      "augment={hflip: 0.0, scales: [64]}"])
+    assert config["augment"] == {"hflip": 0.0, "scales": [64]}
     with pytest.raises(ValueError, match="unknown config key 'lrr'"):
         apply_override(config, "optim.lrr=1")
     with pytest.raises(ValueError, match="key=value"):

@@ -59,9 +59,11 @@ class ResNetBackbone(nn.Module):
     """
 
     def __init__(self, name: str, dilation: bool = False, pretrained: bool = False,
-                 frozen_batch_norm: bool = True) -> None:
+                 frozen_batch_norm: bool = True, timm_kwargs: dict | None = None) -> None:
         super().__init__()
-        kwargs = {"output_stride": 16} if dilation else {}
+        kwargs = dict(timm_kwargs or {})
+        if dilation:
+            kwargs["output_stride"] = 16
         body = timm.create_model(name, pretrained=pretrained, features_only=True,
                                  out_indices=(4,), **kwargs)
         if frozen_batch_norm:
@@ -86,10 +88,11 @@ class ViTBackbone(nn.Module):
     the feature padding mask is exact: a cell is padding iff its patch holds no real pixel.
     """
 
-    def __init__(self, name: str, pretrained: bool = False) -> None:
+    def __init__(self, name: str, pretrained: bool = False, timm_kwargs: dict | None = None) -> None:
         super().__init__()
         self.body = timm.create_model(name, pretrained=pretrained, num_classes=0,
-                                      dynamic_img_size=True, dynamic_img_pad=True)
+                                      dynamic_img_size=True, dynamic_img_pad=True,
+                                      **(timm_kwargs or {}))
         patch = self.body.patch_embed.patch_size
         if patch[0] != patch[1]:
             raise ValueError(f"ViT backbone {name!r} has non-square patches {patch}")
@@ -122,12 +125,18 @@ class ViTBackbone(nn.Module):
         return features, feature_mask
 
 
-def build_backbone(name: str, dilation: bool = False, pretrained: bool = False) -> nn.Module:
-    """A ResNet (`resnet*`) or ViT (`vit_*`) backbone by timm model name."""
+def build_backbone(name: str, dilation: bool = False, pretrained: bool = False,
+                   timm_kwargs: dict | None = None) -> nn.Module:
+    """A ResNet (`resnet*`) or ViT (`vit_*`) backbone by timm model name.
+
+    `timm_kwargs` go to `timm.create_model` unchanged (architecture arguments such as a
+    ResNet's `channels=(32, 64, 128, 256)` or a ViT's `embed_dim`); an argument timm does not
+    know raises timm's TypeError.
+    """
     if name.startswith("vit_"):
         if dilation:
             raise ValueError(f"dilation (DC5) is only defined for ResNet backbones, not {name!r}")
-        return ViTBackbone(name, pretrained=pretrained)
+        return ViTBackbone(name, pretrained=pretrained, timm_kwargs=timm_kwargs)
     if "resnet" in name:
-        return ResNetBackbone(name, dilation=dilation, pretrained=pretrained)
+        return ResNetBackbone(name, dilation=dilation, pretrained=pretrained, timm_kwargs=timm_kwargs)
     raise ValueError(f"unsupported backbone {name!r}: expected a timm resnet* or vit_* model name")

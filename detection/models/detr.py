@@ -34,6 +34,7 @@ class DetrConfig:
     backbone: str = "resnet50"          # timm model name (resnet* or vit_*)
     backbone_pretrained: bool = False   # load timm's ImageNet weights when building (network)
     dilation: bool = False              # DC5: dilate the last ResNet stage (stride 16)
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model args
     num_classes: int = 91
     num_queries: int = 100
     hidden_dim: int = 256
@@ -135,7 +136,8 @@ class DETR(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = build_backbone(config.backbone, dilation=config.dilation,
-                                       pretrained=config.backbone_pretrained)
+                                       pretrained=config.backbone_pretrained,
+                                       timm_kwargs=config.backbone_kwargs)
         self.position_encoding = SinePositionEncoding(
             config.hidden_dim // 2, temperature=config.position_temperature,
             normalize=config.position_normalize,

@@ -89,12 +89,17 @@ DEFAULTS: dict[str, Any] = {
 # ==========================================================================================
 # configuration
 # ==========================================================================================
+# Sections whose keys are not checked here (DetrConfig fields, augmentation options): a file or
+# `--set section={...}` replaces the whole mapping; `--set section.a.b=v` sets one entry in it.
+FREE_FORM_SECTIONS = ("model_overrides", "augment")
+
+
 def _merge(base: dict[str, Any], update: dict[str, Any], where: str) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in update.items():
         if key not in base:
             raise ValueError(f"{where}: unknown config key {key!r}; known: {sorted(base)}")
-        if isinstance(base[key], dict) and key not in ("model_overrides", "augment"):
+        if isinstance(base[key], dict) and key not in FREE_FORM_SECTIONS:
             if not isinstance(value, dict):
                 raise ValueError(f"{where}: {key!r} must be a mapping")
             out[key] = _merge(base[key], value, f"{where}: {key}")
@@ -114,8 +119,19 @@ def apply_override(config: dict[str, Any], assignment: str) -> dict[str, Any]:
             value = float(value)
         except ValueError:
             pass
+    parts = key.strip().split(".")
+    if parts[0] in FREE_FORM_SECTIONS and len(parts) > 1:
+        # one entry inside a free-form section: earlier --set entries and the file's stay
+        out = copy.deepcopy(config)
+        node = out[parts[0]]
+        for part in parts[1:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+        return out
     update: dict[str, Any] = value
-    for part in reversed(key.strip().split(".")):
+    for part in reversed(parts):
         update = {part: update}
     return _merge(config, update, f"--set {assignment}")
 
