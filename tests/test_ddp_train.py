@@ -7,7 +7,6 @@ import os
 import socket
 from pathlib import Path
 
-import torch
 import torch.multiprocessing as mp
 
 from detection.data.synthetic import SynthConfig, generate_dataset

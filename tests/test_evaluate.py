@@ -16,6 +16,8 @@ from pycocotools.cocoeval import COCOeval
 from detection.cli import main
 from detection.engine import evaluate as E
 from detection.engine.subsets import GroundTruthError, SubsetSpec, load_coco_gt, select_subset
+from detection.render.colors import class_color
+from detection.render.plot import draw_pr_plot
 
 CATEGORIES = [{"id": 1, "name": "square"}, {"id": 3, "name": "traffic light"}, {"id": 7, "name": "disc"}]
 
@@ -301,10 +303,10 @@ def test_outputs_markdown_and_pr_curves(dataset, tmp_path):
 
 def test_draw_pr_plot_places_points():
     recall = np.linspace(0, 1, 101)
-    image = E.draw_pr_plot([("flat", recall, np.full(101, 0.5))], "t", size=(520, 720))
+    image = draw_pr_plot([("flat", recall, np.full(101, 0.5))], "t", size=(520, 720))
     # precision 0.5 -> the horizontal line sits halfway between the plot's top (40) and bottom (460)
     row = image[250, 300]
-    assert tuple(row) == E._PALETTE[0]
+    assert tuple(row) == class_color(0) == (31, 119, 180)
 
 
 def test_class_mapping_by_name_map_file_and_errors(tmp_path):

@@ -28,11 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import cv2
 import numpy as np
 
 from detection.engine.subsets import GroundTruthError, Subset, SubsetSpec, load_coco_gt, select_subset
-from detection.io import read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+from detection.io import read_json, write_json_atomic, write_text_atomic
+from detection.render.overlay import write_image
+from detection.render.plot import draw_pr_plot
 
 BBOX_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 DEFAULT_LAYERS = ("last", "mean", "rollout")
@@ -363,64 +364,8 @@ def map_classes(
 
 
 # ==========================================================================================
-# PR curves (OpenCV only)
+# PR curves (drawn by detection.render.plot)
 # ==========================================================================================
-_PALETTE = [  # RGB, distinguishable on white
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-]
-
-
-def draw_pr_plot(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], title: str, size: tuple[int, int] = (520, 720)) -> np.ndarray:
-    """RGB uint8 (H, W, 3) plot of precision (y) against recall (x), both in [0, 1].
-
-    curves: (label, recall (R,), precision (R,)); points with precision < 0 (undefined) are skipped.
-    """
-    height, width = size
-    canvas = np.full((height, width, 3), 255, np.uint8)
-    left, right, top, bottom = 70, width - 20, 40, height - 60
-    font = cv2.FONT_HERSHEY_SIMPLEX
-
-    def to_px(x: float, y: float) -> tuple[int, int]:
-        return int(round(left + x * (right - left))), int(round(bottom - y * (bottom - top)))
-
-    for tick in np.linspace(0, 1, 6):
-        x, _ = to_px(tick, 0)
-        _, y = to_px(0, tick)
-        cv2.line(canvas, (x, top), (x, bottom), (225, 225, 225), 1)
-        cv2.line(canvas, (left, y), (right, y), (225, 225, 225), 1)
-        cv2.putText(canvas, f"{tick:.1f}", (x - 12, bottom + 20), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-        cv2.putText(canvas, f"{tick:.1f}", (left - 38, y + 5), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.rectangle(canvas, (left, top), (right, bottom), (0, 0, 0), 1)
-    cv2.putText(canvas, "recall", ((left + right) // 2 - 25, height - 20), font, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(canvas, "precision", (5, top - 12), font, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(canvas, title, (left + 90, top - 12), font, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
-    for index, (label, recall, precision) in enumerate(curves):
-        colour = _PALETTE[index % len(_PALETTE)]
-        valid = np.asarray(precision) >= 0
-        points = np.array([to_px(r, p) for r, p in zip(np.asarray(recall)[valid], np.asarray(precision)[valid])], np.int32)
-        if len(points) >= 2:
-            cv2.polylines(canvas, [points.reshape(-1, 1, 2)], False, colour, 2, cv2.LINE_AA)
-    # legend bottom-left (low recall, low precision: the corner PR curves rarely visit), boxed
-    if curves:
-        legend_top = bottom - 10 - 20 * len(curves)
-        cv2.rectangle(canvas, (left + 8, legend_top - 8), (left + 300, bottom - 6), (255, 255, 255), -1)
-        cv2.rectangle(canvas, (left + 8, legend_top - 8), (left + 300, bottom - 6), (160, 160, 160), 1)
-        for index, (label, _, _) in enumerate(curves):
-            colour = _PALETTE[index % len(_PALETTE)]
-            legend_y = legend_top + 12 + 20 * index
-            cv2.line(canvas, (left + 16, legend_y - 5), (left + 41, legend_y - 5), colour, 3)
-            cv2.putText(canvas, label[:34], (left + 48, legend_y), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    return canvas
-
-
-def write_png(path: str | Path, image_rgb: np.ndarray) -> None:
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise RuntimeError(f"cv2 could not encode {path}")
-    write_bytes_atomic(path, encoded.tobytes())
-
-
 def write_pr_curves(evaluation: BboxEvaluation, names: dict[int, str], out_dir: Path, max_categories: int = 10) -> list[Path]:
     """pr_curve.png (IoU .50, .75, mean over .50:.95; mean over categories with GT) and
     pr_per_category.png (IoU .50, the first `max_categories` categories with GT, in id order)."""
@@ -444,13 +389,13 @@ def write_pr_curves(evaluation: BboxEvaluation, names: dict[int, str], out_dir: 
          category_mean(np.where(precision > -1, precision, np.nan).mean(axis=0))),
     ]
     paths = [out_dir / "pr_curve.png", out_dir / "pr_per_category.png"]
-    write_png(paths[0], draw_pr_plot(overall, "precision-recall (all categories)"))
+    write_image(paths[0], draw_pr_plot(overall, "precision-recall (all categories)"))
     per_category = [
         (f"{names[c]} (AP50 {_mean_valid(precision[at50][0][:, k]):.3f})", recall_points, precision[at50][0][:, k])
         for k, c in enumerate(evaluation.category_ids)
         if (precision[at50][0][:, k] > -1).any()
     ][:max_categories]
-    write_png(paths[1], draw_pr_plot(per_category, "per category, IoU 0.50"))
+    write_image(paths[1], draw_pr_plot(per_category, "per category, IoU 0.50"))
     return paths
 
 

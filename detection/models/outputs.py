@@ -9,7 +9,7 @@ Conventions shared by every consumer (maps, metrics, rendering):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
