@@ -8,8 +8,9 @@ very same weights to our model with detection.models.convert.hf_to_native, and t
   * HF DetrForObjectDetection fp32 (its default attention path, no attention output);
   * ours fp32 as built (no BN folding, NCHW) and the fast path (BN folded, channels_last),
     bf16 fast path (bf16 ResNet body, autocast transformer, fp32 heads), each without and
-    with attention maps, and the bf16 ResNet-50 body alone (the floor under the bf16 figures) (decoder cross-attention of the top detections mapped to image
+    with attention maps (decoder cross-attention of the top detections mapped to image
     pixels with detection.attention.maps.detection_maps);
+  * the bf16 ResNet-50 body alone (the floor under every bf16 figure);
   * drawing one overlay at 800x1066 (combined, and one detection), PNG encoding apart;
   * agreement: fp32 vs HF, bf16 vs fp32 (max |box| in pixels, max |logit|, same top queries).
     With random weights the decoder gives nearly the same score to every query (the printed
@@ -174,11 +175,9 @@ def ours_runner(engine: InferenceModel, images: torch.Tensor, maps: str, top_k: 
 
 def body_only_runner(engine: InferenceModel, images: torch.Tensor):
     """The engine's prepared CNN body alone (normalised input, as the model feeds it)."""
-    body = engine.model.backbone.body
-    config = engine.config
-    mean = torch.tensor(config.image_mean, device=engine.device).view(1, 3, 1, 1)
-    std = torch.tensor(config.image_std, device=engine.device).view(1, 3, 1, 1)
-    normalised = (images.to(engine.device) - mean) / std
+    model = engine.model
+    body = model.backbone.body
+    normalised = (images.to(engine.device) - model.image_mean) / model.image_std
 
     @torch.inference_mode()
     def run():
@@ -193,13 +192,13 @@ def agreement(reference: dict, other: dict, top_k: int) -> dict[str, Any]:
               * torch.tensor([WIDTH, HEIGHT, WIDTH, HEIGHT])).max().item()
     logit = (reference["pred_logits"] - other["pred_logits"]).abs().max().item()
 
-    def top(outputs):
-        scores = outputs["pred_logits"].softmax(-1)[..., :-1].max(-1).values[0]
-        return torch.argsort(scores, descending=True)[:top_k].tolist()
+    def ranked(outputs):  # (best object-class score per query, sorted descending; query order)
+        return outputs["pred_logits"].softmax(-1)[..., :-1].max(-1).values[0].sort(descending=True)
 
-    scores = reference["pred_logits"].softmax(-1)[..., :-1].max(-1).values[0].sort(descending=True).values
-    return {"max_box_px": box_px, "max_logit": logit, "same_top_queries": top(reference) == top(other),
-            "same_top_queries_as_set": set(top(reference)) == set(top(other)),
+    scores, reference_order = ranked(reference)
+    top_reference, top_other = reference_order[:top_k].tolist(), ranked(other).indices[:top_k].tolist()
+    return {"max_box_px": box_px, "max_logit": logit, "same_top_queries": top_reference == top_other,
+            "same_top_queries_as_set": set(top_reference) == set(top_other),
             "reference_top_score_gap": float(scores[top_k - 1] - scores[top_k]) if len(scores) > top_k else None,
             "reference_top_scores": [round(float(v), 4) for v in scores[:top_k]]}
 

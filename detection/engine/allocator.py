@@ -7,8 +7,9 @@ stage-1 activation is 256 x 200 x 267 x 2 bytes = 27 MB). `retain_freed_memory()
 `M_MMAP_MAX = 0` (every block from the heap) and a very large `M_TRIM_THRESHOLD` (freed heap
 memory is kept), so from the second batch on the same memory is reused without faults.
 
-Measured with `scripts/bench.py` (see README): about 12 % less time per image for the bf16
-engine on the 2-vCPU development machine. The cost: the process keeps its peak heap size until
+Measured with `scripts/bench.py --threads 2` against `DETR_ATTN_MALLOC=default` on the 2-vCPU
+development machine (README, Speed): DETR-R50 bf16 with maps 0.291 -> 0.265 s/img, fp32
+0.593 -> 0.482 s/img, HF fp32 1.136 -> 0.635 s/img. The cost: the process keeps its peak heap size until
 it exits, which is what a batch-inference process wants anyway.
 
 Opt out with the environment variable `DETR_ATTN_MALLOC=default`. Elsewhere than glibc (macOS,

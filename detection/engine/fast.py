@@ -13,7 +13,8 @@ caller's model (it works on a deep copy) and always returns float32 outputs:
   not rounded to 8 mantissa bits (a 2^-9 error in a normalised coordinate is ~2 px at 1066 px).
   ViT bodies are not converted (autocast only).
 * CPU memory: the first InferenceModel on the CPU calls `allocator.retain_freed_memory()`
-  (glibc keeps freed activations for reuse; about 12 % faster per image, see allocator.py).
+  (glibc keeps freed activations for reuse instead of page-faulting them in again; figures
+  in allocator.py).
 * compile: `torch.compile` of the CNN body with inductor's weight freezing (static shapes:
   it recompiles for each new input size, so use it for fixed-size inputs or exact batching
   of same-size images; the first call of each size takes seconds to minutes).
