@@ -119,3 +119,24 @@ def test_fine_tuning_replaces_only_the_class_head_and_can_freeze_the_backbone(tm
             assert torch.equal(value, kept[name]), name
     assert all(not p.requires_grad for p in model.backbone.parameters())
     assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("backbone."))
+
+
+def test_fine_tuning_at_another_input_size_keeps_the_weights_and_stores_the_size(tmp_path):
+    torch.manual_seed(0)
+    source = build_model(_tiny_model_config())
+    save_model(source.eval(), tmp_path / "source", source="test")
+    label_map = LabelMap(tuple(source.config.category_ids), tuple(source.config.class_names))
+    base = ["data.train_images=a", "data.train_annotations=b", f"init={tmp_path / 'source'}"]
+    config = load_train_config(TINY, base + ["model_overrides={min_size: 96, max_size: 144}"])
+    model = build_training_model(config, label_map)
+    assert (model.config.min_size, model.config.max_size) == (96, 144)
+    assert source.config.min_size != 96
+    kept = source.state_dict()
+    for name, value in inference_copy(model).state_dict().items():
+        assert torch.equal(value, kept[name]), name
+    save_model(inference_copy(model).eval(), tmp_path / "tuned", source="test")
+    assert load_model(tmp_path / "tuned").config.min_size == 96
+
+    config = load_train_config(TINY, base + ["model_overrides={min_size: 96, hidden_dim: 64}"])
+    with pytest.raises(ValueError, match=r"\['hidden_dim'\].*only \['min_size', 'max_size'\]"):
+        build_training_model(config, label_map)

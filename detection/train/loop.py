@@ -92,6 +92,9 @@ DEFAULTS: dict[str, Any] = {
 # Sections whose keys are not checked here (DetrConfig fields, augmentation options): a file or
 # `--set section={...}` replaces the whole mapping; `--set section.a.b=v` sets one entry in it.
 FREE_FORM_SECTIONS = ("model_overrides", "augment")
+# DetrConfig fields that `model_overrides` may change on top of `init` weights: the inference
+# resize rule (shorter side -> min_size, longer <= max_size), stored with the fine-tuned model.
+PREPROCESSING_FIELDS = ("min_size", "max_size")
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any], where: str) -> dict[str, Any]:
@@ -212,8 +215,12 @@ def build_training_model(config: dict[str, Any], label_map: LabelMap) -> nn.Modu
         else:
             model = load_model(init)
         overrides = dict(config.get("model_overrides") or {})
-        if overrides:
-            raise ValueError("model_overrides cannot change the architecture of `init` weights")
+        architecture = sorted(set(overrides) - set(PREPROCESSING_FIELDS))
+        if architecture:
+            raise ValueError(f"model_overrides {architecture} would change the architecture of `init` "
+                             f"weights; with `init` only {list(PREPROCESSING_FIELDS)} may change")
+        if overrides:  # e.g. fine-tuning at a larger input size: the weights do not depend on it
+            model.config = model.config.replace(**overrides)
         if list(model.config.category_ids) != list(label_map.category_ids):
             log.info("replacing the class head: %d -> %d classes", model.config.num_classes, label_map.num_classes)
             replace_class_head(model, list(label_map.class_names), list(label_map.category_ids))
