@@ -8,7 +8,6 @@ that fails becomes a sample with `error` set; the batch goes on without it.
 from __future__ import annotations
 
 import multiprocessing
-
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 

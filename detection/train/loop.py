@@ -53,7 +53,8 @@ log = logging.getLogger("detection.train")
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "model": "detr-tiny",          # configs/models/NAME.yaml or a YAML path (architecture)
-    "model_overrides": {},         # DetrConfig fields changed on top of `model`
+    "model_overrides": {},         # DetrConfig fields changed on top of `model` (on top of `init`
+                                   # weights: only PREPROCESSING_FIELDS)
     "init": None,                  # start from weights: a native folder, "demo", an authors' .pth,
                                    # an HF folder, a published name, or a training checkpoint .pt
     "freeze_backbone": False,
