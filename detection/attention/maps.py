@@ -38,6 +38,7 @@ from detection.attention.aggregate import (
     reduce_layers,
     self_relevance,
 )
+from detection.attention.sampled import sampled_cell_maps
 from detection.io import atomic_path
 from detection.models.outputs import AttentionRecord
 from detection.structures import Detections
@@ -66,8 +67,8 @@ def valid_feature_size(feature_padding_mask: torch.Tensor) -> tuple[int, int]:
 
 
 def _image_geometry(attention: AttentionRecord, image_index: int) -> tuple[int, int, int, int]:
-    """(hv, wv, h_in, w_in) of one image, validated against the stride."""
-    batch = int(attention.decoder_cross.shape[1])
+    """(hv, wv, h_in, w_in) of one image, validated against the stride (level 0's if sampled)."""
+    batch = attention.batch_size
     if not 0 <= int(image_index) < batch:
         raise ValueError(f"image_index {image_index} out of range for a batch of {batch}")
     stride = int(attention.feature_stride)
@@ -196,12 +197,17 @@ def query_cell_maps(
 ) -> torch.Tensor:
     """Aggregated cross-attention of the chosen queries over the valid cells: (N, hv, wv) float32.
 
-    This is the feature-resolution map (e.g. for Chefer et al.'s segmentation protocol);
-    `detection_maps` maps it to image pixels. layers="rollout" uses `decoder_rollout` with the
+    THE function from either kind of record to per-query cell maps. This is the
+    feature-resolution map (e.g. for Chefer et al.'s segmentation protocol); `detection_maps`
+    maps it to image pixels. Dense kind: layers="rollout" uses `decoder_rollout` with the
     record's decoder self-attention and encoder self-attention (via `self_relevance`) when the
-    record carries them, and plain cross-attention terms otherwise.
+    record carries them, and plain cross-attention terms otherwise. Sampled kind: the points
+    are splatted onto the finest level's grid (`detection.attention.sampled`; no rollout).
     """
     valid_h, valid_w, _, _ = _image_geometry(attention, image_index)
+    if attention.kind == "sampled":
+        index = _check_queries(query_index, attention.num_queries)
+        return sampled_cell_maps(attention.decoder_cross_sampled, image_index, index, (valid_h, valid_w), heads, layers)
     cross = attention.decoder_cross[:, image_index].float().cpu()  # (L, heads, Q, h, w)
     if cross.ndim != 5:
         raise ValueError(f"decoder_cross must be (L, B, heads, Q, h, w), got {tuple(attention.decoder_cross.shape)}")
@@ -319,6 +325,9 @@ def map_metadata(
         "normalize": normalize,
         "interpolation": interpolation,
     }
+    if attention.kind == "sampled":
+        meta["attention_kind"] = "sampled"
+        meta["level_strides"] = list(attention.decoder_cross_sampled.level_strides)
     if layers == "rollout":
         meta["rollout"] = "chefer2021-raw" + (
             "+decoder_self" if attention.decoder_self is not None else ""
