@@ -252,3 +252,11 @@ def test_accumulator_hand_made_image():
         part.add_image(1, size, det_boxes[k : k + 1], scores[k : k + 1], cats[k : k + 1], {"inside": inside[k : k + 1], "uniform": uniform[k : k + 1]}, dataset["annotations"])
         merged.merge(part.state())
     assert merged.summarize(dataset, [1], [1, 2]) == summary
+
+
+def test_mask_ap_lives_in_its_own_module_and_metrics_uses_that_one():
+    from detection.attention import mask_ap as mask_ap_module
+
+    assert M.mask_ap is mask_ap_module.mask_ap
+    assert mask_ap_module.EXPLANATION_IOU_THRESHOLDS[0] == pytest.approx(0.2)
+    assert len(mask_ap_module.EXPLANATION_IOU_THRESHOLDS) == 16

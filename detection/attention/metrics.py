@@ -4,13 +4,12 @@ All maps are float (H, W) in ORIGINAL image pixels (pixel (y, x) covers [x, x+1)
 boxes are xyxy in the same pixels. Metrics (D-RISE / Chefer et al. 2021 protocols):
   * pointing game: the map's maximum lies inside the matched GT mask (box when no mask);
   * energy-based pointing game: share of the (non-negative) map mass inside the GT region;
-  * mask AP of explanations: min-max -> uint8 -> Otsu -> binary mask -> COCO segm AP;
+  * mask AP of explanations: min-max -> uint8 -> Otsu -> binary mask -> COCO segm AP
+    (scored by `detection.attention.mask_ap`);
   * deletion / insertion curves: detection score as the most salient pixels are removed / added.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -18,11 +17,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-# Chefer et al. lower the COCO IoU thresholds to 0.2 because explanation masks are coarse.
-# The 0.5..0.95 part is built exactly like pycocotools' default array, so the standard
-# (0.5:0.95) mask AP read from these rows is bit-identical to a separate default run.
-STANDARD_IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
-EXPLANATION_IOU_THRESHOLDS = np.concatenate([np.linspace(0.2, 0.45, 6), STANDARD_IOU_THRESHOLDS])
+from detection.attention.mask_ap import mask_ap
+
 GAUSSIAN_BASELINE = "gaussian-baseline"
 
 
@@ -271,76 +267,6 @@ def perturbation_curve(
         scores.extend(out.tolist())
     scores_arr = np.asarray(scores)
     return Curve(fractions=fractions, scores=scores_arr, auc=float(np.trapezoid(scores_arr, fractions)))
-
-
-# ------------------------------------------------------------------------------------------
-# mask AP of explanations (COCO segm AP via pycocotools)
-# ------------------------------------------------------------------------------------------
-def _quiet_coco(dataset: dict[str, Any]):
-    from pycocotools.coco import COCO
-
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
-def _gt_with_segmentation(gt_dataset: dict[str, Any]) -> dict[str, Any]:
-    """GT copy where annotations without a segmentation get their box as a polygon."""
-    annotations = []
-    for ann in gt_dataset["annotations"]:
-        if not ann.get("segmentation"):
-            x, y, w, h = ann["bbox"]
-            ann = dict(ann, segmentation=[[x, y, x, y + h, x + w, y + h, x + w, y]])
-        annotations.append(ann)
-    return dict(gt_dataset, annotations=annotations)
-
-
-def mask_ap(
-    gt_dataset: dict[str, Any],
-    mask_results: list[dict[str, Any]],
-    image_ids: Sequence[int],
-    category_ids: Sequence[int],
-) -> dict[str, float]:
-    """COCO segm AP of explanation masks.
-
-    mask_results: [{"image_id", "category_id", "segmentation": RLE, "score"}].
-    Returns mask_ap (IoU 0.2:0.95, Chefer et al.), mask_ap_standard (0.5:0.95), mask_ap50,
-    each the mean of COCO precision (area "all", 100 detections) over categories with GT and
-    over the thresholds; -1 when no category has GT in the subset (COCO's convention).
-    Empty results are scored properly (all 0 where GT exists) instead of crashing loadRes([]).
-    """
-    from pycocotools.cocoeval import COCOeval
-
-    gt = _quiet_coco(_gt_with_segmentation(gt_dataset))
-    if mask_results:
-        with contextlib.redirect_stdout(io.StringIO()):
-            dt = gt.loadRes([dict(r) for r in mask_results])
-    else:
-        dt = _quiet_coco(
-            {"images": list(gt_dataset["images"]), "categories": list(gt_dataset["categories"]), "annotations": []}
-        )
-    evaluator = COCOeval(gt, dt, iouType="segm")
-    evaluator.params.imgIds = list(image_ids)
-    evaluator.params.catIds = list(category_ids)
-    evaluator.params.iouThrs = EXPLANATION_IOU_THRESHOLDS.copy()
-    with contextlib.redirect_stdout(io.StringIO()):
-        evaluator.evaluate()
-        evaluator.accumulate()
-    # precision: (T, R, K, A, M); area "all" = 0, maxDets 100 = last
-    precision = evaluator.eval["precision"][:, :, :, 0, -1]
-
-    def mean_valid(rows: np.ndarray) -> float:
-        valid = rows[rows > -1]
-        return float(valid.mean()) if valid.size else -1.0
-
-    standard_rows = np.isin(evaluator.params.iouThrs, STANDARD_IOU_THRESHOLDS)
-    return {
-        "mask_ap": mean_valid(precision),
-        "mask_ap_standard": mean_valid(precision[standard_rows]),
-        "mask_ap50": mean_valid(precision[evaluator.params.iouThrs == STANDARD_IOU_THRESHOLDS[0]]),
-    }
 
 
 # ------------------------------------------------------------------------------------------
