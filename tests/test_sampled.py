@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detection.attention.maps import detection_maps, map_metadata, query_cell_maps
+from detection.attention.maps import detection_maps, encoder_point_maps, map_metadata, query_cell_maps
 from detection.attention.sampled import splat_points, target_coordinates
 from detection.models.outputs import AttentionRecord, SampledAttention
 
@@ -327,3 +327,9 @@ def test_keep_last_layer_of_both_kinds():
     assert last.decoder_cross_sampled.weights.shape[0] == 1
     assert torch.equal(last.decoder_cross_sampled.locations, sampled.decoder_cross_sampled.locations[-1:])
     assert torch.equal(cells(last), cells(sampled))
+
+
+def test_encoder_point_maps_say_they_need_a_dense_record():
+    record = sampled_record({}, [(32, 32)], (8,))
+    with pytest.raises(ValueError, match="dense record"):
+        encoder_point_maps(record, 0, [(4.0, 4.0)], (32, 32))

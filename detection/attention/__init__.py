@@ -1,1 +1,1 @@
-"""Attention -> saliency: maps in image coordinates, aggregation (heads, layers, rollout), metrics."""
+"""Attention -> saliency: maps in image coordinates (dense or sampled attention), aggregation (heads, layers, rollout), metrics."""

@@ -1,6 +1,7 @@
 """Attention -> saliency maps in original-image pixels: the ONLY place a map is resized.
 
-Geometry (see `detection/models/outputs.py` for the record's conventions):
+Geometry (see `detection/models/outputs.py` for the record's conventions; for sampled attention
+the grid is the finest level's, onto which `detection.attention.sampled` splats the points):
 
 1. Crop padding. The valid feature cells of image b are the top-left (hv, wv) block where
    `feature_padding_mask[b]` is False (checked to be such a block). Everything else is dropped
@@ -241,7 +242,8 @@ def detection_maps(
 ) -> np.ndarray:
     """Per-detection saliency in original-image pixels: (N, H, W) float32.
 
-    attention: record of a (padded) batch; image_index picks the image.
+    attention: record of a (padded) batch, either kind (dense or sampled); image_index picks
+    the image. Cells come from `query_cell_maps`, pixels from `cells_to_image`.
     query_index: (N,) decoder query of each detection (`Detections.query_index`).
     original_size: (H, W) of the original image (`Detections.image_size`).
     heads / layers: see `detection.attention.aggregate`; normalize: per map, after mapping.
@@ -257,6 +259,8 @@ def _valid_encoder_attention(
     attention: AttentionRecord, image_index: int, heads: HeadChoice, valid_h: int, valid_w: int
 ) -> torch.Tensor:
     """(L, K, K) head-aggregated encoder self-attention restricted to the valid cells."""
+    if attention.kind == "sampled":
+        raise ValueError("encoder self-attention maps need a dense record; this record's attention is sampled (deformable)")
     if attention.encoder_self is None:
         raise ValueError("the attention record has no encoder self-attention (run the model with encoder_attention=True)")
     encoder = attention.encoder_self[:, image_index].float().cpu()  # (L, heads, h*w, h*w)
