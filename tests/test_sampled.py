@@ -333,3 +333,20 @@ def test_encoder_point_maps_say_they_need_a_dense_record():
     record = sampled_record({}, [(32, 32)], (8,))
     with pytest.raises(ValueError, match="dense record"):
         encoder_point_maps(record, 0, [(4.0, 4.0)], (32, 32))
+
+
+def test_from_layers_stacks_the_deformable_detr_layout():
+    generator = torch.Generator().manual_seed(3)
+    # per layer, HF / Deformable DETR order: (B, Q, heads, levels, points[, 2])
+    locations = [torch.rand(2, 5, 4, 3, 2, 2, generator=generator, dtype=torch.float64) for _ in range(3)]
+    weights = [torch.rand(2, 5, 4, 3, 2, generator=generator) for _ in range(3)]
+    sizes = torch.tensor([[8, 12], [4, 6], [2, 3]])
+    sampled = SampledAttention.from_layers(locations, weights, sizes, (8, 16, 32))
+    assert sampled.locations.shape == (3, 2, 4, 5, 3, 2, 2) and sampled.locations.dtype == torch.float32
+    assert sampled.weights.shape == (3, 2, 4, 5, 3, 2)
+    # layer 2, image 1, head 3, query 4 is the per-layer tensor's [1, 4, 3]
+    assert torch.equal(sampled.locations[2, 1, 3, 4], locations[2][1, 4, 3].float())
+    assert torch.equal(sampled.weights[2, 1, 3, 4], weights[2][1, 4, 3])
+    assert sampled.level_sizes == ((8, 12), (4, 6), (2, 3)) and sampled.level_strides == (8, 16, 32)
+    with pytest.raises(ValueError, match="same"):
+        SampledAttention.from_layers(locations, weights[:2], sizes, (8, 16, 32))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -73,6 +73,29 @@ class SampledAttention:
             raise ValueError(f"level sizes {self.level_sizes} and strides {self.level_strides} must be positive")
         if self.level_strides[0] != min(self.level_strides):
             raise ValueError(f"level 0 must be the finest level, got strides {self.level_strides}")
+
+    @classmethod
+    def from_layers(
+        cls,
+        locations: Sequence[torch.Tensor],
+        weights: Sequence[torch.Tensor],
+        level_sizes: torch.Tensor | Sequence[Sequence[int]],
+        level_strides: Sequence[int],
+    ) -> "SampledAttention":
+        """Stack per-decoder-layer tensors in Deformable DETR's / HF's layout (query before head).
+
+        locations: one (B, Q, heads, levels, points, 2) tensor per layer (`sampling_locations`);
+        weights: one (B, Q, heads, levels, points) tensor per layer (softmaxed
+        `attention_weights`). Stored as float32 (L, B, heads, Q, levels, points[, 2]).
+        """
+        if len(locations) != len(weights) or not locations:
+            raise ValueError(f"{len(locations)} layers of locations and {len(weights)} of weights: need the same, >= 1")
+        return cls(
+            locations=torch.stack([layer.float().transpose(1, 2) for layer in locations]),
+            weights=torch.stack([layer.float().transpose(1, 2) for layer in weights]),
+            level_sizes=level_sizes,
+            level_strides=level_strides,
+        )
 
     @property
     def batch_size(self) -> int:
