@@ -18,10 +18,11 @@ from PIL import Image
 from detection.cli import main as cli_main
 from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch
+from detection.engine.journal import read_journal, repair_journal
 from detection.engine.planning import plan_batches, probe_sizes, shard_plan
-from detection.engine.predict import Predictor, detection_record
+from detection.engine.outputs import detection_record
+from detection.engine.predictor import Predictor
 from detection.engine.sources import expand_sources
-from detection.engine.writers import read_journal, repair_journal
 from detection.models.registry import build_model, save_model
 from detection.postprocess import postprocess
 
@@ -124,8 +125,8 @@ def test_exact_batching_equals_single(tmp_path: Path, tiny_model) -> None:
     from detection.attention.maps import detection_maps
 
     paths = [str(p) for p in _write_images(tmp_path, [(120, 160)] * 4 + [(100, 150)] * 2, seed=5)]
-    single = {r.item.key: r for r in Predictor(tiny_model, batch_size=1, score_threshold=0.0, attention=True).run(paths)}
-    batched = {r.item.key: r for r in Predictor(tiny_model, batch_size=4, score_threshold=0.0, attention=True).run(paths)}
+    single = {r.item.key: r for r in Predictor(tiny_model, batch_size=1, score_threshold=0.0, cross_attention=True).run(paths)}
+    batched = {r.item.key: r for r in Predictor(tiny_model, batch_size=4, score_threshold=0.0, cross_attention=True).run(paths)}
     assert single.keys() == batched.keys() and len(single) == 6
     for key, one in single.items():
         many = batched[key]
@@ -146,8 +147,8 @@ def test_padded_batching_close_to_single(tmp_path: Path, tiny_model) -> None:
 
     sizes = [(120, 160), (120, 170), (118, 160), (100, 150), (120, 180), (90, 160)]
     paths = [str(p) for p in _write_images(tmp_path, sizes, seed=7)]
-    single = {r.item.key: r for r in Predictor(tiny_model, batch_size=1, score_threshold=0.0, attention=True).run(paths)}
-    padded_predictor = Predictor(tiny_model, batch_size=6, batching="padded", score_threshold=0.0, attention=True)
+    single = {r.item.key: r for r in Predictor(tiny_model, batch_size=1, score_threshold=0.0, cross_attention=True).run(paths)}
+    padded_predictor = Predictor(tiny_model, batch_size=6, batching="padded", score_threshold=0.0, cross_attention=True)
     padded = {r.item.key: r for r in padded_predictor.run(paths)}
     padded_inputs = {tuple(r.attention.input_size) for r in padded.values()}
     assert len(padded_inputs) == 1  # one padded batch

@@ -14,7 +14,6 @@ Objects are drawn back to front; boxes, areas and polygons describe the VISIBLE 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -24,17 +23,19 @@ from typing import Any
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from detection.io import write_bytes_atomic, write_text_atomic
+from detection.render.overlay import encode_image
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: Shape classes; COCO category id = index + 1.
 CLASS_NAMES: tuple[str, ...] = ("circle", "triangle", "square", "star", "cross")
 
 # Sub-pixel precision for cv2 polygon filling (coordinates are scaled by 2**_SHIFT).
 _SHIFT = 4
-_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 3]
+_PNG_COMPRESSION = 3  # zlib level of the written PNGs (part of the byte-identical output)
 
 
 @dataclass(frozen=True)
@@ -352,19 +353,11 @@ def generate_split(out_dir: str | Path, split: str, count: int, seed: int, confi
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     next_ann_id = 1  # COCO: annotation id 0 breaks pycocotools matching
-    indices = range(count)
-    if progress:
-        from tqdm import tqdm
-
-        indices = tqdm(indices, desc=f"synth {split}", unit="img")
-    for index in indices:
+    for index in tqdm(range(count), desc=f"synth {split}", unit="img", disable=not progress):
         rng = image_rng(seed, split, index)
         image, objects = render_image(config, rng)
         file_name = f"{index:06d}.png"
-        ok, encoded = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), _PNG_PARAMS)
-        if not ok:
-            raise RuntimeError(f"cv2 could not encode {image_dir / file_name}")
-        write_bytes_atomic(image_dir / file_name, encoded.tobytes())
+        write_bytes_atomic(image_dir / file_name, encode_image(image, ".png", png_compression=_PNG_COMPRESSION))
         image_id = index + 1
         images.append({"id": image_id, "file_name": file_name, "height": int(image.shape[0]),
                        "width": int(image.shape[1])})
@@ -384,6 +377,7 @@ def generate_split(out_dir: str | Path, split: str, count: int, seed: int, confi
     }
     text = json.dumps(coco, sort_keys=True, separators=(",", ":")) + "\n"
     write_text_atomic(out_dir / "annotations" / f"instances_{split}.json", text)
+    logger.info("wrote %d %s images and their annotations to %s", count, split, out_dir)
     return coco
 
 
@@ -393,38 +387,3 @@ def generate_dataset(out_dir: str | Path, train: int, val: int, seed: int, confi
     for split, count in (("train", train), ("val", val)):
         if count > 0:
             generate_split(out_dir, split, count, seed, config, progress=progress)
-
-
-# ---------------------------------------------------------------------------------------
-# CLI: detr-attn synth
-# ---------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output dataset folder")
-    parser.add_argument("--train", type=int, default=1000, help="number of training images")
-    parser.add_argument("--val", type=int, default=200, help="number of validation images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=SynthConfig.image_size, help="nominal image side (px)")
-    parser.add_argument("--size-jitter", type=float, default=SynthConfig.size_jitter,
-                        help="each side drawn in image_size * [1-j, 1+j]")
-    parser.add_argument("--min-objects", type=int, default=SynthConfig.min_objects)
-    parser.add_argument("--max-objects", type=int, default=SynthConfig.max_objects)
-    parser.add_argument("--difficulty", type=float, default=SynthConfig.difficulty,
-                        help="0 (plain backgrounds, large shapes) .. 1 (clutter, occlusion, small shapes)")
-    parser.add_argument("--min-object-size", type=float, default=None, help="min object extent (px)")
-    parser.add_argument("--max-object-size", type=float, default=None, help="max object extent (px)")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        config = SynthConfig(
-            image_size=args.image_size, size_jitter=args.size_jitter, min_objects=args.min_objects,
-            max_objects=args.max_objects, difficulty=args.difficulty,
-            min_object_size=args.min_object_size, max_object_size=args.max_object_size,
-        )
-    except ValueError as error:
-        print(f"detr-attn synth: {error}")
-        return 2
-    generate_dataset(args.out, args.train, args.val, args.seed, config, progress=not args.no_progress)
-    print(f"wrote {args.train} train + {args.val} val images to {args.out}")
-    return 0

@@ -11,6 +11,7 @@ import multiprocessing
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -19,6 +20,7 @@ from detection.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from detection.data.preprocess import image_to_input
 from detection.engine.planning import PlannedBatch
 from detection.engine.sources import SourceItem
+from detection.render.colors import swap_red_blue
 
 
 @dataclass
@@ -72,8 +74,6 @@ class BatchLoadingDataset(IterableDataset):
 
     def _video_unit(self, batches: list[PlannedBatch]) -> Iterator[LoadedBatch]:
         """Decode one video sequentially (grab() to skip, retrieve() only sampled frames)."""
-        import cv2
-
         path = batches[0].items[0].file
         capture = cv2.VideoCapture(path)
         position = 0  # index of the next frame grab() would return
@@ -95,7 +95,7 @@ class BatchLoadingDataset(IterableDataset):
                     if failure is not None:
                         samples.append(Sample(item, error=f"frame {target} not decoded: {failure}"))
                         continue
-                    rgb = np.ascontiguousarray(frame[..., ::-1]) if frame.ndim == 3 else np.ascontiguousarray(
+                    rgb = swap_red_blue(frame) if frame.ndim == 3 else np.ascontiguousarray(
                         np.repeat(frame[..., None], 3, axis=2))
                     samples.append(self._sample_from_rgb(item, rgb))
                 yield LoadedBatch(batch, samples)
@@ -124,8 +124,6 @@ class BatchLoadingDataset(IterableDataset):
 
 def _worker_init(_: int) -> None:
     # Each worker decodes one image at a time; extra threads would only fight the model.
-    import cv2
-
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
 

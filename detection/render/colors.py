@@ -1,7 +1,7 @@
-"""Colours for rendering: stable class colours, colormaps, and the ONE RGB<->BGR swap.
+"""Colours for rendering: stable class colours, colormaps, and the package's ONE RGB<->BGR swap.
 
-Everything in `detection.render` is RGB. OpenCV's colormaps return BGR and its encoders expect
-BGR; those two crossings go through `swap_red_blue`, and nowhere else.
+The package is RGB throughout; every crossing into OpenCV's BGR (colormaps, encoders, video
+frames) goes through `swap_red_blue`, and nowhere else.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ _PALETTE: tuple[tuple[int, int, int], ...] = (
 
 
 def swap_red_blue(image: np.ndarray) -> np.ndarray:
-    """RGB (H, W, 3) <-> BGR: the only channel-order conversion in the package's rendering."""
+    """RGB (H, W, 3) <-> BGR (a contiguous copy): the only channel-order conversion in the package."""
     return np.ascontiguousarray(image[..., ::-1])
 
 

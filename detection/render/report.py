@@ -1,28 +1,15 @@
-"""`detr-attn report RUN_DIR`: a self-contained HTML page and a multi-page PDF from a predict run.
-
-Reads the run folder laid out in docs/ARCHITECTURE.md (run.json, predictions.jsonl,
-errors.jsonl, overlays/<stem>.png|jpg, overlays/<stem>/det_<k>.png|jpg) and never runs a model.
-The stem is the line's "key" (or "stem") field when present, else found from its "file".
-
-HTML: index of thumbnails, then one section per image (combined overlay, detections table,
-per-detection overlays), model and settings from run.json. Images are embedded as base64 JPEG
-data URIs (downscaled), so the single file opens offline anywhere; `link_images=True` instead
-refers to the run folder's PNGs by relative path (small HTML for big runs; keep the folder
-together). All text is HTML-escaped.
-PDF: a cover page with the settings, then one page per image (more when an image has many
-detections), composed with OpenCV and written by Pillow; `pdf_max_images` bounds its size.
+"""A self-contained HTML page and a multi-page PDF of a predict run folder, read through
+`engine.run_folder.RunReader` (the layout's one owner); never runs a model.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import json
 import os
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import quote
 
@@ -30,6 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from detection.engine.run_folder import RunReader, stem_candidates  # noqa: F401 - stem_candidates re-exported
 from detection.io import write_bytes_atomic, write_text_atomic
 from detection.render.overlay import ascii_text, decode_image, encode_image
 from detection.render.panel import compose_grid, fit_image
@@ -42,7 +30,7 @@ PDF_PAGE = (1169, 827)  # A4 portrait (height, width) at 100 dpi
 PDF_DETECTIONS_PER_PAGE = 9
 
 
-# -- reading the run folder ---------------------------------------------------------------------------
+# -- reading the run folder (through engine.run_folder, the layout's one owner) ----------------------
 @dataclass
 class ImageEntry:
     """One line of predictions.jsonl plus the files the run folder holds for it."""
@@ -70,76 +58,12 @@ class RunContents:
         return sum(len(entry.detections) for entry in self.images)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {number}: not valid JSON ({error.msg})") from error
-            if not isinstance(row, dict):
-                raise ValueError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
-def stem_candidates(file: str) -> list[str]:
-    """Possible run-folder stems of an image path, most specific first.
-
-    The stem is the path relative to its input root, '/' -> '__', extension dropped; the root
-    is not in predictions.jsonl, so every suffix of the path is a candidate.
-    """
-    path = PurePath(file)
-    parts = [part for part in path.with_suffix("").parts if part not in ("", ".", "/", path.anchor)]
-    return ["__".join(parts[i:]) for i in range(len(parts))]
-
-
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def _find_image(stem_path: Path) -> Path | None:
-    """`stem_path` + .png / .jpg / .jpeg, whichever exists (predict writes PNG or JPEG)."""
-    for suffix in _IMAGE_SUFFIXES:
-        candidate = stem_path.with_name(stem_path.name + suffix)
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _resolve_stem(row: dict, run_dir: Path) -> str | None:
-    for key in ("key", "stem"):  # written by the engine (exact, handles "~2" de-duplication)
-        if isinstance(row.get(key), str) and row[key]:
-            return row[key]
-    for candidate in stem_candidates(str(row["file"])):
-        if _find_image(run_dir / "overlays" / candidate) or (run_dir / "overlays" / candidate).is_dir():
-            return candidate
-        if (run_dir / "attention" / f"{candidate}.npz").is_file():
-            return candidate
-    return None
-
-
-def _inside(run_dir: Path, relative: Any) -> Path | None:
-    """A run-relative path from predictions.jsonl, if it names a file inside the run folder."""
-    if not isinstance(relative, str) or not relative:
-        return None
-    path = (run_dir / relative).resolve()
-    return path if path.is_file() and run_dir.resolve() in path.parents else None
-
-
-def _image_entry(row: dict, path: Path, number: int, run_dir: Path) -> ImageEntry:
-    for key in ("file", "detections"):
-        if key not in row:
-            raise ValueError(f"{path} line {number}: missing {key!r}")
-    if not isinstance(row["detections"], list):
-        raise ValueError(f"{path} line {number}: 'detections' must be a list")
-    stem = _resolve_stem(row, run_dir)
+def _image_entry(row: dict, reader: RunReader) -> ImageEntry:
+    stem = reader.image_key(row)
     overlay = per_detection = None
     if stem is not None:
-        overlay = _inside(run_dir, row.get("overlay")) or _find_image(run_dir / "overlays" / stem)
-        per_detection = [_find_image(run_dir / "overlays" / stem / f"det_{k}") for k in range(len(row["detections"]))]
+        overlay = reader.overlay(row, stem)
+        per_detection = reader.detection_overlays(stem, len(row["detections"]))
     return ImageEntry(
         file=str(row["file"]),
         image_id=row.get("image_id"),
@@ -154,36 +78,23 @@ def _image_entry(row: dict, path: Path, number: int, run_dir: Path) -> ImageEntr
 
 def read_run(run_dir: str | os.PathLike) -> RunContents:
     """Parse a predict run folder. Raises FileNotFoundError / ValueError naming the bad file."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: run folder does not exist")
-    predictions = run_dir / "predictions.jsonl"
-    if not predictions.is_file():
-        raise FileNotFoundError(f"{predictions}: missing (is {run_dir} a `detr-attn predict` run folder?)")
+    reader = RunReader(run_dir)
     notes: list[str] = []
-    info: dict = {}
-    run_json = run_dir / "run.json"
-    if run_json.is_file():
-        try:
-            info = json.loads(run_json.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{run_json}: not valid JSON ({error.msg})") from error
-        if not isinstance(info, dict):
-            raise ValueError(f"{run_json}: expected a JSON object")
-    else:
+    info = reader.info()
+    if info is None:
+        info = {}
         notes.append("run.json is missing: model and settings unknown")
     entries: dict[Any, ImageEntry] = {}
-    for number, row in enumerate(_read_jsonl(predictions), start=1):
-        entry = _image_entry(row, predictions, number, run_dir)
+    for row in reader.predictions():
+        entry = _image_entry(row, reader)
         # a resumed run may repeat an image: the last line wins
         entries[entry.image_id if entry.image_id is not None else entry.file] = entry
     images = sorted(entries.values(), key=lambda e: (e.image_id is None, str(type(e.image_id)), e.image_id or 0, e.file))
-    errors_path = run_dir / "errors.jsonl"
-    errors = _read_jsonl(errors_path) if errors_path.is_file() else []
+    errors = reader.errors()
     missing = sum(1 for e in images if e.overlay is None)
     if missing:
         notes.append(f"{missing} image(s) have no overlay in overlays/ (run predict with --overlays)")
-    return RunContents(run_dir=run_dir, info=info, images=images, errors=errors, notes=notes)
+    return RunContents(run_dir=reader.root, info=info, images=images, errors=errors, notes=notes)
 
 
 # -- HTML ---------------------------------------------------------------------------------------------
@@ -476,8 +387,14 @@ def write_report(
 ) -> tuple[Path, Path]:
     """Write `index.html` and `report.pdf` for a predict run (default: RUN_DIR/report/).
 
-    Returns (html_path, pdf_path). link_images: refer to the run's PNGs by relative path
-    instead of embedding them. pdf_max_images: images in the PDF (None/0: all).
+    HTML: index of thumbnails, then one section per image (combined overlay, detections table,
+    per-detection overlays), model and settings from run.json. Images are embedded as base64
+    JPEG data URIs (downscaled), so the single file opens offline anywhere; `link_images=True`
+    instead refers to the run folder's images by relative path (small HTML for big runs; keep
+    the folder together). All text is HTML-escaped.
+    PDF: a cover page with the settings, then one page per image (more when an image has many
+    detections), composed with OpenCV and written by Pillow; `pdf_max_images` bounds its size
+    (None/0: all images). Returns (html_path, pdf_path).
     """
     run = read_run(run_dir)
     out = Path(out_dir) if out_dir is not None else run.run_dir / "report"
@@ -487,31 +404,3 @@ def write_report(
     write_text_atomic(html_path, render_html(run, out, link_images, title))
     write_pdf(run, pdf_path, title, pdf_max_images)
     return html_path, pdf_path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="folder written by `detr-attn predict`")
-    parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
-    parser.add_argument(
-        "--link-images",
-        action="store_true",
-        help="refer to the run's overlay PNGs by relative path instead of embedding them (smaller HTML)",
-    )
-    parser.add_argument(
-        "--pdf-max-images", type=int, default=50, help="images in the PDF (0: all; default 50)"
-    )
-    parser.add_argument("--title", default=None, help="report title")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.pdf_max_images < 0:
-        print("detr-attn report: error: --pdf-max-images must be >= 0", file=sys.stderr)
-        return 2
-    try:
-        html_path, pdf_path = write_report(args.run_dir, args.out, args.link_images, args.pdf_max_images, args.title)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"detr-attn report: error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {html_path}")
-    print(f"wrote {pdf_path}")
-    return 0

@@ -1,4 +1,6 @@
-"""`detr-attn` command line: each verb is a thin call into the module that owns it.
+"""`detr-attn` command line: one module per verb, a thin shell around a library call.
+
+`detection.cli.<verb>` holds the verb's options, messages and exit statuses and nothing else.
 
 Each verb module provides `add_arguments(parser)` and `run(args) -> int` (the exit status).
 Modules are imported only when their verb runs, so `detr-attn --help` stays fast.
@@ -10,12 +12,12 @@ import importlib
 import sys
 
 VERBS: dict[str, tuple[str, str]] = {
-    "predict": ("detection.engine.predict", "detect objects and save detections, attention maps, overlays"),
-    "eval": ("detection.engine.evaluate", "COCO-subset evaluation: pycocotools AP + attention faithfulness"),
-    "train": ("detection.train.loop", "train or fine-tune a DETR model"),
-    "synth": ("detection.data.synthetic", "generate a synthetic COCO-format dataset"),
-    "report": ("detection.render.report", "build an HTML + PDF report from a predict run folder"),
-    "weights": ("detection.models.weights_cli", "list, download, convert and verify checkpoints"),
+    "predict": ("detection.cli.predict", "detect objects and save detections, attention maps, overlays"),
+    "eval": ("detection.cli.eval", "COCO-subset evaluation: pycocotools AP + attention faithfulness"),
+    "train": ("detection.cli.train", "train or fine-tune a DETR model"),
+    "synth": ("detection.cli.synth", "generate a synthetic COCO-format dataset"),
+    "report": ("detection.cli.report", "build an HTML + PDF report from a predict run folder"),
+    "weights": ("detection.cli.weights", "list, download, convert and verify checkpoints"),
 }
 
 
@@ -40,6 +42,3 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     return int(module.run(args) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

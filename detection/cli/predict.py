@@ -1,0 +1,120 @@
+"""`detr-attn predict`: options, messages and exit statuses around `engine.predict_run.run_predict`.
+
+Exit status: 0 every input processed; 1 some inputs could not be processed (listed in
+OUT/errors.jsonl; all others were); 2 usage error (bad option, model not loadable, no inputs,
+OUT holds a run with other settings); 3 the run crashed (rerun the same command to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from detection.data.images import DEFAULT_MAX_PIXELS
+from detection.engine.outputs import OutputOptions
+from detection.engine.predict_run import PredictSettings, PredictUsageError, run_predict
+from detection.runtime.distributed import init_distributed
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 3
+
+
+def _head_choice(text: str):
+    if text in ("mean", "max"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--heads must be mean, max or a head index, got {text!r}") from None
+
+
+def _layer_choice(text: str):
+    if text in ("last", "mean", "rollout"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers must be last, mean, rollout or a layer index, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="*", metavar="IMAGES",
+                        help="image files, folders (recursive), glob patterns, @list.txt files, videos")
+    parser.add_argument("--list", action="append", default=[], metavar="FILE",
+                        help="text file with one path (or folder / glob) per line; repeatable")
+    parser.add_argument("--model", default="demo", help="model name (demo, detr-r50, ...) or native model folder")
+    parser.add_argument("--out", required=True, help="output run folder (created; rerun to resume)")
+    parser.add_argument("--score-threshold", type=float, default=0.7)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="auto = bf16 where the hardware supports it natively, else fp32")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2, help="decoding worker processes (0 = none)")
+    parser.add_argument("--batching", choices=["exact", "padded"], default="exact",
+                        help="exact: only equal input shapes share a batch (results equal to one image at a "
+                             "time); padded: group by aspect ratio and pad (faster on varied sizes)")
+    parser.add_argument("--overlays", action="store_true", help="write overlays/<stem>.png and overlays/<stem>/det_<k>.png")
+    parser.add_argument("--save-attention", action="store_true", help="write attention/<stem>.npz (float16 maps)")
+    parser.add_argument("--heads", type=_head_choice, default="mean", help="mean, max or a head index")
+    parser.add_argument("--layers", type=_layer_choice, default="last", help="last, mean, rollout or a layer index")
+    parser.add_argument("--normalize", choices=["minmax", "percentile", "none"], default="minmax")
+    parser.add_argument("--format", dest="image_format", choices=["png", "jpg"], default="png")
+    parser.add_argument("--video-stride", type=int, default=1, help="keep every k-th video frame")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse images with more pixels (decompression bombs); 0 = no limit")
+    parser.add_argument("--no-fold-bn", action="store_true", help="keep batch norm layers (debugging)")
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the CNN body")
+    parser.add_argument("--writer-threads", type=int, default=2)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard a previous run in --out (only files predict writes)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def settings_from_args(args: argparse.Namespace) -> PredictSettings:
+    """The run's settings from parsed options; ValueError names a bad option."""
+    if args.batch_size < 1 or args.workers < 0 or args.video_stride < 1 or args.writer_threads < 1:
+        raise ValueError("--batch-size, --video-stride, --writer-threads must be >= 1 and --workers >= 0")
+    if not 0.0 <= args.score_threshold < 1.0:
+        raise ValueError(f"--score-threshold must be in [0, 1), got {args.score_threshold}")
+    if not args.inputs and not args.list:
+        raise ValueError("no inputs: give image files, folders, globs, @list.txt or --list FILE")
+    return PredictSettings(
+        inputs=list(args.inputs), out=args.out, model=args.model, list_files=tuple(args.list),
+        score_threshold=args.score_threshold, device=args.device, precision=args.precision,
+        batch_size=args.batch_size, workers=args.workers, batching=args.batching,
+        outputs=OutputOptions(overlays=args.overlays, save_attention=args.save_attention,
+                              image_format=args.image_format, heads=args.heads, layers=args.layers,
+                              normalize=None if args.normalize == "none" else args.normalize),
+        video_stride=args.video_stride, max_pixels=args.max_pixels or None,
+        fold_bn=not args.no_fold_bn, channels_last=not args.no_channels_last, compile=args.compile,
+        writer_threads=args.writer_threads, overwrite=args.overwrite, progress=not args.quiet)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except ValueError as err:
+        print(f"detr-attn predict: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    context = None
+    try:
+        context = init_distributed(backend="gloo")
+        summary = run_predict(settings, context=context)
+    except PredictUsageError as err:
+        print(f"detr-attn predict: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("detr-attn predict: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_CRASH
+    except Exception:  # noqa: BLE001 - report, keep the documented exit status
+        traceback.print_exc()
+        print("detr-attn predict: the run crashed; rerun the same command to resume", file=sys.stderr)
+        return EXIT_CRASH
+    finally:
+        if context is not None:
+            context.close()
+    if not summary.is_main:
+        return EXIT_OK
+    print(f"detr-attn predict: {summary.images} images, {summary.detections} detections, "
+          f"{summary.errors} errors -> {summary.out}", file=sys.stderr)
+    return EXIT_SOME_FAILED if summary.errors else EXIT_OK

@@ -1,0 +1,38 @@
+"""`detr-attn report RUN_DIR`: options, messages and exit statuses around `render.report.write_report`.
+
+Exit status: 0 written; 2 bad option or unreadable run folder.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from detection.render.report import write_report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="folder written by `detr-attn predict`")
+    parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
+    parser.add_argument(
+        "--link-images",
+        action="store_true",
+        help="refer to the run's overlay PNGs by relative path instead of embedding them (smaller HTML)",
+    )
+    parser.add_argument(
+        "--pdf-max-images", type=int, default=50, help="images in the PDF (0: all; default 50)"
+    )
+    parser.add_argument("--title", default=None, help="report title")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.pdf_max_images < 0:
+        print("detr-attn report: error: --pdf-max-images must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        html_path, pdf_path = write_report(args.run_dir, args.out, args.link_images, args.pdf_max_images, args.title)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"detr-attn report: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {html_path}")
+    print(f"wrote {pdf_path}")
+    return 0

@@ -1,0 +1,107 @@
+"""The per-image output format of a predict run: the predictions.jsonl record, and the npz
+maps and overlay images of one image (`OutputOptions` says which are written).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from detection.attention.maps import detection_maps, map_metadata, save_maps_npz
+from detection.boxes import coco_xywh
+from detection.engine.predictor import PredictionResult
+from detection.engine.run_folder import RunFolder, attention_name, overlay_name
+from detection.engine.sources import SourceItem
+from detection.io import write_bytes_atomic
+from detection.render.overlay import encode_image, render_detection_overlay, render_overlay
+from detection.structures import Detections
+
+
+@dataclass
+class OutputOptions:
+    """What a predict run writes beside predictions.jsonl.
+
+    overlays: overlays/<key>.<image_format> and overlays/<key>/det_<k>.<image_format>.
+    save_attention: attention/<key>.npz (float16 maps, see attention.maps.save_maps_npz).
+    heads / layers / normalize: how the maps are made (see attention.maps.detection_maps).
+    """
+
+    overlays: bool = False
+    save_attention: bool = False
+    image_format: str = "png"
+    heads: Any = "mean"
+    layers: Any = "last"
+    normalize: str | None = "minmax"
+
+    @property
+    def needs_maps(self) -> bool:
+        return self.overlays or self.save_attention
+
+
+def detection_record(item: SourceItem, detections: Detections, category_ids: Sequence[int]) -> dict[str, Any]:
+    """One predictions.jsonl line: bbox [x, y, w, h] original pixels (3 decimals), score (6)."""
+    height, width = detections.image_size
+    entries = []
+    bboxes = coco_xywh(detections.boxes, decimals=3)
+    scores = detections.scores.tolist()
+    labels = detections.labels.tolist()
+    queries = detections.query_index.tolist()
+    for k in range(len(detections)):
+        entries.append({
+            "bbox": bboxes[k],
+            "score": round(float(scores[k]), 6),
+            "category_id": int(category_ids[int(labels[k])]),
+            "label": int(labels[k]),
+            "class_name": detections.class_names[k],
+            "query_index": int(queries[k]),
+        })
+    record: dict[str, Any] = {"file": item.file, "image_id": item.image_id, "key": item.key}
+    if item.frame_index is not None:
+        record["frame_index"] = item.frame_index
+    record.update({"width": int(width), "height": int(height), "detections": entries})
+    return record
+
+
+def _encode(rgb: np.ndarray, image_format: str) -> bytes:
+    # PNG level 1: ~5x faster to write than the default 6 for ~15 % more bytes
+    return encode_image(rgb, f".{image_format}", jpeg_quality=92, png_compression=1)
+
+
+def write_image_outputs(folder: RunFolder, result: PredictionResult, options: OutputOptions,
+                        category_ids: Sequence[int]) -> dict[str, Any]:
+    """Write npz / overlays of one image (each atomic), then return its journal record.
+
+    Raises ValueError when maps are requested but the result holds no attention (or no
+    image for overlays).
+    """
+    item, detections = result.item, result.detections
+    record = detection_record(item, detections, category_ids)
+    if not options.needs_maps:
+        return record
+    if result.attention is None:
+        raise ValueError("attention maps requested but the model returned no attention")
+    if len(detections):
+        maps = detection_maps(result.attention, 0, detections.query_index, detections.image_size,
+                              heads=options.heads, layers=options.layers, normalize=options.normalize)
+    else:  # nothing to explain; still write the (empty) npz and the plain overlay
+        maps = np.zeros((0, *detections.image_size), dtype=np.float32)
+    if options.save_attention:
+        meta = map_metadata(result.attention, 0, heads=options.heads, layers=options.layers,
+                            normalize=options.normalize)
+        meta.update({"file": item.file, "key": item.key})
+        if item.frame_index is not None:
+            meta["frame_index"] = item.frame_index
+        save_maps_npz(folder.attention_path(item.key), maps, detections, meta)
+        record["attention"] = attention_name(item.key)
+    if options.overlays:
+        if result.image is None:
+            raise ValueError("overlays requested but the decoded image was not kept")
+        suffix = options.image_format
+        write_bytes_atomic(folder.overlay_path(item.key, suffix),
+                           _encode(render_overlay(result.image, detections, maps), suffix))
+        for k in range(len(detections)):
+            write_bytes_atomic(folder.detection_overlay_path(item.key, k, suffix),
+                               _encode(render_detection_overlay(result.image, detections[k], maps[k]), suffix))
+        record["overlay"] = overlay_name(item.key, suffix)
+    return record

@@ -1,0 +1,232 @@
+"""A whole predict run into a run folder: fingerprint, overwrite, resume, sharding over torchrun
+ranks, a writer thread pool for the per-image files, and the final merge.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from detection import __version__
+from detection.data.images import DEFAULT_MAX_PIXELS
+from detection.engine.outputs import OutputOptions, write_image_outputs
+from detection.engine.planning import shard_plan
+from detection.engine.predictor import PredictionResult, Predictor
+from detection.engine.run_folder import RunFolder, RunFolderMismatch
+from detection.engine.sources import expand_sources
+from detection.models.digest import weights_digest
+from detection.models.registry import load_model
+from detection.runtime.device import resolve_device
+from detection.runtime.distributed import DistContext, init_distributed
+
+logger = logging.getLogger(__name__)
+
+
+class PredictUsageError(ValueError):
+    """The run cannot start: the device or model is not usable, there are no inputs, or OUT
+    holds a run made with other settings. Nothing was written."""
+
+
+@dataclass
+class PredictSettings:
+    """Everything a predict run needs besides the model (see `detr-attn predict --help`)."""
+
+    inputs: list[str]
+    out: str
+    model: str = "demo"
+    list_files: tuple[str, ...] = ()
+    score_threshold: float = 0.7
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 4
+    workers: int = 2
+    batching: str = "exact"
+    outputs: OutputOptions = None  # type: ignore[assignment]
+    video_stride: int = 1
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    fold_bn: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    writer_threads: int = 2
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class PredictSummary:
+    """What a finished run wrote. Counts are those of the whole run folder after the merge
+    (on rank 0; other ranks of a torchrun run report zeros and `is_main=False`)."""
+
+    out: Path
+    images: int = 0
+    errors: int = 0
+    detections: int = 0
+    is_main: bool = True
+
+
+def run_fingerprint(settings: PredictSettings, model: torch.nn.Module, precision: str) -> dict[str, Any]:
+    """Settings that change what is written; resuming with others is refused."""
+    out = settings.outputs
+    return {
+        "model": settings.model,
+        "weights_sha256": weights_digest(model),
+        "model_config": model.config.to_dict(),
+        "score_threshold": settings.score_threshold,
+        "precision": precision,
+        "batching": settings.batching,
+        "video_stride": settings.video_stride,
+        "max_pixels": settings.max_pixels,
+        "overlays": out.overlays,
+        "save_attention": out.save_attention,
+        "format": out.image_format,
+        "heads": out.heads,
+        "layers": out.layers,
+        "normalize": out.normalize,
+    }
+
+
+def _versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "detection": __version__, "platform": platform.platform()}
+
+
+def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
+                context: DistContext | None = None) -> PredictSummary:
+    """Run a whole predict job into settings.out (every rank of a torchrun run calls this).
+
+    Raises PredictUsageError before anything is written when the run cannot start. Other
+    exceptions mean the run crashed; rerunning the same settings resumes it.
+    """
+    settings = dataclasses.replace(settings, outputs=settings.outputs or OutputOptions())
+    context = context or init_distributed(backend="gloo")
+    try:
+        device = resolve_device(settings.device, context.local_rank if context.enabled else None)
+        if model is None:
+            model = load_model(settings.model, device="cpu")
+    except (ValueError, FileNotFoundError) as err:
+        raise PredictUsageError(str(err)) from err
+    predictor = _make_predictor(settings, model, device)
+    items = expand_sources(settings.inputs, settings.list_files, video_stride=settings.video_stride)
+    if not items:
+        raise PredictUsageError("no inputs given")
+    fingerprint = run_fingerprint(settings, model, predictor.precision)
+
+    out = Path(settings.out)
+    folder = RunFolder(out, context.rank, context.world_size)
+    if context.is_main:
+        if settings.overwrite:
+            folder.clear()
+        folder.remove_stale_temp_files()
+    context.barrier()
+    mismatch = None
+    try:
+        folder.check_compatible(fingerprint)
+    except RunFolderMismatch as err:
+        mismatch = str(err)
+    if context.any_true(mismatch is not None):
+        raise PredictUsageError(mismatch or "another rank refused the output folder")
+
+    started = time.time()
+    probed, plan = predictor.plan(items)
+    run_info = {
+        "status": "running",
+        "fingerprint": fingerprint,
+        "model": settings.model,
+        "model_source": getattr(model, "source", ""),
+        "class_names": list(model.config.class_names),
+        "category_ids": list(model.config.category_ids),
+        "inputs": list(settings.inputs) + [f"@{f}" for f in settings.list_files],
+        "settings": {"device": str(predictor.device), "batch_size": settings.batch_size,
+                     "workers": settings.workers, "fold_bn": settings.fold_bn,
+                     "channels_last": settings.channels_last, "compile": settings.compile,
+                     "world_size": context.world_size},
+        "versions": _versions(),
+    }
+    if context.is_main:
+        folder.write_run_info(run_info)
+    context.barrier()
+
+    processed = _predict_shard(settings, predictor, folder, probed, shard_plan(plan, context.rank, context.world_size),
+                               context.is_main)
+    context.barrier()
+    summary = PredictSummary(out=out, is_main=context.is_main)
+    if context.is_main:
+        counts = folder.finalize(probed, model.config.category_ids)
+        run_info.update({
+            "status": "complete",
+            "counts": counts,
+            "timing": {"wall_seconds": round(time.time() - started, 3),
+                       "model_seconds_rank0": round(predictor.model_seconds, 3),
+                       "images_this_run_rank0": processed},
+        })
+        folder.write_run_info(run_info)
+        summary = PredictSummary(out=out, images=counts["images"], errors=counts["errors"],
+                                 detections=counts["detections"])
+        logger.info("%d images, %d detections, %d errors -> %s", summary.images, summary.detections,
+                    summary.errors, out)
+    context.barrier()
+    return summary
+
+
+def _make_predictor(settings: PredictSettings, model: torch.nn.Module, device: torch.device) -> Predictor:
+    options = settings.outputs
+    return Predictor(model, device=device, precision=settings.precision, batch_size=settings.batch_size,
+                     num_workers=settings.workers, score_threshold=settings.score_threshold,
+                     cross_attention=options.needs_maps, batching=settings.batching,
+                     keep_images=options.overlays, rollout=options.layers == "rollout",
+                     fold_bn=settings.fold_bn, channels_last=settings.channels_last,
+                     compile=settings.compile, max_pixels=settings.max_pixels,
+                     video_stride=settings.video_stride, last_layer_only=options.layers == "last")
+
+
+def _predict_shard(settings: PredictSettings, predictor: Predictor, folder: RunFolder, probed, my_plan,
+                   is_main: bool) -> int:
+    """This rank's share: journal every result (per-image files on writer threads); returns
+    the number of images processed in this run."""
+    done = folder.open()
+    processed = 0
+    # tqdm(disable=None): no bar when stderr is not a terminal
+    progress = tqdm(total=sum(len(b.items) for b in my_plan), desc="predict", unit="img",
+                    disable=None if settings.progress and is_main else True)
+    category_ids = predictor.config.category_ids
+    try:
+        if is_main:  # expansion / header errors: reported once, by rank 0
+            for item in probed:
+                if item.error is not None:
+                    folder.append_error(item, item.error)
+        pending: list[Future] = []
+        with ThreadPoolExecutor(max_workers=max(1, settings.writer_threads)) as pool:
+            def write(result: PredictionResult) -> None:
+                try:
+                    record = write_image_outputs(folder, result, settings.outputs, category_ids)
+                except OSError:
+                    raise  # disk full / permissions: stop, a rerun resumes
+                except Exception as err:  # noqa: BLE001 - one image's output must not stop the run
+                    folder.append_error(result.item, f"writing outputs failed: {type(err).__name__}: {err}")
+                    return
+                folder.append_prediction(record)
+
+            for result in predictor.run_plan(my_plan, done):
+                if result.error is not None:
+                    folder.append_error(result.item, result.error)
+                else:
+                    pending.append(pool.submit(write, result))
+                    processed += 1
+                progress.update(1)
+                # bounded queue: results hold images and attention; surface writer errors early
+                while len(pending) > 4 * max(1, settings.writer_threads):
+                    pending.pop(0).result()
+            for future in pending:
+                future.result()
+    finally:
+        folder.close()
+        progress.close()
+    return processed

@@ -1,0 +1,191 @@
+"""`Predictor`: the batch prediction Python API. Inputs are planned into batches, decoded in
+worker processes, run through the prepared model and post-processed into `PredictionResult`s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from detection.data.images import DEFAULT_MAX_PIXELS
+from detection.data.preprocess import pad_batch
+from detection.engine.fast import InferenceModel
+from detection.engine.loading import BatchLoadingDataset, LoadedBatch, Sample, make_loader
+from detection.engine.planning import PlannedBatch, plan_batches, probe_sizes
+from detection.engine.sources import SourceItem, expand_sources
+from detection.models.outputs import AttentionRecord
+from detection.postprocess import postprocess
+from detection.runtime.device import resolve_device, resolve_precision
+from detection.structures import Detections
+
+_UNSET = object()
+
+
+@dataclass
+class PredictionResult:
+    """The outcome for one input item.
+
+    detections: boxes xyxy in original pixels (None when `error`).
+    attention: this image's AttentionRecord (batch dimension 1) when cross-attention was
+        requested (`Predictor(cross_attention=True)`).
+    image: uint8 (H, W, 3) RGB original pixels when `keep_images` was set.
+    """
+
+    item: SourceItem
+    original_size: tuple[int, int] | None = None
+    detections: Detections | None = None
+    attention: AttentionRecord | None = None
+    error: str | None = None
+    image: np.ndarray | None = None
+
+    @property
+    def path(self) -> str:
+        return self.item.file
+
+
+class Predictor:
+    """Run a DETR over many images in planned batches with worker-process decoding.
+
+    model: a DETR (its `config` gives class names, category ids and min_size/max_size).
+    device: "cpu" | "cuda" | "cuda:N" | "auto". precision: "fp32" | "bf16" | "fp16" | "auto"
+        (see `detection.runtime.device`).
+    batch_size / batching: see `detection.engine.planning` ("exact" keeps every result equal
+        to running the image alone; "padded" groups by aspect ratio and pads).
+    num_workers: DataLoader processes decoding + resizing (0 = in this process).
+    cross_attention: also return each image's AttentionRecord with the decoder cross-attention
+        of every layer and head; `rollout=True` adds decoder and encoder self-attention.
+        (`attention=` is the deprecated name of this flag.)
+    keep_images: also return the decoded RGB image (for overlays).
+    last_layer_only: keep only the last decoder layer in the returned records (L = 1).
+    """
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", precision: str = "fp32",
+                 batch_size: int = 1, num_workers: int = 0, score_threshold: float = 0.7,
+                 cross_attention: bool = False, batching: str = "exact", keep_images: bool = False,
+                 rollout: bool = False, fold_bn: bool = True, channels_last: bool = True,
+                 compile: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 video_stride: int = 1, last_layer_only: bool = False, attention: object = _UNSET) -> None:
+        if attention is not _UNSET:
+            warnings.warn("Predictor(attention=...) is deprecated; use cross_attention=...",
+                          DeprecationWarning, stacklevel=2)
+            cross_attention = bool(cross_attention or attention)
+        if batching not in ("exact", "padded"):
+            raise ValueError(f"batching must be 'exact' or 'padded', got {batching!r}")
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.config = model.config
+        self.engine = InferenceModel(model, self.device, self.precision, fold_bn=fold_bn,
+                                     channels_last=channels_last, compile=compile)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.score_threshold = float(score_threshold)
+        self.cross_attention = bool(cross_attention or rollout)
+        self.rollout = bool(rollout)
+        self.batching = batching
+        self.keep_images = keep_images
+        self.max_pixels = max_pixels
+        self.video_stride = video_stride
+        # keep only the last decoder layer's cross-attention (what layers="last" maps use):
+        # 1/L of the memory and of the device -> host copy on GPU
+        self.last_layer_only = bool(last_layer_only) and not self.rollout
+        self.model_seconds = 0.0
+
+    @property
+    def attention(self) -> bool:
+        """Deprecated name of `cross_attention`."""
+        warnings.warn("Predictor.attention is deprecated; use Predictor.cross_attention",
+                      DeprecationWarning, stacklevel=2)
+        return self.cross_attention
+
+    # -- planning -----------------------------------------------------------------------
+    def expand(self, inputs: Sequence[str | Path | SourceItem]) -> list[SourceItem]:
+        if inputs and all(isinstance(i, SourceItem) for i in inputs):
+            return list(inputs)  # type: ignore[arg-type]
+        return expand_sources([str(i) for i in inputs], video_stride=self.video_stride)
+
+    def plan(self, items: Sequence[SourceItem]) -> tuple[list[SourceItem], list[PlannedBatch]]:
+        """Probe headers (errors become item.error) and plan the batches of all items."""
+        probed = probe_sizes(items, max_pixels=self.max_pixels)
+        plan = plan_batches(probed, self.batch_size, self.config.min_size, self.config.max_size, self.batching)
+        return probed, plan
+
+    # -- running ------------------------------------------------------------------------
+    def run(self, inputs: Sequence[str | Path | SourceItem]) -> Iterator[PredictionResult]:
+        """Predict every input (files, folders, globs, @lists, videos); one result per item,
+        errors included (result.error set), in processing order."""
+        items, plan = self.plan(self.expand(inputs))
+        for item in items:
+            if item.error is not None:
+                yield PredictionResult(item, error=item.error)
+        yield from self.run_plan(plan)
+
+    def run_plan(self, plan: Sequence[PlannedBatch], skip_keys: frozenset[str] | set[str] = frozenset()
+                 ) -> Iterator[PredictionResult]:
+        """Run planned batches; batches whose items are all in `skip_keys` are not run, and
+        no result is yielded for a skipped key (a partly done batch runs whole, so its
+        numbers equal those of an uninterrupted run)."""
+        todo = [b for b in plan if not all(it.key in skip_keys for it in b.items)]
+        if not todo:
+            return
+        dataset = BatchLoadingDataset(todo, self.config.min_size, self.config.max_size,
+                                      keep_rgb=self.keep_images, max_pixels=self.max_pixels)
+        workers = min(self.num_workers, len(dataset.units()))
+        for loaded in make_loader(dataset, workers):
+            yield from self._run_loaded(loaded, skip_keys)
+
+    def _groups(self, samples: list[Sample]) -> list[list[Sample]]:
+        if self.batching == "padded":
+            return [samples] if samples else []
+        by_shape: dict[tuple[int, ...], list[Sample]] = {}
+        for sample in samples:  # the plan grouped by header size; decoding is the truth
+            by_shape.setdefault(tuple(sample.image.shape), []).append(sample)
+        return list(by_shape.values())
+
+    def predict_tensors(self, images: list[torch.Tensor], original_sizes: list[tuple[int, int]]
+                        ) -> tuple[list[Detections], AttentionRecord | None]:
+        """Model + postprocess on already preprocessed inputs (3, h_i, w_i) in [0, 1].
+
+        Returns one Detections per image (boxes xyxy in original pixels) and the batch's
+        AttentionRecord (on the CPU) or None when no attention was requested.
+        """
+        batch, mask = pad_batch(images)
+        start = time.perf_counter()
+        outputs = self.engine(batch, mask, attention=self.cross_attention,
+                              decoder_self_attention=self.rollout, encoder_attention=self.rollout)
+        detections = postprocess(outputs, torch.tensor(original_sizes), self.config.class_names,
+                                 self.score_threshold)
+        self.model_seconds += time.perf_counter() - start
+        record = outputs["attention"]
+        if record is not None and self.last_layer_only:
+            record = dataclasses.replace(record, decoder_cross=record.decoder_cross[-1:])
+        if record is not None and record.decoder_cross.device.type != "cpu":
+            record = _record_to_cpu(record)
+        return detections, record
+
+    def _run_loaded(self, loaded: LoadedBatch, skip_keys) -> Iterator[PredictionResult]:
+        for sample in loaded.samples:
+            if sample.error is not None and sample.item.key not in skip_keys:
+                yield PredictionResult(sample.item, error=sample.error)
+        good = [s for s in loaded.samples if s.error is None]
+        for group in self._groups(good):
+            detections, record = self.predict_tensors([s.image for s in group], [s.original_size for s in group])
+            for index, sample in enumerate(group):
+                if sample.item.key in skip_keys:
+                    continue
+                yield PredictionResult(
+                    sample.item, original_size=sample.original_size, detections=detections[index],
+                    attention=None if record is None else record.select_image(index), image=sample.rgb)
+
+
+def _record_to_cpu(record: AttentionRecord) -> AttentionRecord:
+    move = lambda t: None if t is None else t.cpu()  # noqa: E731
+    return AttentionRecord(decoder_cross=move(record.decoder_cross), feature_padding_mask=move(record.feature_padding_mask),
+                           feature_stride=record.feature_stride, input_size=record.input_size,
+                           image_sizes=move(record.image_sizes), encoder_self=move(record.encoder_self),
+                           decoder_self=move(record.decoder_self))
