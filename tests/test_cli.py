@@ -27,3 +27,42 @@ def test_console_help_runs():
     )
     for verb in cli.VERBS:
         assert verb in out.stdout
+
+
+def test_every_verb_lives_in_the_cli_package():
+    assert set(cli.VERBS) == {"predict", "eval", "train", "synth", "report", "weights"}
+    assert all(module_name == f"detection.cli.{verb}" for verb, (module_name, _) in cli.VERBS.items())
+
+
+def test_python_m_detection_cli_runs_a_verb():
+    out = subprocess.run([sys.executable, "-m", "detection.cli", "predict", "--help"],
+                         capture_output=True, text=True, check=True)
+    assert "usage: detr-attn predict" in out.stdout and "--save-attention" in out.stdout
+
+
+def test_console_script_entry_point_is_the_cli_main():
+    from pathlib import Path
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    scripts = pyproject.split("[project.scripts]", 1)[1].split("[", 1)[0]
+    assert scripts.strip() == 'detr-attn = "detection.cli:main"'
+
+
+def test_library_modules_of_the_prediction_side_neither_parse_arguments_nor_print():
+    """argparse, print and exit statuses live in detection/cli/ only."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "detection"
+    files = [package / "data" / "synthetic.py", *sorted((package / "render").glob("*.py"))]
+    files += [package / "engine" / f"{name}.py" for name in (
+        "predict", "predictor", "outputs", "predict_run", "run_folder", "journal", "writers", "planning",
+        "sources", "loading", "allocator", "distributed")]
+    for path in files:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
+                assert "argparse" not in names and "sys" not in names, f"{path.name} imports argparse/sys"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id != "print", f"{path.name}:{node.lineno} prints"

@@ -219,3 +219,28 @@ def test_cli_report_verb(tmp_path, capsys):
     assert "<title>My &lt;run&gt;</title>" in (out / "index.html").read_text(encoding="utf-8")
     assert cli_main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_reads_the_run_folder_through_the_layout_owner(tmp_path, monkeypatch):
+    """No reader of its own: every file the report finds comes from engine.run_folder.RunReader."""
+    import detection.render.report as report
+    from detection.engine.run_folder import RunReader
+
+    calls: list[str] = []
+
+    class SpyReader(RunReader):
+        def __getattribute__(self, name):
+            if name in ("info", "predictions", "errors", "image_key", "overlay", "detection_overlays"):
+                calls.append(name)
+            return super().__getattribute__(name)
+
+    monkeypatch.setattr(report, "RunReader", SpyReader)
+    run_dir = make_run(tmp_path)
+    run = read_run(run_dir)
+    assert {"info", "predictions", "errors", "image_key", "overlay", "detection_overlays"} <= set(calls)
+    reader = RunReader(run_dir)
+    rows = sorted(reader.predictions(), key=lambda row: row["image_id"])
+    assert [entry.stem for entry in run.images] == [reader.image_key(row) for row in rows]
+    assert [entry.overlay for entry in run.images] == [reader.overlay(row, reader.image_key(row)) for row in rows]
+    assert run.errors == reader.errors() and run.info == reader.info()
+    assert not hasattr(report, "_read_jsonl") and not hasattr(report, "_resolve_stem")
