@@ -204,9 +204,7 @@ def agreement(reference: dict, other: dict, top_k: int) -> dict[str, Any]:
 
 
 def bench_overlay(top_k: int, repeats: int) -> dict[str, float]:
-    import cv2
-
-    from detection.render.overlay import render_detection_overlay, render_overlay
+    from detection.render.overlay import encode_image, render_detection_overlay, render_overlay
     from detection.structures import Detections
 
     rng = np.random.default_rng(0)
@@ -222,8 +220,8 @@ def bench_overlay(top_k: int, repeats: int) -> dict[str, float]:
     device = torch.device("cpu")
     combined, drawn = timed(lambda: render_overlay(image, detections, maps), device, 2, repeats)
     single, _ = timed(lambda: render_detection_overlay(image, detections[0], maps[0]), device, 2, repeats)
-    png, _ = timed(lambda: cv2.imencode(".png", drawn[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1]), device, 1, repeats)
-    jpg, _ = timed(lambda: cv2.imencode(".jpg", drawn[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92]), device, 1, repeats)
+    png, _ = timed(lambda: encode_image(drawn, ".png", png_compression=1), device, 1, repeats)
+    jpg, _ = timed(lambda: encode_image(drawn, ".jpg", jpeg_quality=92), device, 1, repeats)
     return {"combined_overlay_s": combined, "one_detection_overlay_s": single, "png_encode_s": png,
             "jpg_encode_s": jpg}
 

@@ -1,17 +1,5 @@
-"""Deterministic synthetic COCO-format shapes dataset: the offline testbed for training and eval.
-
-Every image is drawn from its own random stream seeded by (seed, split, index), so the same
-seed always yields the same bytes (PNG via cv2 with a fixed compression level, JSON with
-sorted keys). Layout written by `generate_dataset`:
-
-    DIR/train/000000.png ...   DIR/val/000000.png ...
-    DIR/annotations/instances_train.json   DIR/annotations/instances_val.json
-
-Annotations follow COCO: bbox [x, y, w, h] in pixels (pixel-edge convention: a box covering
-columns 3..7 inclusive is x=3, w=5), `area` = visible-mask pixel count, polygon
-`segmentation` of the visible part, iscrowd=0, annotation ids starting at 1.
-Objects are drawn back to front; boxes, areas and polygons describe the VISIBLE part.
-"""
+"""Deterministic synthetic COCO-format shapes dataset: the offline testbed for training and eval
+(`generate_dataset`; the same seed always yields the same bytes)."""
 from __future__ import annotations
 
 import json
@@ -383,6 +371,18 @@ def generate_split(out_dir: str | Path, split: str, count: int, seed: int, confi
 
 def generate_dataset(out_dir: str | Path, train: int, val: int, seed: int, config: SynthConfig | None = None,
                      progress: bool = False) -> None:
+    """Write `train` + `val` images and their COCO annotations under `out_dir`:
+
+        DIR/train/000000.png ...   DIR/val/000000.png ...
+        DIR/annotations/instances_train.json   DIR/annotations/instances_val.json
+
+    Every image is drawn from its own random stream seeded by (seed, split, index), so the
+    same seed always yields the same bytes (PNG with a fixed compression level, JSON with
+    sorted keys). Annotations follow COCO: bbox [x, y, w, h] in pixels (pixel-edge
+    convention: a box covering columns 3..7 inclusive is x=3, w=5), `area` = visible-mask
+    pixel count, polygon `segmentation` of the visible part, iscrowd=0, annotation ids from 1.
+    Objects are drawn back to front; boxes, areas and polygons describe the VISIBLE part.
+    """
     config = config or SynthConfig()
     for split, count in (("train", train), ("val", val)):
         if count > 0:

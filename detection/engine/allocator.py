@@ -1,20 +1,5 @@
-"""Keep freed CPU memory for reuse instead of returning it to the OS (glibc malloc tuning).
-
-PyTorch's CPU tensors come from the C library's malloc. glibc serves every block larger than
-its mmap threshold (at most 32 MiB) with a fresh `mmap` and unmaps it on free, so each forward
-pass of DETR-R50 at 800x1066 page-faults in and zeroes its big activations again (one bf16
-stage-1 activation is 256 x 200 x 267 x 2 bytes = 27 MB). `retain_freed_memory()` sets
-`M_MMAP_MAX = 0` (every block from the heap) and a very large `M_TRIM_THRESHOLD` (freed heap
-memory is kept), so from the second batch on the same memory is reused without faults.
-
-Measured with `scripts/bench.py --threads 2` against `DETR_ATTN_MALLOC=default` on the 2-vCPU
-development machine (README, Speed): DETR-R50 bf16 with maps 0.291 -> 0.265 s/img, fp32
-0.593 -> 0.482 s/img, HF fp32 1.136 -> 0.635 s/img. The cost: the process keeps its peak heap size until
-it exits, which is what a batch-inference process wants anyway.
-
-Opt out with the environment variable `DETR_ATTN_MALLOC=default`. Elsewhere than glibc (macOS,
-Windows, musl) this is a no-op.
-"""
+"""Keep freed CPU memory for reuse instead of returning it to the OS (glibc malloc tuning), so
+steady-state forward passes do not page-fault their large activations in again."""
 from __future__ import annotations
 
 import ctypes
@@ -32,7 +17,15 @@ _applied: bool | None = None
 
 
 def retain_freed_memory() -> bool:
-    """Apply the glibc settings above once per process; True if they are in effect."""
+    """Set glibc's `M_MMAP_MAX = 0` (every block from the heap) and a very large
+    `M_TRIM_THRESHOLD` (freed heap memory is kept) once per process; True if in effect.
+
+    glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh `mmap`
+    and unmaps it on free, so each forward pass would fault in and zero its big activations
+    again; with these settings the same memory is reused from the second batch on (figures:
+    README, Speed). The cost: the process keeps its peak heap until it exits. Opt out with
+    `DETR_ATTN_MALLOC=default`; a no-op elsewhere than glibc (macOS, Windows, musl).
+    """
     global _applied
     if _applied is not None:
         return _applied

@@ -1,10 +1,5 @@
-"""Decode + resize in DataLoader worker processes, one planned batch at a time.
-
-A worker receives whole work units (see `detection.engine.planning`): it yields one
-`LoadedBatch` per planned batch, with every image decoded by the safe loader (or a video
-frame by OpenCV) and resized by the one resize rule (`preprocess.image_to_input`). A file
-that fails becomes a sample with `error` set; the batch goes on without it.
-"""
+"""Decode + resize in DataLoader worker processes, one planned batch at a time: safe decoding
+(or OpenCV video frames) and the one resize rule; a file that fails becomes a sample with `error`."""
 from __future__ import annotations
 
 import multiprocessing

@@ -1,23 +1,5 @@
-"""Batch planning: which images run together, decided once from headers, before decoding.
-
-Why plan up front: a batch's composition can change float results in the last bits (kernels
-block differently for different batch sizes, and in padded mode the padding changes the
-CNN's border activations). Planning from the input list alone makes the batches -- and so
-every number written -- identical whether a run is interrupted and resumed, split across
-torchrun ranks, or uses any number of loader workers.
-
-Batching modes:
-  * "exact" (default): only images whose model input has the same (h, w) share a batch. No
-    padding, so each image gets exactly the detections and maps it gets alone.
-  * "padded": still images sorted by input aspect ratio (w / h) and cut into batches of
-    `batch_size`; the batch is padded to its largest member. Faster on varied datasets, but a
-    CNN run on a zero-padded image is not the image alone (the DETR README warns DC5 models
-    lose AP this way), so detections differ slightly near the bottom/right edges.
-
-Work units: a still-image batch is one unit; all batches of one video form one unit (its
-frames are decoded sequentially by one worker). Units are split round-robin across ranks
-(torchrun) and across DataLoader workers.
-"""
+"""Batch planning: which images run together, decided once from image headers before any
+decoding, so that every number written is independent of resume, ranks and workers."""
 from __future__ import annotations
 
 import math
@@ -37,7 +19,7 @@ class PlannedBatch:
     """Items that run through the model together.
 
     index: position in the global plan (stable for the same inputs and settings).
-    unit: work unit (see module docstring).
+    unit: work unit (see `plan_batches`).
     input_size: expected (h, w) model input of each item (exact mode: all equal).
     """
 
@@ -73,7 +55,25 @@ def probe_sizes(items: Sequence[SourceItem], max_pixels: int | None = DEFAULT_MA
 
 def plan_batches(items: Sequence[SourceItem], batch_size: int, min_size: int, max_size: int | None,
                  mode: BatchingMode = "exact") -> list[PlannedBatch]:
-    """Group probed items (errors excluded) into batches; deterministic in the item order."""
+    """Group probed items (errors excluded) into batches; deterministic in the item order.
+
+    Why plan up front: a batch's composition can change float results in the last bits
+    (kernels block differently for different batch sizes, and in padded mode the padding
+    changes the CNN's border activations). Planning from the input list alone makes the
+    batches -- and so every number written -- identical whether a run is interrupted and
+    resumed, split across torchrun ranks, or uses any number of loader workers.
+
+    mode "exact": only images whose model input has the same (h, w) share a batch; no padding,
+    so each image gets exactly the detections and maps it gets alone. "padded": still images
+    sorted by input aspect ratio (w / h), cut into batches of `batch_size` and padded to the
+    largest member: faster on varied datasets, but a CNN run on a zero-padded image is not the
+    image alone (DC5 models lose AP this way), so detections differ slightly near the
+    bottom/right edges.
+
+    Work units: a still-image batch is one unit; all batches of one video form one unit (its
+    frames are decoded sequentially by one worker). Units are split round-robin across ranks
+    (torchrun) and across DataLoader workers.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if mode not in ("exact", "padded"):

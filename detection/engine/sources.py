@@ -1,18 +1,5 @@
-"""Input expansion for `detr-attn predict`: files, folders, globs, path lists, video frames.
-
-`expand_sources(specs)` turns what the user typed into a deterministic list of `SourceItem`s:
-one per still image, one per sampled video frame, and one per input that could not be
-expanded (missing path, glob with no match, unreadable video) carrying its `error`.
-
-Determinism matters: resume and multi-process sharding both recompute this list and rely on
-the same items, keys and image ids coming out for the same inputs.
-
-Naming: an item's `key` (the `<stem>` of the run folder) is its path relative to its input
-root with '/' replaced by '__' and the extension dropped; for a file named directly the root
-is its folder, for a folder it is the folder, for a glob the folder before the first wildcard,
-for a list file the list's folder (entries are relative to it). Video frames append
-`__frame<NNNNNN>`. A key that would repeat gets `~2`, `~3`, ... in input order.
-"""
+"""Input expansion for `detr-attn predict`: files, folders, globs, path lists and video frames
+become a deterministic list of `SourceItem`s (one per image, sampled frame or failed input)."""
 from __future__ import annotations
 
 import glob
@@ -183,6 +170,15 @@ def expand_sources(
     video_stride: keep every k-th frame of each video (frame 0, k, 2k, ...).
 
     The same file reached twice (e.g. by a folder and a glob) is kept once.
+
+    Determinism matters: resume and multi-process sharding both recompute this list and rely
+    on the same items, keys and image ids coming out for the same inputs.
+
+    Keys: an item's `key` (its name in the run folder) is its path relative to its input root
+    with '/' replaced by '__' and the extension dropped; for a file named directly the root is
+    its folder, for a folder it is the folder, for a glob the folder before the first wildcard,
+    for a list file the list's folder (entries are relative to it). Video frames append
+    `__frame<NNNNNN>`. A key that would repeat gets `~2`, `~3`, ... in input order.
     """
     if video_stride < 1:
         raise ValueError(f"video_stride must be >= 1, got {video_stride}")

@@ -1,13 +1,5 @@
-"""Saliency overlays with OpenCV: colormap blends, mass contours, boxes, labels; RGB in and out.
-
-Inputs: image uint8 (H, W, 3) RGB; saliency float (H, W) in [0, 1] in the same pixels (see
-`detection.attention.maps`); `Detections` whose `image_size` is (H, W). Outputs are new uint8
-RGB arrays (inputs are never modified). Same input -> same bytes: no randomness, no clocks.
-
-Readability: the colour is blended with a per-pixel opacity alpha·saliency, so cold regions
-show the untouched photo and only attended regions are coloured. Text and line sizes scale with
-the image's shorter side (`text_style`), and every label sits on a filled box in the class colour.
-"""
+"""Saliency overlays with OpenCV: colormap blends, mass contours, boxes and labels drawn on
+uint8 RGB images (inputs never modified; the same input gives the same bytes)."""
 from __future__ import annotations
 
 import os
@@ -21,6 +13,11 @@ from detection.io import write_bytes_atomic
 from detection.render.colors import DEFAULT_COLORMAP, apply_colormap, class_color, swap_red_blue, text_color_on
 from detection.structures import Detections
 
+# Contract: image uint8 (H, W, 3) RGB; saliency float (H, W) in [0, 1] in the same pixels (see
+# `detection.attention.maps`); `Detections` whose `image_size` is (H, W). Readability: the colour
+# is blended with a per-pixel opacity alpha * saliency, so cold regions show the untouched photo
+# and only attended regions are coloured. Text and line sizes scale with the image's shorter side
+# (`text_style`), and every label sits on a filled box in the class colour.
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 # float16 storage rounds 1.0 to within 1e-3; tolerate that much outside [0, 1] and clip
 _RANGE_TOLERANCE = 1e-3

@@ -1,9 +1,5 @@
 """Panel layouts: DETR-paper Fig. 6 style grids (image with boxes + one overlay per detection),
-encoder self-attention at chosen points, and the generic titled grid they (and reports) use.
-
-All images are uint8 RGB. Tiles are rendered at full resolution first and only then scaled
-down for the grid (`fit_image`), so a panel shows exactly what the single overlays show.
-"""
+encoder self-attention at chosen points, and the generic titled grid they (and reports) use."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -27,6 +23,8 @@ from detection.render.overlay import (
 )
 from detection.structures import Detections
 
+# All images are uint8 RGB. Tiles are rendered at full resolution first and only then scaled
+# down for the grid (`fit_image`), so a panel shows exactly what the single overlays show.
 _BACKGROUND = (255, 255, 255)
 _TITLE_COLOR = (20, 20, 20)
 _POINT_COLOR = (255, 0, 160)
