@@ -3,7 +3,6 @@ worker processes, run through the prepared model and post-processed into `Predic
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -163,9 +162,9 @@ class Predictor:
         self.model_seconds += time.perf_counter() - start
         record = outputs["attention"]
         if record is not None and self.last_layer_only:
-            record = dataclasses.replace(record, decoder_cross=record.decoder_cross[-1:])
-        if record is not None and record.decoder_cross.device.type != "cpu":
-            record = _record_to_cpu(record)
+            record = record.keep_last_layer()
+        if record is not None and record.device.type != "cpu":
+            record = record.to("cpu")
         return detections, record
 
     def _run_loaded(self, loaded: LoadedBatch, skip_keys) -> Iterator[PredictionResult]:
@@ -182,10 +181,3 @@ class Predictor:
                     sample.item, original_size=sample.original_size, detections=detections[index],
                     attention=None if record is None else record.select_image(index), image=sample.rgb)
 
-
-def _record_to_cpu(record: AttentionRecord) -> AttentionRecord:
-    move = lambda t: None if t is None else t.cpu()  # noqa: E731
-    return AttentionRecord(decoder_cross=move(record.decoder_cross), feature_padding_mask=move(record.feature_padding_mask),
-                           feature_stride=record.feature_stride, input_size=record.input_size,
-                           image_sizes=move(record.image_sizes), encoder_self=move(record.encoder_self),
-                           decoder_self=move(record.decoder_self))
