@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from detection.models import registry, weights
+from detection.models import published, registry, weights
 from detection.models.convert import save_authors_checkpoint
 from detection.models.registry import build_model, load_model
 from detection.models.weights import (CheckpointError, DownloadError, ManifestEntry, download_checkpoint,
@@ -131,7 +131,7 @@ def test_load_model_by_published_name(tmp_path, monkeypatch) -> None:
     source = tmp_path / "tiny-pub.pth"
     save_authors_checkpoint(original, source)
     entry = _file_entry(source)
-    monkeypatch.setattr(weights, "load_manifest", lambda path=None: {"tiny-pub": entry})
+    monkeypatch.setattr(published, "load_manifest", lambda path=None: {"tiny-pub": entry})
     monkeypatch.setenv("DETECTION_CACHE", str(tmp_path / "cache"))
     model = load_model("tiny-pub")
     native = tmp_path / "cache" / "native" / "tiny-pub"
