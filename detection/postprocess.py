@@ -1,4 +1,4 @@
-"""Raw DETR outputs -> per-image Detections in ORIGINAL image pixels.
+"""Raw detector outputs -> per-image Detections in ORIGINAL image pixels, by the model's rule.
 
 Boxes are predicted as cxcywh normalised to each image's unpadded (resized) extent, so scaling
 by the ORIGINAL (height, width) maps them straight to original pixels: the resize preserves
@@ -11,53 +11,91 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from detection.boxes import cxcywh_to_xyxy
+from detection.models.contract import PostprocessRule
 from detection.structures import Detections
+
+SOFTMAX_NO_OBJECT = PostprocessRule.softmax_no_object()
 
 
 def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Sequence[Sequence[int]],
-                class_names: Sequence[str], score_threshold: float = 0.7) -> list[Detections]:
+                class_names: Sequence[str], score_threshold: float = 0.7,
+                rule: PostprocessRule | None = None) -> list[Detections]:
     """Turn model outputs into Detections, one per image.
 
-    outputs: {"pred_logits": (B, Q, C + 1), "pred_boxes": (B, Q, 4) normalised cxcywh}.
+    outputs: {"pred_logits": (B, Q, K), "pred_boxes": (B, Q, 4) normalised cxcywh}, with
+        K = C + 1 for "softmax_no_object" and K = C for "sigmoid_topk".
     original_sizes: (B, 2) (height, width) of each ORIGINAL image in pixels.
     class_names: C names, label index -> name (the model's config.class_names).
-    score_threshold: keep queries whose best real-class probability is > threshold.
+    score_threshold: keep detections whose score is > threshold.
+    rule: the detector's PostprocessRule (`model.postprocess_rule`); None = softmax_no_object.
 
-    Scores are softmax over all C + 1 classes; the no-object class is dropped and the best of
-    the remaining C gives (score, label), as the DETR authors' PostProcess. Each kept
-    detection carries `query_index`, its decoder query, to find its attention. Detections are
-    sorted by descending score (ties by query index). Boxes are xyxy float32 in original
-    pixels, not clipped (an object may extend slightly beyond the image, as the model predicts).
+    softmax_no_object (DETR): softmax over all C + 1 classes; the no-object class is dropped
+    and the best of the remaining C gives (score, label), as the DETR authors' PostProcess.
+    sigmoid_topk: sigmoid per class, the rule's top_k best (query, class) pairs over Q x C,
+    then the threshold; a query may appear once per class.
+    Each detection carries `query_index`, its decoder query, to find its attention.
+    Detections are sorted by descending score, ties by query index (then label). Boxes are
+    xyxy float32 in original pixels, not clipped (an object may extend slightly beyond the
+    image, as the model predicts).
     """
+    rule = rule or SOFTMAX_NO_OBJECT
     logits = outputs["pred_logits"]
     boxes = outputs["pred_boxes"]
+    extra = rule.logit_classes(0)
     if logits.dim() != 3 or boxes.shape[:2] != logits.shape[:2] or boxes.shape[-1] != 4:
-        raise ValueError(f"expected pred_logits (B, Q, C+1) and pred_boxes (B, Q, 4), got "
-                         f"{tuple(logits.shape)} and {tuple(boxes.shape)}")
-    num_classes = logits.shape[-1] - 1
+        raise ValueError(f"expected pred_logits (B, Q, C{'+1' if extra else ''}) and pred_boxes (B, Q, 4), "
+                         f"got {tuple(logits.shape)} and {tuple(boxes.shape)}")
+    num_classes = logits.shape[-1] - extra
     if len(class_names) != num_classes:
-        raise ValueError(f"{len(class_names)} class names for {num_classes} classes (+ no object)")
+        raise ValueError(f"{len(class_names)} class names for {num_classes} classes"
+                         f"{' (+ no object)' if extra else ''}")
     sizes = torch.as_tensor(original_sizes, dtype=torch.float32).reshape(-1, 2)
     if sizes.shape[0] != logits.shape[0]:
         raise ValueError(f"{sizes.shape[0]} original sizes for a batch of {logits.shape[0]}")
-
-    probs = logits.float().softmax(-1)[..., :-1]
-    scores, labels = probs.max(-1)
+    if rule.kind == "sigmoid_topk":
+        selected = _sigmoid_topk(logits, score_threshold, rule.top_k)
+    else:
+        selected = _softmax_no_object(logits, score_threshold)
     xyxy = cxcywh_to_xyxy(boxes.float())
     results = []
-    for i in range(logits.shape[0]):
+    for i, (scores, labels, queries) in enumerate(selected):
         height, width = sizes[i].tolist()
-        keep = torch.nonzero(scores[i] > score_threshold).flatten()
-        order = torch.argsort(scores[i, keep], descending=True, stable=True)
-        keep = keep[order].cpu()
-        image_boxes = xyxy[i, keep].cpu() * torch.tensor([width, height, width, height])
-        image_labels = labels[i, keep].cpu().to(torch.int64)
+        image_boxes = xyxy[i, queries].cpu() * torch.tensor([width, height, width, height])
+        image_labels = labels.cpu().to(torch.int64)
         results.append(Detections(
             (int(height), int(width)),
             boxes=image_boxes.to(torch.float32),
-            scores=scores[i, keep].cpu().to(torch.float32),
+            scores=scores.cpu().to(torch.float32),
             labels=image_labels,
-            query_index=keep.to(torch.int64),
+            query_index=queries.to(torch.int64),
             class_names=[class_names[int(label)] for label in image_labels],
         ))
     return results
+
+
+def _softmax_no_object(logits: torch.Tensor, score_threshold: float
+                       ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per image (scores, labels, query indices on the CPU), sorted; one detection per query."""
+    probs = logits.float().softmax(-1)[..., :-1]
+    scores, labels = probs.max(-1)
+    selected = []
+    for i in range(logits.shape[0]):
+        keep = torch.nonzero(scores[i] > score_threshold).flatten()
+        order = torch.argsort(scores[i, keep], descending=True, stable=True)
+        keep = keep[order].cpu()
+        selected.append((scores[i, keep], labels[i, keep], keep))
+    return selected
+
+
+def _sigmoid_topk(logits: torch.Tensor, score_threshold: float, top_k: int
+                  ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per image (scores, labels, query indices on the CPU) of the top_k (query, class) pairs."""
+    num_classes = logits.shape[-1]
+    probs = logits.float().sigmoid().flatten(1)  # (B, Q * C), index = query * C + class
+    selected = []
+    for i in range(logits.shape[0]):
+        # a stable descending sort, not topk: equal scores keep (query, class) order
+        order = torch.argsort(probs[i], descending=True, stable=True)[:top_k]
+        order = order[probs[i, order] > score_threshold].cpu()
+        selected.append((probs[i, order], order % num_classes, order // num_classes))
+    return selected

@@ -85,3 +85,75 @@ def test_matches_model_output_end_to_end() -> None:
         torch.testing.assert_close(det.scores, probs[q].max(-1).values)
         assert torch.all(det.scores[:-1] >= det.scores[1:])
         assert not math.isnan(float(det.scores.sum()))
+
+
+def _sigmoid_logits(probabilities: list[list[float]]) -> torch.Tensor:
+    return torch.logit(torch.tensor(probabilities, dtype=torch.float64)).float()
+
+
+def test_sigmoid_topk_one_query_gives_several_detections() -> None:
+    from detection.models.contract import PostprocessRule
+
+    names = ["cat", "dog", "bird"]
+    # 3 queries x 3 classes, sigmoid probabilities chosen by hand
+    logits = _sigmoid_logits([[0.90, 0.80, 0.10],    # q0: cat 0.9 AND dog 0.8
+                              [0.20, 0.30, 0.95],    # q1: bird 0.95
+                              [0.60, 0.05, 0.05]])[None]  # q2: cat 0.6
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]]])
+    det = postprocess({"pred_logits": logits, "pred_boxes": boxes}, [(100, 200)], names,
+                      score_threshold=0.5, rule=PostprocessRule.sigmoid_topk(top_k=10))[0]
+    assert det.query_index.tolist() == [1, 0, 0, 2]
+    assert det.labels.tolist() == [2, 0, 1, 0]
+    assert det.class_names == ["bird", "cat", "dog", "cat"]
+    torch.testing.assert_close(det.scores, torch.tensor([0.95, 0.90, 0.80, 0.60]))
+    # q0's two detections share its box: cxcywh (0.5, 0.5, 0.2, 0.2) * (W=200, H=100)
+    torch.testing.assert_close(det.boxes[1:3], torch.tensor([[80.0, 40.0, 120.0, 60.0]] * 2))
+    torch.testing.assert_close(det.boxes[0], torch.tensor([0.0, 0.0, 100.0, 50.0]))
+    assert det.boxes.dtype == torch.float32 and det.query_index.dtype == torch.int64
+
+
+def test_sigmoid_topk_ties_threshold_and_top_k_cut() -> None:
+    from detection.models.contract import PostprocessRule
+
+    names = ["a", "b"]
+    logits = _sigmoid_logits([[0.7, 0.7],     # q0: a 0.7, b 0.7 (tie within a query)
+                              [0.7, 0.4],     # q1: a 0.7 (tie across queries)
+                              [0.5, 0.9]])[None]  # q2: b 0.9; a 0.5 equals the threshold
+    boxes = torch.full((1, 3, 4), 0.5)
+    outputs = {"pred_logits": logits, "pred_boxes": boxes}
+    everything = postprocess(outputs, [(10, 10)], names, 0.5, PostprocessRule.sigmoid_topk(top_k=6))[0]
+    # ties keep (query, class) order; 0.5 is not > 0.5, 0.4 is below
+    assert list(zip(everything.query_index.tolist(), everything.labels.tolist())) == [(2, 1), (0, 0), (0, 1), (1, 0)]
+    cut = postprocess(outputs, [(10, 10)], names, 0.5, PostprocessRule.sigmoid_topk(top_k=3))[0]
+    assert list(zip(cut.query_index.tolist(), cut.labels.tolist())) == [(2, 1), (0, 0), (0, 1)]
+    # top_k is taken before the threshold: the 2 best pairs, then only those above 0.8
+    high = postprocess(outputs, [(10, 10)], names, 0.8, PostprocessRule.sigmoid_topk(top_k=2))[0]
+    assert high.query_index.tolist() == [2] and high.labels.tolist() == [1]
+    none = postprocess(outputs, [(10, 10)], names, 0.95, PostprocessRule.sigmoid_topk())[0]
+    assert len(none) == 0 and none.boxes.shape == (0, 4) and none.class_names == []
+
+
+def test_sigmoid_topk_has_no_no_object_class() -> None:
+    from detection.models.contract import PostprocessRule
+
+    logits = torch.zeros(1, 2, 3)
+    boxes = torch.full((1, 2, 4), 0.5)
+    with pytest.raises(ValueError, match="2 class names for 3 classes$"):
+        postprocess({"pred_logits": logits, "pred_boxes": boxes}, [(4, 4)], ["a", "b"], 0.1,
+                    PostprocessRule.sigmoid_topk())
+    with pytest.raises(ValueError, match="top_k"):
+        PostprocessRule.sigmoid_topk(top_k=0)
+
+
+def test_explicit_softmax_rule_is_the_default() -> None:
+    from detection.models.contract import PostprocessRule
+
+    torch.manual_seed(0)
+    outputs = {"pred_logits": torch.randn(2, 6, 4) * 3, "pred_boxes": torch.rand(2, 6, 4)}
+    sizes = [(30, 40), (50, 20)]
+    default = postprocess(outputs, sizes, ["a", "b", "c"], 0.2)
+    explicit = postprocess(outputs, sizes, ["a", "b", "c"], 0.2, PostprocessRule.softmax_no_object())
+    for a, b in zip(default, explicit):
+        for name in ("boxes", "scores", "labels", "query_index"):
+            assert torch.equal(a.get(name), b.get(name))
+        assert a.class_names == b.class_names
