@@ -23,8 +23,8 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
 def _outputs_equal(a, b) -> None:
     with torch.no_grad():
         images, mask = _inputs()
-        out_a = a(images, mask, attention=True)
-        out_b = b(images, mask, attention=True)
+        out_a = a(images, mask, cross_attention=True)
+        out_b = b(images, mask, cross_attention=True)
     assert torch.equal(out_a["pred_logits"], out_b["pred_logits"])
     assert torch.equal(out_a["pred_boxes"], out_b["pred_boxes"])
     assert torch.equal(out_a["attention"].decoder_cross, out_b["attention"].decoder_cross)

@@ -62,7 +62,7 @@ def test_matches_hf_detr(tmp_path, dilation: bool) -> None:
     pixel_values = ((images - mean) / std) * (~mask[:, None])
     with torch.no_grad():
         ref = hf(pixel_values=pixel_values, pixel_mask=(~mask).long(), output_attentions=True)
-        out = ours(images, mask, attention=True)
+        out = ours(images, mask, cross_attention=True)
         fused = ours(images, mask)
     assert (out["pred_logits"] - ref.logits).abs().max() <= 1e-4
     assert (out["pred_boxes"] - ref.pred_boxes).abs().max() <= 1e-4

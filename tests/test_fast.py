@@ -46,13 +46,13 @@ def batch():
 def test_fold_all_frozen_batch_norms_exactly(tiny, batch) -> None:
     images, mask = batch
     with torch.no_grad():
-        reference = tiny(images, mask, attention=True)
+        reference = tiny(images, mask, cross_attention=True)
     total = count_batch_norms(tiny.backbone.body)
     prepared = InferenceModel(tiny, "cpu", "fp32", fold_bn=True, channels_last=True)
     assert prepared.folded_batch_norms == total > 0
     assert count_batch_norms(prepared.model) == 0
     assert count_batch_norms(tiny) == total  # the caller's model is untouched
-    outputs = prepared(images, mask, attention=True)
+    outputs = prepared(images, mask, cross_attention=True)
     torch.testing.assert_close(outputs["pred_logits"], reference["pred_logits"], rtol=0, atol=1e-5)
     torch.testing.assert_close(outputs["pred_boxes"], reference["pred_boxes"], rtol=0, atol=1e-6)
     torch.testing.assert_close(outputs["attention"].decoder_cross, reference["attention"].decoder_cross,
@@ -85,10 +85,10 @@ def test_bf16_within_tolerance_of_fp32(tiny, batch) -> None:
     """Stated tolerance on detr-tiny (random weights): normalised boxes within 1e-3 (0.2 px at
     192 px), class probabilities within 5e-3, cross-attention weights within 5e-3."""
     images, mask = batch
-    fp32 = InferenceModel(tiny, "cpu", "fp32")(images, mask, attention=True)
+    fp32 = InferenceModel(tiny, "cpu", "fp32")(images, mask, cross_attention=True)
     bf16_model = InferenceModel(tiny, "cpu", "bf16")
     assert next(bf16_model.model.backbone.body.parameters()).dtype == torch.bfloat16
-    bf16 = bf16_model(images, mask, attention=True)
+    bf16 = bf16_model(images, mask, cross_attention=True)
     assert bf16["pred_boxes"].dtype == torch.float32 and bf16["pred_logits"].dtype == torch.float32
     assert (bf16["pred_boxes"] - fp32["pred_boxes"]).abs().max() <= 1e-3
     probs32, probs16 = fp32["pred_logits"].softmax(-1), bf16["pred_logits"].softmax(-1)
@@ -158,8 +158,8 @@ def _demo_images(model, folder: Path) -> list[str]:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_close_to_cpu_fp32(tiny, batch) -> None:
     images, mask = batch
-    reference = InferenceModel(tiny, "cpu", "fp32")(images, mask, attention=True)
-    outputs = InferenceModel(tiny, "cuda", "bf16")(images, mask, attention=True)
+    reference = InferenceModel(tiny, "cpu", "fp32")(images, mask, cross_attention=True)
+    outputs = InferenceModel(tiny, "cuda", "bf16")(images, mask, cross_attention=True)
     assert outputs["pred_boxes"].device.type == "cuda"
     assert (outputs["pred_boxes"].cpu() - reference["pred_boxes"]).abs().max() <= 1e-3
     assert (outputs["attention"].decoder_cross.cpu() - reference["attention"].decoder_cross).abs().max() <= 5e-3

@@ -40,7 +40,7 @@ def test_fused_and_explicit_paths_agree(config_name: str) -> None:
     images, mask = _padded_batch()
     with torch.no_grad():
         fused = model(images, mask)
-        explicit = model(images, mask, attention=True, encoder_attention=True, decoder_self_attention=True)
+        explicit = model(images, mask, cross_attention=True, encoder_attention=True, decoder_self_attention=True)
     assert fused["attention"] is None
     assert (fused["pred_logits"] - explicit["pred_logits"]).abs().max() <= 1e-5
     assert (fused["pred_boxes"] - explicit["pred_boxes"]).abs().max() <= 1e-5
@@ -53,7 +53,7 @@ def test_fused_and_explicit_paths_agree(config_name: str) -> None:
 def test_attention_record_geometry(tiny_model: DETR) -> None:
     images, mask = _padded_batch()
     with torch.no_grad():
-        out = tiny_model(images, mask, attention=True, encoder_attention=True, decoder_self_attention=True)
+        out = tiny_model(images, mask, cross_attention=True, encoder_attention=True, decoder_self_attention=True)
     record = out["attention"]
     cfg = tiny_model.config
     h, w = 3, 4  # 96/32, 128/32
@@ -235,9 +235,9 @@ def test_config_rejects_bad_input(tmp_path) -> None:
 def test_bf16_autocast_keeps_float32_attention(tiny_model: DETR) -> None:
     images, mask = _padded_batch()
     with torch.no_grad():
-        reference = tiny_model(images, mask, attention=True)
+        reference = tiny_model(images, mask, cross_attention=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = tiny_model(images, mask, attention=True)
+            low = tiny_model(images, mask, cross_attention=True)
     record = low["attention"]
     assert record.decoder_cross.dtype == torch.float32
     sums = record.decoder_cross.sum(dim=(-2, -1))
@@ -252,11 +252,11 @@ def test_bf16_autocast_keeps_float32_attention(tiny_model: DETR) -> None:
 def test_cuda_matches_cpu(tiny_model: DETR) -> None:
     images, mask = _padded_batch()
     with torch.no_grad():
-        cpu = tiny_model(images, mask, attention=True)
+        cpu = tiny_model(images, mask, cross_attention=True)
         gpu_model = tiny_model.to("cuda")
         try:
             fused = gpu_model(images.cuda(), mask.cuda())
-            explicit = gpu_model(images.cuda(), mask.cuda(), attention=True)
+            explicit = gpu_model(images.cuda(), mask.cuda(), cross_attention=True)
         finally:
             tiny_model.to("cpu")
     torch.testing.assert_close(fused["pred_logits"].cpu(), explicit["pred_logits"].cpu(), atol=1e-4, rtol=0)

@@ -50,14 +50,14 @@ def test_vit_detr_geometry_and_round_trip(tmp_path) -> None:
     mask = torch.zeros(2, 72, 100, dtype=torch.bool)
     mask[1, 40:] = True
     with torch.no_grad():
-        out = model(images, mask, attention=True)
+        out = model(images, mask, cross_attention=True)
     record = out["attention"]
     # ceil(72 / 16) x ceil(100 / 16): timm pads the input to whole patches
     assert record.feature_size == (5, 7) and record.feature_stride == 16
     assert record.decoder_cross.shape == (2, 2, 4, 20, 5, 7)
     loaded = load_model(save_model(model, tmp_path / "vit"))
     with torch.no_grad():
-        again = loaded(images, mask, attention=True)
+        again = loaded(images, mask, cross_attention=True)
     assert torch.equal(again["pred_logits"], out["pred_logits"])
     assert torch.equal(again["attention"].decoder_cross, record.decoder_cross)
 

@@ -1,12 +1,13 @@
 """DETR assembled from explicit parts: backbone -> input projection -> transformer -> heads.
 
 `DetrConfig` is the one description of a model (it travels with the weights in model.json);
-`DETR(config)` builds the network. Normalisation happens inside the model.
+`DETR(config)` builds the network; it implements the Detector contract (models/contract.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 
 from detection.models.backbone import build_backbone
+from detection.models.contract import PostprocessRule, PreprocessSpec
+from detection.models.detr_inference import prepare_detr_for_inference
 from detection.models.outputs import AttentionRecord
 from detection.models.position import SinePositionEncoding
 from detection.models.transformer import Transformer
@@ -157,15 +160,34 @@ class DETR(nn.Module):
     def feature_stride(self) -> int:
         return int(self.backbone.feature_stride)
 
-    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                attention: bool = False, encoder_attention: bool = False,
-                decoder_self_attention: bool = False) -> dict[str, Any]:
+    @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        """DETR's input: shortest edge -> config.min_size, longest <= config.max_size, OpenCV
+        bilinear without antialias, [0, 1] RGB (mean/std None: the model normalises inside
+        with its non-persistent image_mean / image_std buffers), no size divisibility."""
+        return PreprocessSpec.shortest_edge(self.config.min_size, self.config.max_size)
+
+    @property
+    def postprocess_rule(self) -> PostprocessRule:
+        """Softmax over num_classes + 1 logits, "no object" last: one detection per query."""
+        return PostprocessRule.softmax_no_object()
+
+    def prepare_for_inference(self, device: str | torch.device, precision: str, fold_bn: bool = True,
+                              channels_last: bool = True, compile: bool = False) -> nn.Module:
+        """A prepared copy for inference (see detr_inference.prepare_detr_for_inference)."""
+        return prepare_detr_for_inference(self, device, precision, fold_bn=fold_bn,
+                                          channels_last=channels_last, compile=compile)
+
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None, *,
+                cross_attention: bool = False, encoder_attention: bool = False,
+                decoder_self_attention: bool = False, attention: bool | None = None) -> dict[str, Any]:
         """Detect objects in a padded batch.
 
         images: (B, 3, H, W) float RGB in [0, 1], each image at the top-left, padded bottom/right.
         padding_mask: (B, H, W) bool, True on padding (None = no padding).
-        attention / encoder_attention / decoder_self_attention: return an AttentionRecord
+        cross_attention / encoder_attention / decoder_self_attention: return an AttentionRecord
             (any flag runs the explicit attention path; decoder cross-attention is always in it).
+        attention: deprecated name of cross_attention (DeprecationWarning).
 
         Returns dict:
             pred_logits (B, Q, num_classes + 1) raw logits, the last class is "no object";
@@ -173,6 +195,10 @@ class DETR(nn.Module):
             aux_outputs: list of L_dec - 1 dicts {pred_logits, pred_boxes}, decoder layers 0..L-2;
             attention: AttentionRecord or None. decoder_cross (L_dec, B, heads, Q, h, w) float32.
         """
+        if attention is not None:
+            warnings.warn("DETR.forward(attention=...) is deprecated; use cross_attention=...",
+                          DeprecationWarning, stacklevel=2)
+            cross_attention = cross_attention or attention
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         if padding_mask is None:
@@ -181,7 +207,7 @@ class DETR(nn.Module):
         if padding_mask.shape != (images.shape[0], *images.shape[-2:]) or padding_mask.dtype != torch.bool:
             raise ValueError(f"padding_mask must be bool (B, H, W) = {(images.shape[0], *images.shape[-2:])}, "
                              f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
-        want_record = attention or encoder_attention or decoder_self_attention
+        want_record = cross_attention or encoder_attention or decoder_self_attention
 
         x = (images - self.image_mean) / self.image_std
         # Padding is 0 AFTER normalisation, like the authors' NestedTensor and HF's processor.
