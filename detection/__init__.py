@@ -12,6 +12,9 @@ _LAZY = {
     "load_model": "detection.models.registry",
     "build_model": "detection.models.registry",
     "postprocess": "detection.postprocess",
+    "Detector": "detection.models.contract",
+    "PreprocessSpec": "detection.models.contract",
+    "PostprocessRule": "detection.models.contract",
 }
 
 

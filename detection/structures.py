@@ -40,7 +40,8 @@ class Detections:
       boxes        float32 (N, 4) xyxy, original-image pixels
       scores       float32 (N,)
       labels       int64 (N,) contiguous model label index (into `class_names` of the model)
-      query_index  int64 (N,) decoder query that produced the detection (ties it to its attention)
+      query_index  int64 (N,) decoder query that produced the detection (ties it to its attention;
+                   under a sigmoid_topk PostprocessRule one query may appear once per class)
       class_names  list[str] (N,)
     Optional fields, e.g. `maps` float32 (N, H, W) saliency in original-image pixels.
 

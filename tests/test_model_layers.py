@@ -86,3 +86,45 @@ def test_no_import_circle_through_models(graph) -> None:
 def test_contract_imports_no_model_code(graph) -> None:
     assert graph["detection.models.contract"] == set()
     assert "detection.models.detr" not in graph["detection.engine.fast"]
+
+
+OLD_PUBLIC_NAMES = {
+    "detection.models.convert": [
+        "AUTHORS_BACKBONE_PREFIX", "HF_BACKBONE_PREFIX", "HF_INDEX_FILES", "HF_WEIGHT_FILES",
+        "NATIVE_BACKBONE_PREFIX", "authors_to_native", "convert_to_native", "detect_format",
+        "hf_config_to_detr_config", "hf_to_native", "infer_authors_config", "load_authors_checkpoint",
+        "load_foreign", "load_hf_folder", "native_to_authors", "save_authors_checkpoint"],
+    "detection.models.registry": [
+        "ARCHITECTURE", "CONFIG_DIR", "DEMO_DIR", "FORMAT_VERSION", "META_FILE", "REPO_ROOT", "WEIGHTS_FILE",
+        "available_configs", "build_model", "is_native_folder", "load_config", "load_model", "load_native",
+        "read_model_meta", "replace_class_head", "save_model", "DETR", "DetrConfig"],
+    "detection.models.weights": [
+        "CACHE_ENV", "CheckpointError", "DownloadError", "MANIFEST_PATH", "ManifestEntry",
+        "SAFETENSORS_SUFFIXES", "TORCH_SUFFIXES", "WRAPPER_PREFIXES", "cache_dir", "check_hash",
+        "download_checkpoint", "ensure_published_native", "extract_state_dict", "load_checkpoint_file",
+        "load_manifest", "load_published", "load_state_dict_file", "load_weights_into",
+        "published_native_dir", "sha256_file", "strip_wrapper_prefixes"],
+    "detection.engine.fast": [
+        "InferenceModel", "Precision", "count_batch_norms", "fold_batch_norms", "cpu_supports_bf16",
+        "resolve_device"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(OLD_PUBLIC_NAMES))
+def test_old_import_paths_keep_working(module: str) -> None:
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # moved names are plain re-exports, no warning
+        loaded = importlib.import_module(module)
+        missing = [name for name in OLD_PUBLIC_NAMES[module] if not hasattr(loaded, name)]
+    assert missing == []
+
+
+def test_package_exports_the_contract() -> None:
+    import detection
+    from detection.models.contract import Detector, PostprocessRule, PreprocessSpec
+
+    assert (detection.Detector, detection.PreprocessSpec, detection.PostprocessRule) == (
+        Detector, PreprocessSpec, PostprocessRule)

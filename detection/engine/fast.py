@@ -1,11 +1,5 @@
-"""Inference-only wrapper: a detector's own prepared copy, run under autocast, float32 outputs.
-
-`InferenceModel(model, device, precision)` asks the detector for its fast copy through the
-contract (`model.prepare_for_inference`: BN folding, channels_last, low-precision body,
-float32 heads, compile -- see models/detr_inference.py for DETR) and never changes the
-caller's model. On the CPU the first InferenceModel calls `allocator.retain_freed_memory()`
-(glibc keeps freed activations for reuse instead of page-faulting them in again).
-Numerics of the bf16 path are checked in tests/test_fast.py and by scripts/bench.py.
+"""Inference-only wrapper: a detector's own prepared copy (through the contract), run under
+autocast, with float32 outputs. Numerics of the bf16 path: tests/test_fast.py, scripts/bench.py.
 """
 from __future__ import annotations
 
@@ -26,8 +20,11 @@ Precision = Literal["fp32", "bf16", "fp16"]
 class InferenceModel:
     """A prepared copy of a detector for inference. Call like the model; outputs are float32.
 
-    precision: "fp32" | "bf16" | "fp16". fold_bn / channels_last / compile: passed to the
-    detector's `prepare_for_inference`.
+    The copy comes from `model.prepare_for_inference(device, precision, fold_bn, channels_last,
+    compile)` (DETR's: models/detr_inference.py); the caller's model is never changed.
+    precision: "fp32" | "bf16" | "fp16"; the forward pass runs under its autocast. On the CPU
+    the first InferenceModel calls `allocator.retain_freed_memory()` (glibc keeps freed
+    activations for reuse instead of page-faulting them in again).
     """
 
     def __init__(self, model: Detector, device: str | torch.device = "cpu", precision: Precision = "fp32",

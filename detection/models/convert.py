@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from detection.io import atomic_path
-from detection.models.checkpoint_io import (CheckpointError, load_hf_weights, load_state_dict_file, load_weights_into,
+from detection.models.checkpoint_io import (HF_INDEX_FILES, HF_WEIGHT_FILES, CheckpointError,  # noqa: F401
+                                            load_hf_weights, load_state_dict_file, load_weights_into,
                                             sha256_file)
 from detection.models.configs import load_config
 from detection.models.detr import DETR, DetrConfig

@@ -1,13 +1,5 @@
-"""Key maps between our DETR and foreign checkpoints, and configs inferred from them.
-
-Pure functions over state dicts and config dicts: the DETR authors' layout (facebookresearch/detr)
-and Hugging Face's (Hub files and transformers 5 in-memory names). No file IO here.
-
-* authors: file `{"model": state_dict}`; our names equal theirs except the backbone prefix
-  `backbone.0.body.` (ours: `backbone.body.`).
-* HF Hub layout (what `save_pretrained` writes): `model.backbone.conv_encoder.model.*`, separate
-  q/k/v projections, `fc1/fc2`, `*_layer_norm`, `encoder_attn`, ...; transformers 5 renames some
-  keys in memory (`backbone.model`, `o_proj`, `mlp.fc1`); both layouts are accepted.
+"""Key maps between our DETR and foreign checkpoints (DETR authors', Hugging Face), and configs
+inferred from foreign checkpoints: pure functions over state dicts and config dicts, no file IO.
 """
 from __future__ import annotations
 
@@ -21,6 +13,11 @@ from detection.models.checkpoint_io import strip_wrapper_prefixes
 from detection.models.configs import load_config
 from detection.models.detr import DetrConfig
 
+# * authors (facebookresearch/detr): file `{"model": state_dict}`; our names equal theirs except
+#   the backbone prefix `backbone.0.body.` (ours: `backbone.body.`).
+# * HF Hub layout (what `save_pretrained` writes): `model.backbone.conv_encoder.model.*`, separate
+#   q/k/v projections, `fc1/fc2`, `*_layer_norm`, `encoder_attn`, ...; transformers 5 renames some
+#   keys in memory (`backbone.model`, `o_proj`, `mlp.fc1`); both layouts are accepted.
 AUTHORS_BACKBONE_PREFIX = "backbone.0.body."
 NATIVE_BACKBONE_PREFIX = "backbone.body."
 HF_BACKBONE_PREFIX = "model.backbone.conv_encoder.model."

@@ -16,8 +16,8 @@ from detection.models import published
 from detection.models.configs import CONFIG_DIR, available_configs, load_config  # noqa: F401
 from detection.models.convert import convert_to_native, load_foreign
 from detection.models.detr import DETR, DetrConfig
-from detection.models.native import (META_FILE, WEIGHTS_FILE, is_native_folder, load_native,  # noqa: F401
-                                     read_model_meta, save_model)
+from detection.models.native import (ARCHITECTURE, FORMAT_VERSION, META_FILE, WEIGHTS_FILE,  # noqa: F401
+                                     is_native_folder, load_native, read_model_meta, save_model)
 
 __all__ = ["DetrConfig", "DETR", "build_model", "load_model", "save_model", "load_config",
            "available_configs", "replace_class_head", "ensure_published_native", "load_published",
