@@ -156,16 +156,13 @@ def ours_runner(engine: InferenceModel, images: torch.Tensor, maps: str, top_k: 
     sizes = torch.tensor([[images.shape[-2], images.shape[-1]]] * images.shape[0])
 
     def run():
-        outputs = engine(images, mask, attention=maps != "none")
+        outputs = engine(images, mask, cross_attention=maps != "none")
         detections = postprocess(outputs, sizes, class_names, score_threshold=0.0)
         result = {"outputs": outputs, "detections": detections, "maps": None}
         if maps != "none":
-            record = outputs["attention"]
-            # what the engine keeps for layers="last": the last layer, every head, to the CPU
-            record.decoder_cross = record.decoder_cross[-1:].cpu()
+            # what the engine keeps for layers="last": the last layer, every head, on the CPU
+            record = outputs["attention"].keep_last_layer().to("cpu")
             if maps == "image":
-                record.feature_padding_mask = record.feature_padding_mask.cpu()
-                record.image_sizes = record.image_sizes.cpu()
                 result["maps"] = [detection_maps(record, i, det.query_index[:top_k], det.image_size)
                                   for i, det in enumerate(detections)]
         return result

@@ -23,6 +23,7 @@ from detection.engine.planning import plan_batches, probe_sizes, shard_plan
 from detection.engine.outputs import detection_record
 from detection.engine.predictor import Predictor
 from detection.engine.sources import expand_sources
+from detection.models.contract import PreprocessSpec
 from detection.models.registry import build_model, save_model
 from detection.postprocess import postprocess
 
@@ -87,11 +88,11 @@ def test_plan_exact_groups_equal_shapes_and_shards(tmp_path: Path) -> None:
     sizes = [(120, 160), (150, 100), (120, 160), (120, 160), (150, 100), (64, 64)]
     _write_images(tmp_path, sizes)
     items = probe_sizes(expand_sources([str(tmp_path)]))
-    plan = plan_batches(items, batch_size=2, min_size=128, max_size=192, mode="exact")
+    plan = plan_batches(items, batch_size=2, preprocess=PreprocessSpec.shortest_edge(128, 192), mode="exact")
     assert [[it.image_id for it in b.items] for b in plan] == [[1, 3], [2, 5], [4], [6]]
     for batch in plan:
         assert len(set(batch.input_sizes)) == 1
-    padded = plan_batches(items, batch_size=3, min_size=128, max_size=192, mode="padded")
+    padded = plan_batches(items, batch_size=3, preprocess=PreprocessSpec.shortest_edge(128, 192), mode="padded")
     assert sorted(it.image_id for b in padded for it in b.items) == [1, 2, 3, 4, 5, 6]
     # shards are disjoint and cover the plan
     shards = [shard_plan(plan, r, 3) for r in range(3)]

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from detection.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from detection.data.preprocess import image_to_input
+from detection.models.contract import PreprocessSpec
 from detection.engine.planning import PlannedBatch
 from detection.engine.sources import SourceItem
 from detection.render.colors import swap_red_blue
@@ -43,18 +44,17 @@ class LoadedBatch:
 class BatchLoadingDataset(IterableDataset):
     """Yields LoadedBatch for each planned batch of this worker's units, in plan order."""
 
-    def __init__(self, plan: Sequence[PlannedBatch], min_size: int, max_size: int | None,
+    def __init__(self, plan: Sequence[PlannedBatch], preprocess: PreprocessSpec,
                  keep_rgb: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         super().__init__()
         self.plan = list(plan)
-        self.min_size = min_size
-        self.max_size = max_size
+        self.preprocess = preprocess
         self.keep_rgb = keep_rgb
         self.max_pixels = max_pixels
 
     # -- per item -----------------------------------------------------------------------
     def _sample_from_rgb(self, item: SourceItem, rgb: np.ndarray) -> Sample:
-        image = image_to_input(rgb, self.min_size, self.max_size)
+        image = image_to_input(rgb, self.preprocess)
         return Sample(item, image=image, original_size=(int(rgb.shape[0]), int(rgb.shape[1])),
                       rgb=rgb if self.keep_rgb else None)
 

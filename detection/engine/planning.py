@@ -9,6 +9,7 @@ from typing import Literal, Sequence
 
 from detection.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, read_header
 from detection.data.preprocess import resized_size
+from detection.models.contract import PreprocessSpec
 from detection.engine.sources import SourceItem
 
 BatchingMode = Literal["exact", "padded"]
@@ -53,9 +54,11 @@ def probe_sizes(items: Sequence[SourceItem], max_pixels: int | None = DEFAULT_MA
         return list(pool.map(probe, items))
 
 
-def plan_batches(items: Sequence[SourceItem], batch_size: int, min_size: int, max_size: int | None,
+def plan_batches(items: Sequence[SourceItem], batch_size: int, preprocess: PreprocessSpec,
                  mode: BatchingMode = "exact") -> list[PlannedBatch]:
     """Group probed items (errors excluded) into batches; deterministic in the item order.
+
+    preprocess: the detector's PreprocessSpec (its resize rule gives each item's input size).
 
     Why plan up front: a batch's composition can change float results in the last bits
     (kernels block differently for different batch sizes, and in padded mode the padding
@@ -82,7 +85,7 @@ def plan_batches(items: Sequence[SourceItem], batch_size: int, min_size: int, ma
     def input_size(item: SourceItem) -> tuple[int, int]:
         if item.expected_size is None:
             return (0, 0)  # unknown (video without size properties): batched alone per shape
-        return resized_size(item.expected_size[0], item.expected_size[1], min_size, max_size)
+        return resized_size(item.expected_size[0], item.expected_size[1], preprocess)
 
     good = [it for it in items if it.error is None]
     groups: list[list[SourceItem]] = []

@@ -51,7 +51,9 @@ class PredictionResult:
 class Predictor:
     """Run a DETR over many images in planned batches with worker-process decoding.
 
-    model: a DETR (its `config` gives class names, category ids and min_size/max_size).
+    model: a detector implementing `detection.models.contract.Detector` (its `config` gives
+        class names and category ids; `preprocess_spec` and `postprocess_rule` its input and
+        output rules).
     device: "cpu" | "cuda" | "cuda:N" | "auto". precision: "fp32" | "bf16" | "fp16" | "auto"
         (see `detection.runtime.device`).
     batch_size / batching: see `detection.engine.planning` ("exact" keeps every result equal
@@ -79,6 +81,8 @@ class Predictor:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.config = model.config
+        self.preprocess = model.preprocess_spec
+        self.postprocess_rule = model.postprocess_rule
         self.engine = InferenceModel(model, self.device, self.precision, fold_bn=fold_bn,
                                      channels_last=channels_last, compile=compile)
         self.batch_size = int(batch_size)
@@ -111,7 +115,7 @@ class Predictor:
     def plan(self, items: Sequence[SourceItem]) -> tuple[list[SourceItem], list[PlannedBatch]]:
         """Probe headers (errors become item.error) and plan the batches of all items."""
         probed = probe_sizes(items, max_pixels=self.max_pixels)
-        plan = plan_batches(probed, self.batch_size, self.config.min_size, self.config.max_size, self.batching)
+        plan = plan_batches(probed, self.batch_size, self.preprocess, self.batching)
         return probed, plan
 
     # -- running ------------------------------------------------------------------------
@@ -132,8 +136,7 @@ class Predictor:
         todo = [b for b in plan if not all(it.key in skip_keys for it in b.items)]
         if not todo:
             return
-        dataset = BatchLoadingDataset(todo, self.config.min_size, self.config.max_size,
-                                      keep_rgb=self.keep_images, max_pixels=self.max_pixels)
+        dataset = BatchLoadingDataset(todo, self.preprocess, keep_rgb=self.keep_images, max_pixels=self.max_pixels)
         workers = min(self.num_workers, len(dataset.units()))
         for loaded in make_loader(dataset, workers):
             yield from self._run_loaded(loaded, skip_keys)
@@ -153,12 +156,12 @@ class Predictor:
         Returns one Detections per image (boxes xyxy in original pixels) and the batch's
         AttentionRecord (on the CPU) or None when no attention was requested.
         """
-        batch, mask = pad_batch(images)
+        batch, mask = pad_batch(images, self.preprocess.size_divisibility)
         start = time.perf_counter()
-        outputs = self.engine(batch, mask, attention=self.cross_attention,
+        outputs = self.engine(batch, mask, cross_attention=self.cross_attention,
                               decoder_self_attention=self.rollout, encoder_attention=self.rollout)
         detections = postprocess(outputs, torch.tensor(original_sizes), self.config.class_names,
-                                 self.score_threshold)
+                                 self.score_threshold, rule=self.postprocess_rule)
         self.model_seconds += time.perf_counter() - start
         record = outputs["attention"]
         if record is not None and self.last_layer_only:
