@@ -4,11 +4,14 @@ Public entry points are re-exported lazily so that `import detection` stays chea
 """
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
 _LAZY = {
     "Detections": "detection.structures",
     "AttentionRecord": "detection.models.outputs",
+    "SampledAttention": "detection.models.outputs",
     "load_model": "detection.models.registry",
     "build_model": "detection.models.registry",
     "postprocess": "detection.postprocess",
@@ -20,7 +23,5 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'detection' has no attribute {name!r}")
