@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from detection.engine.journal import Journal, dumps_record, read_journal, repair_journal
 from detection.engine.sources import SourceItem
-from detection.io import write_json_atomic, write_text_atomic
+from detection.io import read_json, write_json_atomic, write_text_atomic
 
 RUN_FILE = "run.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -302,10 +302,7 @@ class RunReader:
         path = self.root / RUN_FILE
         if not path.is_file():
             return None
-        try:
-            info = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error.msg})") from error
+        info = read_json(path, "run file")
         if not isinstance(info, dict):
             raise ValueError(f"{path}: expected a JSON object")
         return info
