@@ -148,3 +148,58 @@ def test_crop_to_common_size_leaves_no_padding_and_keeps_boxes_on_their_pixels()
     assert batch.shape == (2, 3, 40, 30) and not mask.any()
     batch, mask, _ = TrainCollate(common_crop_p=0.0)([(image0, t0), (torch.zeros(3, 50, 30), t1)])
     assert batch.shape == (2, 3, 50, 60) and mask.any()
+
+
+# -- the one COCO ground-truth loader (training reads it non-strict, evaluation strict) -----
+def test_dataset_and_evaluation_read_through_the_one_loader(tmp_path):
+    from detection.data.ground_truth import load_coco_gt
+
+    images, ann = _write_dataset(tmp_path)
+    assert CocoDetection(images, ann).coco.dataset == load_coco_gt(ann, strict=False) == json.loads(ann.read_text())
+    # what training skips one annotation at a time, evaluation refuses for the whole file
+    with pytest.raises(ValueError, match="ann.json: annotation 5 refers to unknown category_id 99"):
+        load_coco_gt(ann)
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda g: g["annotations"][0].pop("image_id"), r"annotations\[0\] has no 'image_id' field"),
+    (lambda g: g["annotations"][1].pop("category_id"), r"annotations\[1\] has no 'category_id' field"),
+    (lambda g: g["categories"][0].pop("name"), "'name'"),
+    (lambda g: g["images"][0].update(id="10"), "integer 'id'"),
+    (lambda g: g.pop("images"), "missing list 'images'"),
+])
+def test_malformed_file_names_the_file_and_the_field(tmp_path, mutate, field):
+    from detection.data.ground_truth import GroundTruthError, load_coco_gt
+
+    images, ann = _write_dataset(tmp_path)
+    broken = json.loads(ann.read_text())
+    mutate(broken)
+    path = tmp_path / "malformed.json"
+    path.write_text(json.dumps(broken))
+    for strict in (False, True):
+        with pytest.raises(GroundTruthError, match=field) as info:
+            load_coco_gt(path, strict=strict)
+        assert str(info.value).startswith(f"{path}: ")
+    with pytest.raises(ValueError, match=field):
+        CocoDetection(images, path)
+
+
+def test_strict_loading_names_the_evaluation_field(tmp_path):
+    from detection.data.ground_truth import GroundTruthError, load_coco_gt
+
+    _, ann = _write_dataset(tmp_path)
+    broken = json.loads(ann.read_text())
+    broken["annotations"] = broken["annotations"][:2]
+    broken["annotations"][1].pop("area")
+    broken["images"][1].pop("width")
+    path = tmp_path / "no_area.json"
+    path.write_text(json.dumps(broken))
+    with pytest.raises(GroundTruthError, match=r"no_area.json: image 11 needs integer 'width'"):
+        load_coco_gt(path)
+    broken["images"][1]["width"] = 30
+    path.write_text(json.dumps(broken))
+    with pytest.raises(GroundTruthError, match=r"no_area.json: annotation 2 has no 'area' field"):
+        load_coco_gt(path)
+    assert len(load_coco(path).dataset["annotations"]) == 2  # training does not need `area`
+    with pytest.raises(GroundTruthError, match="missing.json: annotation file not found"):
+        load_coco_gt(tmp_path / "missing.json", strict=False)

@@ -18,8 +18,6 @@ skipped. Nothing on disk is ever modified.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import math
 import os
@@ -32,6 +30,7 @@ import torch
 from pycocotools.coco import COCO
 
 from detection.boxes import cxcywh_to_xyxy, xywh_to_xyxy, xyxy_to_cxcywh
+from detection.data.ground_truth import coco_from_dataset, load_coco_gt
 from detection.data.images import ImageLoadError, load_image
 from detection.data.preprocess import pad_batch
 
@@ -81,19 +80,9 @@ class LabelMap:
 
 
 def load_coco(ann_file: str | os.PathLike) -> COCO:
-    """pycocotools COCO without its prints; a clear error naming the file on bad input."""
-    ann_file = Path(ann_file)
-    if not ann_file.is_file():
-        raise ValueError(f"{ann_file}: annotation file does not exist")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(str(ann_file))
-    except Exception as error:  # pycocotools raises bare AssertionError / KeyError / JSONDecodeError
-        raise ValueError(f"{ann_file}: not a readable COCO annotation file ({type(error).__name__}: {error})") from error
-    for key in ("images", "categories"):
-        if key not in coco.dataset:
-            raise ValueError(f"{ann_file}: COCO file has no {key!r} list")
-    return coco
+    """The pycocotools index of a COCO file read by the one ground-truth loader (non-strict:
+    per-annotation problems are skipped later, with a warning each); errors name the file."""
+    return coco_from_dataset(load_coco_gt(ann_file, strict=False))
 
 
 def _valid_bbox(bbox: Any) -> bool:
