@@ -14,8 +14,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detection.cli import main
-from detection.engine import evaluate as E
-from detection.engine.subsets import GroundTruthError, SubsetSpec, load_coco_gt, select_subset
+from detection.data.ground_truth import GroundTruthError, load_coco_gt
+from detection.evaluation.bbox import BBOX_STAT_NAMES, evaluate_bbox
+from detection.evaluation.classes import ClassMappingError, map_classes
+from detection.evaluation.results import EvaluationError, image_ids_from_file_names, validate_results
+from detection.evaluation.subsets import SubsetSpec, select_subset
 from detection.render.colors import class_color
 from detection.render.plot import draw_pr_plot
 
@@ -108,7 +111,7 @@ def test_full_dataset_parity_with_pycocotools(dataset, tmp_path):
     out = tmp_path / "run"
     assert _eval(["--detections", str(res), "--ann", str(ann), "--out", str(out)]) == 0
     metrics = _metrics(out)
-    ours = [metrics["bbox"][name] for name in E.BBOX_STAT_NAMES]
+    ours = [metrics["bbox"][name] for name in BBOX_STAT_NAMES]
     assert ours == direct_stats(ann, out / "detections.json")
     assert ours == direct_stats(ann, res)  # nothing was dropped that pycocotools would use
     assert 0.2 < metrics["bbox"]["AP50"] < 1.0  # a real, imperfect detector
@@ -124,7 +127,7 @@ def test_subset_parity_sets_img_and_cat_ids(dataset, tmp_path):
     assert _eval(["--detections", str(res), "--ann", str(ann), "--out", str(out), "--image-ids", str(ids_file),
                   "--categories", "square", "traffic light"]) == 0
     metrics = _metrics(out)
-    ours = [metrics["bbox"][name] for name in E.BBOX_STAT_NAMES]
+    ours = [metrics["bbox"][name] for name in BBOX_STAT_NAMES]
     # identical on the written file and on the original file with the same imgIds / catIds
     assert ours == direct_stats(ann, out / "detections.json", sorted(chosen), [1, 3])
     assert ours == direct_stats(ann, res, sorted(chosen), [1, 3])
@@ -164,10 +167,10 @@ def test_empty_results_equal_pycocotools_with_nothing_to_match(dataset, tmp_path
     only_disc.write_text(json.dumps([r for r in results if r["category_id"] == 7]))
     out2 = tmp_path / "run2"
     assert _eval(["--detections", str(only_disc), "--ann", str(ann), "--out", str(out2), "--categories", "square", "traffic light"]) == 0
-    assert [_metrics(out2)["bbox"][n] for n in E.BBOX_STAT_NAMES] == direct_stats(ann, only_disc, None, [1, 3])
+    assert [_metrics(out2)["bbox"][n] for n in BBOX_STAT_NAMES] == direct_stats(ann, only_disc, None, [1, 3])
     assert metrics["bbox"]["AP"] == 0.0 and metrics["bbox"]["AR100"] == 0.0
     # all categories, nothing detected: pycocotools' answer is 0 wherever GT exists
-    assert [metrics["bbox"][n] for n in E.BBOX_STAT_NAMES] == [
+    assert [metrics["bbox"][n] for n in BBOX_STAT_NAMES] == [
         0.0 if v > -1 else -1.0 for v in direct_stats(ann, res)
     ]
     assert any("no detections" in w for w in metrics["warnings"])
@@ -177,7 +180,7 @@ def test_empty_results_equal_pycocotools_with_nothing_to_match(dataset, tmp_path
 def test_empty_results_no_small_objects_gives_minus_one(tmp_path):
     gt = {"images": [{"id": 1, "width": 100, "height": 100}], "categories": [{"id": 1, "name": "a"}],
           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 50], "area": 2500, "iscrowd": 0}]}
-    evaluation = E.evaluate_bbox(gt, [], [1], [1])
+    evaluation = evaluate_bbox(gt, [], [1], [1])
     assert evaluation.stats["AP"] == 0.0 and evaluation.stats["APm"] == 0.0
     assert evaluation.stats["APs"] == -1.0 and evaluation.stats["APl"] == -1.0  # no GT of those sizes
     assert evaluation.empty
@@ -201,7 +204,7 @@ def test_unknown_category_ids_reported_and_ignored(dataset, tmp_path):
     metrics = _metrics(out)
     assert metrics["source"]["results_unknown_category"] == {"42": 3}
     assert any("category ids the ground truth does not define" in w and "42" in w for w in metrics["warnings"])
-    assert [metrics["bbox"][n] for n in E.BBOX_STAT_NAMES] == direct_stats(ann, extra)
+    assert [metrics["bbox"][n] for n in BBOX_STAT_NAMES] == direct_stats(ann, extra)
 
 
 def test_annotation_id_zero_refused(dataset, tmp_path, capsys):
@@ -246,8 +249,8 @@ def test_ground_truth_validation(dataset, tmp_path, mutate, message):
     ],
 )
 def test_results_validation(entry, message):
-    with pytest.raises(E.EvaluationError, match=message):
-        E.validate_results([entry], "res.json")
+    with pytest.raises(EvaluationError, match=message):
+        validate_results([entry], "res.json")
 
 
 def test_subsets(dataset, tmp_path):
@@ -282,7 +285,7 @@ def test_subset_cli_first_n_and_random(dataset, tmp_path):
     out = tmp_path / "run"
     assert _eval(["--detections", str(res), "--ann", str(ann), "--out", str(out), "--random", "6", "--seed", "2"]) == 0
     ids = select_subset(gt, SubsetSpec(random=6, seed=2)).image_ids
-    assert [_metrics(out)["bbox"][n] for n in E.BBOX_STAT_NAMES] == direct_stats(ann, res, sorted(ids))
+    assert [_metrics(out)["bbox"][n] for n in BBOX_STAT_NAMES] == direct_stats(ann, res, sorted(ids))
 
 
 def test_outputs_markdown_and_pr_curves(dataset, tmp_path):
@@ -311,20 +314,20 @@ def test_draw_pr_plot_places_points():
 
 def test_class_mapping_by_name_map_file_and_errors(tmp_path):
     cats = [{"id": 5, "name": "traffic light"}, {"id": 9, "name": "Disc"}]
-    mapping, warnings = E.map_classes(["Traffic_Light", "disc", "N/A"], cats, [5, 9])
+    mapping, warnings = map_classes(["Traffic_Light", "disc", "N/A"], cats, [5, 9])
     assert mapping == {0: 5, 1: 9} and any("N/A" in w for w in warnings)
-    with pytest.raises(E.ClassMappingError, match="--class-map"):
-        E.map_classes(["light", "circle"], cats, [5, 9])
-    mapping, _ = E.map_classes(["light", "circle"], cats, [5, 9], {"light": "traffic light", "circle": 9})
+    with pytest.raises(ClassMappingError, match="--class-map"):
+        map_classes(["light", "circle"], cats, [5, 9])
+    mapping, _ = map_classes(["light", "circle"], cats, [5, 9], {"light": "traffic light", "circle": 9})
     assert mapping == {0: 5, 1: 9}
-    with pytest.raises(E.ClassMappingError, match="map.json"):
-        E.map_classes(["light"], cats, [5], {"light": "lamp"}, "map.json")
-    with pytest.raises(E.ClassMappingError, match="not a model class"):
-        E.map_classes(["light"], cats, [5], {"bulb": 5})
-    mapping, warnings = E.map_classes(["light"], cats, [5, 9], {"light": 5}, allow_unmapped=True)
+    with pytest.raises(ClassMappingError, match="map.json"):
+        map_classes(["light"], cats, [5], {"light": "lamp"}, "map.json")
+    with pytest.raises(ClassMappingError, match="not a model class"):
+        map_classes(["light"], cats, [5], {"bulb": 5})
+    mapping, warnings = map_classes(["light"], cats, [5, 9], {"light": 5}, allow_unmapped=True)
     assert mapping == {0: 5} and any("Disc" in w for w in warnings)
     # restricting the evaluated categories makes a partial model fine
-    assert E.map_classes(["disc"], cats, [9])[0] == {0: 9}
+    assert map_classes(["disc"], cats, [9])[0] == {0: 9}
 
 
 def test_match_file_names_for_predict_output(dataset, tmp_path, capsys):
@@ -339,14 +342,14 @@ def test_match_file_names_for_predict_output(dataset, tmp_path, capsys):
     assert "--match-file-names" in capsys.readouterr().err
     out = tmp_path / "run"
     assert _eval(["--detections", str(pred), "--ann", str(ann), "--out", str(out), "--match-file-names"]) == 0
-    assert [_metrics(out)["bbox"][n] for n in E.BBOX_STAT_NAMES] == direct_stats(ann, res)
-    with pytest.raises(E.EvaluationError, match="matches no image"):
-        E.image_ids_from_file_names([dict(predicted[0], file_name="/x/unknown.png")], gt, "p.json")
+    assert [_metrics(out)["bbox"][n] for n in BBOX_STAT_NAMES] == direct_stats(ann, res)
+    with pytest.raises(EvaluationError, match="matches no image"):
+        image_ids_from_file_names([dict(predicted[0], file_name="/x/unknown.png")], gt, "p.json")
     twin = copy.deepcopy(gt)
     name = twin["images"][0]["file_name"]
     twin["images"].append(dict(twin["images"][0], id=999, file_name="other/" + name))
     twin["images"].append(dict(twin["images"][0], id=998))  # same file_name twice: ambiguous
-    with pytest.raises(E.EvaluationError, match="several images"):
-        E.image_ids_from_file_names([dict(predicted[0], file_name=f"/x/{name}")], twin, "p.json")
+    with pytest.raises(EvaluationError, match="several images"):
+        image_ids_from_file_names([dict(predicted[0], file_name=f"/x/{name}")], twin, "p.json")
     # the longest matching suffix wins
-    assert E.image_ids_from_file_names([dict(predicted[0], file_name=f"/x/other/{name}")], twin, "p.json")[0]["image_id"] == 999
+    assert image_ids_from_file_names([dict(predicted[0], file_name=f"/x/other/{name}")], twin, "p.json")[0]["image_id"] == 999

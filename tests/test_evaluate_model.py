@@ -18,8 +18,11 @@ from detection.attention.maps import detection_maps
 from detection.cli import main
 from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch
-from detection.engine import evaluate as E
-from detection.engine.subsets import SubsetSpec, load_coco_gt, select_subset
+from detection.data.ground_truth import load_coco_gt
+from detection.evaluation.bbox import BBOX_STAT_NAMES
+from detection.evaluation.classes import map_classes
+from detection.evaluation.model_run import ModelRunOptions, detection_score_fn, run_model
+from detection.evaluation.subsets import SubsetSpec, select_subset
 from detection.models.registry import build_model, load_model, save_model
 from detection.postprocess import postprocess
 
@@ -91,7 +94,7 @@ def test_model_eval_parity_engine_and_attention(setup, tmp_path):
     root, ann = setup
     out = tmp_path / "run"
     metrics = _run(root, ann, out, "--attention-threshold", "0.3", "--layers", "last,mean,rollout", "--heads", "mean,max")
-    assert [metrics["bbox"][n] for n in E.BBOX_STAT_NAMES] == _direct_stats(ann, out / "detections.json")
+    assert [metrics["bbox"][n] for n in BBOX_STAT_NAMES] == _direct_stats(ann, out / "detections.json")
 
     # the detections are the model's own, image by image (no second engine drifting apart)
     model = load_model(root / "model")
@@ -145,10 +148,10 @@ def test_sharded_run_merges_to_the_single_process_result(setup):
     gt = load_coco_gt(ann)
     subset = select_subset(gt, SubsetSpec())
     model = load_model(root / "model")
-    options = E.ModelRunOptions(attention_threshold=0.3, layers=["last"], heads=["mean"], progress=False)
-    mapping, _ = E.map_classes(model.config.class_names, gt["categories"], subset.category_ids)
-    single = E.run_model(model, gt, subset, root / "images", mapping, options)
-    shards = [E.run_model(model, gt, subset, root / "images", mapping, options, rank, 2) for rank in (0, 1)]
+    options = ModelRunOptions(attention_threshold=0.3, layers=["last"], heads=["mean"], progress=False)
+    mapping, _ = map_classes(model.config.class_names, gt["categories"], subset.category_ids)
+    single = run_model(model, gt, subset, root / "images", mapping, options)
+    shards = [run_model(model, gt, subset, root / "images", mapping, options, rank, 2) for rank in (0, 1)]
     merged = shards[0][0] + shards[1][0]
     key = lambda r: (r["image_id"], -r["score"], r["category_id"])  # noqa: E731
     merged, whole_results = sorted(merged, key=key), sorted(single[0], key=key)
@@ -174,7 +177,7 @@ def test_detection_score_fn_recovers_the_detection_score(setup):
     images, mask = pad_batch([image_to_input(loaded.rgb, model.config.min_size, model.config.max_size)])
     with torch.no_grad():
         det = postprocess(model(images, mask), [loaded.original_size], model.config.class_names, 0.0)[0]
-    score_fn = E.detection_score_fn(lambda im, m: model(im, m), model.config, det.boxes[0].tolist(), int(det.labels[0]))
+    score_fn = detection_score_fn(lambda im, m: model(im, m), model.config, det.boxes[0].tolist(), int(det.labels[0]))
     scores = score_fn(np.stack([loaded.rgb, loaded.rgb]))
     # its own query has IoU 1 with its box, so the score is at least the detection's own
     assert scores[0] == pytest.approx(scores[1])

@@ -1,2 +1,157 @@
-"""`detr-attn eval` (moved here from detection.engine.evaluate by the eval redesign)."""
-from detection.engine.evaluate import add_arguments, run  # noqa: F401
+"""`detr-attn eval`: COCO(-subset) evaluation of a model or of any detector's results file.
+
+Box AP is pycocotools' COCOeval on the results file the run writes (identical numbers to
+running pycocotools yourself on that file with the same imgIds/catIds). With a model, the
+attention maps of matched detections are scored for faithfulness (detection.attention.metrics)
+per aggregation choice, against a Gaussian-in-the-box baseline.
+
+Run folder written (RUN_DIR):
+    detections.json   COCO results ({"image_id", "category_id", "bbox" xywh px, "score"}) that were scored
+    metrics.json      {"bbox": 12 stats, "per_category": [...], "attention": {choice: {...}}, ...}
+    metrics.md        the same as markdown tables
+    pr_curve.png      precision-recall at IoU .50 / .75 / .50:.95 (mean over categories)
+    pr_per_category.png   one curve per category at IoU .50
+    errors.jsonl      images that could not be processed (model path only)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from detection.data.ground_truth import GroundTruthError, load_coco_gt
+from detection.evaluation.classes import load_class_map, map_classes
+from detection.evaluation.model_run import (DEFAULT_HEADS, DEFAULT_LAYERS, ModelEvaluationRun, ModelRunOptions,
+                                            run_model_on_ranks)
+from detection.evaluation.results import EvaluationError, results_for_subset
+from detection.evaluation.subsets import Subset, SubsetSpec, select_subset
+from detection.evaluation.writer import format_metric, write_evaluation
+from detection.models.registry import load_model
+from detection.runtime.distributed import DistContext, init_distributed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model name (e.g. demo, detr-r50) or native model folder")
+    source.add_argument("--detections", help="score an existing COCO results JSON (any detector) instead of running a model")
+    parser.add_argument("--match-file-names", action="store_true",
+                        help="with --detections: take image ids from each result's file_name (e.g. detr-attn predict output)")
+    parser.add_argument("--ann", required=True, help="COCO instances JSON (ground truth)")
+    parser.add_argument("--images", help="image folder (file_name in the annotations is relative to it); needed with --model")
+    parser.add_argument("--out", required=True, help="run folder for detections.json, metrics.json, metrics.md, PR curves")
+    subset = parser.add_argument_group("subset")
+    pick = subset.add_mutually_exclusive_group()
+    pick.add_argument("--first", type=int, help="the first N images (annotation-file order)")
+    pick.add_argument("--random", type=int, help="N random images (see --seed)")
+    subset.add_argument("--seed", type=int, default=0, help="seed for --random (default 0)")
+    subset.add_argument("--image-ids", help="file with image ids (JSON list or whitespace/comma separated)")
+    subset.add_argument("--categories", nargs="+", help="evaluate only these category names (quote names with spaces)")
+    subset.add_argument("--min-objects", type=int, default=0, help="only images with at least K objects of the evaluated categories")
+    mapping = parser.add_argument_group("class mapping (--model)")
+    mapping.add_argument("--class-map", help='JSON {"model class": "dataset category name" | id | null}')
+    mapping.add_argument("--allow-unmapped", action="store_true", help="score dataset categories without a model class as missed instead of failing")
+    model = parser.add_argument_group("inference (--model)")
+    model.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1")
+    model.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                       help="auto = bf16 where the hardware runs it natively (CUDA, CPU with AMX/AVX512-BF16)")
+    model.add_argument("--batch-size", type=int, default=2)
+    model.add_argument("--num-workers", type=int, default=0)
+    model.add_argument("--score-threshold", type=float, default=0.0, help="keep detections above this score for AP (default 0: all queries, as DETR's COCO eval)")
+    attention = parser.add_argument_group("attention faithfulness (--model)")
+    attention.add_argument("--no-attention", action="store_true", help="skip the attention metrics")
+    attention.add_argument("--attention-threshold", type=float, default=0.5, help="explain detections with score >= this (default 0.5)")
+    attention.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="comma list of layer choices: last, mean, rollout, or an index")
+    attention.add_argument("--heads", default=",".join(DEFAULT_HEADS), help="comma list of head choices: mean, max, or an index")
+    attention.add_argument("--gaussian-sigma", type=float, default=0.25, help="baseline Gaussian sigma as a fraction of box width/height")
+    attention.add_argument("--deletion-insertion", action="store_true", help="also compute deletion/insertion AUCs (slow: steps+1 forward passes per map)")
+    attention.add_argument("--di-steps", type=int, default=16)
+    attention.add_argument("--di-substrate", choices=("mean", "blur"), default="mean")
+    attention.add_argument("--di-max-detections", type=int, default=3, help="per image")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _parse_choice_list(text: str) -> list[Any]:
+    return [int(t) if t.strip().lstrip("-").isdigit() else t.strip() for t in text.split(",") if t.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    context = init_distributed()
+    try:
+        return _run(args, context)
+    finally:
+        context.close()
+
+
+def _run(args: argparse.Namespace, context: DistContext) -> int:
+    log = (lambda *a: print(*a, file=sys.stderr)) if context.is_main else (lambda *a: None)
+    started = time.perf_counter()
+    errors: list[dict[str, str]] = []
+    attention_state, choices, extra = None, [], {}
+    try:
+        gt_dataset = load_coco_gt(args.ann)
+        spec = SubsetSpec(
+            first=args.first, random=args.random, seed=args.seed, image_ids_file=args.image_ids,
+            category_names=args.categories, min_objects=args.min_objects,
+        )
+        subset = select_subset(gt_dataset, spec, args.ann)
+        if args.detections:
+            results, source, warnings = results_for_subset(
+                args.detections, gt_dataset, subset, args.ann, args.match_file_names)
+        else:
+            if not args.images:
+                raise EvaluationError("--images DIR is required with --model")
+            run = _run_model(args, gt_dataset, subset, context)
+            if run is None:  # not rank 0: rank 0 writes the run folder
+                return 0
+            results, attention_state, choices, errors, warnings, extra = (
+                run.results, run.attention_state, run.choices, run.errors, run.warnings, run.extra)
+            source = {"model": str(args.model)}
+    except (GroundTruthError, EvaluationError) as error:
+        print(f"detr-attn eval: error: {error}", file=sys.stderr)
+        return 2
+    if not context.is_main:
+        return 0
+    for warning in warnings:
+        log(f"warning: {warning}")
+    extra.setdefault("timing", {})["total_s"] = round(time.perf_counter() - started, 3)
+    metrics = write_evaluation(gt_dataset, subset, results, args.out, args.ann, source, attention_state, choices,
+                               warnings, extra, errors)
+    log(metrics["pycocotools_summary"])
+    if metrics["attention"]:
+        log("attention (pointing game / energy / mask AP 0.2:0.95):")
+        for choice, row in metrics["attention"].items():
+            log(f"  {choice:<18} {format_metric(row['pointing_game'])}  {format_metric(row['energy_pointing_game'])}  "
+                f"{format_metric(row['mask_ap'])}")
+    log(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'metrics.md'}")
+    return 0
+
+
+def _parse_choice_list(text: str) -> list[Any]:
+    return [int(t) if t.strip().lstrip("-").isdigit() else t.strip() for t in text.split(",") if t.strip()]
+
+
+def _run_model(args: argparse.Namespace, gt_dataset: dict[str, Any], subset: Subset,
+               context: DistContext) -> ModelEvaluationRun | None:
+    """Load the model, map its classes, run every rank's share; the merged run on rank 0."""
+    # the Predictor's engine moves (a copy of) the model to the device; the CPU copy stays here
+    model = load_model(args.model, device="cpu")
+    class_map = load_class_map(args.class_map) if args.class_map else None
+    label_to_category, mapping_warnings = map_classes(
+        model.config.class_names, gt_dataset["categories"], subset.category_ids, class_map,
+        args.class_map or "--class-map", args.allow_unmapped,
+    )
+    options = ModelRunOptions(
+        device=args.device, precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers,
+        score_threshold=args.score_threshold, attention=not args.no_attention,
+        attention_threshold=args.attention_threshold, layers=_parse_choice_list(args.layers),
+        heads=_parse_choice_list(args.heads), gaussian_sigma=args.gaussian_sigma,
+        deletion_insertion=args.deletion_insertion, di_steps=args.di_steps, di_substrate=args.di_substrate,
+        di_max_detections=args.di_max_detections, progress=not args.no_progress and context.is_main,
+    )
+    run = run_model_on_ranks(model, gt_dataset, subset, Path(args.images), label_to_category, options, context)
+    context.barrier()
+    if run is not None:
+        run.warnings = mapping_warnings + run.warnings
+    return run

@@ -1,0 +1,268 @@
+"""Running a model over a COCO subset for evaluation: detections as COCO results, attention
+faithfulness of the explained ones, torchrun shards gathered and merged on rank 0."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+from tqdm import tqdm
+
+from detection.attention.maps import detection_maps
+from detection.attention.metrics import (GAUSSIAN_BASELINE, FaithfulnessAccumulator, gaussian_box_map,
+                                         perturbation_curve)
+from detection.boxes import coco_xywh, cxcywh_to_xyxy
+from detection.data.images import load_image
+from detection.data.preprocess import image_to_input, pad_batch
+from detection.engine.predict import Predictor
+from detection.engine.sources import SourceItem
+from detection.evaluation.subsets import Subset
+from detection.runtime.device import resolve_device
+from detection.runtime.distributed import DistContext
+
+DEFAULT_LAYERS = ("last", "mean", "rollout")
+DEFAULT_HEADS = ("mean", "max")
+
+
+@dataclass
+class ModelRunOptions:
+    """How `run_model` runs the model: inference settings, then the attention metrics
+    (choices = every `layers` x `heads` pair, see `choice_name`), then deletion / insertion."""
+
+    device: str = "cpu"
+    precision: str = "fp32"
+    batch_size: int = 2
+    num_workers: int = 0
+    score_threshold: float = 0.0
+    attention: bool = True
+    attention_threshold: float = 0.5
+    layers: Sequence[str] = DEFAULT_LAYERS
+    heads: Sequence[str] = DEFAULT_HEADS
+    gaussian_sigma: float = 0.25
+    deletion_insertion: bool = False
+    di_steps: int = 16
+    di_substrate: str = "mean"
+    di_max_detections: int = 3
+    progress: bool = True
+
+
+def choice_name(layers: str, heads: str) -> str:
+    """'rollout/mean': the key of one aggregation choice in metrics.json's `attention`."""
+    return f"{layers}/{heads}"
+
+
+def detection_score_fn(engine: Any, config: Any, box_xyxy: Sequence[float], label: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Score of one detection on perturbed copies of its image (for deletion / insertion).
+
+    engine: the Predictor's model callable `(images, padding_mask) -> outputs` (same device,
+    precision and folding as the detections came from); config: the model's DetrConfig.
+    Returns uint8 (K, H, W, 3) -> (K,): max over queries of p(label) x IoU(query box,
+    detection box), D-RISE-style, so the detection is followed even if another query takes
+    it over. On the unperturbed image this is >= the detection's own score.
+    """
+    target = torch.tensor([list(box_xyxy)], dtype=torch.float32)
+
+    def score(batch: np.ndarray) -> np.ndarray:
+        height, width = batch.shape[1:3]
+        images, mask = pad_batch([image_to_input(np.ascontiguousarray(im), config.min_size, config.max_size) for im in batch])
+        with torch.no_grad():
+            outputs = engine(images, mask)
+        probs = outputs["pred_logits"].float().softmax(-1)[..., label].cpu()  # (K, Q)
+        boxes = cxcywh_to_xyxy(outputs["pred_boxes"].float().cpu()) * torch.tensor([width, height, width, height])
+        ious = torch.stack([box_iou(b, target)[:, 0] for b in boxes])  # (K, Q)
+        return (probs * ious).max(dim=1).values.numpy()
+
+    return score
+
+
+def run_model(
+    model: Any,
+    gt_dataset: dict[str, Any],
+    subset: Subset,
+    images_dir: Path,
+    label_to_category: dict[int, int],
+    options: ModelRunOptions,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, list[dict[str, str]], list[str]]:
+    """Detect (and explain) this rank's share of the subset (images rank, rank + world, ...).
+
+    Returns (COCO results, FaithfulnessAccumulator state or None, errors, warnings).
+    Boxes in results are xywh in original pixels; category ids are dataset ids.
+    """
+    images_by_id = {img["id"]: img for img in gt_dataset["images"]}
+    evaluated = set(subset.category_ids)
+    gt_by_image: dict[int, list[dict[str, Any]]] = {}
+    for ann in gt_dataset["annotations"]:
+        if ann["category_id"] in evaluated:
+            gt_by_image.setdefault(ann["image_id"], []).append(ann)
+    my_ids = subset.image_ids[rank::world_size]
+    # SourceItems carry the GT image id through the engine (no path matching needed)
+    items = [
+        SourceItem(key=f"img{image_id}", file=str(images_dir / images_by_id[image_id]["file_name"]), image_id=int(image_id), unit=unit)
+        for unit, image_id in enumerate(my_ids)
+    ]
+    choices = [(layers, heads) for layers in options.layers for heads in options.heads]
+    accumulator = (
+        FaithfulnessAccumulator([choice_name(*c) for c in choices], gaussian_sigma_fraction=options.gaussian_sigma)
+        if options.attention
+        else None
+    )
+    predictor = Predictor(
+        model,
+        device=options.device,
+        precision=options.precision,
+        batch_size=options.batch_size,
+        num_workers=options.num_workers,
+        score_threshold=options.score_threshold,
+        attention=options.attention,
+        rollout=options.attention and "rollout" in options.layers,
+        keep_images=options.deletion_insertion,
+    )
+    results: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
+    warnings: list[str] = []
+    dropped_unmapped = 0
+    stream = predictor.run(items) if items else iter(())
+    if options.progress:
+        stream = tqdm(stream, total=len(items), desc=f"eval{f' rank {rank}' if world_size > 1 else ''}", unit="img")
+    for result in stream:
+        image_id = result.item.image_id
+        if result.error is not None:
+            errors.append({"file": str(result.path), "reason": str(result.error)})
+            continue
+        info = images_by_id[image_id]
+        if tuple(result.original_size) != (info["height"], info["width"]):
+            warnings.append(
+                f"{result.path}: image is {tuple(result.original_size)} (H, W) but the annotations say "
+                f"({info['height']}, {info['width']}); boxes may not line up"
+            )
+        det = result.detections
+        labels = det.labels.tolist()
+        mapped = [k for k, label in enumerate(labels) if int(label) in label_to_category]
+        dropped_unmapped += len(labels) - len(mapped)
+        # only evaluated categories are written: detections.json is exactly what was scored
+        keep = [k for k in mapped if label_to_category[int(labels[k])] in evaluated]
+        boxes = det.boxes.numpy().astype(np.float64)
+        scores = det.scores.numpy().astype(np.float64)
+        categories = np.array([label_to_category.get(int(label), -1) for label in labels])
+        for k, bbox in zip(keep, coco_xywh(boxes[keep])):
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(categories[k]),
+                    "bbox": bbox,
+                    "score": float(scores[k]),
+                }
+            )
+        if accumulator is None or result.attention is None:
+            continue
+        explain = [k for k in keep if scores[k] >= options.attention_threshold]
+        if not explain:
+            continue
+        query_index = det.query_index[explain]
+        maps = {
+            choice_name(layers, heads): detection_maps(
+                result.attention, 0, query_index, result.original_size, heads=heads, layers=layers, normalize=None
+            )
+            for layers, heads in choices
+        }
+        accumulator.add_image(
+            image_id, tuple(result.original_size), boxes[explain], scores[explain], categories[explain], maps, gt_by_image.get(image_id, [])
+        )
+        if options.deletion_insertion:
+            image = result.image if result.image is not None else load_image(result.path).rgb
+            for j, k in enumerate(explain[: options.di_max_detections]):
+                score_fn = detection_score_fn(predictor.engine, model.config, boxes[k], int(labels[k]))
+                candidates = {name: m[j] for name, m in maps.items()}
+                candidates[GAUSSIAN_BASELINE] = gaussian_box_map(boxes[k], tuple(result.original_size), options.gaussian_sigma)
+                for name, saliency in candidates.items():
+                    for mode in ("deletion", "insertion"):
+                        curve = perturbation_curve(
+                            image, saliency, score_fn, mode, steps=options.di_steps, substrate=options.di_substrate,
+                            batch_size=options.batch_size * 4,
+                        )
+                        accumulator.add_curve(name, mode, curve.auc)
+    if dropped_unmapped:
+        warnings.append(f"{dropped_unmapped} detections of model classes without a dataset category were dropped")
+    return results, (accumulator.state() if accumulator is not None else None), errors, warnings
+
+
+
+
+@dataclass
+class ModelEvaluationRun:
+    """Every rank's `run_model` output merged on rank 0, ready for `write_evaluation`.
+
+    results: COCO results sorted by (image_id, -score, category_id), one order for any number
+    of ranks; attention_state: merged FaithfulnessAccumulator state (None without attention);
+    errors: {"file", "reason"} per unreadable image; extra: metrics.json's settings + timing.
+    """
+
+    results: list[dict[str, Any]]
+    attention_state: dict[str, Any] | None
+    choices: list[str]
+    errors: list[dict[str, str]]
+    warnings: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_model_on_ranks(
+    model: Any,
+    gt_dataset: dict[str, Any],
+    subset: Subset,
+    images_dir: Path,
+    label_to_category: dict[int, int],
+    options: ModelRunOptions,
+    context: DistContext,
+) -> ModelEvaluationRun | None:
+    """Run this rank's share of the subset (`run_model`), gather every share on rank 0.
+
+    `options.device` is resolved here ("auto", and a bare "cuda" -> this rank's local GPU).
+    Returns the merged run on rank 0, None on the other ranks.
+    """
+    device = resolve_device(options.device, context.local_rank if context.enabled else None)
+    options = dataclass_replace(options, device=str(device))
+    started = time.perf_counter()
+    results, state, errors, warnings = run_model(
+        model, gt_dataset, subset, images_dir, label_to_category, options, context.rank, context.world_size
+    )
+    seconds = time.perf_counter() - started
+    gathered = context.gather_objects((results, state, errors, warnings, seconds))
+    choices = [choice_name(layers, heads) for layers in options.layers for heads in options.heads]
+    if not context.is_main:
+        return None
+    merged = ModelEvaluationRun([], None, choices, [], [])
+    for part_results, part_state, part_errors, part_warnings, _ in gathered:
+        merged.results.extend(part_results)
+        merged.errors.extend(part_errors)
+        merged.warnings.extend(part_warnings)
+        if part_state is not None:
+            if merged.attention_state is None:
+                merged.attention_state = copy.deepcopy(part_state)
+            else:
+                accumulator = FaithfulnessAccumulator(choices)
+                accumulator.merge(merged.attention_state)
+                accumulator.merge(part_state)
+                merged.attention_state = accumulator.state()
+    # one deterministic order regardless of the number of ranks
+    merged.results.sort(key=lambda r: (r["image_id"], -r["score"], r["category_id"]))
+    if merged.errors:
+        merged.warnings.append(f"{len(merged.errors)} images could not be processed (errors.jsonl); "
+                               "they count as images without detections")
+    merged.extra = {
+        "settings": {
+            "device": options.device, "precision": options.precision, "batch_size": options.batch_size,
+            "score_threshold": options.score_threshold, "attention_threshold": options.attention_threshold,
+            "layers": list(options.layers), "heads": list(options.heads), "gaussian_sigma": options.gaussian_sigma,
+            "deletion_insertion": options.deletion_insertion, "world_size": context.world_size,
+        },
+        "timing": {"inference_s_per_rank": [round(g[4], 3) for g in gathered]},
+    }
+    return merged
