@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from detection.data.synthetic import SynthConfig, generate_dataset
 from detection.train.distributed import EpochSampler
-from detection.train.loop import load_train_config
+from detection.train.config import load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 

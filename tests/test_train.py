@@ -11,8 +11,11 @@ import torch
 from detection.data.coco import LabelMap
 from detection.data.synthetic import SynthConfig, generate_dataset
 from detection.models.registry import build_model, load_config, load_model, save_model
-from detection.train.loop import (apply_override, build_training_model, inference_copy, load_train_config,
-                                  lr_factor, train, unfreeze_batch_norm)
+from detection.train.config import apply_override, load_train_config
+from detection.train.export import inference_copy
+from detection.train.loop import train
+from detection.train.model_setup import build_training_model, unfreeze_batch_norm
+from detection.train.optim import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/train/tiny.yaml"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +79,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def code_version() -> dict[str, Any]:
     """Package version and, when run from a git checkout, the commit and whether it is dirty."""
     try:
-        from importlib.metadata import version
-
         package = version("detection")
     except Exception:
         package = "unknown"

@@ -1,56 +1,52 @@
-"""torchrun / DDP helpers: process-group set-up from torchrun's environment, rank queries,
-and the sampler that makes data order a function of (seed, epoch) on any number of ranks."""
+"""Training-only DDP helpers: the sampler that makes data order a function of (seed, epoch) on
+any number of ranks, and the buffer sync after each epoch (the process group: runtime.distributed)."""
 from __future__ import annotations
 
-import os
+import warnings
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
+from detection.runtime.distributed import DistContext, init_distributed
+
 
 def init_from_env(device_type: str) -> tuple[int, int, int]:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
+    """Deprecated: use `detection.runtime.distributed.init_distributed(backend)` (nccl for
+    CUDA, gloo for CPU) and `detection.runtime.device.resolve_device(device, local_rank)`.
 
-    Backend: nccl for CUDA, gloo for CPU. Returns (rank, world_size, local_rank); (0, 1, 0)
-    without torchrun.
+    Returns (rank, world_size, local_rank); (0, 1, 0) without torchrun.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return 0, 1, 0
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if device_type == "cuda":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    return rank, world_size, local_rank
+    warnings.warn("detection.train.distributed.init_from_env is deprecated; use "
+                  "detection.runtime.distributed.init_distributed", DeprecationWarning, stacklevel=2)
+    context = init_distributed(backend="nccl" if device_type == "cuda" else "gloo")
+    return context.rank, context.world_size, context.local_rank
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+def _process_group_context() -> DistContext:
+    """The DistContext of an already joined process group (a single process otherwise)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistContext()
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+def _deprecated_query(name: str, answer):
+    def query():
+        warnings.warn(f"detection.train.distributed.{name} is deprecated; use the DistContext of "
+                      "detection.runtime.distributed.init_distributed", DeprecationWarning, stacklevel=2)
+        return answer(_process_group_context())
+
+    query.__name__ = name
+    query.__doc__ = f"Deprecated: `{name}` of the DistContext from `init_distributed()`."
+    return query
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
-def cleanup() -> None:
-    if is_distributed():
-        dist.destroy_process_group()
+is_distributed = _deprecated_query("is_distributed", lambda context: context.enabled)
+rank = _deprecated_query("rank", lambda context: context.rank)
+world_size = _deprecated_query("world_size", lambda context: context.world_size)
+is_main = _deprecated_query("is_main", lambda context: context.is_main)
+barrier = _deprecated_query("barrier", lambda context: context.barrier())
+cleanup = _deprecated_query("cleanup", lambda context: dist.destroy_process_group() if context.enabled else None)
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -88,7 +84,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 def sync_buffers(module: torch.nn.Module) -> None:
     """Broadcast every buffer from rank 0 (e.g. batch-norm statistics, which each rank updates
     from its own batch after DDP's per-forward broadcast), so all ranks hold identical state."""
-    if not is_distributed():
+    if not (dist.is_available() and dist.is_initialized()):
         return
     for buffer in module.buffers():
         dist.broadcast(buffer.data, src=0)

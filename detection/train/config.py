@@ -1,0 +1,123 @@
+"""Training configuration: the defaults every train config starts from, YAML files and
+`--set key=value` overrides merged on top, with unknown keys refused."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+# Every key a train config may set; a YAML file or --set overrides these.
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "model": "detr-tiny",          # configs/models/NAME.yaml or a YAML path (architecture)
+    "model_overrides": {},         # DetrConfig fields changed on top of `model` (on top of `init`
+                                   # weights: only PREPROCESSING_FIELDS)
+    "init": None,                  # start from weights: a native folder, "demo", an authors' .pth,
+                                   # an HF folder, a published name, or a training checkpoint .pt
+    "freeze_backbone": False,
+    "train_batch_norm": False,     # train the backbone's batch norm (from scratch); frozen otherwise
+    "data": {
+        "train_images": None, "train_annotations": None,
+        "val_images": None, "val_annotations": None,
+        "num_workers": 1,
+        "common_crop_p": 0.0,      # share of batches cropped to a common size (no padding), see coco.py
+    },
+    "augment": {},                 # see detection/data/transforms.py
+    "optim": {
+        "batch_size": 8, "epochs": 10, "lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4,
+        "grad_clip": 0.1, "warmup_steps": 0, "schedule": "cosine",  # cosine | step | constant
+        "min_lr_ratio": 0.01, "lr_drop_epochs": [], "lr_drop_factor": 0.1,
+    },
+    "loss": {"ce": 1.0, "bbox": 5.0, "giou": 2.0, "eos_coef": 0.1,
+             "match_class": 1.0, "match_bbox": 5.0, "match_giou": 2.0, "aux": True,
+             "dense": 0.0},           # weight of the training-only dense encoder supervision (dense.py)
+    "ema": {"enabled": False, "decay": 0.999},
+    "precision": "fp32",           # fp32 | bf16 (CPU or CUDA) | fp16 (CUDA)
+    "device": "auto",              # auto | cpu | cuda
+    "threads": None,               # torch intra-op threads (None: torch default)
+    "deterministic": False,
+    "log_every": 20,
+    "checkpoint_every": 500,       # steps; an epoch end always checkpoints
+    "eval": {"every_epochs": 1, "batch_size": 8, "score_threshold": 0.0, "attention_threshold": 0.5,
+             "pointing_game": True, "max_images": None, "best_metric": "AP"},
+    "progress": True,
+}
+
+
+# Sections whose keys are not checked here (DetrConfig fields, augmentation options): a file or
+# `--set section={...}` replaces the whole mapping; `--set section.a.b=v` sets one entry in it.
+FREE_FORM_SECTIONS = ("model_overrides", "augment")
+# DetrConfig fields that `model_overrides` may change on top of `init` weights: the inference
+# resize rule (shorter side -> min_size, longer <= max_size), stored with the fine-tuned model.
+PREPROCESSING_FIELDS = ("min_size", "max_size")
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], where: str) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if key not in base:
+            raise ValueError(f"{where}: unknown config key {key!r}; known: {sorted(base)}")
+        if isinstance(base[key], dict) and key not in FREE_FORM_SECTIONS:
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: {key!r} must be a mapping")
+            out[key] = _merge(base[key], value, f"{where}: {key}")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_override(config: dict[str, Any], assignment: str) -> dict[str, Any]:
+    """`a.b.c=value` (value parsed as YAML) -> a new config dict."""
+    if "=" not in assignment:
+        raise ValueError(f"--set expects key=value, got {assignment!r}")
+    key, text = assignment.split("=", 1)
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "2e-3" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    parts = key.strip().split(".")
+    if parts[0] in FREE_FORM_SECTIONS and len(parts) > 1:
+        # one entry inside a free-form section: earlier --set entries and the file's stay
+        out = copy.deepcopy(config)
+        node = out[parts[0]]
+        for part in parts[1:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+        return out
+    update: dict[str, Any] = value
+    for part in reversed(parts):
+        update = {part: update}
+    return _merge(config, update, f"--set {assignment}")
+
+
+def load_train_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """DEFAULTS, then the YAML file at `path` (if any), then each `key=value` override in order.
+
+    Raises ValueError naming the file or the override for unknown keys, an unreadable file,
+    missing training data, or an unknown precision.
+    """
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ValueError(f"{path}: cannot read train config: {error}") from error
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a train config must be a mapping")
+        config = _merge(config, data, str(path))
+    for assignment in overrides:
+        config = apply_override(config, assignment)
+    for key in ("train_images", "train_annotations"):
+        if not config["data"].get(key):
+            raise ValueError(f"train config needs data.{key}")
+    if config["precision"] not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {config['precision']!r}")
+    return config
