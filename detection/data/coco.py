@@ -1,21 +1,5 @@
-"""COCO-format detection dataset over pycocotools (any COCO json, not only synthetic data).
-
-The category-id <-> contiguous-label mapping lives in `LabelMap` and nowhere else. Targets
-for the criterion are built here:
-
-    image: float32 (3, h, w) RGB in [0, 1] (transformed, unpadded; the model normalises)
-    target: {"boxes": (N, 4) float32 normalised cxcywh relative to the transformed unpadded
-             image, "labels": (N,) int64 contiguous 0..K-1, "image_id": int,
-             "orig_size": (2,) int64 (H, W) of the file, "size": (2,) int64 (h, w) transformed,
-             "ann_ids": (N,) int64}
-
-Crowd annotations (iscrowd=1) are not training targets (as in DETR); pycocotools' evaluation
-treats them as "ignore" regions from the ground-truth file. Images without annotations stay
-in the dataset (all queries learn "no object"). Degenerate boxes (w or h <= 0 after clipping
-to the image) are dropped with a count in the log; malformed annotations (bad bbox, unknown
-category, image id not in the file) and unreadable images are reported with their id/file and
-skipped. Nothing on disk is ever modified.
-"""
+"""COCO-format detection dataset for training and validation: images and DETR targets from any
+COCO json, the category-id <-> contiguous-label map (`LabelMap`), and the batch collates."""
 from __future__ import annotations
 
 import logging
@@ -91,7 +75,21 @@ def _valid_bbox(bbox: Any) -> bool:
 
 
 class CocoDetection(torch.utils.data.Dataset):
-    """Images + targets of a COCO-format file.
+    """Images + targets of a COCO-format file (read by `detection.data.ground_truth`).
+
+    A sample is (image, target):
+        image: float32 (3, h, w) RGB in [0, 1] (transformed, unpadded; the model normalises)
+        target: {"boxes": (N, 4) float32 normalised cxcywh relative to the transformed unpadded
+                 image, "labels": (N,) int64 contiguous 0..K-1, "image_id": int,
+                 "orig_size": (2,) int64 (H, W) of the file, "size": (2,) int64 (h, w) transformed,
+                 "ann_ids": (N,) int64, "seed": the sample's augmentation seed}
+
+    Crowd annotations (iscrowd=1) are not training targets (as in DETR); pycocotools'
+    evaluation treats them as "ignore" regions. Images without annotations stay (all queries
+    learn "no object"). Degenerate boxes (w or h <= 0 after clipping to the image) are dropped
+    with a count in the log; malformed annotations (bad bbox, unknown category, image id not
+    in the file) and unreadable images are reported with their id / file and skipped. Nothing
+    on disk is ever modified.
 
     transform: callable (image uint8 (H, W, 3), boxes (N, 4) xywh px, labels (N,), seed) ->
         (tensor (3, h, w), boxes (M, 4) xywh px, labels (M,), kept (M,)) — see transforms.py.

@@ -1,21 +1,5 @@
-"""Training augmentation (albumentations, bbox-safe) and the validation transform.
-
-Both return the model input contract: float32 (3, h, w) RGB in [0, 1] (the model normalises
-internally, so nothing here normalises) and boxes as COCO [x, y, w, h] pixels of the
-TRANSFORMED (unpadded) image. Validation uses exactly the inference rule of
-`detection.data.preprocess.image_to_input`.
-
-YAML (`augment:` section of a train config), every key optional:
-
-    augment:
-      hflip: 0.5                    # probability
-      vflip: 0.0
-      color_jitter: {p: 0.8, brightness: 0.2, contrast: 0.2, saturation: 0.2, hue: 0.02}
-      crop: {p: 0.5, max_fraction: 0.25, keep_all_boxes: false}
-      scales: [128, 144, 160]       # shorter side drawn from this list (DETR multi-scale)
-      max_size: 224                 # longer side cap, DETR's rule (preprocess.resized_size)
-      min_visibility: 0.3           # a cropped box keeping < 30 % of its area is dropped
-"""
+"""Training augmentation (albumentations, bbox-safe) and the validation transform (exactly the
+inference rule of `detection.data.preprocess.image_to_input`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -66,6 +50,22 @@ class DetrRandomResize(DualTransform):
 
 @dataclass
 class AugmentConfig:
+    """The `augment:` section of a train config; every key optional:
+
+        augment:
+          hflip: 0.5                    # probability
+          vflip: 0.0
+          color_jitter: {p: 0.8, brightness: 0.2, contrast: 0.2, saturation: 0.2, hue: 0.02}
+          crop: {p: 0.5, max_fraction: 0.25, keep_all_boxes: false}
+          scales: [128, 144, 160]       # shorter side drawn from this list (DETR multi-scale)
+          max_size: 224                 # longer side cap, DETR's rule (preprocess.resized_size)
+          min_visibility: 0.3           # a cropped box keeping < 30 % of its area is dropped
+
+    Both transforms return the model input contract: float32 (3, h, w) RGB in [0, 1] (the
+    model normalises internally, so nothing here normalises) and boxes as COCO [x, y, w, h]
+    pixels of the TRANSFORMED (unpadded) image.
+    """
+
     hflip: float = 0.5
     vflip: float = 0.0
     color_jitter: dict[str, float] = field(default_factory=lambda: {

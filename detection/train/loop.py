@@ -393,6 +393,4 @@ __getattr__ = forward_moved_names(__name__, {
     "build_optimizer": "detection.train.optim:build_optimizer",
     "lr_factor": "detection.train.optim:lr_factor",
     "JsonLog": "detection.train.run_log:JsonLog",
-    "add_arguments": "detection.cli.train:add_arguments",
-    "run": "detection.cli.train:run",
 })
