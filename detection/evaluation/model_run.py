@@ -178,22 +178,40 @@ def run_model(
         )
         if options.deletion_insertion:
             image = result.image if result.image is not None else load_image(result.path).rgb
-            for j, k in enumerate(explain[: options.di_max_detections]):
-                score_fn = detection_score_fn(predictor.engine, model.config, boxes[k], int(labels[k]))
-                candidates = {name: m[j] for name, m in maps.items()}
-                candidates[GAUSSIAN_BASELINE] = gaussian_box_map(boxes[k], tuple(result.original_size), options.gaussian_sigma)
-                for name, saliency in candidates.items():
-                    for mode in ("deletion", "insertion"):
-                        curve = perturbation_curve(
-                            image, saliency, score_fn, mode, steps=options.di_steps, substrate=options.di_substrate,
-                            batch_size=options.batch_size * 4,
-                        )
-                        accumulator.add_curve(name, mode, curve.auc)
+            score_fns = [detection_score_fn(predictor.engine, model.config, boxes[k], int(labels[k]))
+                         for k in explain[: options.di_max_detections]]
+            add_deletion_insertion(accumulator, image, tuple(result.original_size), maps, boxes[explain], score_fns,
+                                   options)
     if dropped_unmapped:
         warnings.append(f"{dropped_unmapped} detections of model classes without a dataset category were dropped")
     return results, (accumulator.state() if accumulator is not None else None), errors, warnings
 
 
+def add_deletion_insertion(
+    accumulator: FaithfulnessAccumulator,
+    image: np.ndarray,
+    image_size: tuple[int, int],
+    maps: dict[str, np.ndarray],
+    boxes_xyxy: np.ndarray,
+    score_fns: Sequence[Callable[[np.ndarray], np.ndarray]],
+    options: ModelRunOptions,
+) -> None:
+    """Deletion and insertion AUCs of the first len(score_fns) explained detections of an image.
+
+    image: uint8 (H, W, 3) RGB of original size image_size (H, W); maps: choice -> (N, H, W) saliency in image pixels; boxes_xyxy:
+    (N, 4) pixels; score_fns[j]: `detection_score_fn` of detection j. Each choice's map and the
+    Gaussian-in-the-box baseline are scored.
+    """
+    for j, score_fn in enumerate(score_fns):
+        candidates = {name: m[j] for name, m in maps.items()}
+        candidates[GAUSSIAN_BASELINE] = gaussian_box_map(boxes_xyxy[j], image_size, options.gaussian_sigma)
+        for name, saliency in candidates.items():
+            for mode in ("deletion", "insertion"):
+                curve = perturbation_curve(
+                    image, saliency, score_fn, mode, steps=options.di_steps, substrate=options.di_substrate,
+                    batch_size=options.batch_size * 4,
+                )
+                accumulator.add_curve(name, mode, curve.auc)
 
 
 @dataclass
