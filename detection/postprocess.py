@@ -52,10 +52,11 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
     sizes = torch.as_tensor(original_sizes, dtype=torch.float32).reshape(-1, 2)
     if sizes.shape[0] != logits.shape[0]:
         raise ValueError(f"{sizes.shape[0]} original sizes for a batch of {logits.shape[0]}")
+    probs = rule.class_probabilities(logits)  # (B, Q, C)
     if rule.kind == "sigmoid_topk":
-        selected = _sigmoid_topk(logits, score_threshold, rule.top_k)
+        selected = _sigmoid_topk(probs, score_threshold, rule.top_k)
     else:
-        selected = _softmax_no_object(logits, score_threshold)
+        selected = _softmax_no_object(probs, score_threshold)
     xyxy = cxcywh_to_xyxy(boxes.float())
     results = []
     for i, (scores, labels, queries) in enumerate(selected):
@@ -73,13 +74,13 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
     return results
 
 
-def _softmax_no_object(logits: torch.Tensor, score_threshold: float
+def _softmax_no_object(probs: torch.Tensor, score_threshold: float
                        ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per image (scores, labels, query indices on the CPU), sorted; one detection per query."""
-    probs = logits.float().softmax(-1)[..., :-1]
+    """probs (B, Q, C) -> per image (scores, labels, query indices on the CPU), sorted; one
+    detection per query."""
     scores, labels = probs.max(-1)
     selected = []
-    for i in range(logits.shape[0]):
+    for i in range(probs.shape[0]):
         keep = torch.nonzero(scores[i] > score_threshold).flatten()
         order = torch.argsort(scores[i, keep], descending=True, stable=True)
         keep = keep[order].cpu()
@@ -87,13 +88,14 @@ def _softmax_no_object(logits: torch.Tensor, score_threshold: float
     return selected
 
 
-def _sigmoid_topk(logits: torch.Tensor, score_threshold: float, top_k: int
+def _sigmoid_topk(probs: torch.Tensor, score_threshold: float, top_k: int
                   ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per image (scores, labels, query indices on the CPU) of the top_k (query, class) pairs."""
-    num_classes = logits.shape[-1]
-    probs = logits.float().sigmoid().flatten(1)  # (B, Q * C), index = query * C + class
+    """probs (B, Q, C) -> per image (scores, labels, query indices on the CPU) of the top_k
+    (query, class) pairs."""
+    num_classes = probs.shape[-1]
+    probs = probs.flatten(1)  # (B, Q * C), index = query * C + class
     selected = []
-    for i in range(logits.shape[0]):
+    for i in range(probs.shape[0]):
         # a stable descending sort, not topk: equal scores keep (query, class) order
         order = torch.argsort(probs[i], descending=True, stable=True)[:top_k]
         order = order[probs[i, order] > score_threshold].cpu()

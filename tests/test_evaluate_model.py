@@ -177,7 +177,7 @@ def test_detection_score_fn_recovers_the_detection_score(setup):
     images, mask = pad_batch([image_to_input(loaded.rgb, model.config.min_size, model.config.max_size)])
     with torch.no_grad():
         det = postprocess(model(images, mask), [loaded.original_size], model.config.class_names, 0.0)[0]
-    score_fn = detection_score_fn(lambda im, m: model(im, m), model.config, det.boxes[0].tolist(), int(det.labels[0]))
+    score_fn = detection_score_fn(lambda im, m: model(im, m), model, det.boxes[0].tolist(), int(det.labels[0]))
     scores = score_fn(np.stack([loaded.rgb, loaded.rgb]))
     # its own query has IoU 1 with its box, so the score is at least the detection's own
     assert scores[0] == pytest.approx(scores[1])

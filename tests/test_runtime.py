@@ -68,3 +68,12 @@ def test_coco_xywh_rounding():
     x0, y0, x1, y1 = (float(v) for v in boxes[0])
     assert unrounded[0] == [x0, y0, x1 - x0, y1 - y0]
     assert coco_xywh(np.zeros((0, 4))) == []
+
+
+def test_weights_digest_takes_zero_dim_buffers():
+    """A BatchNorm's num_batches_tracked is a 0-dim int64: hashed like a 1-element tensor."""
+    model = torch.nn.BatchNorm1d(2)
+    digest = weights_digest(model)
+    assert len(digest) == 64 and digest == weights_digest(model)
+    model.num_batches_tracked += 1
+    assert weights_digest(model) != digest

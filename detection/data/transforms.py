@@ -12,6 +12,7 @@ import torch
 from albumentations.core.transforms_interface import DualTransform
 
 from detection.data.preprocess import image_to_input, resized_size
+from detection.models.contract import PreprocessSpec
 
 
 class DetrRandomResize(DualTransform):
@@ -138,15 +139,19 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """The inference rule (preprocess.image_to_input) with boxes scaled along."""
+    """The inference rule (preprocess.image_to_input) with boxes scaled along.
 
-    def __init__(self, min_size: int, max_size: int | None) -> None:
-        self.min_size = int(min_size)
-        self.max_size = None if max_size is None else int(max_size)
+    preprocess: the detector's PreprocessSpec, or DETR's (min_size, max_size) shortest-edge pair.
+    """
+
+    def __init__(self, preprocess: PreprocessSpec | int, max_size: int | None = None) -> None:
+        if not isinstance(preprocess, PreprocessSpec):
+            preprocess = PreprocessSpec.shortest_edge(int(preprocess), None if max_size is None else int(max_size))
+        self.preprocess = preprocess
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, seed: int = 0
                  ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
-        tensor = image_to_input(image, self.min_size, self.max_size)
+        tensor = image_to_input(image, self.preprocess)
         scale = np.array([tensor.shape[2] / image.shape[1], tensor.shape[1] / image.shape[0]] * 2, np.float32)
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * scale
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)

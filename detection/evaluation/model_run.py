@@ -20,9 +20,10 @@ from detection.attention.metrics import (GAUSSIAN_BASELINE, FaithfulnessAccumula
 from detection.boxes import coco_xywh, cxcywh_to_xyxy
 from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch
-from detection.engine.predict import Predictor
+from detection.engine.predictor import Predictor
 from detection.engine.sources import SourceItem
 from detection.evaluation.subsets import Subset
+from detection.models.contract import Detector
 from detection.runtime.device import resolve_device
 from detection.runtime.distributed import DistContext
 
@@ -57,11 +58,13 @@ def choice_name(layers: str, heads: str) -> str:
     return f"{layers}/{heads}"
 
 
-def detection_score_fn(engine: Any, config: Any, box_xyxy: Sequence[float], label: int) -> Callable[[np.ndarray], np.ndarray]:
+def detection_score_fn(engine: Any, detector: Detector, box_xyxy: Sequence[float], label: int) -> Callable[[np.ndarray], np.ndarray]:
     """Score of one detection on perturbed copies of its image (for deletion / insertion).
 
     engine: the Predictor's model callable `(images, padding_mask) -> outputs` (same device,
-    precision and folding as the detections came from); config: the model's DetrConfig.
+    precision and folding as the detections came from); detector: the model, whose
+    preprocess_spec prepares the perturbed images and whose postprocess_rule gives class
+    probabilities.
     Returns uint8 (K, H, W, 3) -> (K,): max over queries of p(label) x IoU(query box,
     detection box), D-RISE-style, so the detection is followed even if another query takes
     it over. On the unperturbed image this is >= the detection's own score.
@@ -70,10 +73,11 @@ def detection_score_fn(engine: Any, config: Any, box_xyxy: Sequence[float], labe
 
     def score(batch: np.ndarray) -> np.ndarray:
         height, width = batch.shape[1:3]
-        images, mask = pad_batch([image_to_input(np.ascontiguousarray(im), config.min_size, config.max_size) for im in batch])
+        spec = detector.preprocess_spec
+        images, mask = pad_batch([image_to_input(np.ascontiguousarray(im), spec) for im in batch], spec.size_divisibility)
         with torch.no_grad():
             outputs = engine(images, mask)
-        probs = outputs["pred_logits"].float().softmax(-1)[..., label].cpu()  # (K, Q)
+        probs = detector.postprocess_rule.class_probabilities(outputs["pred_logits"])[..., label].cpu()  # (K, Q)
         boxes = cxcywh_to_xyxy(outputs["pred_boxes"].float().cpu()) * torch.tensor([width, height, width, height])
         ious = torch.stack([box_iou(b, target)[:, 0] for b in boxes])  # (K, Q)
         return (probs * ious).max(dim=1).values.numpy()
@@ -121,7 +125,7 @@ def run_model(
         batch_size=options.batch_size,
         num_workers=options.num_workers,
         score_threshold=options.score_threshold,
-        attention=options.attention,
+        cross_attention=options.attention,
         rollout=options.attention and "rollout" in options.layers,
         keep_images=options.deletion_insertion,
     )
@@ -178,7 +182,7 @@ def run_model(
         )
         if options.deletion_insertion:
             image = result.image if result.image is not None else load_image(result.path).rgb
-            score_fns = [detection_score_fn(predictor.engine, model.config, boxes[k], int(labels[k]))
+            score_fns = [detection_score_fn(predictor.engine, model, boxes[k], int(labels[k]))
                          for k in explain[: options.di_max_detections]]
             add_deletion_insertion(accumulator, image, tuple(result.original_size), maps, boxes[explain], score_fns,
                                    options)

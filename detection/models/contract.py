@@ -126,6 +126,13 @@ class PostprocessRule:
         """Width of pred_logits for `num_classes` real classes (C + 1 or C)."""
         return num_classes + 1 if self.kind == "softmax_no_object" else num_classes
 
+    def class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """pred_logits (..., C + 1 or C) -> float32 (..., C) probability of each real class:
+        softmax over all classes without the no-object column, or an independent sigmoid."""
+        if self.kind == "softmax_no_object":
+            return logits.float().softmax(-1)[..., :-1]
+        return logits.float().sigmoid()
+
 
 @runtime_checkable
 class DetectorConfig(Protocol):

@@ -44,9 +44,10 @@ def evaluate_during_training(model: nn.Module, dataset: CocoDetection, device: t
         loader = tqdm(loader, desc="eval", unit="batch", leave=False)
     for images, mask, targets in loader:
         with autocast(device, precision, training=True):
-            outputs = model(images.to(device), mask.to(device), attention=pointing_game)
+            outputs = model(images.to(device), mask.to(device), cross_attention=pointing_game)
         sizes = torch.stack([t["orig_size"] for t in targets])
-        detections = postprocess(outputs, sizes, model.config.class_names, score_threshold=score_threshold)
+        detections = postprocess(outputs, sizes, model.config.class_names, score_threshold=score_threshold,
+                                 rule=model.postprocess_rule)
         for b, (det, target) in enumerate(zip(detections, targets)):
             image_id = target["image_id"]
             boxes = det.boxes.numpy().astype(np.float64)

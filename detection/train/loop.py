@@ -120,10 +120,10 @@ class Trainer:
         self.train_set, self.val_set = _datasets(config)
         self.label_map = self.train_set.label_map
         self.model = model_setup.build_training_model(config, self.label_map).to(device)
-        min_size, max_size = self.model.config.min_size, self.model.config.max_size
-        self.train_set.transform = build_transform(config["augment"], True, min_size, max_size)
-        if self.val_set is not None:
-            self.val_set.transform = EvalTransform(min_size, max_size)
+        self.train_set.transform = build_transform(config["augment"], True, self.model.config.min_size,
+                                                   self.model.config.max_size)
+        if self.val_set is not None:  # validation runs the model's own inference rule exactly
+            self.val_set.transform = EvalTransform(self.model.preprocess_spec)
 
         self.optim_cfg, self.loss_cfg = config["optim"], config["loss"]
         self.batch_size = int(self.optim_cfg["batch_size"])
