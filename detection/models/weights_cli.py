@@ -2,14 +2,6 @@
 here warn and still work."""
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import Any
+from detection.deprecation import forward_moved_names
 
-
-def __getattr__(name: str) -> Any:
-    if name not in ("add_arguments", "run"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"detection.models.weights_cli.{name} moved to detection.cli.weights.{name}",
-                  DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module("detection.cli.weights"), name)
+__getattr__ = forward_moved_names(__name__, {name: f"detection.cli.weights:{name}" for name in ("add_arguments", "run")})
