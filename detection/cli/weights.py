@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 from detection.models.convert import convert_to_native, detect_format, load_foreign
-from detection.models.registry import read_model_meta
-from detection.models.weights import (CheckpointError, DownloadError, cache_dir, check_hash, download_checkpoint,
-                                      ensure_published_native, load_manifest, published_native_dir, sha256_file)
+from detection.models.checkpoint_io import CheckpointError, sha256_file
+from detection.models.native import read_model_meta
+from detection.models.published import (DownloadError, cache_dir, check_hash, download_checkpoint, load_manifest,
+                                        published_native_dir)
+from detection.models.registry import ensure_published_native
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
