@@ -106,7 +106,7 @@ def test_model_eval_parity_engine_and_attention(setup, tmp_path):
         loaded = load_image(root / "images" / image["file_name"])
         images, mask = pad_batch([image_to_input(loaded.rgb, model.config.min_size, model.config.max_size)])
         with torch.no_grad():
-            outputs = model(images, mask, attention=True)
+            outputs = model(images, mask, cross_attention=True)
         det = postprocess(outputs, [loaded.original_size], model.config.class_names, 0.0)[0]
         mine = sorted([r for r in written if r["image_id"] == image["id"]], key=lambda r: -r["score"])
         assert len(mine) == len(det) == model.config.num_queries
