@@ -128,10 +128,6 @@ def _run(args: argparse.Namespace, context: DistContext) -> int:
     return 0
 
 
-def _parse_choice_list(text: str) -> list[Any]:
-    return [int(t) if t.strip().lstrip("-").isdigit() else t.strip() for t in text.split(",") if t.strip()]
-
-
 def _run_model(args: argparse.Namespace, gt_dataset: dict[str, Any], subset: Subset,
                context: DistContext) -> ModelEvaluationRun | None:
     """Load the model, map its classes, run every rank's share; the merged run on rank 0."""
