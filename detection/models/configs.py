@@ -10,8 +10,9 @@ from pathlib import Path
 import yaml
 
 from detection.models.detr import DetrConfig
+from detection.resources import data_path
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+CONFIG_DIR = data_path("configs", "models")
 
 
 def available_configs() -> list[str]:

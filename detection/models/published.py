@@ -16,8 +16,9 @@ from tqdm import tqdm
 
 from detection.io import atomic_path
 from detection.models.checkpoint_io import sha256_file
+from detection.resources import data_path
 
-MANIFEST_PATH = Path(__file__).resolve().parents[2] / "weights" / "manifest.yaml"
+MANIFEST_PATH = data_path("weights", "manifest.yaml")
 CACHE_ENV = "DETECTION_CACHE"
 
 

@@ -16,6 +16,7 @@ from detection.models import published
 from detection.models.configs import CONFIG_DIR, available_configs, load_config  # noqa: F401
 from detection.models.convert import convert_to_native, load_foreign
 from detection.models.detr import DETR, DetrConfig
+from detection.resources import data_path, data_root
 from detection.models.native import (ARCHITECTURE, FORMAT_VERSION, META_FILE, WEIGHTS_FILE,  # noqa: F401
                                      is_native_folder, load_native, read_model_meta, save_model)
 
@@ -23,8 +24,8 @@ __all__ = ["DetrConfig", "DETR", "build_model", "load_model", "save_model", "loa
            "available_configs", "replace_class_head", "ensure_published_native", "load_published",
            "CONFIG_DIR", "DEMO_DIR"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_DIR = REPO_ROOT / "weights" / "demo"
+REPO_ROOT = data_root()  # the repository checkout, or detection/_data/ in an installed wheel
+DEMO_DIR = data_path("weights", "demo")
 
 
 def build_model(config: DetrConfig | dict | str | os.PathLike) -> DETR:
