@@ -18,6 +18,8 @@ _LAZY = {
     "Detector": "detection.models.contract",
     "PreprocessSpec": "detection.models.contract",
     "PostprocessRule": "detection.models.contract",
+    "explain": "detection.api",
+    "Explanation": "detection.api",
 }
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from detection.data.images import DEFAULT_MAX_PIXELS
-from detection.data.preprocess import pad_batch
+from detection.data.preprocess import image_to_input, pad_batch
 from detection.engine.fast import InferenceModel
 from detection.engine.loading import BatchLoadingDataset, LoadedBatch, Sample, make_loader
 from detection.engine.planning import PlannedBatch, plan_batches, probe_sizes
@@ -169,6 +169,12 @@ class Predictor:
         if record is not None and record.device.type != "cpu":
             record = record.to("cpu")
         return detections, record
+
+    def predict_arrays(self, images: Sequence[np.ndarray]) -> tuple[list[Detections], AttentionRecord | None]:
+        """`predict_tensors` on decoded uint8 (H, W, 3) RGB images (what `load_image` gives a file),
+        resized by the model's rule as the loader does; images of different sizes are padded together."""
+        return self.predict_tensors([image_to_input(rgb, self.preprocess) for rgb in images],
+                                    [(int(rgb.shape[0]), int(rgb.shape[1])) for rgb in images])
 
     def _run_loaded(self, loaded: LoadedBatch, skip_keys) -> Iterator[PredictionResult]:
         for sample in loaded.samples:

@@ -1,0 +1,217 @@
+"""`explain`: detections and their attention maps in one call, one `Explanation` per image.
+
+Runs the engine's `Predictor`; maps come from `detection.attention.maps.detection_maps` on first
+use, pictures from `detection.render`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from detection.attention.maps import detection_maps, map_metadata, save_maps_npz
+from detection.data.images import _to_rgb_uint8
+from detection.engine.predictor import Predictor
+from detection.models.outputs import AttentionRecord
+from detection.models.registry import load_model
+from detection.render.overlay import encode_image, render_overlay, write_image
+from detection.render.panel import render_panel
+from detection.structures import Detections
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("raw", "rollout")
+# models loaded by name, and their prepared Predictors, kept for the next call
+_MODELS: dict[str, torch.nn.Module] = {}
+_PREDICTORS: dict[tuple, Predictor] = {}
+
+
+class ExplanationError(ValueError):
+    """An image of an `explain` call that could not be explained (the message names it)."""
+
+
+@dataclass(eq=False)
+class Explanation:
+    """One image's detections and their saliency maps.
+
+    source: the file path, or "array #i" / "PIL image #i" (i = position in the call).
+    image: uint8 (H, W, 3) RGB original pixels (None when `error`).
+    detections: boxes xyxy in original pixels (None when `error`).
+    attention: the image's AttentionRecord (batch dimension 1) the maps are computed from.
+    error: why the image could not be explained, naming it; every accessor below then raises
+        ExplanationError with this message.
+    heads / layers / normalize: how `maps` are made (see `detection_maps`).
+    """
+
+    source: str
+    image: np.ndarray | None = None
+    detections: Detections | None = None
+    attention: AttentionRecord | None = None
+    error: str | None = None
+    heads: Any = "mean"
+    layers: Any = "last"
+    normalize: str | None = "minmax"
+    _maps: np.ndarray | None = field(default=None, repr=False)
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise ExplanationError(self.error)
+
+    @property
+    def maps(self) -> np.ndarray:
+        """(N, H, W) float32 per-detection saliency at the image's size, computed on first access."""
+        self._check()
+        if self._maps is None:
+            detections = self.detections
+            if len(detections):
+                self._maps = detection_maps(self.attention, 0, detections.query_index, detections.image_size,
+                                            heads=self.heads, layers=self.layers, normalize=self.normalize)
+            else:
+                self._maps = np.zeros((0, *detections.image_size), dtype=np.float32)
+        return self._maps
+
+    def map(self, k: int) -> np.ndarray:
+        """(H, W) saliency of detection k."""
+        return self.maps[k]
+
+    def overlay(self, **options: Any) -> np.ndarray:
+        """All detections over the image (`detection.render.overlay.render_overlay` options)."""
+        self._check()
+        return render_overlay(self.image, self.detections, self.maps, **options)
+
+    def panel(self, **options: Any) -> np.ndarray:
+        """The image with its boxes, then one overlay per detection (`render_panel` options)."""
+        self._check()
+        return render_panel(self.image, self.detections, self.maps, **options)
+
+    def save(self, path: str | os.PathLike, kind: str = "overlay") -> Path:
+        """Write the overlay (kind="overlay") or panel (kind="panel") as .png/.jpg, or the maps
+        as a float16 .npz (`detection.attention.maps.save_maps_npz`, with `map_metadata`)."""
+        self._check()
+        path = Path(path)
+        if path.suffix.lower() == ".npz":
+            meta = map_metadata(self.attention, 0, heads=self.heads, layers=self.layers, normalize=self.normalize)
+            meta["file"] = self.source
+            save_maps_npz(path, self.maps, self.detections, meta)
+        elif kind in ("overlay", "panel"):
+            write_image(path, self.overlay() if kind == "overlay" else self.panel())
+        else:
+            raise ValueError(f"kind must be 'overlay' or 'panel', got {kind!r}")
+        return path
+
+    def _repr_png_(self) -> bytes | None:
+        # notebooks: the overlay; an image that failed shows its repr (with the error) instead
+        return None if self.error is not None else encode_image(self.overlay(), ".png")
+
+
+def _is_single(images: Any) -> bool:
+    return isinstance(images, (str, os.PathLike, np.ndarray, Image.Image))
+
+
+def _model_and_key(model: str | os.PathLike | torch.nn.Module) -> tuple[torch.nn.Module, str | None]:
+    if isinstance(model, torch.nn.Module):
+        return model, None
+    key = os.fspath(model)
+    if key not in _MODELS:
+        _MODELS[key] = load_model(key)
+    return _MODELS[key], key
+
+
+def _predictor(model: str | os.PathLike | torch.nn.Module, score_threshold: float, layers: Any,
+               device: str, precision: str) -> Predictor:
+    module, key = _model_and_key(model)
+    settings = (float(score_threshold), layers == "rollout", layers == "last", str(device), precision)
+    if key is not None and (key, *settings) in _PREDICTORS:
+        return _PREDICTORS[(key, *settings)]
+    predictor = Predictor(module, device=device, precision=precision, score_threshold=score_threshold,
+                          cross_attention=True, keep_images=True, rollout=layers == "rollout",
+                          last_layer_only=layers == "last")
+    if key is not None:
+        _PREDICTORS[(key, *settings)] = predictor
+    return predictor
+
+
+def clear_model_cache() -> None:
+    """Forget the models `explain` loaded by name (and their prepared copies)."""
+    _MODELS.clear()
+    _PREDICTORS.clear()
+
+
+def _array_input(image: Any, position: int) -> tuple[str, np.ndarray]:
+    if isinstance(image, Image.Image):
+        source = f"PIL image #{position}"
+        try:  # the pixels a file of this image gives: EXIF orientation, then the same mode rules
+            return source, _to_rgb_uint8(ImageOps.exif_transpose(image), [])
+        except (OSError, ValueError) as err:
+            raise ExplanationError(f"{source}: cannot convert mode {image.mode} to RGB: {err}") from None
+    source = f"array #{position}"
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ExplanationError(f"{source}: expected a uint8 (H, W, 3) RGB array, got {image.dtype} {image.shape}")
+    return source, np.ascontiguousarray(image)
+
+
+def _explain_one(predictor: Predictor, image: Any, position: int, settings: dict) -> list[Explanation]:
+    if isinstance(image, (str, os.PathLike)):
+        results = list(predictor.run([os.fspath(image)]))
+        if not results:
+            return [Explanation(os.fspath(image), error=f"{os.fspath(image)}: no image found", **settings)]
+        return [Explanation(r.path, error=f"{r.path}: {r.error}", **settings) if r.error is not None else
+                Explanation(r.path, image=r.image, detections=r.detections, attention=r.attention, **settings)
+                for r in results]
+    if not _is_single(image):
+        return [Explanation(f"input #{position}", error=f"input #{position}: expected a path, a numpy RGB "
+                            f"array or a PIL image, got {type(image).__name__}", **settings)]
+    try:
+        source, rgb = _array_input(image, position)
+    except ExplanationError as err:
+        return [Explanation(f"input #{position}", error=str(err), **settings)]
+    detections, record = predictor.predict_arrays([rgb])
+    return [Explanation(source, image=rgb, detections=detections[0], attention=record.select_image(0), **settings)]
+
+
+def _explain_many(predictor: Predictor, images: Iterable[Any], settings: dict) -> Iterator[Explanation]:
+    for position, image in enumerate(images):
+        for explanation in _explain_one(predictor, image, position, settings):
+            if explanation.error is not None:
+                logger.warning("not explained: %s", explanation.error)
+            yield explanation
+
+
+def explain(images: Any, model: str | os.PathLike | torch.nn.Module = "demo", method: str = "raw",
+            score_threshold: float = 0.7, heads: Any = "mean", layers: Any = "last", device: str = "auto",
+            precision: str = "fp32", normalize: str | None = "minmax") -> Explanation | Iterator[Explanation]:
+    """Detect and explain: one `Explanation` per image.
+
+    images: one image -- a file path, a uint8 (H, W, 3) RGB numpy array or a PIL image (EXIF
+        orientation and modes handled as for files) -- gives one Explanation, and raises
+        ExplanationError (naming it) when it cannot be explained. A list or any other iterable
+        of them (paths may be folders or globs) gives an iterator yielding each Explanation as
+        it is done; an image that fails there yields an Explanation with `.error` set (and a
+        logged warning) and the others are still explained.
+    model: a name ("demo", "detr-r50", ...) or model folder, loaded once and kept for later
+        calls (`clear_model_cache()` forgets it), or a detector object.
+    method: "raw" (decoder cross-attention reduced over `heads` and `layers`) or "rollout"
+        (relevance propagated through the layers; `layers` is then ignored).
+    heads / layers / normalize: see `detection.attention.maps.detection_maps`.
+    device / precision: see `detection.runtime.device`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "rollout":
+        layers = "rollout"
+    predictor = _predictor(model, score_threshold, layers, device, precision)
+    settings = {"heads": heads, "layers": layers, "normalize": normalize}
+    if not _is_single(images):
+        return _explain_many(predictor, images, settings)
+    explained = _explain_one(predictor, images, 0, settings)
+    if len(explained) != 1:
+        raise ExplanationError(f"{os.fspath(images)}: names {len(explained)} images; pass [it] to explain each")
+    if explained[0].error is not None:
+        raise ExplanationError(explained[0].error)
+    return explained[0]
