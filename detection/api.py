@@ -105,6 +105,26 @@ class Explanation:
             raise ValueError(f"kind must be 'overlay' or 'panel', got {kind!r}")
         return path
 
+    def to_supervision(self) -> Any:
+        """This image as `supervision.Detections` (needs the `export` extra).
+
+        xyxy: boxes clipped to the image (float32, original pixels); confidence: scores;
+        class_id: model label indices; data: "class_name" (str), "query_index" (int64) and
+        "saliency", the (N, H, W) float32 maps.
+        """
+        import supervision as sv  # noqa: PLC0415 - optional dependency
+
+        self._check()
+        detections = self.detections
+        height, width = detections.image_size
+        boxes = np.asarray(detections.boxes, dtype=np.float32).reshape(-1, 4)
+        xyxy = np.clip(boxes, 0.0, np.array([width, height, width, height], dtype=np.float32))
+        return sv.Detections(
+            xyxy=xyxy, confidence=np.asarray(detections.scores, dtype=np.float32),
+            class_id=np.asarray(detections.labels, dtype=np.int64),
+            data={"class_name": np.array(list(detections.class_names), dtype=str).reshape(-1),
+                  "query_index": np.asarray(detections.query_index, dtype=np.int64), "saliency": self.maps})
+
     def _repr_png_(self) -> bytes | None:
         # notebooks: the overlay; an image that failed shows its repr (with the error) instead
         return None if self.error is not None else encode_image(self.overlay(), ".png")

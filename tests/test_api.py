@@ -138,3 +138,29 @@ def test_rollout_method_and_lazy_exports() -> None:
     expected = detection_maps(result.attention, 0, det.query_index, det.image_size, layers="rollout")
     explanation = explain(IMAGES[3], method="rollout", device="cpu")
     np.testing.assert_array_equal(explanation.maps, expected)
+
+
+def test_to_supervision_matches_our_fields(explained) -> None:
+    sv = pytest.importorskip("supervision", reason="supervision (the [export] extra) is not installed")
+    from detection.structures import Detections
+
+    for explanation in explained[:2]:
+        det = explanation.detections
+        height, width = det.image_size
+        # move the boxes past every border so that clipping is exercised
+        moved = Detections(det.image_size, boxes=det.boxes + torch.tensor([-1000.0, -1000.0, 1000.0, 1000.0]),
+                           scores=det.scores, labels=det.labels, query_index=det.query_index,
+                           class_names=list(det.class_names))
+        for source, boxes in ((explanation, det.boxes), (Explanation(explanation.source, image=explanation.image,
+                              detections=moved, attention=explanation.attention), moved.boxes)):
+            result = source.to_supervision()
+            assert isinstance(result, sv.Detections) and len(result) == len(det)
+            np.testing.assert_array_equal(result.xyxy, sv.clip_boxes(boxes.numpy(), (width, height)))
+            np.testing.assert_array_equal(result.confidence, det.scores.numpy())
+            np.testing.assert_array_equal(result.class_id, det.labels.numpy())
+            assert list(result.data["class_name"]) == list(det.class_names)
+            np.testing.assert_array_equal(result.data["query_index"], det.query_index.numpy())
+            np.testing.assert_array_equal(result.data["saliency"], explanation.maps)
+            keep = result.confidence > 0.9  # supervision's own filtering keeps our data aligned
+            np.testing.assert_array_equal(result[keep].data["saliency"], explanation.maps[keep])
+        assert (result.xyxy[:, 2:] == [width, height]).all() and (result.xyxy[:, :2] == 0).all()
