@@ -18,7 +18,10 @@ def shipped_files() -> list[Path]:
     """The repository files that go into detection/_data/ (paths relative to the repo root)."""
     files = set()
     for folder, pattern in SHIPPED:
-        files.update(p.relative_to(ROOT) for p in (ROOT / folder).glob(pattern) if p.is_file())
+        found = [p.relative_to(ROOT) for p in (ROOT / folder).glob(pattern) if p.is_file()]
+        if not found:  # a wheel without its configs or demo model is the bug this step prevents
+            raise FileNotFoundError(f"nothing matches {folder}/{pattern} under {ROOT}")
+        files.update(found)
     return sorted(files)
 
 

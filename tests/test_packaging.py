@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -23,7 +24,7 @@ SHIPPED = ["configs/models/demo.yaml", "configs/models/detr-r50.yaml", "configs/
 def _copy_project(dest: Path) -> None:
     # build from a copy: the in-tree build writes build/ and *.egg-info, kept out of the checkout
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("pyproject.toml", "setup.py", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "MANIFEST.in"):
         shutil.copy2(REPO / name, dest / name)
     for name in ("detection", "configs", "weights"):
         shutil.copytree(REPO / name, dest / name, ignore=ignore)
@@ -56,6 +57,18 @@ def test_wheel_ships_data_and_predicts_outside_the_repo(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         for relative in SHIPPED:
             assert archive.read(f"detection/_data/{relative}") == (REPO / relative).read_bytes(), relative
+
+    # an sdist carries the same data, so a wheel built from it does too
+    sdist = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
+                            "build_meta.build_sdist(sys.argv[1])", str(tmp_path / "sdist")],
+                           cwd=source, capture_output=True, text=True)
+    assert sdist.returncode == 0 and "Warning" not in sdist.stderr, sdist.stderr
+    (archive_path,) = (tmp_path / "sdist").glob("detection-*.tar.gz")
+    with tarfile.open(archive_path) as archive:
+        names = archive.getnames()
+    root = names[0].split("/")[0]
+    for relative in SHIPPED:
+        assert f"{root}/{relative}" in names, relative
 
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
                               "--target", str(target), str(wheel)], capture_output=True, text=True)
