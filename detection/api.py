@@ -5,6 +5,7 @@ use, pictures from `detection.render`.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -176,23 +177,31 @@ def _array_input(image: Any, position: int) -> tuple[str, np.ndarray]:
     return source, np.ascontiguousarray(image)
 
 
-def _explain_one(predictor: Predictor, image: Any, position: int, settings: dict) -> list[Explanation]:
+def _explain_one(predictor: Predictor, image: Any, position: int, settings: dict) -> Iterator[Explanation]:
+    """The Explanations of one input (a folder or glob path gives one per file, as each is done)."""
     if isinstance(image, (str, os.PathLike)):
-        results = list(predictor.run([os.fspath(image)]))
-        if not results:
-            return [Explanation(os.fspath(image), error=f"{os.fspath(image)}: no image found", **settings)]
-        return [Explanation(r.path, error=f"{r.path}: {r.error}", **settings) if r.error is not None else
-                Explanation(r.path, image=r.image, detections=r.detections, attention=r.attention, **settings)
-                for r in results]
+        found = False
+        for result in predictor.run([os.fspath(image)]):
+            found = True
+            if result.error is not None:
+                yield Explanation(result.path, error=f"{result.path}: {result.error}", **settings)
+            else:
+                yield Explanation(result.path, image=result.image, detections=result.detections,
+                                  attention=result.attention, **settings)
+        if not found:
+            yield Explanation(os.fspath(image), error=f"{os.fspath(image)}: no image found", **settings)
+        return
     if not _is_single(image):
-        return [Explanation(f"input #{position}", error=f"input #{position}: expected a path, a numpy RGB "
-                            f"array or a PIL image, got {type(image).__name__}", **settings)]
+        yield Explanation(f"input #{position}", error=f"input #{position}: expected a path, a numpy RGB "
+                          f"array or a PIL image, got {type(image).__name__}", **settings)
+        return
     try:
         source, rgb = _array_input(image, position)
     except ExplanationError as err:
-        return [Explanation(f"input #{position}", error=str(err), **settings)]
+        yield Explanation(f"input #{position}", error=str(err), **settings)
+        return
     detections, record = predictor.predict_arrays([rgb])
-    return [Explanation(source, image=rgb, detections=detections[0], attention=record.select_image(0), **settings)]
+    yield Explanation(source, image=rgb, detections=detections[0], attention=record.select_image(0), **settings)
 
 
 def _explain_many(predictor: Predictor, images: Iterable[Any], settings: dict) -> Iterator[Explanation]:
@@ -229,9 +238,9 @@ def explain(images: Any, model: str | os.PathLike | torch.nn.Module = "demo", me
     settings = {"heads": heads, "layers": layers, "normalize": normalize}
     if not _is_single(images):
         return _explain_many(predictor, images, settings)
-    explained = _explain_one(predictor, images, 0, settings)
+    explained = list(itertools.islice(_explain_one(predictor, images, 0, settings), 2))
     if len(explained) != 1:
-        raise ExplanationError(f"{os.fspath(images)}: names {len(explained)} images; pass [it] to explain each")
+        raise ExplanationError(f"{os.fspath(images)}: names several images; pass [it] to explain each")
     if explained[0].error is not None:
         raise ExplanationError(explained[0].error)
     return explained[0]

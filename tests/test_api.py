@@ -95,6 +95,10 @@ def test_lists_yield_as_they_go_and_a_bad_image_is_named(tmp_path: Path, explain
     np.testing.assert_array_equal(last.maps, explained[1].maps)
     with pytest.raises(ExplanationError, match=r"broken\.png"):
         explain(broken, device="cpu")  # a single image raises at once
+    with pytest.raises(ExplanationError, match="names several images"):
+        explain(IMAGES[0].parent, device="cpu")  # a folder is a list: explain([folder])
+    in_folder = explain([IMAGES[0].parent], device="cpu")
+    assert [e.source for e in in_folder] == [str(p) for p in IMAGES]
 
 
 def test_a_named_model_loads_once_and_a_model_object_is_used_as_given(monkeypatch, explained) -> None:
