@@ -10,12 +10,17 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def readme_api_example() -> str:
+def readme_example(heading: str) -> str:
+    """The first python block under `heading` in the README."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split("## Python API", 1)[1]
+    section = text.split(heading, 1)[1]
     match = re.search(r"```python\n(.*?)```", section, flags=re.S)
-    assert match, "README's Python API section has no python code block"
+    assert match, f"README's {heading!r} section has no python code block"
     return match.group(1)
+
+
+def readme_api_example() -> str:
+    return readme_example("## Python API")
 
 
 def test_readme_api_example_runs_as_written(monkeypatch):
@@ -34,3 +39,20 @@ def test_readme_api_example_runs_as_written(monkeypatch):
         assert x0 - 1 <= x <= x1 + 1 and y0 - 1 <= y <= y1 + 1
     per_layer_head = namespace["per_layer_head"]
     assert tuple(per_layer_head.shape[-2:]) == record.feature_size
+
+
+def test_readme_one_call_example_runs_as_written(monkeypatch, tmp_path):
+    from PIL import Image
+
+    from detection.render.overlay import render_overlay
+
+    (tmp_path / "demo").symlink_to(REPO / "demo")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(readme_example("## One call"), "README.md:One call", "exec"), namespace)
+    explanation = namespace["explanation"]
+    image = np.asarray(Image.open(REPO / "demo/images/shapes_1.png").convert("RGB"))
+    assert len(explanation.detections) >= 1
+    assert explanation.maps.shape == (len(explanation.detections), *image.shape[:2])
+    saved = np.asarray(Image.open(tmp_path / "shapes_1_overlay.png").convert("RGB"))
+    assert np.array_equal(saved, render_overlay(image, explanation.detections, explanation.maps))
