@@ -14,10 +14,10 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from detection.attention.maps import detection_maps, map_metadata, save_maps_npz
-from detection.data.images import _to_rgb_uint8
+from detection.data.images import pil_to_rgb
 from detection.engine.predictor import Predictor
 from detection.models.outputs import AttentionRecord
 from detection.models.registry import load_model
@@ -168,7 +168,7 @@ def _array_input(image: Any, position: int) -> tuple[str, np.ndarray]:
     if isinstance(image, Image.Image):
         source = f"PIL image #{position}"
         try:  # the pixels a file of this image gives: EXIF orientation, then the same mode rules
-            return source, _to_rgb_uint8(ImageOps.exif_transpose(image), [])
+            return source, pil_to_rgb(image)
         except (OSError, ValueError) as err:
             raise ExplanationError(f"{source}: cannot convert mode {image.mode} to RGB: {err}") from None
     source = f"array #{position}"

@@ -196,6 +196,13 @@ def _to_rgb_uint8(image: Image.Image, notes: list[str]) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """An in-memory PIL image -> uint8 (H, W, 3) RGB, as `load_image` gives for a file of it:
+    EXIF orientation applied, then the same mode rules (alpha on white, 16-bit scaled, ...).
+    Raises ValueError or OSError when the mode cannot be converted."""
+    return _to_rgb_uint8(ImageOps.exif_transpose(image), [])
+
+
 def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Decode one image file safely.
 
