@@ -140,3 +140,67 @@ def build_backbone(name: str, dilation: bool = False, pretrained: bool = False,
     if "resnet" in name:
         return ResNetBackbone(name, dilation=dilation, pretrained=pretrained, timm_kwargs=timm_kwargs)
     raise ValueError(f"unsupported backbone {name!r}: expected a timm resnet* or vit_* model name")
+
+
+# -- which parts of a backbone train --------------------------------------------------------
+# The DETR authors (models/backbone.py) and torchvision's detection models train only ResNet
+# layers 2-4 when the backbone trains: the stride-4 stem and layer1 stay frozen, as does batch
+# norm. `trainable_layers` counts units from the top (torchvision's convention):
+#   ResNet, 5 units: layer4, layer3, layer2, layer1, stem (conv1 + bn1); 3 = the authors' rule.
+#   ViT, depth + 1 units: the last block (with the final norm after the blocks), the block
+#   below it, ..., the first block, then the embeddings (patch and position embedding, prefix
+#   tokens); the default trains them all (ViT detectors fine-tune the whole ViT).
+RESNET_DEFAULT_TRAINABLE_LAYERS = 3
+_VIT_TOP = ("norm", "fc_norm", "head_drop", "head", "attn_pool")  # timm ViT modules after blocks
+
+
+def backbone_units(backbone: nn.Module) -> list[list[str]]:
+    """The backbone's freezable units, top (deepest) first; each a list of module names
+    relative to `backbone` (e.g. ["body.layer4"], or ["body.conv1", "body.bn1"] for the stem)."""
+    if isinstance(backbone, ResNetBackbone):
+        return [["body.layer4"], ["body.layer3"], ["body.layer2"], ["body.layer1"], ["body.conv1", "body.bn1"]]
+    if isinstance(backbone, ViTBackbone):
+        children = [name for name, _ in backbone.body.named_children()]
+        depth = len(backbone.body.blocks)
+        top = [f"body.blocks.{depth - 1}"] + [f"body.{n}" for n in children if n in _VIT_TOP]
+        blocks = [[f"body.blocks.{i}"] for i in range(depth - 2, -1, -1)]
+        embeddings = [f"body.{n}" for n in children if n != "blocks" and n not in _VIT_TOP]
+        embeddings += [f"body.{n}" for n, _ in backbone.body.named_parameters(recurse=False)]  # tokens
+        return [top, *blocks, embeddings]
+    raise TypeError(f"no freezing rule for backbone {type(backbone).__name__}")
+
+
+def resolve_trainable_layers(backbone: nn.Module, trainable_layers: int | str | None) -> int:
+    """`trainable_layers` as a unit count: None -> the family default (ResNet 3, ViT all),
+    "all" -> every unit; an integer outside 0..len(units) raises ValueError."""
+    units = len(backbone_units(backbone))
+    if trainable_layers is None:
+        trainable_layers = RESNET_DEFAULT_TRAINABLE_LAYERS if isinstance(backbone, ResNetBackbone) else "all"
+    if trainable_layers == "all":
+        return units
+    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) \
+            or not 0 <= trainable_layers <= units:
+        raise ValueError(f"backbone.trainable_layers must be an integer 0..{units} or 'all' for "
+                         f"{type(backbone).__name__}, got {trainable_layers!r}")
+    return trainable_layers
+
+
+def trainable_modules(backbone: nn.Module, trainable_layers: int | str | None) -> list[str]:
+    """Names (relative to `backbone`) of the modules that train under `trainable_layers`."""
+    count = resolve_trainable_layers(backbone, trainable_layers)
+    return [name for unit in backbone_units(backbone)[:count] for name in unit]
+
+
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def freeze_backbone_layers(backbone: nn.Module, trainable_layers: int | str | None) -> list[str]:
+    """requires_grad False on every backbone parameter outside the trainable units (in place);
+    returns the trainable module names. With every unit trainable nothing is frozen."""
+    everything = resolve_trainable_layers(backbone, trainable_layers) == len(backbone_units(backbone))
+    trainable = trainable_modules(backbone, trainable_layers)
+    for name, parameter in backbone.named_parameters():
+        if not everything and not _under(name, trainable):
+            parameter.requires_grad_(False)
+    return trainable

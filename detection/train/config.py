@@ -17,8 +17,15 @@ DEFAULTS: dict[str, Any] = {
                                    # weights: only PREPROCESSING_FIELDS)
     "init": None,                  # start from weights: a native folder, "demo", an authors' .pth,
                                    # an HF folder, a published name, or a training checkpoint .pt
-    "freeze_backbone": False,
-    "train_batch_norm": False,     # train the backbone's batch norm (from scratch); frozen otherwise
+    "freeze_backbone": False,      # no backbone parameter trains (as optim.lr_backbone <= 0 does)
+    "backbone": {
+        # units that train, counted from the top (torchvision's convention), when the backbone
+        # trains: ResNet 0-5 (layer4, layer3, layer2, layer1, stem), None = 3 = the DETR authors'
+        # rule (stem and layer1 frozen); ViT 0..depth+1 (top block + final norm, ..., first
+        # block, embeddings), None = "all". See detection.models.backbone.backbone_units.
+        "trainable_layers": None,
+    },
+    "train_batch_norm": False,     # batch norm of the trainable layers trains (from scratch); else frozen
     "data": {
         "train_images": None, "train_annotations": None,
         "val_images": None, "val_annotations": None,

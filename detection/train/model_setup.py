@@ -1,5 +1,5 @@
 """The model as training needs it: built from a config or from `init` weights with the class
-head following the data, trainable batch norm, frozen backbone, train/eval modes."""
+head following the data, which backbone layers train (and their batch norm), train/eval modes."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detection.data.coco import LabelMap
+from detection.models.backbone import backbone_units, freeze_backbone_layers, trainable_modules
 from detection.models.detr import DetrConfig
 from detection.models.registry import build_model, load_config, load_model, replace_class_head
 from detection.train.checkpoint import load_checkpoint
@@ -19,12 +20,23 @@ from detection.train.export import inference_copy
 log = logging.getLogger(__name__)
 
 
-def unfreeze_batch_norm(module: nn.Module) -> nn.Module:
+def unfreeze_batch_norm(module: nn.Module, within: list[str] | None = None) -> nn.Module:
     """FrozenBatchNorm2d -> trainable nn.BatchNorm2d with the same statistics (in place).
 
-    The inverse of `detection.models.backbone.freeze_batch_norm`: in eval mode the two compute
-    the same function, so a model trained this way is saved back with frozen batch norm.
+    `within`: only inside these submodules (names relative to `module`, e.g. "body.layer2" or
+    "body.bn1"); None: everywhere. The inverse of `detection.models.backbone.freeze_batch_norm`:
+    in eval mode the two compute the same function, so a model trained this way is saved back
+    with frozen batch norm.
     """
+    if within is not None:
+        for name in within:
+            parent_name, _, child_name = name.rpartition(".")
+            parent = module.get_submodule(parent_name)
+            child = parent.get_submodule(child_name)
+            replaced = unfreeze_batch_norm(child)
+            if replaced is not child:
+                setattr(parent, child_name, replaced)
+        return module
     if isinstance(module, FrozenBatchNorm2d):
         bn = nn.BatchNorm2d(module.weight.numel(), eps=module.eps)
         with torch.no_grad():
@@ -40,6 +52,14 @@ def unfreeze_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
+def backbone_trainable_layers(config: dict[str, Any]) -> int | str | None:
+    """The `trainable_layers` in effect: 0 when the backbone does not train (`freeze_backbone`,
+    or `lr_backbone` <= 0 as in the authors' code), else config["backbone"]["trainable_layers"]."""
+    if config["freeze_backbone"] or float(config["optim"]["lr_backbone"]) <= 0:
+        return 0
+    return config["backbone"]["trainable_layers"]
+
+
 def build_training_model(config: dict[str, Any], label_map: LabelMap) -> nn.Module:
     """From scratch (config["model"]) or from `init` weights; the class head follows the data.
 
@@ -51,8 +71,9 @@ def build_training_model(config: dict[str, Any], label_map: LabelMap) -> nn.Modu
         if str(init).endswith(".pt"):
             state = load_checkpoint(init)
             model = build_model(DetrConfig.from_dict(state["model_config"], origin=str(init)))
-            if any(k.endswith("num_batches_tracked") for k in state["model"]):
-                unfreeze_batch_norm(model.backbone)  # saved while training batch norm
+            trained_bn = [k[len("backbone."):-len(".num_batches_tracked")] for k in state["model"]
+                          if k.startswith("backbone.") and k.endswith(".num_batches_tracked")]
+            unfreeze_batch_norm(model.backbone, within=trained_bn)  # saved while training them
             model.load_state_dict(state["model"])
             model = inference_copy(model)  # back to frozen batch norm; `train_batch_norm` decides below
         else:
@@ -74,16 +95,23 @@ def build_training_model(config: dict[str, Any], label_map: LabelMap) -> nn.Modu
             num_classes=label_map.num_classes, class_names=list(label_map.class_names),
             category_ids=list(label_map.category_ids))
         model = build_model(model_config)
-    if config["train_batch_norm"] and not config["freeze_backbone"]:
-        unfreeze_batch_norm(model.backbone)
-    if config["freeze_backbone"]:
-        for p in model.backbone.parameters():
-            p.requires_grad_(False)
+    trainable_layers = backbone_trainable_layers(config)
+    if config["train_batch_norm"]:  # batch norm learns inside the trainable layers only
+        unfreeze_batch_norm(model.backbone, within=trainable_modules(model.backbone, trainable_layers))
+    trainable = freeze_backbone_layers(model.backbone, trainable_layers)
+    log.info("backbone: %s trainable", ", ".join(trainable) if trainable else "nothing")
     return model
 
 
-def set_train_mode(model: nn.Module, freeze_backbone: bool) -> None:
-    """Training mode, except a frozen backbone (its batch-norm statistics must not move)."""
+def set_train_mode(model: nn.Module, freeze_backbone: bool = False) -> None:
+    """Training mode, except the backbone units with no trainable parameter (frozen layers run as
+    at inference: no dropout, no batch-norm statistics); `freeze_backbone`: the whole backbone."""
     model.train()
     if freeze_backbone:
-        model.backbone.eval()  # frozen: batch-norm statistics must not move either
+        model.backbone.eval()
+        return
+    for unit in backbone_units(model.backbone):
+        modules = [model.backbone.get_submodule(name) for name in unit]
+        if not any(p.requires_grad for m in modules for p in m.parameters()):
+            for m in modules:
+                m.eval()
