@@ -1,8 +1,15 @@
 """`detr-attn train`: train or fine-tune a DETR on COCO-format data.
 
+    detr-attn train --data DIR --out RUN_DIR [--init NAME|PATH] [--epochs N] [--batch-size B] [--lr LR]
     detr-attn train --config configs/train/demo.yaml [--set key=value ...] --out RUN_DIR [--resume]
 
-The run folder and exact resume are described in `detection.train.loop.train`.
+`--data DIR` is the layout `detr-attn synth` writes (DIR/train, DIR/val,
+DIR/annotations/instances_{train,val}.json). The settings are, in order of precedence: the
+flags (--data, --init, --epochs, --batch-size, --lr), then --set, then --config, then the
+defaults (`detection.train.config.DEFAULTS`). The run folder and exact resume are described in
+`detection.train.loop.train`.
+
+Exit status: 0 trained; 2 bad option, config, data layout or --init.
 """
 from __future__ import annotations
 
@@ -11,19 +18,40 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-from detection.train.config import load_train_config
+from detection.train.config import coco_folder_data, load_train_config
 from detection.train.loop import train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", metavar="DIR",
+                        help="COCO-format dataset: DIR/train, DIR/val, DIR/annotations/instances_{train,val}.json "
+                             "(the layout `detr-attn synth` writes; without val, no evaluation)")
+    parser.add_argument("--out", required=True, help="run folder (checkpoints, log.jsonl, model/)")
+    parser.add_argument("--init", metavar="NAME|PATH",
+                        help="fine-tune these weights (a published name such as detr-r50, 'demo', a native or HF "
+                             "folder, an authors' .pth, a training .pt); the class head is replaced when the "
+                             "data's categories differ")
+    parser.add_argument("--epochs", type=int, help="number of epochs (optim.epochs)")
+    parser.add_argument("--batch-size", type=int, help="images per optimiser step and rank (optim.batch_size)")
+    parser.add_argument("--lr", type=float, help="learning rate of the transformer and heads (optim.lr)")
     parser.add_argument("--config", help="train config YAML (configs/train/*.yaml); with --resume "
                                          "defaults to RUN_DIR/config.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, dotted keys, YAML values (repeatable)")
-    parser.add_argument("--out", required=True, help="run folder (checkpoints, log.jsonl, model/)")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
     parser.add_argument("--kill-after-step", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as config keys (they win over --set and --config); raises ValueError for --data."""
+    values: dict[str, Any] = coco_folder_data(args.data) if args.data else {}
+    for key, value in (("init", args.init), ("optim.epochs", args.epochs),
+                       ("optim.batch_size", args.batch_size), ("optim.lr", args.lr)):
+        if value is not None:
+            values[key] = value
+    return values
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,15 +59,28 @@ def run(args: argparse.Namespace) -> int:
     config_path = args.config
     if config_path is None and args.resume:
         config_path = Path(args.out) / "config.yaml"
-    if config_path is None:
-        print("detr-attn train: --config is required (or --resume with an existing run folder)", file=sys.stderr)
+    if config_path is None and not args.data:
+        print("detr-attn train: give --data DIR (or --config FILE, or --resume with an existing run folder)",
+              file=sys.stderr)
         return 2
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--lr", args.lr)):
+        if value is not None and value <= 0:
+            print(f"detr-attn train: {flag} must be positive, got {value}", file=sys.stderr)
+            return 2
     try:
-        config = load_train_config(config_path, args.set)
+        values = _flag_values(args)
+        config = load_train_config(config_path, args.set, values)
     except ValueError as error:
         print(f"detr-attn train: {error}", file=sys.stderr)
         return 2
-    summary = train(config, args.out, resume=args.resume, kill_after_step=args.kill_after_step)
+    if args.data and values.get("data.val_images") is None:
+        print(f"detr-attn train: {args.data} has no val/ and annotations/instances_val.json: "
+              "training without evaluation", file=sys.stderr)
+    try:
+        summary = train(config, args.out, resume=args.resume, kill_after_step=args.kill_after_step)
+    except (ValueError, FileNotFoundError) as error:  # bad init name, trainable_layers, annotations ...
+        print(f"detr-attn train: {error}", file=sys.stderr)
+        return 2
     if summary["rank"] == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "rank"}, default=float))
     return 0

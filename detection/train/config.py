@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -87,7 +87,12 @@ def apply_override(config: dict[str, Any], assignment: str) -> dict[str, Any]:
             value = float(value)
         except ValueError:
             pass
-    parts = key.strip().split(".")
+    return set_value(config, key.strip(), value, where=f"--set {assignment}")
+
+
+def set_value(config: dict[str, Any], key: str, value: Any, where: str | None = None) -> dict[str, Any]:
+    """`a.b.c` set to `value` (taken as is, not parsed) -> a new config dict; unknown keys raise."""
+    parts = key.split(".")
     if parts[0] in FREE_FORM_SECTIONS and len(parts) > 1:
         # one entry inside a free-form section: earlier --set entries and the file's stay
         out = copy.deepcopy(config)
@@ -101,11 +106,13 @@ def apply_override(config: dict[str, Any], assignment: str) -> dict[str, Any]:
     update: dict[str, Any] = value
     for part in reversed(parts):
         update = {part: update}
-    return _merge(config, update, f"--set {assignment}")
+    return _merge(config, update, where or key)
 
 
-def load_train_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """DEFAULTS, then the YAML file at `path` (if any), then each `key=value` override in order.
+def load_train_config(path: str | os.PathLike | None, overrides: Iterable[str] = (),
+                      values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """DEFAULTS, then the YAML file at `path` (if any), then each `key=value` override in order,
+    then `values` ({"optim.lr": 1e-4, ...}: dotted keys, values taken as they are).
 
     Raises ValueError naming the file or the override for unknown keys, an unreadable file,
     missing training data, or an unknown precision.
@@ -122,9 +129,36 @@ def load_train_config(path: str | os.PathLike | None, overrides: Iterable[str] =
         config = _merge(config, data, str(path))
     for assignment in overrides:
         config = apply_override(config, assignment)
+    for key, value in (values or {}).items():
+        config = set_value(config, key, value)
     for key in ("train_images", "train_annotations"):
         if not config["data"].get(key):
             raise ValueError(f"train config needs data.{key}")
     if config["precision"] not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {config['precision']!r}")
     return config
+
+
+def coco_folder_data(root: str | os.PathLike) -> dict[str, str]:
+    """The `data.*` paths of a dataset in the layout `detr-attn synth` writes:
+    ROOT/train/, ROOT/annotations/instances_train.json and, for evaluation, ROOT/val/ and
+    ROOT/annotations/instances_val.json (without both, training runs without evaluation).
+
+    Returns all four {"data.train_images": ..., ...} (the val ones None without a validation
+    set) for `load_train_config(values=...)`; raises ValueError naming each missing part.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"--data {root}: no such folder")
+    parts = {"data.train_images": root / "train", "data.train_annotations": root / "annotations/instances_train.json",
+             "data.val_images": root / "val", "data.val_annotations": root / "annotations/instances_val.json"}
+    present = {key: (path.is_dir() if key.endswith("images") else path.is_file()) for key, path in parts.items()}
+    required = ["data.train_images", "data.train_annotations"]
+    if present["data.val_images"] or present["data.val_annotations"]:
+        required += ["data.val_images", "data.val_annotations"]  # half a validation set is a mistake
+    missing = [f"{parts[key]} ({'image folder' if key.endswith('images') else 'COCO annotations file'})"
+               for key in required if not present[key]]
+    if missing:
+        raise ValueError(f"--data {root}: missing {', '.join(missing)}; expected the layout "
+                         f"`detr-attn synth` writes: train/, val/, annotations/instances_{{train,val}}.json")
+    return {key: str(parts[key]) if key in required else None for key in parts}
