@@ -37,12 +37,14 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 8, "epochs": 10, "lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4,
         "grad_clip": 0.1, "warmup_steps": 0, "schedule": "cosine",  # cosine | step | constant
         "min_lr_ratio": 0.01, "lr_drop_epochs": [], "lr_drop_factor": 0.1,
+        "adamw": "fused",          # fused | foreach | for-loop: AdamW's implementation (same update)
     },
     "loss": {"ce": 1.0, "bbox": 5.0, "giou": 2.0, "eos_coef": 0.1,
              "match_class": 1.0, "match_bbox": 5.0, "match_giou": 2.0, "aux": True,
              "dense": 0.0},           # weight of the training-only dense encoder supervision (dense.py)
     "ema": {"enabled": False, "decay": 0.999},
-    "precision": "fp32",           # fp32 | bf16 (CPU or CUDA) | fp16 (CUDA)
+    "precision": "fp32",           # fp32 | bf16 (CPU or CUDA) | fp16 (CUDA); heads and loss stay fp32
+    "channels_last": None,         # CNN backbone in NHWC; None: with bf16/fp16 only (train/precision.py)
     "device": "auto",              # auto | cpu | cuda
     "threads": None,               # torch intra-op threads (None: torch default)
     "deterministic": False,

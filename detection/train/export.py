@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from detection.models.backbone import freeze_batch_norm
@@ -12,8 +13,8 @@ from detection.models.registry import save_model
 
 
 def inference_copy(model: nn.Module) -> nn.Module:
-    """A CPU copy of `model` in the shipped layout (frozen batch norm), eval mode."""
-    clone = copy.deepcopy(model).cpu().float().eval()
+    """A CPU copy of `model` in the shipped layout (frozen batch norm, NCHW weights), eval mode."""
+    clone = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
     freeze_batch_norm(clone)
     return clone
 

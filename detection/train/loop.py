@@ -26,7 +26,7 @@ from detection.io import write_text_atomic
 from detection.models import digest
 from detection.runtime.device import autocast, resolve_device
 from detection.runtime.distributed import DistContext, init_distributed
-from detection.train import export, model_setup, optim, run_log
+from detection.train import export, model_setup, optim, precision, run_log
 from detection.train.checkpoint import code_version, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from detection.train.dense import DenseSupervision, dense_losses
 from detection.train.distributed import EpochSampler, sync_buffers
@@ -120,6 +120,7 @@ class Trainer:
         self.train_set, self.val_set = _datasets(config)
         self.label_map = self.train_set.label_map
         self.model = model_setup.build_training_model(config, self.label_map).to(device)
+        self.channels_last = precision.prepare_for_training(self.model, config)
         self.train_set.transform = build_transform(config["augment"], True, self.model.config.min_size,
                                                    self.model.config.max_size)
         if self.val_set is not None:  # validation runs the model's own inference rule exactly
@@ -283,6 +284,8 @@ class Trainer:
         targets as `CocoDetection` makes them. Returns (logged loss values, gradient norm)."""
         device = self.device
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         targets = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
         with autocast(device, self.config["precision"], training=True):
             outputs = self.ddp_model(images, mask)

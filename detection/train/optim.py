@@ -20,7 +20,17 @@ def build_optimizer(model: nn.Module, optim: dict[str, Any]) -> torch.optim.Opti
     groups = [{"params": rest, "lr": float(optim["lr"])}]
     if backbone:
         groups.append({"params": backbone, "lr": float(optim["lr_backbone"])})
-    return torch.optim.AdamW(groups, lr=float(optim["lr"]), weight_decay=float(optim["weight_decay"]))
+    implementation = optim.get("adamw", "fused")
+    if implementation not in ADAMW_IMPLEMENTATIONS:
+        raise ValueError(f"optim.adamw must be one of {list(ADAMW_IMPLEMENTATIONS)}, got {implementation!r}")
+    return torch.optim.AdamW(groups, lr=float(optim["lr"]), weight_decay=float(optim["weight_decay"]),
+                             **ADAMW_IMPLEMENTATIONS[implementation])
+
+
+# AdamW's implementations: one kernel over all parameters (CPU and CUDA), multi-tensor ops, or
+# torch's per-parameter loop (torch's CPU default).
+ADAMW_IMPLEMENTATIONS: dict[str, dict[str, bool]] = {
+    "fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
 
 
 def lr_factor(step: int, total_steps: int, steps_per_epoch: int, optim: dict[str, Any]) -> float:

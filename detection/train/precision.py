@@ -1,0 +1,45 @@
+"""The fast train path: a channels_last CNN backbone under bf16/fp16 autocast with the class and
+box heads kept in float32 (the loss is computed outside autocast, in float32, from their outputs)."""
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def uses_channels_last(config: dict[str, Any], model: nn.Module) -> bool:
+    """config["channels_last"]: True/False, or None = on for a CNN backbone under bf16 / fp16
+    autocast (oneDNN and cuDNN convolutions prefer NHWC there) and off in fp32."""
+    setting = config.get("channels_last")
+    is_cnn = not hasattr(getattr(model.backbone, "body", None), "forward_features")  # timm ViTs have it
+    if setting is None:
+        return is_cnn and config["precision"] in ("bf16", "fp16")
+    return bool(setting) and is_cnn
+
+
+def _float32_forward(self: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return type(self).forward(self, hidden.float())
+
+
+def float32_heads(model: nn.Module) -> nn.Module:
+    """The class and box heads of a DETR run in float32 on float32 inputs even under autocast
+    (in place; parameter names and the state dict are unchanged). A bf16 box head would round
+    normalised box coordinates to 8 mantissa bits before the L1 / GIoU losses see them."""
+    for name in ("class_embed", "bbox_embed"):
+        head = getattr(model, name)
+        head.forward = types.MethodType(_float32_forward, head)
+    return model
+
+
+def prepare_for_training(model: nn.Module, config: dict[str, Any]) -> bool:
+    """The fast train path on `model` in place: channels_last backbone (see `uses_channels_last`)
+    and float32 heads under bf16 / fp16. Returns whether inputs should be channels_last."""
+    channels_last = uses_channels_last(config, model)
+    if channels_last:
+        model.backbone.to(memory_format=torch.channels_last)
+    if config["precision"] != "fp32":
+        float32_heads(model)
+    return channels_last

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Training-step benchmark: HF DetrForObjectDetection + its loss (the reference) vs ours.
+
+DETR-R50 with random weights (no download), the very same weights in both (scripts/bench.py's
+`build_pair`), the same trainable set (ResNet layers 2-4, the authors' rule; printed as
+parameter counts), one batch of --batch images at --height x --width with --boxes random boxes
+each; a step is forward + loss + backward + gradient clipping (0.1) + AdamW step:
+
+  * HF fp32: torch's default AdamW, its own Hungarian loss (auxiliary_loss=True, as ours);
+  * ours fp32: detection.train (SetCriterion, fused AdamW, NCHW);
+  * ours bf16: bf16 autocast, channels_last backbone, float32 heads and loss (train/precision.py).
+
+Prints median s/step after --warmup steps (and the fastest), the ratios to HF fp32, and the
+loss agreement on one batch with dropout off: HF fp32 vs ours fp32, ours bf16 vs ours fp32.
+
+    PYTHONPATH=. .venv/bin/python scripts/bench_train.py                  # CPU, batch 2, 512x672
+    PYTHONPATH=. .venv/bin/python scripts/bench_train.py --device cuda --batch 8
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import build_pair, cpu_name  # noqa: E402
+from detection.models.backbone import freeze_backbone_layers  # noqa: E402
+from detection.runtime.device import autocast  # noqa: E402
+from detection.train.losses import SetCriterion  # noqa: E402
+from detection.train.matcher import HungarianMatcher  # noqa: E402
+from detection.train.optim import build_optimizer  # noqa: E402
+from detection.train.precision import float32_heads  # noqa: E402
+
+OPTIM = {"lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4, "adamw": "fused"}
+CLIP = 0.1
+
+
+def make_batch(batch: int, height: int, width: int, boxes: int, num_classes: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand((batch, 3, height, width), generator=generator)
+    targets = []
+    for _ in range(batch):
+        centre = torch.rand((boxes, 2), generator=generator) * 0.6 + 0.2
+        size = torch.rand((boxes, 2), generator=generator) * 0.3 + 0.05
+        targets.append({"labels": torch.randint(0, num_classes, (boxes,), generator=generator),
+                        "boxes": torch.cat([centre, size], dim=1)})
+    return images, targets
+
+
+def freeze_hf_like_the_authors(hf) -> None:
+    for name, parameter in hf.model.backbone.named_parameters():
+        if "layer2" not in name and "layer3" not in name and "layer4" not in name:
+            parameter.requires_grad_(False)
+
+
+def trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def hf_step(hf, images, targets, device) -> Callable[[], float]:
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    pixel_values = ((images - mean) / std).to(device)
+    pixel_mask = torch.ones((images.shape[0], *images.shape[-2:]), dtype=torch.long, device=device)
+    labels = [{"class_labels": t["labels"].to(device), "boxes": t["boxes"].to(device)} for t in targets]
+    backbone = [p for n, p in hf.named_parameters() if p.requires_grad and "backbone" in n]
+    rest = [p for n, p in hf.named_parameters() if p.requires_grad and "backbone" not in n]
+    optimizer = torch.optim.AdamW([{"params": rest, "lr": OPTIM["lr"]},
+                                   {"params": backbone, "lr": OPTIM["lr_backbone"]}],
+                                  weight_decay=OPTIM["weight_decay"])
+
+    def step() -> float:
+        loss = hf(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), CLIP)
+        optimizer.step()
+        return float(loss)
+
+    return step
+
+
+def ours_step(model, criterion, images, targets, device, precision: str, channels_last: bool):
+    images = images.to(device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    mask = torch.zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool, device=device)
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    optimizer = build_optimizer(model, OPTIM)
+
+    def step() -> float:
+        with autocast(device, precision, training=True):
+            outputs = model(images, mask)
+        loss, _ = criterion(outputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        return float(loss)
+
+    return step
+
+
+def ours_loss(model, criterion, images, targets, precision: str, device) -> float:
+    mask = torch.zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool, device=device)
+    with torch.no_grad(), autocast(device, precision, training=True):
+        outputs = model(images.to(device), mask)
+    return float(criterion(outputs, [{k: v.to(device) for k, v in t.items()} for t in targets])[0])
+
+
+def timed(step: Callable[[], float], device, warmup: int, repeats: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), min(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--width", type=int, default=672)
+    parser.add_argument("--boxes", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip-hf", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}, "
+          f"{platform.python_version()}")
+    print(f"DETR-R50 random weights, batch {args.batch} at {args.height}x{args.width}, {args.boxes} boxes each, "
+          f"median of {args.repeats} after {args.warmup} warm-up")
+
+    hf, ours = build_pair()
+    hf.config.auxiliary_loss = True  # ours supervises every decoder layer, as the authors do
+    freeze_hf_like_the_authors(hf)
+    freeze_backbone_layers(ours.backbone, 3)
+    num_classes = ours.config.num_classes
+    images, targets = make_batch(args.batch, args.height, args.width, args.boxes, num_classes)
+    criterion = SetCriterion(num_classes, HungarianMatcher(1.0, 5.0, 2.0), eos_coef=0.1,
+                             weight_dict={"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}).to(device)
+    hf, ours = hf.to(device), ours.to(device)
+    print(f"trainable parameters: HF {trainable(hf):,}, ours {trainable(ours):,}")
+
+    # loss agreement on one batch, dropout off (before any step changes the weights)
+    hf.eval(), ours.eval()
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    with torch.no_grad():
+        hf_loss = float(hf(pixel_values=(images.to(device) - mean) / std,
+                           pixel_mask=torch.ones((args.batch, args.height, args.width), dtype=torch.long,
+                                                 device=device),
+                           labels=[{"class_labels": t["labels"].to(device), "boxes": t["boxes"].to(device)}
+                                   for t in targets]).loss)
+    fp32_loss = ours_loss(ours, criterion, images, targets, "fp32", device)
+    bf16_model = float32_heads(_copy(ours))
+    bf16_model.backbone.to(memory_format=torch.channels_last)
+    bf16_loss = ours_loss(bf16_model, criterion, images, targets, "bf16", device)
+    print(f"loss on one batch (eval mode): HF fp32 {hf_loss:.6f}, ours fp32 {fp32_loss:.6f} "
+          f"(rel. diff {abs(hf_loss - fp32_loss) / abs(fp32_loss):.2e}), ours bf16 {bf16_loss:.6f} "
+          f"(rel. diff to fp32 {abs(bf16_loss - fp32_loss) / abs(fp32_loss):.2e})")
+
+    results: dict[str, tuple[float, float]] = {}
+    hf.train(), ours.train(), bf16_model.train()
+    if not args.skip_hf:
+        results["HF fp32"] = timed(hf_step(hf, images, targets, device), device, args.warmup, args.repeats)
+    results["ours fp32"] = timed(ours_step(ours, criterion, images, targets, device, "fp32", False),
+                                 device, args.warmup, args.repeats)
+    results["ours bf16 (channels_last, fp32 heads)"] = timed(
+        ours_step(bf16_model, criterion, images, targets, device, "bf16", True), device, args.warmup, args.repeats)
+    reference = results.get("HF fp32", results["ours fp32"])[0]
+    print(f"{'implementation':40s} {'s/step':>8s} {'fastest':>8s} {'img/s':>7s} {'vs HF fp32':>10s}")
+    for name, (median, fastest) in results.items():
+        print(f"{name:40s} {median:8.3f} {fastest:8.3f} {args.batch / median:7.2f} {reference / median:9.2f}x")
+    return 0
+
+
+def _copy(model: Any):
+    import copy
+    return copy.deepcopy(model)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
