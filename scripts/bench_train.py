@@ -8,7 +8,8 @@ each; a step is forward + loss + backward + gradient clipping (0.1) + AdamW step
 
   * HF fp32: torch's default AdamW, its own Hungarian loss (auxiliary_loss=True, as ours);
   * ours fp32: detection.train (SetCriterion, fused AdamW, NCHW);
-  * ours bf16: bf16 autocast, channels_last backbone, float32 heads and loss (train/precision.py).
+  * ours bf16: bf16 autocast, channels_last backbone, float32 heads and loss (train/precision.py);
+    --bf16-nchw also times it without channels_last.
 
 Prints median s/step after --warmup steps (and the fastest), the ratios to HF fp32, and the
 loss agreement on one batch with dropout off: HF fp32 vs ours fp32, ours bf16 vs ours fp32.
@@ -84,7 +85,7 @@ def hf_step(hf, images, targets, device) -> Callable[[], float]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), CLIP)
         optimizer.step()
-        return float(loss)
+        return loss.item()
 
     return step
 
@@ -105,7 +106,7 @@ def ours_step(model, criterion, images, targets, device, precision: str, channel
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
-        return float(loss)
+        return loss.item()
 
     return step
 
@@ -143,6 +144,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--bf16-nchw", action="store_true", help="also time bf16 without channels_last")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,11 +185,16 @@ def main() -> int:
           f"(rel. diff to fp32 {abs(bf16_loss - fp32_loss) / abs(fp32_loss):.2e})")
 
     results: dict[str, tuple[float, float]] = {}
+    nchw = float32_heads(_copy(ours)) if args.bf16_nchw else None  # taken before ours trains
     hf.train(), ours.train(), bf16_model.train()
     if not args.skip_hf:
         results["HF fp32"] = timed(hf_step(hf, images, targets, device), device, args.warmup, args.repeats)
     results["ours fp32"] = timed(ours_step(ours, criterion, images, targets, device, "fp32", False),
                                  device, args.warmup, args.repeats)
+    if nchw is not None:
+        nchw.train()
+        results["ours bf16 (NCHW, fp32 heads)"] = timed(
+            ours_step(nchw, criterion, images, targets, device, "bf16", False), device, args.warmup, args.repeats)
     results["ours bf16 (channels_last, fp32 heads)"] = timed(
         ours_step(bf16_model, criterion, images, targets, device, "bf16", True), device, args.warmup, args.repeats)
     reference = results.get("HF fp32", results["ours fp32"])[0]
