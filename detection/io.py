@@ -1,6 +1,7 @@
 """Atomic file writes: temp file in the same folder, fsync, rename. No partial file ever exists."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -11,7 +12,13 @@ from typing import Any, Callable, Iterator
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to `path`; on success fsync it and rename it onto `path`."""
+    """Yield a temp path next to `path`; on success fsync it and rename it onto `path`.
+
+    On any failure the temp file is removed and `path` is left as it was. A full disk
+    (ENOSPC, while the caller writes the temp file or while it is synced) raises
+    OSError(ENOSPC, "no space left on device", path): the message names the file meant,
+    not the temp file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -19,15 +26,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
+        _sync_file(tmp_path)
         # mkstemp creates 0600 files; give the result the permissions a plain open() would.
         os.chmod(tmp_path, 0o666 & ~_current_umask())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except OSError as err:
+        tmp_path.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, "no space left on device", str(path)) from err
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _sync_file(path: Path) -> None:
+    """Flush a written file to the disk (where a full disk shows at the latest)."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
 
 
 def _current_umask() -> int:
