@@ -1,7 +1,9 @@
-"""Resume after SIGKILL and torchrun sharding: the run folder ends byte-identical to an
-uninterrupted single-process run (run.json aside: it records timing)."""
+"""Resume after SIGKILL, SIGTERM and a full disk, and torchrun sharding: the run folder ends
+byte-identical to an uninterrupted single-process run (run.json aside: it records timing)."""
 from __future__ import annotations
 
+import errno
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import detection.io
 from detection.cli import main as cli_main
 from detection.models.registry import build_model, save_model
 
@@ -112,6 +115,79 @@ def test_sigkill_then_rerun_equals_uninterrupted(corpus, reference, tmp_path: Pa
     assert _snapshot(out) == reference
 
     # rerunning a finished run changes nothing
+    assert cli_main(_command(corpus, out)[3:]) == 1
+    assert _snapshot(out) == reference
+
+
+def _signal_mid_run(corpus: dict[str, Path], out: Path, signum: int) -> tuple[subprocess.Popen, str, int]:
+    """Start the run in a subprocess, send `signum` once 4 images are journalled; returns the
+    finished process, its stderr and the number of journal lines it left."""
+    process = subprocess.Popen(_command(corpus, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    journal = out / "predictions.jsonl"
+    deadline = time.time() + 240
+    sent = False
+    while time.time() < deadline and process.poll() is None:
+        if journal.exists() and journal.read_bytes().count(b"\n") >= 4:
+            os.kill(process.pid, signum)
+            sent = True
+            break
+        time.sleep(0.02)
+    _, stderr = process.communicate(timeout=240)
+    assert sent, "the run finished before the signal could be sent"
+    return process, stderr.decode(), journal.read_bytes().count(b"\n")
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_items_in_flight_exits_3_and_rerun_equals_uninterrupted(corpus, reference,
+                                                                                   tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    process, stderr, lines = _signal_mid_run(corpus, out, signal.SIGTERM)
+    assert process.returncode == 3, stderr[-3000:]
+    assert "interrupted; rerun the same command to resume" in stderr and "Traceback" not in stderr
+    assert 4 <= lines < 24  # stopped mid-run, after what was journalled when the signal came
+    journal = (out / "predictions.jsonl").read_bytes()
+    assert journal.endswith(b"\n")  # a clean stop: only complete lines
+    assert all(json.loads(line)["key"] for line in journal.splitlines())
+    assert not (out / "detections.json").exists() and not (out / ".lock").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert not list(out.rglob("*.tmp"))
+    # every journalled image has all of its files (a journal line means "completely done")
+    for line in journal.splitlines():
+        record = json.loads(line)
+        assert (out / record["attention"]).is_file() and (out / record["overlay"]).is_file()
+
+    assert cli_main(_command(corpus, out)[3:]) == 1  # the same command, resumed
+    assert _snapshot(out) == reference
+
+
+@pytest.mark.slow
+def test_disk_full_names_the_file_leaves_no_partial_file_and_rerun_resumes(corpus, reference, tmp_path: Path,
+                                                                           monkeypatch, capsys) -> None:
+    out = tmp_path / "out"
+    real_sync = detection.io._sync_file
+    calls: list[Path] = []
+    failed: list[Path] = []
+
+    def sync_then_disk_full_once(path: Path) -> None:
+        calls.append(path)
+        if len(calls) == 30 and not failed:  # mid-run: a per-detection overlay or an npz
+            failed.append(path)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_sync(path)
+
+    monkeypatch.setattr(detection.io, "_sync_file", sync_then_disk_full_once)
+    assert cli_main(_command(corpus, out)[3:]) == 3
+    stderr = capsys.readouterr().err
+    assert failed, "the patched writer was not reached"
+    # the temp file was removed, and the message names the file meant, not the temp file
+    meant = failed[0].parent / failed[0].name[1:].rsplit(".", 2)[0]
+    assert not failed[0].exists() and not meant.exists()
+    assert f"no space left on device writing {meant}" in stderr and "Traceback" not in stderr
+    assert not list(out.rglob("*.tmp")) and not (out / ".lock").exists()
+    assert not (out / "detections.json").exists()
+    assert 0 < (out / "predictions.jsonl").read_bytes().count(b"\n") < 24
+
+    monkeypatch.setattr(detection.io, "_sync_file", real_sync)  # space is back
     assert cli_main(_command(corpus, out)[3:]) == 1
     assert _snapshot(out) == reference
 

@@ -1,21 +1,39 @@
 """`detr-attn predict`: options, messages and exit statuses around `engine.predict_run.run_predict`.
 
 Exit status: 0 every input processed; 1 some inputs could not be processed (listed in
-OUT/errors.jsonl; all others were); 2 usage error (bad option, model not loadable, no inputs,
-OUT holds a run with other settings); 3 the run crashed (rerun the same command to resume).
+OUT/errors.jsonl; all others were); 2 usage error, nothing written (bad option, model not
+loadable, no inputs, OUT is a file, another live run is writing OUT, OUT holds a run with other
+settings); 3 the run stopped before the end: SIGTERM / SIGINT (the images in flight were
+finished), disk full, or a crash. Rerun the same command to resume after a 3.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import traceback
 
 from detection.data.images import DEFAULT_MAX_PIXELS
 from detection.engine.outputs import OutputOptions
-from detection.engine.predict_run import PredictSettings, PredictUsageError, run_predict
+from detection.engine.predict_run import PredictInterrupted, PredictSettings, PredictUsageError, run_predict
+from detection.engine.run_folder import LOCK_FILE
 from detection.runtime.distributed import init_distributed
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 3
+
+EPILOG = f"""\
+one run per folder: while a run writes OUT it holds OUT/{LOCK_FILE} (its pid and host); a second run
+into OUT is refused (exit 2). A lock left by a process that is no longer running is taken over.
+
+stopping: SIGTERM or Ctrl-C (SIGINT) finishes the images in flight, journals them and exits 3;
+a second Ctrl-C stops at once. Rerun the same command to resume: the finished folder equals
+that of an uninterrupted run.
+
+disk full: the file that did not fit is named, no partial file is left, exit 3; free space and
+rerun the same command to resume.
+
+exit status: 0 all inputs processed; 1 some inputs failed (OUT/errors.jsonl); 2 usage error,
+nothing written; 3 stopped (signal, disk full, crash): rerun to resume."""
 
 
 def _head_choice(text: str):
@@ -37,12 +55,15 @@ def _layer_choice(text: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("inputs", nargs="*", metavar="IMAGES",
                         help="image files, folders (recursive), glob patterns, @list.txt files, videos")
     parser.add_argument("--list", action="append", default=[], metavar="FILE",
                         help="text file with one path (or folder / glob) per line; repeatable")
     parser.add_argument("--model", default="demo", help="model name (demo, detr-r50, ...) or native model folder")
-    parser.add_argument("--out", required=True, help="output run folder (created; rerun to resume)")
+    parser.add_argument("--out", required=True,
+                        help="output run folder (created; rerun to resume; one live run per folder)")
     parser.add_argument("--score-threshold", type=float, default=0.7)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -103,8 +124,16 @@ def run(args: argparse.Namespace) -> int:
     except PredictUsageError as err:
         print(f"detr-attn predict: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except (PredictInterrupted, KeyboardInterrupt):
         print("detr-attn predict: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_CRASH
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            traceback.print_exc()
+            print("detr-attn predict: the run crashed; rerun the same command to resume", file=sys.stderr)
+            return EXIT_CRASH
+        print(f"detr-attn predict: no space left on device writing {err.filename}; free space, then rerun the "
+              "same command to resume", file=sys.stderr)
         return EXIT_CRASH
     except Exception:  # noqa: BLE001 - report, keep the documented exit status
         traceback.print_exc()

@@ -1,11 +1,14 @@
-"""A whole predict run into a run folder: fingerprint, overwrite, resume, sharding over torchrun
-ranks, a writer thread pool for the per-image files, and the final merge.
+"""A whole predict run into a run folder: lock, fingerprint, overwrite, resume, sharding over
+torchrun ranks, a writer thread pool for the per-image files, graceful stop on signals, the final merge.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import platform
+import signal
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from detection.engine.outputs import OutputOptions, write_image_outputs
 from detection.engine.planning import shard_plan
 from detection.engine.predictor import PredictionResult, Predictor
 from detection.engine.run_folder import RunFolder, RunFolderMismatch
+from detection.engine.run_lock import RunFolderLocked
 from detection.engine.sources import expand_sources
 from detection.models.digest import weights_digest
 from detection.models.registry import load_model
@@ -31,8 +35,13 @@ logger = logging.getLogger(__name__)
 
 
 class PredictUsageError(ValueError):
-    """The run cannot start: the device or model is not usable, there are no inputs, or OUT
-    holds a run made with other settings. Nothing was written."""
+    """The run cannot start: the device or model is not usable, there are no inputs, OUT is a
+    file, another live run is writing OUT, or OUT holds a run made with other settings.
+    Nothing was written."""
+
+
+class PredictInterrupted(Exception):
+    """SIGTERM / SIGINT stopped the run after the images in flight; rerunning resumes it."""
 
 
 @dataclass
@@ -102,25 +111,58 @@ def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
                 context: DistContext | None = None) -> PredictSummary:
     """Run a whole predict job into settings.out (every rank of a torchrun run calls this).
 
-    Raises PredictUsageError before anything is written when the run cannot start. Other
-    exceptions mean the run crashed; rerunning the same settings resumes it.
+    Raises PredictUsageError before anything is written when the run cannot start, including
+    when OUT is a file or another live run holds OUT's lock (`run_folder.LOCK_FILE`; rank 0
+    takes it for all ranks; a lock left by a dead process is taken over). The lock is released
+    however the run ends.
+    SIGTERM / SIGINT: the images in flight are finished and journalled, no new work is taken,
+    then PredictInterrupted is raised (a second SIGINT stops at once with KeyboardInterrupt).
+    A full disk raises OSError(ENOSPC) naming the file that did not fit; no partial file is left.
+    After either, and after any other exception (a crash), rerunning the same settings resumes
+    the run, and the finished folder equals that of an uninterrupted run.
     """
     settings = dataclasses.replace(settings, outputs=settings.outputs or OutputOptions())
     context = context or init_distributed(backend="gloo")
-    try:
-        device = resolve_device(settings.device, context.local_rank if context.enabled else None)
-        if model is None:
-            model = load_model(settings.model, device="cpu")
-    except (ValueError, FileNotFoundError) as err:
-        raise PredictUsageError(str(err)) from err
-    predictor = _make_predictor(settings, model, device)
-    items = expand_sources(settings.inputs, settings.list_files, video_stride=settings.video_stride)
-    if not items:
-        raise PredictUsageError("no inputs given")
-    fingerprint = run_fingerprint(settings, model, predictor.precision)
-
     out = Path(settings.out)
-    folder = RunFolder(out, context.rank, context.world_size)
+    if out.exists() and not out.is_dir():
+        raise PredictUsageError(f"--out {out}: is a file, not a folder (give a folder path; it is created if missing)")
+    with StopOnSignals() as stop:
+        try:
+            device = resolve_device(settings.device, context.local_rank if context.enabled else None)
+            if model is None:
+                model = load_model(settings.model, device="cpu")
+        except (ValueError, FileNotFoundError) as err:
+            raise PredictUsageError(str(err)) from err
+        predictor = _make_predictor(settings, model, device)
+        items = expand_sources(settings.inputs, settings.list_files, video_stride=settings.video_stride)
+        if not items:
+            raise PredictUsageError("no inputs given")
+        fingerprint = run_fingerprint(settings, model, predictor.precision)
+
+        folder = RunFolder(out, context.rank, context.world_size)
+        lock = folder.lock() if context.is_main else None
+        refusal = None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except RunFolderLocked as err:
+                refusal = str(err)
+            except OSError as err:
+                if err.errno == errno.ENOSPC:
+                    raise
+                refusal = f"--out {out}: cannot create the folder or its lock file ({err.strerror})"
+        if context.any_true(refusal is not None):
+            raise PredictUsageError(refusal or "rank 0 could not lock the output folder")
+        try:
+            return _run_locked(settings, model, context, predictor, items, fingerprint, folder, stop)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _run_locked(settings: PredictSettings, model: torch.nn.Module, context: DistContext, predictor: Predictor,
+                items, fingerprint: dict[str, Any], folder: RunFolder, stop: StopOnSignals) -> PredictSummary:
+    """run_predict once rank 0 holds the folder's lock: overwrite / resume, shards, merge."""
     if context.is_main:
         if settings.overwrite:
             folder.clear()
@@ -155,8 +197,15 @@ def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
     context.barrier()
 
     processed = _predict_shard(settings, predictor, folder, probed, shard_plan(plan, context.rank, context.world_size),
-                               context.is_main)
+                               context.is_main, stop)
     context.barrier()
+    out = folder.out
+    if context.any_true(stop.requested):
+        if context.is_main:
+            run_info["status"] = "interrupted"
+            folder.write_run_info(run_info)
+        raise PredictInterrupted(f"{stop.signal_name or 'a signal to another rank'}: stopped after the images "
+                                 f"in flight; rerun the same command to resume")
     summary = PredictSummary(out=out, is_main=context.is_main)
     if context.is_main:
         counts = folder.finalize(probed, model.config.category_ids)
@@ -188,45 +237,101 @@ def _make_predictor(settings: PredictSettings, model: torch.nn.Module, device: t
 
 
 def _predict_shard(settings: PredictSettings, predictor: Predictor, folder: RunFolder, probed, my_plan,
-                   is_main: bool) -> int:
+                   is_main: bool, stop: StopOnSignals) -> int:
     """This rank's share: journal every result (per-image files on writer threads); returns
-    the number of images processed in this run."""
+    the number of images processed in this run. Once `stop` is requested no new result is
+    taken; the writes in flight finish and are journalled."""
     done = folder.open()
     processed = 0
     # tqdm(disable=None): no bar when stderr is not a terminal
     progress = tqdm(total=sum(len(b.items) for b in my_plan), desc="predict", unit="img",
                     disable=None if settings.progress and is_main else True)
     category_ids = predictor.config.category_ids
+    pool = ThreadPoolExecutor(max_workers=max(1, settings.writer_threads))
+
+    def write(result: PredictionResult) -> None:
+        try:
+            record = write_image_outputs(folder, result, settings.outputs, category_ids)
+        except OSError:
+            raise  # disk full / permissions: stop, a rerun resumes
+        except Exception as err:  # noqa: BLE001 - one image's output must not stop the run
+            folder.append_error(result.item, f"writing outputs failed: {type(err).__name__}: {err}")
+            return
+        folder.append_prediction(record)
+
     try:
         if is_main:  # expansion / header errors: reported once, by rank 0
             for item in probed:
                 if item.error is not None:
                     folder.append_error(item, item.error)
         pending: list[Future] = []
-        with ThreadPoolExecutor(max_workers=max(1, settings.writer_threads)) as pool:
-            def write(result: PredictionResult) -> None:
-                try:
-                    record = write_image_outputs(folder, result, settings.outputs, category_ids)
-                except OSError:
-                    raise  # disk full / permissions: stop, a rerun resumes
-                except Exception as err:  # noqa: BLE001 - one image's output must not stop the run
-                    folder.append_error(result.item, f"writing outputs failed: {type(err).__name__}: {err}")
-                    return
-                folder.append_prediction(record)
-
-            for result in predictor.run_plan(my_plan, done):
-                if result.error is not None:
-                    folder.append_error(result.item, result.error)
-                else:
-                    pending.append(pool.submit(write, result))
-                    processed += 1
-                progress.update(1)
-                # bounded queue: results hold images and attention; surface writer errors early
-                while len(pending) > 4 * max(1, settings.writer_threads):
-                    pending.pop(0).result()
-            for future in pending:
-                future.result()
+        for result in ([] if stop.requested else predictor.run_plan(my_plan, done)):
+            if result.error is not None:
+                folder.append_error(result.item, result.error)
+            else:
+                pending.append(pool.submit(write, result))
+                processed += 1
+            progress.update(1)
+            if stop.requested:
+                break
+            # bounded queue: results hold images and attention; surface writer errors early
+            while len(pending) > 4 * max(1, settings.writer_threads):
+                pending.pop(0).result()
+        for future in pending:
+            future.result()
+    except Exception as err:
+        if not stop.requested:
+            raise
+        # expected: decoding workers that got the signal too (Ctrl-C reaches the process group)
+        logger.warning("after %s: %s: %s", stop.signal_name, type(err).__name__, err)
     finally:
+        _shut_down(pool)  # writes in flight finish (and are journalled) before the journals close
         folder.close()
         progress.close()
     return processed
+
+
+def _shut_down(pool: ThreadPoolExecutor) -> None:
+    # An exception raised by a signal handler (the DataLoader's SIGCHLD) may interrupt the wait.
+    for _ in range(100):
+        try:
+            pool.shutdown(wait=True)
+            return
+        except Exception:  # noqa: BLE001 - wait again: writer threads must not outlive their journal
+            continue
+
+
+class StopOnSignals:
+    """While active (in the main thread), SIGTERM and SIGINT request a stop instead of killing:
+    the run finishes the images in flight, journals them, and stops taking new work. A second
+    SIGINT raises KeyboardInterrupt (stop now). Previous handlers are restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def __enter__(self) -> StopOnSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signal_name = signal.Signals(signum).name
+        logger.warning("%s received: finishing the images in flight, then stopping (rerun to resume)",
+                       self.signal_name)

@@ -9,6 +9,7 @@ Layout (docs/ARCHITECTURE.md "Predict run folder"):
     OUT/detections.json     COCO results list, written at the end
     OUT/overlays/<key>.<fmt>, OUT/overlays/<key>/det_<k>.<fmt>, OUT/attention/<key>.npz
     OUT/.parts/             per-rank journals of a torchrun run (merged by rank 0, then removed)
+    OUT/.lock               pid + host of the live run writing OUT (removed when it ends; not an output)
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path, PurePath
 from typing import Any, Callable, Iterable, Sequence
 
 from detection.engine.journal import Journal, dumps_record, read_journal, repair_journal
+from detection.engine.run_lock import RunLock
 from detection.engine.sources import SourceItem
 from detection.io import read_json, write_json_atomic, write_text_atomic
 
@@ -29,6 +31,9 @@ DETECTIONS_FILE = "detections.json"
 PARTS_DIR = ".parts"
 OVERLAYS_DIR = "overlays"
 ATTENTION_DIR = "attention"
+#: The live run's lock (engine.run_lock): not an output, so `--overwrite` (run under the lock)
+#: keeps it; the run removes it when it ends.
+LOCK_FILE = ".lock"
 #: Everything a predict run writes; `--overwrite` removes these and nothing else.
 OWN_OUTPUTS = (RUN_FILE, PREDICTIONS_FILE, ERRORS_FILE, DETECTIONS_FILE, PARTS_DIR, OVERLAYS_DIR, ATTENTION_DIR)
 #: Overlay formats predict writes (and the report finds).
@@ -108,6 +113,10 @@ class RunFolder:
         return self.out / attention_name(key)
 
     # -- lifecycle ------------------------------------------------------------------------
+    def lock(self) -> RunLock:
+        """The folder's lock (not yet acquired): one live run per folder, taken by one rank."""
+        return RunLock(self.out / LOCK_FILE)
+
     def clear(self) -> None:
         """Remove only what a predict run writes (`OWN_OUTPUTS`), never other files in OUT."""
         for name in OWN_OUTPUTS:
