@@ -42,3 +42,26 @@ def test_other_errors_pass_unchanged(tmp_path: Path) -> None:
         with atomic_path(tmp_path / "x.json"):
             raise PermissionError("nope")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_journal_append_on_a_full_disk_leaves_no_partial_line(tmp_path: Path, monkeypatch) -> None:
+    from detection.engine.journal import Journal, read_journal
+
+    journal = Journal(tmp_path / "predictions.jsonl")
+    journal.append({"key": "a"})
+    real_write = os.write
+
+    def half_then_disk_full(fd: int, data: bytes) -> int:
+        if len(data) > 10:
+            return real_write(fd, data[:10])  # a short write, as on a full disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", half_then_disk_full)
+    with pytest.raises(OSError) as raised:
+        journal.append({"key": "b", "detections": []})
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / "predictions.jsonl")
+    monkeypatch.setattr(os, "write", real_write)
+    journal.append({"key": "c"})  # space is back: the next line follows a complete one
+    journal.close()
+    assert (tmp_path / "predictions.jsonl").read_bytes() == b'{"key": "a"}\n{"key": "c"}\n'
+    assert [r["key"] for r in read_journal(tmp_path / "predictions.jsonl")] == ["a", "c"]

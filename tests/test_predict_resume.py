@@ -18,6 +18,7 @@ from PIL import Image
 
 import detection.io
 from detection.cli import main as cli_main
+from detection.engine.predict_run import StopOnSignals
 from detection.models.registry import build_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +118,18 @@ def test_sigkill_then_rerun_equals_uninterrupted(corpus, reference, tmp_path: Pa
     # rerunning a finished run changes nothing
     assert cli_main(_command(corpus, out)[3:]) == 1
     assert _snapshot(out) == reference
+
+
+def test_stop_on_signals_asks_to_stop_a_second_sigint_stops_now_handlers_restored() -> None:
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    with StopOnSignals() as stop:
+        assert not stop.requested
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested and stop.signal_name == "SIGTERM"
+        signal.raise_signal(signal.SIGTERM)  # a second SIGTERM: still finishing the images in flight
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert {signum: signal.getsignal(signum) for signum in previous} == previous
 
 
 def _signal_mid_run(corpus: dict[str, Path], out: Path, signum: int) -> tuple[subprocess.Popen, str, int]:

@@ -127,15 +127,12 @@ def run(args: argparse.Namespace) -> int:
     except (PredictInterrupted, KeyboardInterrupt):
         print("detr-attn predict: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_CRASH
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
-            traceback.print_exc()
-            print("detr-attn predict: the run crashed; rerun the same command to resume", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - report, keep the documented exit status
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:  # no traceback: nothing to debug
+            where = f" writing {err.filename}" if err.filename else ""
+            print(f"detr-attn predict: no space left on device{where}; free space, then rerun the same command "
+                  "to resume", file=sys.stderr)
             return EXIT_CRASH
-        print(f"detr-attn predict: no space left on device writing {err.filename}; free space, then rerun the "
-              "same command to resume", file=sys.stderr)
-        return EXIT_CRASH
-    except Exception:  # noqa: BLE001 - report, keep the documented exit status
         traceback.print_exc()
         print("detr-attn predict: the run crashed; rerun the same command to resume", file=sys.stderr)
         return EXIT_CRASH

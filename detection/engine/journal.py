@@ -3,6 +3,7 @@ so a line always means "this record is done" and a kill leaves at most a trailin
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -73,12 +74,25 @@ class Journal:
         self._lock = threading.Lock()
 
     def append(self, record: dict[str, Any]) -> None:
+        """Append one line. On failure (a full disk writes part of it, then fails) the file is cut
+        back to its previous size, so later lines never follow a partial one; a full disk raises
+        OSError(ENOSPC, "no space left on device", this journal's path)."""
         data = (dumps_record(record) + "\n").encode("utf-8")
         with self._lock:
-            written = os.write(self._fd, data)
-            while written < len(data):  # regular files write fully; loop for safety
-                written += os.write(self._fd, data[written:])
-            os.fsync(self._fd)
+            start = os.fstat(self._fd).st_size
+            try:
+                written = os.write(self._fd, data)
+                while written < len(data):  # regular files write fully unless the disk is full
+                    written += os.write(self._fd, data[written:])
+                os.fsync(self._fd)
+            except OSError as err:
+                try:
+                    os.ftruncate(self._fd, start)
+                except OSError:
+                    pass  # the next run's repair_journal cuts a trailing partial line
+                if err.errno == errno.ENOSPC:
+                    raise OSError(errno.ENOSPC, "no space left on device", str(self.path)) from err
+                raise
 
     def close(self) -> None:
         with self._lock:
