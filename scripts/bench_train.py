@@ -67,6 +67,15 @@ def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> float:
+    """The part of a training step both implementations share: backward, clip, AdamW step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    optimizer.step()
+    return loss.item()
+
+
 def hf_step(hf, images, targets, device) -> Callable[[], float]:
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
@@ -81,11 +90,7 @@ def hf_step(hf, images, targets, device) -> Callable[[], float]:
 
     def step() -> float:
         loss = hf(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), CLIP)
-        optimizer.step()
-        return loss.item()
+        return optimizer_step(loss, optimizer, hf)
 
     return step
 
@@ -102,11 +107,7 @@ def ours_step(model, criterion, images, targets, device, precision: str, channel
         with autocast(device, precision, training=True):
             outputs = model(images, mask)
         loss, _ = criterion(outputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        optimizer.step()
-        return loss.item()
+        return optimizer_step(loss, optimizer, model)
 
     return step
 

@@ -92,18 +92,9 @@ def reference(corpus, tmp_path_factory) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_sigkill_then_rerun_equals_uninterrupted(corpus, reference, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    process = subprocess.Popen(_command(corpus, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     journal = out / "predictions.jsonl"
-    deadline = time.time() + 240
-    lines_at_kill = None
-    while time.time() < deadline and process.poll() is None:
-        if journal.exists() and journal.read_bytes().count(b"\n") >= 4:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
-            lines_at_kill = journal.read_bytes().count(b"\n")
-            break
-        time.sleep(0.02)
-    assert lines_at_kill is not None, "the run finished before it could be killed"
+    # asserts that the kill came before the run finished
+    process, _, lines_at_kill = _signal_mid_run(corpus, out, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
     assert lines_at_kill < 24  # killed mid-run
     assert not (out / "detections.json").exists()
