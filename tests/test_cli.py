@@ -30,7 +30,7 @@ def test_console_help_runs():
 
 
 def test_every_verb_lives_in_the_cli_package():
-    assert set(cli.VERBS) == {"predict", "eval", "train", "synth", "report", "weights"}
+    assert set(cli.VERBS) == {"predict", "eval", "train", "synth", "report", "weights", "export"}
     assert all(module_name == f"detection.cli.{verb}" for verb, (module_name, _) in cli.VERBS.items())
 
 

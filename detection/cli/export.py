@@ -1,0 +1,33 @@
+"""`detr-attn export RUN_DIR --format coco-masks --out FILE [--ann GT.json]`: options, messages and
+exit statuses around `evaluation.mask_export.export_coco_masks`.
+
+Exit status: 0 written; 2 bad option, unreadable run folder, run without saved attention
+(`predict --save-attention`), or a file name the ground truth does not know.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+FORMATS = ("coco-masks",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="folder written by `detr-attn predict --save-attention`")
+    parser.add_argument("--format", choices=FORMATS, required=True,
+                        help="coco-masks: COCO results with the compressed-RLE Otsu explanation mask of each detection")
+    parser.add_argument("--out", required=True, metavar="FILE", help="results JSON to write")
+    parser.add_argument("--ann", default=None, metavar="GT.json",
+                        help="COCO ground truth: take image ids from it by file name (default: the run's ids)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from detection.evaluation.mask_export import export_coco_masks
+
+    try:
+        results = export_coco_masks(args.run_dir, args.out, args.ann)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"detr-attn export: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(results)} explanation masks to {args.out}")
+    return 0
