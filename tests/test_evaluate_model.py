@@ -213,3 +213,41 @@ def test_unmappable_model_classes_fail_clearly(setup, tmp_path, capsys):
     assert metrics["attention"] == {}
     reference = _run(root, ann, tmp_path / "run3", "--no-attention", "--first", "2")
     assert metrics["bbox"] == reference["bbox"]
+
+
+def test_export_masks_reproduces_eval_mask_ap_with_pycocotools(setup, tmp_path):
+    """`--export-masks FILE`: pycocotools' own segm evaluation of the written masks, with eval's
+    IoU thresholds (0.2:0.95), gives exactly the mask AP in metrics.json, for every choice."""
+    root, ann = setup
+    masks_file = tmp_path / "masks.json"
+    metrics = _run(root, ann, tmp_path / "run", "--attention-threshold", "0.3", "--layers", "last,mean",
+                   "--heads", "mean", "--export-masks", str(masks_file))
+    exported = json.loads(masks_file.read_text())
+    assert {entry["choice"] for entry in exported} == set(metrics["attention"])
+    gt_dataset = json.loads(Path(ann).read_text())
+    image_ids = [image["id"] for image in gt_dataset["images"]]
+    category_ids = sorted(c["id"] for c in gt_dataset["categories"])
+    for choice, row in metrics["attention"].items():
+        entries = [{k: v for k, v in e.items() if k != "choice"} for e in exported if e["choice"] == choice]
+        assert len(entries) == row["num_detections"]
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO()
+            gt.dataset = gt_dataset
+            gt.createIndex()
+            evaluator = COCOeval(gt, gt.loadRes(entries), iouType="segm")
+            evaluator.params.imgIds, evaluator.params.catIds = image_ids, category_ids
+            evaluator.params.iouThrs = np.concatenate([np.linspace(0.2, 0.45, 6), np.linspace(0.5, 0.95, 10)])
+            evaluator.evaluate()
+            evaluator.accumulate()
+        precision = evaluator.eval["precision"][:, :, :, 0, -1]
+        valid = precision[precision > -1]
+        assert float(np.mean(valid)) == row["mask_ap"] and row["mask_ap"] > 0
+
+
+def test_export_masks_needs_a_model_with_attention(setup, tmp_path, capsys):
+    root, ann = setup
+    code = main(["eval", "--no-progress", "--model", str(root / "model"), "--ann", str(ann), "--images",
+                 str(root / "images"), "--out", str(tmp_path / "run"), "--no-attention",
+                 "--export-masks", str(tmp_path / "masks.json")])
+    assert code == 2 and "--export-masks needs --model with attention" in capsys.readouterr().err
+    assert not (tmp_path / "masks.json").exists()

@@ -23,11 +23,13 @@ from typing import Any
 
 from detection.data.ground_truth import GroundTruthError, load_coco_gt
 from detection.evaluation.classes import load_class_map, map_classes
+from detection.evaluation.mask_export import scored_mask_results
 from detection.evaluation.model_run import (DEFAULT_HEADS, DEFAULT_LAYERS, ModelEvaluationRun, ModelRunOptions,
                                             run_model_on_ranks)
 from detection.evaluation.results import EvaluationError, results_for_subset
 from detection.evaluation.subsets import Subset, SubsetSpec, select_subset
 from detection.evaluation.writer import format_metric, write_evaluation
+from detection.io import write_json_atomic
 from detection.models.registry import load_model
 from detection.runtime.distributed import DistContext, init_distributed
 
@@ -69,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     attention.add_argument("--di-steps", type=int, default=16)
     attention.add_argument("--di-substrate", choices=("mean", "blur"), default="mean")
     attention.add_argument("--di-max-detections", type=int, default=3, help="per image")
+    attention.add_argument("--export-masks", metavar="FILE",
+                           help="also write the explanation masks eval scored (COCO results, RLE "
+                                "segmentation, a 'choice' field per entry) to FILE")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -96,6 +101,8 @@ def _run(args: argparse.Namespace, context: DistContext) -> int:
             category_names=args.categories, min_objects=args.min_objects,
         )
         subset = select_subset(gt_dataset, spec, args.ann)
+        if args.export_masks and (args.detections or args.no_attention):
+            raise EvaluationError("--export-masks needs --model with attention (no --detections, no --no-attention)")
         if args.detections:
             results, source, warnings = results_for_subset(
                 args.detections, gt_dataset, subset, args.ann, args.match_file_names)
@@ -125,6 +132,10 @@ def _run(args: argparse.Namespace, context: DistContext) -> int:
             log(f"  {choice:<18} {format_metric(row['pointing_game'])}  {format_metric(row['energy_pointing_game'])}  "
                 f"{format_metric(row['mask_ap'])}")
     log(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'metrics.md'}")
+    if args.export_masks:
+        write_json_atomic(args.export_masks, scored_mask_results(attention_state, list(metrics["attention"])),
+                          indent=None)
+        log(f"wrote the scored explanation masks to {args.export_masks}")
     return 0
 
 

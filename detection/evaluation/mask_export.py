@@ -94,3 +94,11 @@ def export_coco_masks(
     write_json_atomic(out_file, results, indent=None)
     logger.info("wrote %d explanation masks to %s", len(results), out_file)
     return results
+
+
+def scored_mask_results(attention_state: dict[str, Any], choices: list[str]) -> list[dict[str, Any]]:
+    """The explanation masks an evaluation scored, as one COCO results list: each entry is the
+    one its choice's mask AP was computed from ({"image_id", "category_id", "segmentation",
+    "score"}) plus "choice" (e.g. "last/mean", "gaussian-baseline"); choices in `choices` order."""
+    masks = attention_state["masks"]
+    return [dict(entry, choice=choice) for choice in choices if choice in masks for entry in masks[choice]]
