@@ -4,27 +4,18 @@
 """
 from __future__ import annotations
 
-import contextlib
-import io
 from typing import Any, Sequence
 
 import numpy as np
+from pycocotools.cocoeval import COCOeval
+
+from detection.data.ground_truth import call_quietly, coco_from_dataset
 
 # Chefer et al. lower the COCO IoU thresholds to 0.2 because explanation masks are coarse.
 # The 0.5..0.95 part is built exactly like pycocotools' default array, so the standard
 # (0.5:0.95) mask AP read from these rows is bit-identical to a separate default run.
 STANDARD_IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
 EXPLANATION_IOU_THRESHOLDS = np.concatenate([np.linspace(0.2, 0.45, 6), STANDARD_IOU_THRESHOLDS])
-
-
-def _quiet_coco(dataset: dict[str, Any]):
-    from pycocotools.coco import COCO
-
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
 
 
 def _gt_with_segmentation(gt_dataset: dict[str, Any]) -> dict[str, Any]:
@@ -52,23 +43,18 @@ def mask_ap(
     over the thresholds; -1 when no category has GT in the subset (COCO's convention).
     Empty results are scored properly (all 0 where GT exists) instead of crashing loadRes([]).
     """
-    from pycocotools.cocoeval import COCOeval
-
-    gt = _quiet_coco(_gt_with_segmentation(gt_dataset))
+    gt = coco_from_dataset(_gt_with_segmentation(gt_dataset))
     if mask_results:
-        with contextlib.redirect_stdout(io.StringIO()):
-            dt = gt.loadRes([dict(r) for r in mask_results])
+        dt, _ = call_quietly(lambda: gt.loadRes([dict(r) for r in mask_results]))
     else:
-        dt = _quiet_coco(
+        dt = coco_from_dataset(
             {"images": list(gt_dataset["images"]), "categories": list(gt_dataset["categories"]), "annotations": []}
         )
     evaluator = COCOeval(gt, dt, iouType="segm")
     evaluator.params.imgIds = list(image_ids)
     evaluator.params.catIds = list(category_ids)
     evaluator.params.iouThrs = EXPLANATION_IOU_THRESHOLDS.copy()
-    with contextlib.redirect_stdout(io.StringIO()):
-        evaluator.evaluate()
-        evaluator.accumulate()
+    call_quietly(lambda: (evaluator.evaluate(), evaluator.accumulate()))
     # precision: (T, R, K, A, M); area "all" = 0, maxDets 100 = last
     precision = evaluator.eval["precision"][:, :, :, 0, -1]
 
