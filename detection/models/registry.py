@@ -16,9 +16,9 @@ from detection.models import published
 from detection.models.configs import CONFIG_DIR, available_configs, load_config  # noqa: F401
 from detection.models.convert import convert_to_native, load_foreign
 from detection.models.detr import DETR, DetrConfig
-from detection.resources import data_path, data_root
 from detection.models.native import (ARCHITECTURE, FORMAT_VERSION, META_FILE, WEIGHTS_FILE,  # noqa: F401
                                      is_native_folder, load_native, read_model_meta, save_model)
+from detection.resources import data_path, data_root
 
 __all__ = ["DetrConfig", "DETR", "build_model", "load_model", "save_model", "load_config",
            "available_configs", "replace_class_head", "ensure_published_native", "load_published",
