@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from detection.attention.aggregate import LayerChoice, decoder_rollout, reduce_layers, self_relevance
-from detection.attention.maps import valid_feature_size
+from detection.attention.maps import valid_feature_size, valid_flat_indices
 
 
 @contextmanager
@@ -106,9 +106,8 @@ def _gradient_weighted(
     grads = torch.autograd.grad(targets, weights, grad_outputs=one_hot, is_grads_batched=True,
                                 allow_unused=True)
     valid_h, valid_w = valid_feature_size(out["attention"].feature_padding_mask[int(image_index)])
-    width = out["attention"].feature_padding_mask.shape[-1]
-    flat = (torch.arange(valid_h)[:, None] * width + torch.arange(valid_w)[None, :]).reshape(-1)
-    flat = flat.to(logits.device)
+    feature_size = tuple(out["attention"].feature_padding_mask.shape[-2:])
+    flat = valid_flat_indices(feature_size, valid_h, valid_w).to(logits.device)
     result: dict[str, list[torch.Tensor]] = {name: [] for name in kinds}
     for name, attention, grad in zip(names, weights, grads):
         attention = attention[int(image_index)].detach()  # (heads, Lq, Lk)

@@ -87,7 +87,7 @@ def _image_geometry(attention: AttentionRecord, image_index: int) -> tuple[int, 
     return valid_h, valid_w, input_h, input_w
 
 
-def _valid_flat_indices(feature_size: tuple[int, int], valid_h: int, valid_w: int) -> torch.Tensor:
+def valid_flat_indices(feature_size: tuple[int, int], valid_h: int, valid_w: int) -> torch.Tensor:
     """Row-major flat indices (into h*w) of the valid (hv, wv) block."""
     _, width = feature_size
     rows = torch.arange(valid_h).unsqueeze(1) * width
@@ -271,7 +271,7 @@ def _valid_encoder_attention(
             f"encoder_self must be (L, B, heads, {cells}, {cells}) for feature size {feature_size}, "
             f"got {tuple(attention.encoder_self.shape)}"
         )
-    flat = _valid_flat_indices(feature_size, valid_h, valid_w)
+    flat = valid_flat_indices(feature_size, valid_h, valid_w)
     encoder = encoder[:, :, flat][:, :, :, flat]
     return reduce_heads(encoder, heads, dim=1)
 
