@@ -33,12 +33,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     except OSError as err:
         tmp_path.unlink(missing_ok=True)
-        if err.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, "no space left on device", str(path)) from err
+        full = disk_full_error(err, path)
+        if full is not None:
+            raise full from err
         raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def disk_full_error(err: OSError, path: str | os.PathLike) -> OSError | None:
+    """For a full disk (ENOSPC): OSError(ENOSPC, "no space left on device", path), naming the
+    file meant rather than a temp file; None for any other error (re-raise it as it is)."""
+    if err.errno != errno.ENOSPC:
+        return None
+    return OSError(errno.ENOSPC, "no space left on device", str(path))
 
 
 def _sync_file(path: Path) -> None:

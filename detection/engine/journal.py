@@ -3,12 +3,13 @@ so a line always means "this record is done" and a kill leaves at most a trailin
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import threading
 from pathlib import Path
 from typing import Any
+
+from detection.io import disk_full_error
 
 
 def dumps_record(record: dict[str, Any]) -> str:
@@ -90,8 +91,9 @@ class Journal:
                     os.ftruncate(self._fd, start)
                 except OSError:
                     pass  # the next run's repair_journal cuts a trailing partial line
-                if err.errno == errno.ENOSPC:
-                    raise OSError(errno.ENOSPC, "no space left on device", str(self.path)) from err
+                full = disk_full_error(err, self.path)
+                if full is not None:
+                    raise full from err
                 raise
 
     def close(self) -> None:
