@@ -26,6 +26,13 @@ def _fail(path: Path | str, problem: str) -> None:
     raise GroundTruthError(f"{path}: {problem}")
 
 
+def coco_split_paths(root: str | Path, split: str) -> tuple[Path, Path]:
+    """The folder layout of a COCO-format dataset (what `detr-attn synth` writes and
+    `detr-attn train --data` reads): (ROOT/<split>/, ROOT/annotations/instances_<split>.json)."""
+    root = Path(root)
+    return root / split, root / "annotations" / f"instances_{split}.json"
+
+
 def call_quietly(fn: Callable[[], T]) -> tuple[T, str]:
     """Run `fn` with stdout captured (pycocotools prints progress); -> (value, printed text)."""
     buffer = io.StringIO()

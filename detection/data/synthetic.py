@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from detection.data.ground_truth import coco_split_paths
 from detection.io import write_bytes_atomic, write_text_atomic
 from detection.render.overlay import encode_image
 
@@ -337,7 +338,7 @@ def generate_split(out_dir: str | Path, split: str, count: int, seed: int, confi
     Returns the COCO dict written.
     """
     out_dir = Path(out_dir)
-    image_dir = out_dir / split
+    image_dir, annotations_file = coco_split_paths(out_dir, split)
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     next_ann_id = 1  # COCO: annotation id 0 breaks pycocotools matching
@@ -364,7 +365,7 @@ def generate_split(out_dir: str | Path, split: str, count: int, seed: int, confi
         "categories": categories(),
     }
     text = json.dumps(coco, sort_keys=True, separators=(",", ":")) + "\n"
-    write_text_atomic(out_dir / "annotations" / f"instances_{split}.json", text)
+    write_text_atomic(annotations_file, text)
     logger.info("wrote %d %s images and their annotations to %s", count, split, out_dir)
     return coco
 

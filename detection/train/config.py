@@ -9,6 +9,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from detection.data.ground_truth import coco_split_paths
+
 # Every key a train config may set; a YAML file or --set overrides these.
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -152,8 +154,10 @@ def coco_folder_data(root: str | os.PathLike) -> dict[str, str]:
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"--data {root}: no such folder")
-    parts = {"data.train_images": root / "train", "data.train_annotations": root / "annotations/instances_train.json",
-             "data.val_images": root / "val", "data.val_annotations": root / "annotations/instances_val.json"}
+    train_images, train_annotations = coco_split_paths(root, "train")
+    val_images, val_annotations = coco_split_paths(root, "val")
+    parts = {"data.train_images": train_images, "data.train_annotations": train_annotations,
+             "data.val_images": val_images, "data.val_annotations": val_annotations}
     present = {key: (path.is_dir() if key.endswith("images") else path.is_file()) for key, path in parts.items()}
     required = ["data.train_images", "data.train_annotations"]
     if present["data.val_images"] or present["data.val_annotations"]:
