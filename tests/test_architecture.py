@@ -9,7 +9,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "detection"
 MAX_MODULE_LINES = 500
 # What a function may import locally: heavy or optional third-party packages, and the lazy
 # parts of the CLI (verb modules load only when their verb runs).
-LOCAL_IMPORT_ALLOWED = ("transformers", "supervision", "fiftyone", "matplotlib", "tqdm", "selenium",
+LOCAL_IMPORT_ALLOWED = ("transformers", "huggingface_hub", "supervision", "fiftyone", "matplotlib", "tqdm", "selenium",
                         "safetensors", "yaml", "scipy", "timm", "cv2", "pycocotools")
 
 

@@ -123,6 +123,11 @@ class _ConstantDetector(nn.Module):
     def postprocess_rule(self) -> PostprocessRule:
         return PostprocessRule.sigmoid_topk(top_k=5)
 
+    supports_padding = True
+
+    def precision_allowed(self, precision, device):
+        return True
+
     def forward(self, images, padding_mask=None, *, cross_attention=False, encoder_attention=False,
                 decoder_self_attention=False):
         b = images.shape[0]

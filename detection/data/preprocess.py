@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as tvF
 
 from detection.models.contract import PreprocessSpec
 
@@ -43,6 +45,29 @@ def _shortest_edge_size(height: int, width: int, min_size: int, max_size: int | 
     return size, int(size * width / height)
 
 
+def _hf_shortest_edge_size(height: int, width: int, min_size: int, max_size: int | None,
+                           yolos: bool) -> tuple[int, int]:
+    # transformers `image_transforms.get_size_with_aspect_ratio` (yolos=False) and
+    # `models/yolos/image_processing_yolos.get_size_with_aspect_ratio_yolos` (yolos=True)
+    size, raw_size = min_size, None
+    if max_size is not None:
+        short, long = float(min(height, width)), float(max(height, width))
+        if long / short * size > max_size:
+            raw_size = max_size * short / long
+            size = int(round(raw_size))
+    scale_from = raw_size if raw_size is not None else size
+    already = (height <= width and height == size) or (width <= height and width == size)
+    if already and not (yolos and width < height):
+        new_h, new_w = height, width
+    elif width < height:
+        new_h, new_w = int(scale_from * height / width), size
+    else:
+        new_h, new_w = size, int(scale_from * width / height)
+    if yolos:
+        new_h, new_w = new_h - new_h % 16, new_w - new_w % 16
+    return new_h, new_w
+
+
 def resized_size(height: int, width: int, min_size: PreprocessSpec | int | None = None,
                  max_size: int | None = None) -> tuple[int, int]:
     """(new_height, new_width) of a (height, width) image under a resize rule.
@@ -57,7 +82,9 @@ def resized_size(height: int, width: int, min_size: PreprocessSpec | int | None 
     if spec.resize == "longest_edge":
         scale = spec.max_size / max(height, width)
         return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
-    return _shortest_edge_size(height, width, spec.min_size, spec.max_size)
+    if spec.size_rounding == "detr":
+        return _shortest_edge_size(height, width, spec.min_size, spec.max_size)
+    return _hf_shortest_edge_size(height, width, spec.min_size, spec.max_size, spec.size_rounding == "yolos")
 
 
 def image_to_input(image_rgb: np.ndarray, min_size: PreprocessSpec | int | None = None,
@@ -74,21 +101,38 @@ def image_to_input(image_rgb: np.ndarray, min_size: PreprocessSpec | int | None 
     height, width = image_rgb.shape[:2]
     new_h, new_w = resized_size(height, width, spec)
     resize = (new_h, new_w) != (height, width)
-    if resize and not spec.antialias:
+    backend = spec.resize_backend
+    if backend == "torchvision":
+        return _torchvision_input(image_rgb, spec, (new_h, new_w) if resize else None)
+    if resize and backend == "opencv":
         image_rgb = cv2.resize(image_rgb, (new_w, new_h), interpolation=_CV2_INTERPOLATION[spec.interpolation])
     image_rgb = np.ascontiguousarray(image_rgb)
     if not image_rgb.flags.writeable:  # torch.from_numpy warns on read-only buffers (e.g. PIL's)
         image_rgb = image_rgb.copy()
     tensor = torch.from_numpy(image_rgb).permute(2, 0, 1)
     tensor = tensor.float().div_(255.0)
-    if resize and spec.antialias:
+    if resize and backend == "torch":
         tensor = F.interpolate(tensor[None], size=(new_h, new_w), mode=spec.interpolation,
                                align_corners=False, antialias=True)[0]
+    return _normalise(tensor, spec)
+
+
+def _normalise(tensor: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     if spec.mean is not None:
         mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
         tensor = (tensor - mean) / std
     return tensor
+
+
+def _torchvision_input(image_rgb: np.ndarray, spec: PreprocessSpec, size: tuple[int, int] | None) -> torch.Tensor:
+    """transformers' torchvision processors: resize the uint8 tensor, then / 255, normalise."""
+    tensor = torch.from_numpy(np.array(image_rgb, copy=True)).permute(2, 0, 1).contiguous()
+    if size is not None:
+        mode = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+                "nearest": InterpolationMode.NEAREST}[spec.interpolation]
+        tensor = tvF.resize(tensor, list(size), interpolation=mode, antialias=spec.antialias)
+    return _normalise(tensor.float().div_(255.0), spec)
 
 
 def pad_batch(images: Sequence[torch.Tensor], size_divisibility: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -80,6 +80,11 @@ class Predictor:
             raise ValueError(f"batching must be 'exact' or 'padded', got {batching!r}")
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
+        if precision == "auto" and not model.precision_allowed(self.precision, self.device):
+            self.precision = "fp32"
+        if batching == "padded" and not model.supports_padding:
+            raise ValueError("this detector takes no padding mask, so padded batches would change its "
+                             "detections: use batching 'exact'")
         self.config = model.config
         self.preprocess = model.preprocess_spec
         self.postprocess_rule = model.postprocess_rule

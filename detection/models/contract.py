@@ -14,6 +14,8 @@ from torch import nn
 ResizeRule = Literal["shortest_edge", "longest_edge", "fixed"]
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 PostprocessKind = Literal["softmax_no_object", "sigmoid_topk"]
+SizeRounding = Literal["detr", "hf", "yolos"]
+ResizeBackend = Literal["opencv", "torch", "torchvision"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,15 @@ class PreprocessSpec:
       inference cannot drift apart) and it zeroes padding after normalising, so its spec has
       mean = std = None and the input stays in [0, 1].
     size_divisibility: batches are padded (bottom/right) to a multiple of this (1 = none).
+    size_rounding (shortest_edge only): "detr" as above; "hf" transformers'
+      `get_size_with_aspect_ratio` (when capped, the longer side is computed from the UNROUNDED
+      shorter side and truncated: it can differ from "detr" by one pixel); "yolos" transformers'
+      `get_size_with_aspect_ratio_yolos` (the "hf" size, both sides then floored to a multiple
+      of 16).
+    backend: None = chosen by `antialias` (OpenCV without, torch float with, as above);
+      "torchvision": what transformers' torchvision image processors run -- the uint8 (3, h, w)
+      tensor resized by `torchvision.transforms.v2.functional.resize(..., antialias=antialias)`
+      (uint8 in, uint8 out, rounded), then / 255 and normalised.
     """
 
     resize: ResizeRule = "shortest_edge"
@@ -51,6 +62,8 @@ class PreprocessSpec:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     size_divisibility: int = 1
+    size_rounding: SizeRounding = "detr"
+    backend: ResizeBackend | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -65,7 +78,7 @@ class PreprocessSpec:
             problems.append(f"resize {self.resize!r} is not shortest_edge, longest_edge or fixed")
         if self.interpolation not in ("bilinear", "bicubic", "nearest"):
             problems.append(f"interpolation {self.interpolation!r} is not bilinear, bicubic or nearest")
-        if self.antialias and self.interpolation == "nearest":
+        if self.antialias and self.interpolation == "nearest" and self.backend != "torchvision":
             problems.append("antialias needs bilinear or bicubic interpolation")
         if (self.mean is None) != (self.std is None):
             problems.append("give both mean and std, or neither")
@@ -73,8 +86,21 @@ class PreprocessSpec:
             problems.append("mean and std need 3 values (RGB)")
         if self.size_divisibility < 1:
             problems.append("size_divisibility must be >= 1")
+        if self.size_rounding not in ("detr", "hf", "yolos"):
+            problems.append(f"size_rounding {self.size_rounding!r} is not detr, hf or yolos")
+        if self.backend not in (None, "opencv", "torch", "torchvision"):
+            problems.append(f"backend {self.backend!r} is not opencv, torch or torchvision")
+        elif self.backend == "opencv" and self.antialias:
+            problems.append("the opencv backend has no antialias")
         if problems:
             raise ValueError("invalid PreprocessSpec: " + "; ".join(problems))
+
+    @property
+    def resize_backend(self) -> ResizeBackend:
+        """The backend that resizes: `backend`, or OpenCV / torch as `antialias` says."""
+        if self.backend is not None:
+            return self.backend
+        return "torch" if self.antialias else "opencv"
 
     @classmethod
     def shortest_edge(cls, min_size: int, max_size: int | None, **options: Any) -> "PreprocessSpec":
@@ -156,6 +182,10 @@ class Detector(Protocol):
         "pred_boxes": (B, Q, 4) cxcywh in [0, 1] of each image's unpadded extent,
         "aux_outputs": list of {"pred_logits", "pred_boxes"} of earlier decoder layers,
         "attention": AttentionRecord when any flag is set, else None}.
+    supports_padding: True when a padded batch gives each image what it gets alone (the model
+        reads padding_mask); False: only batches of one input size are run.
+    precision_allowed(precision, device): whether that precision keeps the detector's top
+        detections on that device; "auto" precision falls back to fp32 where it does not.
     prepare_for_inference(device, precision, fold_bn, channels_last, compile): a prepared COPY
         for inference only (self unchanged), on `device`, eval mode, no gradients, with the
         detector's own fast-path changes; called like forward. It carries
@@ -169,6 +199,11 @@ class Detector(Protocol):
 
     @property
     def postprocess_rule(self) -> PostprocessRule: ...
+
+    @property
+    def supports_padding(self) -> bool: ...
+
+    def precision_allowed(self, precision: str, device: torch.device) -> bool: ...
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None, *,
                 cross_attention: bool = False, encoder_attention: bool = False,

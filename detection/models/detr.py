@@ -172,6 +172,15 @@ class DETR(nn.Module):
         """Softmax over num_classes + 1 logits, "no object" last: one detection per query."""
         return PostprocessRule.softmax_no_object()
 
+    @property
+    def supports_padding(self) -> bool:
+        """DETR masks padding in attention and position encodings: padded batches are allowed."""
+        return True
+
+    def precision_allowed(self, precision: str, device: torch.device) -> bool:
+        """Every precision runs (bf16 on the CPU keeps the top detections: tests/test_fast.py)."""
+        return True
+
     def prepare_for_inference(self, device: str | torch.device, precision: str, fold_bn: bool = True,
                               channels_last: bool = True, compile: bool = False) -> nn.Module:
         """A prepared copy for inference (see detr_inference.prepare_detr_for_inference)."""

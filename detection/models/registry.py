@@ -16,6 +16,10 @@ from detection.models import published
 from detection.models.configs import CONFIG_DIR, available_configs, load_config  # noqa: F401
 from detection.models.convert import convert_to_native, load_foreign
 from detection.models.detr import DETR, DetrConfig
+from detection.models.hf.families import NATIVE_MODEL_TYPES
+from detection.models.hf.folder import CONFIG_FILE, read_model_type
+from detection.models.hf.hub import fetch_hub_folder, is_hub_name
+from detection.models.hf.load import load_hf_detector
 from detection.models.native import (ARCHITECTURE, FORMAT_VERSION, META_FILE, WEIGHTS_FILE,  # noqa: F401
                                      is_native_folder, load_native, read_model_meta, save_model)
 from detection.resources import data_path, data_root
@@ -37,14 +41,18 @@ def build_model(config: DetrConfig | dict | str | os.PathLike) -> DETR:
     return DETR(config)
 
 
-def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> DETR:
-    """A DETR with weights, in eval mode, on `device`.
+def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """A detector with weights (a DETR, or an HFDetector), in eval mode, on `device`.
 
     name_or_path:
       * "demo": the model shipped in weights/demo/;
       * a native model folder (model.json + model.safetensors);
       * an authors' checkpoint file (.pth) or an HF DETR folder (config.json + weights),
         converted in memory;
+      * an HF folder of another supported family (config.json's model_type: YOLOS, Conditional
+        / DAB-DETR, Deformable DETR, RT-DETR v1/v2, D-FINE, RF-DETR, Table Transformer), run
+        through transformers (`pip install 'detection[hf]'`; see detection.models.hf);
+      * "hf:ORG/NAME[@REVISION]": such a folder from the Hugging Face Hub (huggingface_hub's cache);
       * a published checkpoint name from weights/manifest.yaml (e.g. "detr-r50"), downloaded
         to the cache and converted on first use.
     """
@@ -55,13 +63,28 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
             raise ValueError(f"the demo model is not available: {DEMO_DIR} has no {META_FILE}. "
                              "It is produced by training (see README); or pass a model folder.")
         model = load_native(DEMO_DIR)
+    elif is_hub_name(text):
+        folder, source = fetch_hub_folder(text)
+        model = _load_hf_folder(folder, source)
     elif is_native_folder(path):
         model = load_native(path)
+    elif path.is_dir() and (path / CONFIG_FILE).is_file():
+        model = _load_hf_folder(path, None)
     elif path.exists():
         model = load_foreign(path)
     else:
         model = load_published(text)
     return model.to(device).eval()
+
+
+def _load_hf_folder(folder: Path, source: str | None) -> nn.Module:
+    """An HF folder: DETR's are converted to the native DETR, other families wrapped."""
+    if read_model_type(folder) in NATIVE_MODEL_TYPES:
+        model = load_foreign(folder)
+        if source is not None:
+            model.source = source  # type: ignore[attr-defined]
+        return model
+    return load_hf_detector(folder, source)
 
 
 def replace_class_head(model: DETR, class_names: Sequence[str], category_ids: Sequence[int]) -> DETR:

@@ -1,0 +1,81 @@
+"""The table of supported Hugging Face detector families, keyed by config.json's `model_type`.
+
+One row per family: which HF class runs it, which image processor its folders use by default,
+how its logits become detections, which kind of attention it exposes, whether it takes padded
+batches, and whether bf16 on the CPU keeps its detections (scripts/hf_bf16_check.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from detection.models.contract import PostprocessKind
+
+# The first transformers release with every class named below (RF-DETR and DAB-DETR are the
+# newest): 5.0. pyproject's `hf` extra carries the same floor.
+MIN_TRANSFORMERS = "5.0"
+
+
+@dataclass(frozen=True)
+class Family:
+    """One HF detector family.
+
+    model_type: config.json's `model_type`. title: its name in messages and the README.
+    model_class: the transformers `*ForObjectDetection` class.
+    processor_class: the image processor its Hub folders use (preprocessor_config.json's
+        `image_processor_type` overrides it where present).
+    postprocess: "softmax_no_object" or "sigmoid_topk" (see PostprocessRule);
+        top_k: the processor's top-k for sigmoid families (None = the number of queries).
+    attention: "dense" (cross-attention over one grid) or "sampled" (deformable points).
+    takes_padding: the model reads pixel_mask, so a padded batch gives each image what it
+        gets alone (within float tolerance); otherwise only equal-size batches are run.
+    cpu_bf16: bf16 autocast on the CPU keeps fp32's top detections (measured, see README).
+    """
+
+    model_type: str
+    title: str
+    model_class: str
+    processor_class: str
+    postprocess: PostprocessKind
+    top_k: int | None
+    attention: Literal["dense", "sampled"]
+    takes_padding: bool
+    cpu_bf16: bool = False
+
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("yolos", "YOLOS", "YolosForObjectDetection", "YolosImageProcessor",
+           "softmax_no_object", None, "dense", takes_padding=False),
+    Family("table-transformer", "Table Transformer", "TableTransformerForObjectDetection", "DetrImageProcessor",
+           "softmax_no_object", None, "dense", takes_padding=True),
+    Family("conditional_detr", "Conditional DETR", "ConditionalDetrForObjectDetection",
+           "ConditionalDetrImageProcessor", "sigmoid_topk", 100, "dense", takes_padding=True),
+    Family("dab-detr", "DAB-DETR", "DabDetrForObjectDetection", "ConditionalDetrImageProcessor",
+           "sigmoid_topk", 100, "dense", takes_padding=True),
+    Family("deformable_detr", "Deformable DETR", "DeformableDetrForObjectDetection",
+           "DeformableDetrImageProcessor", "sigmoid_topk", 100, "sampled", takes_padding=True),
+    Family("rt_detr", "RT-DETR", "RTDetrForObjectDetection", "RTDetrImageProcessor",
+           "sigmoid_topk", None, "sampled", takes_padding=False),
+    Family("rt_detr_v2", "RT-DETR v2", "RTDetrV2ForObjectDetection", "RTDetrImageProcessor",
+           "sigmoid_topk", None, "sampled", takes_padding=False),
+    Family("d_fine", "D-FINE", "DFineForObjectDetection", "RTDetrImageProcessor",
+           "sigmoid_topk", None, "sampled", takes_padding=False),
+    Family("rf_detr", "RF-DETR", "RfDetrForObjectDetection", "RfDetrImageProcessor",
+           "sigmoid_topk", None, "sampled", takes_padding=False),
+)}
+
+# model_type "detr" folders are converted into the native DETR (models/convert.py) instead.
+NATIVE_MODEL_TYPES = ("detr",)
+
+
+def supported_model_types() -> list[str]:
+    """Every model_type a HF folder may have: the native ones and the wrapped families."""
+    return sorted(NATIVE_MODEL_TYPES + tuple(FAMILIES))
+
+
+def family_of(model_type: str | None, origin: str) -> Family:
+    """The Family of a model_type, or ValueError naming `origin` and the supported types."""
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    raise ValueError(f"{origin}: model_type {model_type!r} is not supported; supported model types: "
+                     f"{', '.join(supported_model_types())}")

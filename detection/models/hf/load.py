@@ -1,0 +1,52 @@
+"""Build an HFDetector from a checked folder: transformers' own class and loader, every key matched."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from detection.models.hf.detector import HFDetector, HFDetectorConfig
+from detection.models.hf.folder import CONFIG_FILE, HFFolderError, read_hf_folder
+
+
+def load_hf_detector(folder: str | os.PathLike, source: str | None = None) -> HFDetector:
+    """An HF detector folder -> HFDetector in eval mode (CPU).
+
+    source: what run.json records as the weights' origin (default: the folder's path; the Hub
+    loader passes "hf:ORG/NAME@COMMIT"). The folder is checked first (hf.folder.read_hf_folder);
+    weights that do not fit config.json (missing, unexpected or mis-shaped tensors) raise
+    HFFolderError naming the weights file. The model is built with attn_implementation
+    "eager" (the attention captures read eager attention modules) and with
+    use_pretrained_backbone off: every tensor comes from the folder, nothing is downloaded.
+    """
+    import transformers
+
+    checked = read_hf_folder(folder)
+    family = checked.family
+    config = transformers.AutoConfig.from_pretrained(str(checked.path), local_files_only=True)
+    if getattr(config, "use_pretrained_backbone", False):
+        config.use_pretrained_backbone = False
+    model_class = getattr(transformers, family.model_class)
+    try:
+        model, info = model_class.from_pretrained(
+            str(checked.path), config=config, local_files_only=True, attn_implementation="eager",
+            output_loading_info=True)
+    except (RuntimeError, ValueError, OSError, KeyError) as exc:
+        raise HFFolderError(checked.weights, f"cannot be loaded into {family.model_class} as "
+                                             f"{checked.path / CONFIG_FILE} describes it ({exc})") from exc
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        entries = sorted(str(e) for e in info.get(kind, []) or [])
+        if entries:
+            shown = ", ".join(entries[:8]) + (f", ... ({len(entries)} in all)" if len(entries) > 8 else "")
+            problems.append(f"{kind.replace('_', ' ')}: {shown}")
+    if problems:
+        raise HFFolderError(checked.weights, f"does not match {checked.path / CONFIG_FILE} "
+                                             f"({family.model_class}): " + "; ".join(problems))
+    id2label = {int(k): str(v) for k, v in checked.config["id2label"].items()}
+    label_ids = sorted(id2label)
+    num_queries = int(getattr(config, "num_queries", None) or getattr(config, "num_detection_tokens", 0))
+    detector_config = HFDetectorConfig(
+        name=Path(checked.path).name, model_type=family.model_type,
+        class_names=tuple(id2label[i] for i in label_ids), category_ids=tuple(label_ids),
+        num_queries=num_queries, source=source or str(Path(checked.path).resolve()))
+    return HFDetector(model.eval(), family, checked.preprocess, detector_config)
