@@ -11,7 +11,8 @@ from detection.models.checkpoint_io import CheckpointError, sha256_file
 from detection.models.native import read_model_meta
 from detection.models.published import (DownloadError, cache_dir, check_hash, download_checkpoint, load_manifest,
                                         published_native_dir)
-from detection.models.registry import ensure_published_native
+from detection.models.hf.hub import fetch_hub_folder, is_hub_name
+from detection.models.registry import ensure_published_native, load_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing = sub.add_parser("list", help="list the published checkpoints of weights/manifest.yaml")
     listing.add_argument("--cache-dir", default=None, help="cache folder to report on")
     download = sub.add_parser("download", help="download, verify and convert a published checkpoint")
-    download.add_argument("name", help="checkpoint name (see `list`)")
+    download.add_argument("name", help="checkpoint name (see `list`), or hf:ORG/NAME[@REVISION] for a "
+                                       "Hugging Face Hub detector (into huggingface_hub's cache)")
     download.add_argument("--cache-dir", default=None, help="cache folder (default $DETECTION_CACHE "
                                                             "or ~/.cache/detection)")
     download.add_argument("--no-progress", action="store_true")
@@ -55,6 +57,12 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
+    if is_hub_name(args.name):
+        folder, source = fetch_hub_folder(args.name, args.cache_dir)
+        model = load_model(folder)
+        print(f"{source}: {folder} loads ({type(model).__name__}, {len(model.config.class_names)} classes); "
+              f"use --model {args.name} or --model {folder}")
+        return 0
     checkpoint = download_checkpoint(args.name, args.cache_dir, progress=not args.no_progress)
     print(f"checkpoint: {checkpoint} (hash verified)")
     folder = ensure_published_native(args.name, args.cache_dir, progress=not args.no_progress)

@@ -113,7 +113,7 @@ def image_to_input(image_rgb: np.ndarray, min_size: PreprocessSpec | int | None 
     tensor = tensor.float().div_(255.0)
     if resize and backend == "torch":
         tensor = F.interpolate(tensor[None], size=(new_h, new_w), mode=spec.interpolation,
-                               align_corners=False, antialias=True)[0]
+                               align_corners=False, antialias=spec.antialias)[0]
     return _normalise(tensor, spec)
 
 
@@ -126,11 +126,12 @@ def _normalise(tensor: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
 
 
 def _torchvision_input(image_rgb: np.ndarray, spec: PreprocessSpec, size: tuple[int, int] | None) -> torch.Tensor:
-    """transformers' torchvision processors: resize the uint8 tensor, then / 255, normalise."""
+    """transformers' torchvision processors: resize the uint8 tensor, then / 255, normalise.
+    "nearest" is torchvision's NEAREST_EXACT (pixel centres, PIL's nearest), as transformers maps it."""
     tensor = torch.from_numpy(np.array(image_rgb, copy=True)).permute(2, 0, 1).contiguous()
     if size is not None:
         mode = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-                "nearest": InterpolationMode.NEAREST}[spec.interpolation]
+                "nearest": InterpolationMode.NEAREST_EXACT}[spec.interpolation]
         tensor = tvF.resize(tensor, list(size), interpolation=mode, antialias=spec.antialias)
     return _normalise(tensor.float().div_(255.0), spec)
 

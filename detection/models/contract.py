@@ -50,7 +50,8 @@ class PreprocessSpec:
     backend: None = chosen by `antialias` (OpenCV without, torch float with, as above);
       "torchvision": what transformers' torchvision image processors run -- the uint8 (3, h, w)
       tensor resized by `torchvision.transforms.v2.functional.resize(..., antialias=antialias)`
-      (uint8 in, uint8 out, rounded), then / 255 and normalised.
+      (uint8 in, uint8 out, rounded; "nearest" is its NEAREST_EXACT, PIL's nearest, as
+      transformers maps it), then / 255 and normalised.
     """
 
     resize: ResizeRule = "shortest_edge"

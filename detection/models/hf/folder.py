@@ -127,19 +127,20 @@ def _processor_defaults(class_name: str, origin: Path) -> dict[str, Any]:
 
 
 def processor_spec(processor: dict[str, Any] | None, family: Family, origin: Path) -> PreprocessSpec:
-    """The PreprocessSpec that reproduces an HF image processor (its torchvision backend).
+    """The PreprocessSpec that reproduces an HF image processor (its torchvision backend): uint8
+    resized by torchvision with antialias, except RfDetrImageProcessor (float resize, no antialias).
 
     processor: preprocessor_config.json as a dict (None: the family's processor defaults).
     Supported: size {shortest_edge, longest_edge} or {height, width}; resample nearest /
     bilinear / bicubic; rescale by 1/255; ImageNet-style mean/std or none; zero padding to the
     batch's largest image. Anything else raises HFFolderError naming the file and the field.
     """
+    where = origin if processor is not None else f"{origin.parent} (no {origin.name}: processor defaults)"
     processor = dict(processor or {})
     class_name = processor.get("image_processor_type") or family.processor_class
     class_name = class_name[:-4] if class_name.endswith("Fast") else class_name
     values = _processor_defaults(class_name, origin)
     values.update({k: v for k, v in processor.items() if k in values and v is not None})
-    where = origin if origin.is_file() else f"{origin.parent} ({class_name} defaults, no {origin.name})"
 
     def fail(field: str, problem: str) -> HFFolderError:
         return HFFolderError(where, f"field {field!r}: {problem}")
@@ -163,8 +164,14 @@ def processor_spec(processor: dict[str, Any] | None, family: Family, origin: Pat
         if mean is None or std is None or len(mean) != 3 or len(std) != 3:
             raise fail("image_mean", f"need 3 RGB values for image_mean and image_std, got {mean} / {std}")
         mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    options = dict(interpolation=interpolation, antialias=interpolation != "nearest", backend="torchvision",
-                   mean=mean, std=std)
+    if class_name.startswith("RfDetr"):
+        # RfDetrImageProcessor rescales to float first, then resizes without antialias
+        if interpolation == "nearest":
+            raise fail("resample", "nearest (0) is not supported for RfDetrImageProcessor; bilinear or bicubic")
+        options = dict(interpolation=interpolation, antialias=False, backend="torch", mean=mean, std=std)
+    else:
+        options = dict(interpolation=interpolation, antialias=interpolation != "nearest", backend="torchvision",
+                       mean=mean, std=std)
     size = values["size"] or {}
     if not values["do_resize"]:
         raise fail("do_resize", "false is not supported: every family resizes its inputs")
