@@ -23,6 +23,7 @@ on its load (print `lscpu` / load average with the table). GPU: --device cuda --
 
     .venv/bin/python scripts/bench.py                       # CPU, batch 1
     .venv/bin/python scripts/bench.py --device cuda --batch-sizes 1 8 32
+    .venv/bin/python scripts/bench.py --model hf-families   # HF families: scripts/bench_hf.py
 """
 from __future__ import annotations
 
@@ -224,6 +225,13 @@ def bench_overlay(top_k: int, repeats: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg == "--model" or arg.startswith("--model=") for arg in argv):
+        # HF detector families (scripts/bench_hf.py): transformers eager vs ours, with and without maps
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_hf
+
+        return bench_hf.main(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
