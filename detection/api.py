@@ -18,7 +18,9 @@ from PIL import Image
 
 from detection.attention.maps import detection_maps, map_metadata, save_maps_npz
 from detection.data.images import pil_to_rgb
+from detection.boxes import coco_xywh
 from detection.engine.predictor import Predictor
+from detection.evaluation.fiftyone_export import image_fields
 from detection.models.outputs import AttentionRecord
 from detection.models.registry import load_model
 from detection.render.overlay import encode_image, render_overlay, write_image
@@ -125,6 +127,25 @@ class Explanation:
             class_id=np.asarray(detections.labels, dtype=np.int64),
             data={"class_name": np.array(list(detections.class_names), dtype=str).reshape(-1),
                   "query_index": np.asarray(detections.query_index, dtype=np.int64), "saliency": self.maps})
+
+    def to_fiftyone(self) -> dict[str, Any]:
+        """This image's FiftyOne fields (needs fiftyone): {"detections": fo.Detections (Otsu
+        explanation mask per detection, cropped to its box), "saliency_det_<k>": fo.Heatmap (the
+        whole map of detection k), "saliency": fo.Heatmap (per-pixel max)}; add them with
+        `sample.update_fields(explanation.to_fiftyone())`. What each keeps:
+        `detection.evaluation.fiftyone_export`. category_id is not set (the label index is)."""
+        import fiftyone as fo  # noqa: PLC0415 - optional dependency
+
+        self._check()
+        detections = self.detections
+        records = [{"bbox": box, "score": float(score), "class_name": name, "label": int(label),
+                    "query_index": int(query)}
+                   for box, score, name, label, query in zip(coco_xywh(detections.boxes), detections.scores.tolist(),
+                                                            detections.class_names, detections.labels.tolist(),
+                                                            detections.query_index.tolist())]
+        fields = image_fields(records, self.maps, Path(self.source).stem or "image")
+        return {name: (fo.Detections if name == "detections" else fo.Heatmap).from_dict(value)
+                for name, value in fields.items()}
 
     def _repr_png_(self) -> bytes | None:
         # notebooks: the overlay; an image that failed shows its repr (with the error) instead

@@ -1,5 +1,6 @@
-"""`detr-attn export RUN_DIR --format coco-masks --out FILE [--ann GT.json]`: options, messages and
-exit statuses around `evaluation.mask_export.export_coco_masks`.
+"""`detr-attn export RUN_DIR --format coco-masks --out FILE [--ann GT.json]` and
+`detr-attn export RUN_DIR --format fiftyone --out DIR`: options, messages and exit statuses around
+`evaluation.mask_export.export_coco_masks` and `evaluation.fiftyone_export.export_fiftyone`.
 
 Exit status: 0 written; 2 bad option, unreadable run folder, run without saved attention
 (`predict --save-attention`), or a file name the ground truth does not know.
@@ -9,22 +10,33 @@ from __future__ import annotations
 import argparse
 import sys
 
-FORMATS = ("coco-masks",)
+FORMATS = ("coco-masks", "fiftyone")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="folder written by `detr-attn predict --save-attention`")
     parser.add_argument("--format", choices=FORMATS, required=True,
-                        help="coco-masks: COCO results with the compressed-RLE Otsu explanation mask of each detection")
-    parser.add_argument("--out", required=True, metavar="FILE", help="results JSON to write")
+                        help="coco-masks: COCO results with the compressed-RLE Otsu explanation mask of each "
+                             "detection; fiftyone: a dataset folder for fo.Dataset.from_dir(DIR, "
+                             "dataset_type=fo.types.FiftyOneDataset) (masks + per-detection heatmaps)")
+    parser.add_argument("--out", required=True, metavar="FILE|DIR",
+                        help="results JSON to write (coco-masks) or dataset folder (fiftyone)")
     parser.add_argument("--ann", default=None, metavar="GT.json",
                         help="COCO ground truth: take image ids from it by file name (default: the run's ids)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from detection.evaluation.fiftyone_export import export_fiftyone
     from detection.evaluation.mask_export import export_coco_masks
 
     try:
+        if args.format == "fiftyone":
+            if args.ann is not None:
+                raise ValueError("--ann applies to --format coco-masks only")
+            count = export_fiftyone(args.run_dir, args.out)
+            print(f"wrote a FiftyOne dataset of {count} samples to {args.out} "
+                  "(fo.Dataset.from_dir(DIR, dataset_type=fo.types.FiftyOneDataset))")
+            return 0
         results = export_coco_masks(args.run_dir, args.out, args.ann)
     except (FileNotFoundError, ValueError) as error:
         print(f"detr-attn export: error: {error}", file=sys.stderr)

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from detection.attention.maps import load_maps_npz
 from detection.attention.metrics import encode_mask, explanation_mask
 from detection.engine.run_folder import ATTENTION_DIR, RunReader
@@ -39,6 +41,21 @@ def _check_maps(path: Path, maps_shape: tuple[int, ...], meta: dict[str, Any], r
         raise ValueError(f"{path}: map size {list(maps_shape[1:])} differs from the image size {size} of {record['file']}")
 
 
+def record_maps(reader: RunReader, record: dict[str, Any]) -> np.ndarray:
+    """The saved saliency maps (N, H, W) float32 of one predictions.jsonl record, checked against
+    it (one per detection, same order and image size). MissingAttentionError, naming the folder
+    and `--save-attention`, when its npz is absent."""
+    key = reader.image_key(record)
+    path = reader.attention(key) if key is not None else None
+    if path is None:
+        raise MissingAttentionError(
+            f"{reader.root}: no saved attention maps for {record['file']} "
+            f"({ATTENTION_DIR}/{key or '<key>'}.npz missing); rerun `detr-attn predict` with --save-attention")
+    maps, meta = load_maps_npz(path)
+    _check_maps(path, maps.shape, meta, record)
+    return maps
+
+
 def coco_mask_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """COCO segm results (one per detection, predictions.jsonl order) of a predict run folder.
 
@@ -51,14 +68,7 @@ def coco_mask_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     for record in reader.predictions():
         if not record["detections"]:
             continue
-        key = reader.image_key(record)
-        path = reader.attention(key) if key is not None else None
-        if path is None:
-            raise MissingAttentionError(
-                f"{reader.root}: no saved attention maps for {record['file']} "
-                f"({ATTENTION_DIR}/{key or '<key>'}.npz missing); rerun `detr-attn predict` with --save-attention")
-        maps, meta = load_maps_npz(path)
-        _check_maps(path, maps.shape, meta, record)
+        maps = record_maps(reader, record)
         for det, saliency in zip(record["detections"], maps):
             entry = {
                 "image_id": record.get("image_id"),
