@@ -14,6 +14,7 @@ import sys
 import traceback
 
 from detection.data.images import DEFAULT_MAX_PIXELS
+from detection.engine.grids import DEFAULT_GRID_BUDGET
 from detection.engine.outputs import OutputOptions
 from detection.engine.predict_run import PredictInterrupted, PredictSettings, PredictUsageError, run_predict
 from detection.engine.run_folder import LOCK_FILE
@@ -74,7 +75,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exact: only equal input shapes share a batch (results equal to one image at a "
                              "time); padded: group by aspect ratio and pad (faster on varied sizes)")
     parser.add_argument("--overlays", action="store_true", help="write overlays/<stem>.png and overlays/<stem>/det_<k>.png")
-    parser.add_argument("--save-attention", action="store_true", help="write attention/<stem>.npz (float16 maps)")
+    parser.add_argument("--save-attention", action="store_true",
+                        help="write attention/<stem>.npz (float16 maps) and grids/<stem>.npz (per-detection "
+                             "per-layer x per-head grids and the image, for `detr-attn report --viewer`)")
+    parser.add_argument("--save-encoder-attention", action="store_true",
+                        help="grids/<stem>.npz also keeps the last encoder layer's head-mean self-attention "
+                             "(h*w x h*w float16; dense models only); implies --save-attention")
+    parser.add_argument("--attention-budget", type=float, default=DEFAULT_GRID_BUDGET / 2**20, metavar="MB",
+                        help="most MiB of float16 grids per image (default %(default)g): every layer x head "
+                             "when it fits, else last layer's heads + per-layer head means, else per-layer "
+                             "head means, else those of the highest-scoring detections that fit")
     parser.add_argument("--heads", type=_head_choice, default="mean", help="mean, max or a head index")
     parser.add_argument("--layers", type=_layer_choice, default="last", help="last, mean, rollout or a layer index")
     parser.add_argument("--normalize", choices=["minmax", "percentile", "none"], default="minmax")
@@ -97,15 +107,19 @@ def settings_from_args(args: argparse.Namespace) -> PredictSettings:
         raise ValueError("--batch-size, --video-stride, --writer-threads must be >= 1 and --workers >= 0")
     if not 0.0 <= args.score_threshold < 1.0:
         raise ValueError(f"--score-threshold must be in [0, 1), got {args.score_threshold}")
+    if args.attention_budget <= 0:
+        raise ValueError(f"--attention-budget must be > 0 MiB, got {args.attention_budget}")
     if not args.inputs and not args.list:
         raise ValueError("no inputs: give image files, folders, globs, @list.txt or --list FILE")
     return PredictSettings(
         inputs=list(args.inputs), out=args.out, model=args.model, list_files=tuple(args.list),
         score_threshold=args.score_threshold, device=args.device, precision=args.precision,
         batch_size=args.batch_size, workers=args.workers, batching=args.batching,
-        outputs=OutputOptions(overlays=args.overlays, save_attention=args.save_attention,
+        outputs=OutputOptions(overlays=args.overlays, save_attention=args.save_attention or args.save_encoder_attention,
                               image_format=args.image_format, heads=args.heads, layers=args.layers,
-                              normalize=None if args.normalize == "none" else args.normalize),
+                              normalize=None if args.normalize == "none" else args.normalize,
+                              save_encoder_attention=args.save_encoder_attention,
+                              grid_budget=int(args.attention_budget * 2**20)),
         video_stride=args.video_stride, max_pixels=args.max_pixels or None,
         fold_bn=not args.no_fold_bn, channels_last=not args.no_channels_last, compile=args.compile,
         writer_threads=args.writer_threads, overwrite=args.overwrite, progress=not args.quiet)

@@ -10,11 +10,13 @@ import numpy as np
 
 from detection.attention.maps import detection_maps, map_metadata, save_maps_npz
 from detection.boxes import coco_xywh
+from detection.engine.grids import DEFAULT_GRID_BUDGET, VIEWER_IMAGE_SIDE, build_grids, save_grids_npz
 from detection.engine.predictor import PredictionResult
 from detection.engine.run_folder import RunFolder, attention_name, overlay_name
 from detection.engine.sources import SourceItem
 from detection.io import write_bytes_atomic
 from detection.render.overlay import encode_image, render_detection_overlay, render_overlay
+from detection.render.panel import fit_image
 from detection.structures import Detections
 
 
@@ -23,7 +25,11 @@ class OutputOptions:
     """What a predict run writes beside predictions.jsonl.
 
     overlays: overlays/<key>.<image_format> and overlays/<key>/det_<k>.<image_format>.
-    save_attention: attention/<key>.npz (float16 maps, see attention.maps.save_maps_npz).
+    save_attention: attention/<key>.npz (float16 maps, see attention.maps.save_maps_npz) and
+        grids/<key>.npz (what the viewer needs: per-detection grids within `grid_budget` bytes,
+        see engine.grids).
+    save_encoder_attention: grids/<key>.npz also keeps the last encoder layer's head-mean
+        self-attention (needs a model run with encoder attention).
     heads / layers / normalize: how the maps are made (see attention.maps.detection_maps).
     """
 
@@ -33,6 +39,8 @@ class OutputOptions:
     heads: Any = "mean"
     layers: Any = "last"
     normalize: str | None = "minmax"
+    save_encoder_attention: bool = False
+    grid_budget: int | None = DEFAULT_GRID_BUDGET
 
     @property
     def needs_maps(self) -> bool:
@@ -94,6 +102,7 @@ def write_image_outputs(folder: RunFolder, result: PredictionResult, options: Ou
             meta["frame_index"] = item.frame_index
         save_maps_npz(folder.attention_path(item.key), maps, detections, meta)
         record["attention"] = attention_name(item.key)
+        _write_grids(folder, result, options)
     if options.overlays:
         if result.image is None:
             raise ValueError("overlays requested but the decoded image was not kept")
@@ -105,3 +114,24 @@ def write_image_outputs(folder: RunFolder, result: PredictionResult, options: Ou
                                _encode(render_detection_overlay(result.image, detections[k], maps[k]), suffix))
         record["overlay"] = overlay_name(item.key, suffix)
     return record
+
+
+def viewer_image_jpeg(image: np.ndarray) -> bytes:
+    """The image as the viewer shows it: longest side at most VIEWER_IMAGE_SIDE, JPEG quality 90."""
+    height, width = image.shape[:2]
+    scale = min(1.0, VIEWER_IMAGE_SIDE / max(height, width))
+    if scale < 1.0:
+        image = fit_image(image, max(1, int(round(width * scale))), max(1, int(round(height * scale))))
+    return encode_image(image, ".jpg", jpeg_quality=90)
+
+
+def _write_grids(folder: RunFolder, result: PredictionResult, options: OutputOptions) -> None:
+    detections = result.detections
+    if options.save_encoder_attention and result.attention.encoder_self is None \
+            and result.attention.kind == "dense":
+        raise ValueError("encoder attention requested but the model returned none")
+    grids = build_grids(result.attention, 0, detections.query_index.tolist(), detections.scores.tolist(),
+                        detections.image_size, budget_bytes=options.grid_budget,
+                        encoder_attention=options.save_encoder_attention,
+                        image_jpeg=None if result.image is None else viewer_image_jpeg(result.image))
+    save_grids_npz(folder.grids_path(result.item.key), grids)

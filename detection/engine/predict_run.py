@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from detection import __version__
 from detection.data.images import DEFAULT_MAX_PIXELS
+from detection.engine.grids import GRIDS_FORMAT
 from detection.engine.outputs import OutputOptions, write_image_outputs
 from detection.engine.planning import shard_plan
 from detection.engine.predictor import PredictionResult, Predictor
@@ -99,6 +100,10 @@ def run_fingerprint(settings: PredictSettings, model: torch.nn.Module, precision
         "heads": out.heads,
         "layers": out.layers,
         "normalize": out.normalize,
+        # the viewer's grids (engine.grids): only with --save-attention, so runs without it resume
+        # as before
+        **({"grids": {"format": GRIDS_FORMAT, "budget_bytes": out.grid_budget,
+                      "encoder_attention": out.save_encoder_attention}} if out.save_attention else {}),
     }
 
 
@@ -230,10 +235,13 @@ def _make_predictor(settings: PredictSettings, model: torch.nn.Module, device: t
     return Predictor(model, device=device, precision=settings.precision, batch_size=settings.batch_size,
                      num_workers=settings.workers, score_threshold=settings.score_threshold,
                      cross_attention=options.needs_maps, batching=settings.batching,
-                     keep_images=options.overlays, rollout=options.layers == "rollout",
+                     keep_images=options.overlays or options.save_attention,
+                     rollout=options.layers == "rollout" or options.save_encoder_attention,
                      fold_bn=settings.fold_bn, channels_last=settings.channels_last,
                      compile=settings.compile, max_pixels=settings.max_pixels,
-                     video_stride=settings.video_stride, last_layer_only=options.layers == "last")
+                     video_stride=settings.video_stride,
+                     # the viewer's grids keep every layer
+                     last_layer_only=options.layers == "last" and not options.save_attention)
 
 
 def _predict_shard(settings: PredictSettings, predictor: Predictor, folder: RunFolder, probed, my_plan,

@@ -8,6 +8,7 @@ Layout (docs/ARCHITECTURE.md "Predict run folder"):
     OUT/errors.jsonl        {"file", "reason", "key", "image_id"[, "frame_index"]} per failed input
     OUT/detections.json     COCO results list, written at the end
     OUT/overlays/<key>.<fmt>, OUT/overlays/<key>/det_<k>.<fmt>, OUT/attention/<key>.npz
+    OUT/grids/<key>.npz     the viewer's data (engine.grids), with --save-attention
     OUT/.parts/             per-rank journals of a torchrun run (merged by rank 0, then removed)
     OUT/.lock               pid + host of the live run writing OUT (removed when it ends; not an output)
 """
@@ -31,11 +32,13 @@ DETECTIONS_FILE = "detections.json"
 PARTS_DIR = ".parts"
 OVERLAYS_DIR = "overlays"
 ATTENTION_DIR = "attention"
+GRIDS_DIR = "grids"
 #: The live run's lock (engine.run_lock): not an output, so `--overwrite` (run under the lock)
 #: keeps it; the run removes it when it ends.
 LOCK_FILE = ".lock"
 #: Everything a predict run writes; `--overwrite` removes these and nothing else.
-OWN_OUTPUTS = (RUN_FILE, PREDICTIONS_FILE, ERRORS_FILE, DETECTIONS_FILE, PARTS_DIR, OVERLAYS_DIR, ATTENTION_DIR)
+OWN_OUTPUTS = (RUN_FILE, PREDICTIONS_FILE, ERRORS_FILE, DETECTIONS_FILE, PARTS_DIR, OVERLAYS_DIR, ATTENTION_DIR,
+               GRIDS_DIR)
 #: Overlay formats predict writes (and the report finds).
 OVERLAY_FORMATS = ("png", "jpg", "jpeg")
 
@@ -54,6 +57,11 @@ def detection_overlay_name(key: str, index: int, image_format: str) -> str:
 def attention_name(key: str) -> str:
     """The npz of per-detection maps of image `key` (see attention.maps.save_maps_npz)."""
     return f"{ATTENTION_DIR}/{key}.npz"
+
+
+def grids_name(key: str) -> str:
+    """The viewer's data of image `key`: attention grids, encoder attention, image (engine.grids)."""
+    return f"{GRIDS_DIR}/{key}.npz"
 
 
 class RunFolderMismatch(ValueError):
@@ -112,6 +120,9 @@ class RunFolder:
     def attention_path(self, key: str) -> Path:
         return self.out / attention_name(key)
 
+    def grids_path(self, key: str) -> Path:
+        return self.out / grids_name(key)
+
     # -- lifecycle ------------------------------------------------------------------------
     def lock(self) -> RunLock:
         """The folder's lock (not yet acquired): one live run per folder, taken by one rank."""
@@ -149,7 +160,8 @@ class RunFolder:
         removed = 0
         if not self.out.is_dir():
             return 0
-        for folder in (self.out, self.out / PARTS_DIR, self.out / OVERLAYS_DIR, self.out / ATTENTION_DIR):
+        for folder in (self.out, self.out / PARTS_DIR, self.out / OVERLAYS_DIR, self.out / ATTENTION_DIR,
+                       self.out / GRIDS_DIR):
             if not folder.is_dir():
                 continue
             pattern = ".*.tmp" if folder == self.out or folder.name == PARTS_DIR else "**/.*.tmp"
@@ -357,6 +369,11 @@ class RunReader:
 
     def attention(self, key: str) -> Path | None:
         path = self.root / attention_name(key)
+        return path if path.is_file() else None
+
+    def grids(self, key: str) -> Path | None:
+        """grids/<key>.npz (the viewer's data), or None when the run did not save it."""
+        path = self.root / grids_name(key)
         return path if path.is_file() else None
 
     def _find_image(self, name: Callable[[str], str]) -> Path | None:

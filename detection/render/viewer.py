@@ -1,0 +1,126 @@
+"""The interactive viewer: one offline HTML file (no server, no CDN) built from a run folder's
+`grids/<key>.npz` files; maps ship at grid resolution and are upsampled in the browser.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detection.engine.grids import AttentionGrids, load_grids_npz
+from detection.engine.run_folder import RunReader
+from detection.io import write_text_atomic
+from detection.render.colors import DEFAULT_COLORMAP, apply_colormap, class_color
+from detection.render.overlay import decode_image
+from detection.render.viewer_page import viewer_html
+
+logger = logging.getLogger(__name__)
+
+VIEWER_FILE = "viewer.html"
+#: Small images are drawn at an integer zoom so that the longer side reaches at least this many pixels.
+MIN_CANVAS_SIDE = 480
+
+
+class NoSavedAttention(ValueError):
+    """The run folder has no `grids/*.npz`: it was predicted without --save-attention."""
+
+
+@dataclass
+class ViewerSummary:
+    path: Path
+    images: int
+    skipped: int
+    bytes_total: int
+    bytes_per_image: list[int]
+
+
+def _float16_base64(array: np.ndarray) -> str:
+    data = np.ascontiguousarray(np.asarray(array, dtype=np.float32).astype("<f2")).tobytes()
+    return base64.b64encode(data).decode("ascii")
+
+
+def colormap_table(colormap: int = DEFAULT_COLORMAP) -> list[list[int]]:
+    """The 256 RGB colours of `colormap` (the overlays' colours, level = round(saliency * 255))."""
+    levels = np.arange(256, dtype=np.float32)[None, :] / 255.0
+    return apply_colormap(levels, colormap)[0].astype(int).tolist()
+
+
+def image_entry(row: dict[str, Any], key: str, grids: AttentionGrids) -> dict[str, Any]:
+    """One image of the viewer: detections in original pixels, grids as base64 float16. Maps are
+    drawn on a canvas of size "canvas" (the stored image's size "display" times an integer zoom)
+    exactly as `cells_to_image(cells, stride, input, canvas)` gives them."""
+    if grids.image_jpeg is None:
+        raise ValueError(f"grids/{key}.npz holds no image")
+    display = decode_image(grids.image_jpeg, f"grids/{key}.npz image").shape[:2]
+    zoom = max(1, MIN_CANVAS_SIDE // max(display))
+    detections = []
+    for det in row["detections"]:
+        x, y, w, h = (float(v) for v in det["bbox"])
+        detections.append({
+            "box": [x, y, x + w, y + h], "label": int(det.get("label", 0)), "class_name": str(det.get("class_name", "")),
+            "score": float(det.get("score", 0.0)), "query_index": int(det.get("query_index", -1)),
+            "color": list(class_color(int(det.get("label", 0)))),
+        })
+    methods = {
+        name: {"slices": [list(s) for s in method.slices], "detections": list(method.detections),
+               "grids": _float16_base64(method.grids)}
+        for name, method in grids.methods.items()
+    }
+    return {
+        "file": str(row["file"]), "key": key, "size": list(grids.image_size), "display": list(display),
+        "canvas": [display[0] * zoom, display[1] * zoom],
+        "image": "data:image/jpeg;base64," + base64.b64encode(grids.image_jpeg).decode("ascii"),
+        "stride": grids.feature_stride, "input": list(grids.input_size), "valid": list(grids.valid_size),
+        "kind": grids.kind, "layers": grids.layers, "heads": grids.heads, "rollout": grids.rollout,
+        "detail": grids.detail, "detections": detections, "methods": methods,
+        "encoder": None if grids.encoder_self is None else _float16_base64(grids.encoder_self),
+    }
+
+
+def viewer_payload(run_dir: str | os.PathLike, title: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The viewer's JSON data for every image of the run that has grids, and the files skipped.
+
+    Raises NoSavedAttention when no image has grids, FileNotFoundError / ValueError for a
+    missing or unreadable run folder (naming the file).
+    """
+    reader = RunReader(run_dir)
+    info = reader.info() or {}
+    images, skipped = [], []
+    for row in reader.predictions():
+        key = reader.image_key(row)
+        path = None if key is None else reader.grids(key)
+        if path is None:
+            skipped.append(str(row["file"]))
+            continue
+        images.append(image_entry(row, key, load_grids_npz(path)))
+    if not images:
+        raise NoSavedAttention(
+            f"{reader.root}: no saved attention grids (grids/*.npz) for any of its images; run "
+            f"`detr-attn predict ... --save-attention` (add --save-encoder-attention for encoder maps) first")
+    payload = {
+        "title": title or f"Attention viewer: {reader.root.name}", "model": str(info.get("model", "")),
+        "colormap": colormap_table(), "images": images, "skipped": skipped,
+    }
+    return payload, skipped
+
+
+def write_viewer(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                 title: str | None = None) -> ViewerSummary:
+    """Write OUT/viewer.html (default RUN_DIR/report/) and return its path and sizes."""
+    payload, skipped = viewer_payload(run_dir, title)
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    per_image = [len(json.dumps(entry, separators=(",", ":"))) for entry in payload["images"]]
+    document = viewer_html(payload)
+    path = out / VIEWER_FILE
+    write_text_atomic(path, document)
+    if skipped:
+        logger.warning("%d image(s) without saved grids are not in the viewer", len(skipped))
+    return ViewerSummary(path=path, images=len(payload["images"]), skipped=len(skipped),
+                         bytes_total=len(document.encode("utf-8")), bytes_per_image=per_image)
