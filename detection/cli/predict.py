@@ -76,10 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "time); padded: group by aspect ratio and pad (faster on varied sizes)")
     parser.add_argument("--overlays", action="store_true", help="write overlays/<stem>.png and overlays/<stem>/det_<k>.png")
     parser.add_argument("--save-attention", action="store_true",
-                        help="write attention/<stem>.npz (float16 maps) and grids/<stem>.npz (per-detection "
+                        help="write attention/<stem>.npz (float16 maps) and attention/grids/<stem>.npz (per-detection "
                              "per-layer x per-head grids and the image, for `detr-attn report --viewer`)")
     parser.add_argument("--save-encoder-attention", action="store_true",
-                        help="grids/<stem>.npz also keeps the last encoder layer's head-mean self-attention "
+                        help="attention/grids/<stem>.npz also keeps the last encoder layer's head-mean self-attention "
                              "(h*w x h*w float16; dense models only); implies --save-attention")
     parser.add_argument("--attention-budget", type=float, default=DEFAULT_GRID_BUDGET / 2**20, metavar="MB",
                         help="most MiB of float16 grids per image (default %(default)g): every layer x head "

@@ -1,7 +1,7 @@
 """What the interactive viewer needs from a predict run, at feature-grid resolution: per-detection
 attention grids (per method, per layer x head within a byte budget), encoder self-attention, the image.
 
-File `grids/<key>.npz` (format GRIDS_FORMAT; see docs/ARCHITECTURE.md "Predict run folder"):
+File `attention/grids/<key>.npz` (format GRIDS_FORMAT; see docs/ARCHITECTURE.md "Predict run folder"):
 
     "meta_json"     uint8 UTF-8 JSON: format, image_size [H, W], input_size [h_in, w_in],
                     feature_stride, valid_size [hv, wv], kind "dense"|"sampled", layers L, heads,
@@ -55,7 +55,7 @@ class MethodGrids:
 
 @dataclass
 class AttentionGrids:
-    """The contents of one `grids/<key>.npz` (see the module docstring)."""
+    """The contents of one `attention/grids/<key>.npz` (see the module docstring)."""
 
     image_size: tuple[int, int]
     input_size: tuple[int, int]

@@ -26,9 +26,9 @@ class OutputOptions:
 
     overlays: overlays/<key>.<image_format> and overlays/<key>/det_<k>.<image_format>.
     save_attention: attention/<key>.npz (float16 maps, see attention.maps.save_maps_npz) and
-        grids/<key>.npz (what the viewer needs: per-detection grids within `grid_budget` bytes,
+        attention/grids/<key>.npz (what the viewer needs: per-detection grids within `grid_budget` bytes,
         see engine.grids).
-    save_encoder_attention: grids/<key>.npz also keeps the last encoder layer's head-mean
+    save_encoder_attention: attention/grids/<key>.npz also keeps the last encoder layer's head-mean
         self-attention (needs a model run with encoder attention).
     heads / layers / normalize: how the maps are made (see attention.maps.detection_maps).
     """

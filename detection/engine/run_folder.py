@@ -8,7 +8,7 @@ Layout (docs/ARCHITECTURE.md "Predict run folder"):
     OUT/errors.jsonl        {"file", "reason", "key", "image_id"[, "frame_index"]} per failed input
     OUT/detections.json     COCO results list, written at the end
     OUT/overlays/<key>.<fmt>, OUT/overlays/<key>/det_<k>.<fmt>, OUT/attention/<key>.npz
-    OUT/grids/<key>.npz     the viewer's data (engine.grids), with --save-attention
+    OUT/attention/grids/<key>.npz  the viewer's data (engine.grids), with --save-attention
     OUT/.parts/             per-rank journals of a torchrun run (merged by rank 0, then removed)
     OUT/.lock               pid + host of the live run writing OUT (removed when it ends; not an output)
 """
@@ -32,13 +32,13 @@ DETECTIONS_FILE = "detections.json"
 PARTS_DIR = ".parts"
 OVERLAYS_DIR = "overlays"
 ATTENTION_DIR = "attention"
-GRIDS_DIR = "grids"
+#: Inside ATTENTION_DIR (a key holds no '/', so no image's npz can be named like it).
+GRIDS_DIR = f"{ATTENTION_DIR}/grids"
 #: The live run's lock (engine.run_lock): not an output, so `--overwrite` (run under the lock)
 #: keeps it; the run removes it when it ends.
 LOCK_FILE = ".lock"
 #: Everything a predict run writes; `--overwrite` removes these and nothing else.
-OWN_OUTPUTS = (RUN_FILE, PREDICTIONS_FILE, ERRORS_FILE, DETECTIONS_FILE, PARTS_DIR, OVERLAYS_DIR, ATTENTION_DIR,
-               GRIDS_DIR)
+OWN_OUTPUTS = (RUN_FILE, PREDICTIONS_FILE, ERRORS_FILE, DETECTIONS_FILE, PARTS_DIR, OVERLAYS_DIR, ATTENTION_DIR)
 #: Overlay formats predict writes (and the report finds).
 OVERLAY_FORMATS = ("png", "jpg", "jpeg")
 
@@ -160,8 +160,7 @@ class RunFolder:
         removed = 0
         if not self.out.is_dir():
             return 0
-        for folder in (self.out, self.out / PARTS_DIR, self.out / OVERLAYS_DIR, self.out / ATTENTION_DIR,
-                       self.out / GRIDS_DIR):
+        for folder in (self.out, self.out / PARTS_DIR, self.out / OVERLAYS_DIR, self.out / ATTENTION_DIR):
             if not folder.is_dir():
                 continue
             pattern = ".*.tmp" if folder == self.out or folder.name == PARTS_DIR else "**/.*.tmp"
@@ -372,7 +371,7 @@ class RunReader:
         return path if path.is_file() else None
 
     def grids(self, key: str) -> Path | None:
-        """grids/<key>.npz (the viewer's data), or None when the run did not save it."""
+        """attention/grids/<key>.npz (the viewer's data), or None when the run did not save it."""
         path = self.root / grids_name(key)
         return path if path.is_file() else None
 

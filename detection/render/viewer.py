@@ -1,5 +1,5 @@
 """The interactive viewer: one offline HTML file (no server, no CDN) built from a run folder's
-`grids/<key>.npz` files; maps ship at grid resolution and are upsampled in the browser.
+`attention/grids/<key>.npz` files; maps ship at grid resolution and are upsampled in the browser.
 """
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ from detection.render.viewer_page import viewer_html
 logger = logging.getLogger(__name__)
 
 VIEWER_FILE = "viewer.html"
-#: Small images are drawn at an integer zoom so that the longer side reaches at least this many pixels.
-MIN_CANVAS_SIDE = 480
+#: Small images are drawn at the largest integer zoom that keeps the longer side within this many pixels.
+CANVAS_SIDE = 480
 
 
 class NoSavedAttention(ValueError):
-    """The run folder has no `grids/*.npz`: it was predicted without --save-attention."""
+    """The run folder has no `attention/grids/*.npz`: it was predicted without --save-attention."""
 
 
 @dataclass
@@ -56,9 +56,9 @@ def image_entry(row: dict[str, Any], key: str, grids: AttentionGrids) -> dict[st
     drawn on a canvas of size "canvas" (the stored image's size "display" times an integer zoom)
     exactly as `cells_to_image(cells, stride, input, canvas)` gives them."""
     if grids.image_jpeg is None:
-        raise ValueError(f"grids/{key}.npz holds no image")
-    display = decode_image(grids.image_jpeg, f"grids/{key}.npz image").shape[:2]
-    zoom = max(1, MIN_CANVAS_SIDE // max(display))
+        raise ValueError(f"attention/grids/{key}.npz holds no image")
+    display = decode_image(grids.image_jpeg, f"attention/grids/{key}.npz image").shape[:2]
+    zoom = max(1, CANVAS_SIDE // max(display))
     detections = []
     for det in row["detections"]:
         x, y, w, h = (float(v) for v in det["bbox"])
@@ -101,7 +101,7 @@ def viewer_payload(run_dir: str | os.PathLike, title: str | None = None) -> tupl
         images.append(image_entry(row, key, load_grids_npz(path)))
     if not images:
         raise NoSavedAttention(
-            f"{reader.root}: no saved attention grids (grids/*.npz) for any of its images; run "
+            f"{reader.root}: no saved attention grids (attention/grids/*.npz) for any of its images; run "
             f"`detr-attn predict ... --save-attention` (add --save-encoder-attention for encoder maps) first")
     payload = {
         "title": title or f"Attention viewer: {reader.root.name}", "model": str(info.get("model", "")),
