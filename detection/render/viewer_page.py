@@ -17,8 +17,8 @@ svg rect.box{fill:transparent;stroke-width:2;cursor:pointer;pointer-events:all}
 svg rect.box.selected{stroke-width:4}.pointmode svg rect.box{pointer-events:none}.pointmode{cursor:crosshair}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:2px 6px;text-align:left}
 tr.det{cursor:pointer}tr.det.selected{background:#ffe9a8}tr.det.nomap{color:#999}
-.enc{display:flex;gap:16px;flex-wrap:wrap;margin-top:12px}.enc figure{margin:0}
-.enc figcaption{font-size:13px;line-height:1.4}.help{font-size:12px;color:#666}.note{color:#a04000;font-size:13px}
+.enc{display:flex;gap:16px;flex-wrap:wrap}figure{margin:0}
+figcaption{font-size:13px;line-height:1.4;max-width:480px}.help{font-size:12px;color:#666;margin-bottom:8px}.note{color:#a04000;font-size:13px}
 .swatch{display:inline-block;width:10px;height:10px;margin-right:4px;border:1px solid #888}
 """
 
@@ -38,15 +38,16 @@ _BODY = """
  +/&minus; opacity, p point mode, Esc clear point. Hover a box or row to preview its map, click to select.
  The view is in the address (#image=&hellip;&amp;det=&hellip;): copy the link to share it.</div>
 <div class="main">
- <div class="stage" id="stage"><canvas id="map-canvas"></canvas><svg id="boxes"></svg></div>
+ <figure><div class="stage" id="stage"><canvas id="map-canvas"></canvas><svg id="boxes"></svg></div>
+ <figcaption id="caption"></figcaption></figure>
+ <div class="enc" id="encoder">
+  <figure><div class="stage"><canvas id="enc-out"></canvas><svg id="enc-out-svg"></svg></div>
+  <figcaption>encoder, outgoing: where the clicked cell looks (its row)</figcaption></figure>
+  <figure><div class="stage"><canvas id="enc-in"></canvas><svg id="enc-in-svg"></svg></div>
+  <figcaption>encoder, incoming: which cells look at it (its column)</figcaption></figure>
+ </div>
  <div><table id="det-table"><thead><tr><th>#</th><th>class</th><th>score</th><th>query</th></tr></thead>
  <tbody></tbody></table><p class="note" id="notes"></p></div>
-</div>
-<div class="enc" id="encoder">
- <figure><div class="stage"><canvas id="enc-out"></canvas><svg id="enc-out-svg"></svg></div>
- <figcaption>outgoing: where the clicked cell looks (its row)</figcaption></figure>
- <figure><div class="stage"><canvas id="enc-in"></canvas><svg id="enc-in-svg"></svg></div>
- <figcaption>incoming: which cells look at it (its column)</figcaption></figure>
 </div>
 """
 
@@ -219,6 +220,7 @@ function stateFromHash(hash) {
 function setState(change) {
   const imageChanged = change.image !== undefined && change.image !== state.image;
   if (imageChanged && change.point === undefined) change.point = null;
+  if (imageChanged && change.det === undefined) change.det = 0;
   state = validState(change);
   history.replaceState(null, "", hashOf(state));
   render();
@@ -280,6 +282,9 @@ function render() {
   $("stage").classList.toggle("pointmode", pointMode);
   $("encoder").style.display = image.encoder && s.point ? "" : "none";
   renderTable(image, s);
+  const det = image.detections[s.det];
+  $("caption").textContent = det ? "detection " + s.det + ": " + det.class_name + " " + det.score.toFixed(3) + " (query " +
+    det.query_index + ") \u00b7 " + s.method + " \u00b7 layer " + s.layer + " \u00b7 head " + s.head : "no detections";
   loadImage(s.image, (e) => {
     if (token !== renderToken) return;
     paintMain(e, image, s);
@@ -352,15 +357,17 @@ function preview(k) {  // hover: show detection k's map (null: the selected one)
 function init() {
   DATA.images.forEach((image, index) => {
     const option = document.createElement("option");
-    option.value = String(index); option.textContent = index + ": " + image.file;
+    option.value = String(index); option.textContent = index + ": " + image.key; option.title = image.file;
     $("image-select").appendChild(option);
   });
-  $("image-select").addEventListener("change", (ev) => setState({image: parseInt(ev.target.value, 10)}));
+  // a select gives the keys back once chosen (arrows navigate the viewer, not the select)
+  const chosen = (ev) => { ev.target.blur(); return ev.target.value; };
+  $("image-select").addEventListener("change", (ev) => setState({image: parseInt(chosen(ev), 10)}));
   $("prev-image").addEventListener("click", () => setState({image: state.image - 1}));
   $("next-image").addEventListener("click", () => setState({image: state.image + 1}));
-  $("method-select").addEventListener("change", (ev) => setState({method: ev.target.value}));
-  $("layer-select").addEventListener("change", (ev) => setState({layer: parseLabel(ev.target.value)}));
-  $("head-select").addEventListener("change", (ev) => setState({head: parseLabel(ev.target.value)}));
+  $("method-select").addEventListener("change", (ev) => setState({method: chosen(ev)}));
+  $("layer-select").addEventListener("change", (ev) => setState({layer: parseLabel(chosen(ev))}));
+  $("head-select").addEventListener("change", (ev) => setState({head: parseLabel(chosen(ev))}));
   $("opacity").addEventListener("input", (ev) => setState({opacity: parseFloat(ev.target.value)}));
   $("point-mode").addEventListener("change", (ev) => { pointMode = ev.target.checked; render(); });
   $("boxes").addEventListener("click", (event) => {
@@ -393,7 +400,7 @@ function init() {
   window.addEventListener("hashchange", () => setState(stateFromHash(location.hash)));
   setState(stateFromHash(location.hash));
 }
-window.detrViewer = {upsample, normalize, blend, cellGrid, float16, get state() { return state; },
+window.detrViewer = {data: DATA, upsample, normalize, blend, cellGrid, float16, get state() { return state; },
   base: (index) => Array.from(entry(index).base || [])};
 init();
 })();
