@@ -44,7 +44,7 @@ def test_grids_are_query_cell_maps_of_every_layer_and_head(demo_record, tmp_path
     layers, heads = record.decoder_cross.shape[0], record.decoder_cross.shape[2]
     assert (grids.layers, grids.heads, grids.kind, grids.detail) == (layers, heads, "dense", "layer_head")
     raw = grids.methods["raw"]
-    assert raw.detections == [0, 1, 2] and len(raw.slices) == layers * heads + 2
+    assert raw.detections == [0, 1, 2] and len(raw.slices) == layers * heads + 1
     save_grids_npz(tmp_path / "g.npz", grids)
     loaded = load_grids_npz(tmp_path / "g.npz")
     assert loaded.methods["raw"].slices == raw.slices and loaded.rollout == "chefer2021-raw+decoder_self+encoder_self"
@@ -72,11 +72,11 @@ def test_encoder_grid_rows_and_columns_are_encoder_point_maps(demo_record) -> No
 
 
 def test_budget_picks_the_most_detailed_level_that_fits() -> None:
-    # 3 detections, 100 cells, 6 layers x 8 heads + 2 rollout slices: 3 * 50 * 100 * 2 bytes = 30000
-    assert choose_detail(3, 100, 6, 8, True, 30000) == ("layer_head", 3)
-    assert choose_detail(3, 100, 6, 8, True, 29999) == ("last_layer_heads", 3)  # 8 + 6 + 2 slices: 9600
-    assert choose_detail(3, 100, 6, 8, True, 9599) == ("layer_mean", 3)  # 6 + 2 slices: 4800
-    assert choose_detail(3, 100, 6, 8, True, 4799) == ("layer_mean", 2)  # 1600 bytes per detection
+    # 3 detections, 100 cells, 6 layers x 8 heads + 1 rollout slice: 3 * 49 * 100 * 2 bytes = 29400
+    assert choose_detail(3, 100, 6, 8, True, 29400) == ("layer_head", 3)
+    assert choose_detail(3, 100, 6, 8, True, 29399) == ("last_layer_heads", 3)  # 8 + 6 + 1 slices: 9000
+    assert choose_detail(3, 100, 6, 8, True, 8999) == ("layer_mean", 3)  # 6 + 1 slices: 4200
+    assert choose_detail(3, 100, 6, 8, True, 4199) == ("layer_mean", 2)  # 1400 bytes per detection
     assert choose_detail(3, 100, 6, 8, False, None) == ("layer_head", 3)
     assert slice_plan("last_layer_heads", 2, 2, False) == [(1, 0), (1, 1), (0, "mean"), (1, "mean")]
 

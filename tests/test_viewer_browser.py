@@ -261,7 +261,8 @@ def test_nothing_is_fetched(driver, viewer: Path) -> None:
 
 
 def test_only_what_was_saved_is_offered(driver, viewer: Path, tmp_path: Path) -> None:
-    """A sampled record (no rollout, no encoder) whose budget kept 1 of 2 detections, head means only."""
+    """A sampled record (no rollout, no encoder) whose budget kept 1 of 4 detections, head means only, and a
+    second method without layer / head axes."""
     run = tmp_path / "run"
     shutil.copytree(viewer, run, ignore=shutil.ignore_patterns("report"))
     reader = RunReader(run)
@@ -272,7 +273,8 @@ def test_only_what_was_saved_is_offered(driver, viewer: Path, tmp_path: Path) ->
     save_grids_npz(reader.grids(row["key"]), AttentionGrids(
         image_size=original.image_size, input_size=original.input_size, feature_stride=original.feature_stride,
         valid_size=valid, kind="sampled", layers=3, heads=8, detail="layer_mean",
-        methods={"raw": MethodGrids(cells, [(0, "mean"), (1, "mean"), (2, "mean")], [1])},
+        methods={"raw": MethodGrids(cells, [(0, "mean"), (1, "mean"), (2, "mean")], [1]),
+                 "relevance": MethodGrids(cells[:, :1] * 2, [("all", "all")], [1])},  # no layer / head axis
         image_jpeg=encode_image(np.full((20, 30, 3), 128, np.uint8), ".jpg")))
     write_viewer(run)
     open_view(driver, run, "#image=0&det=1&layer=rollout&head=3&point=5,5")
@@ -284,3 +286,10 @@ def test_only_what_was_saved_is_offered(driver, viewer: Path, tmp_path: Path) ->
     assert not driver.find_element(By.ID, "encoder").is_displayed()
     assert "(no map saved)" in driver.find_element(By.ID, "det-row-0").text
     assert "no rollout" in driver.find_element(By.ID, "notes").text
+    Select(driver.find_element(By.ID, "method-select")).select_by_value("relevance")
+    wait_ready(driver)
+    assert driver.execute_script("return location.hash") == "#image=0&det=1&method=relevance&layer=all&head=all&opacity=0.6"
+    assert not driver.find_element(By.ID, "layer-select").is_displayed()
+    assert not driver.find_element(By.ID, "head-select").is_displayed()
+    shown = driver.execute_script("return Array.from(detrViewer.cellGrid(0, 1, 'relevance', 'all', 'all'))")
+    np.testing.assert_allclose(shown, (cells[0, 0] * 2).astype(np.float16).astype(np.float32).ravel())

@@ -90,7 +90,8 @@ def slice_plan(detail: str, layers: int, heads: int, rollout: bool) -> list[Slic
         plan = [(layer, "mean") for layer in range(layers)]
     else:
         raise ValueError(f"detail must be one of {DETAILS}, got {detail!r}")
-    return plan + ([("rollout", "mean"), ("rollout", "max")] if rollout else [])
+    # rollout over head means only: each rollout costs the encoder's K x K products again
+    return plan + ([("rollout", "mean")] if rollout else [])
 
 
 def choose_detail(count: int, cells: int, layers: int, heads: int, rollout: bool,
