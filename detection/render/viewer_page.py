@@ -58,7 +58,7 @@ const DATA = JSON.parse(document.getElementById("viewer-data").textContent);
 const $ = (id) => document.getElementById(id);
 const SVGNS = "http://www.w3.org/2000/svg";
 let state = {image: 0, det: 0, method: null, layer: null, head: "mean", opacity: 0.6, point: null};
-let hoverDet = null, pointMode = false;
+let hoverDet = null, pointMode = false, shownEncoder = null;
 const cache = new Map();
 
 function half(bits) {
@@ -102,12 +102,12 @@ function normalize(map) {  // normalize_maps "minmax": a constant map becomes al
   if (span > 0) for (let i = 0; i < map.length; i++) out[i] = (map[i] - low) / span;
   return out;
 }
+const LUT = Uint8Array.from(DATA.colormap.flat());
 function blend(base, saliency, opacity) {  // render_saliency: opacity alpha*saliency per pixel
   const out = new Uint8ClampedArray(base.length);
   for (let i = 0; i < saliency.length; i++) {
-    const s = Math.min(Math.max(saliency[i], 0), 1), level = Math.round(s * 255), colour = DATA.colormap[level];
-    const weight = opacity * s;
-    for (let c = 0; c < 3; c++) out[4 * i + c] = Math.round(base[4 * i + c] * (1 - weight) + colour[c] * weight);
+    const s = Math.min(Math.max(saliency[i], 0), 1), level = 3 * Math.round(s * 255), weight = opacity * s;
+    for (let c = 0; c < 3; c++) out[4 * i + c] = Math.round(base[4 * i + c] * (1 - weight) + LUT[level + c] * weight);
     out[4 * i + 3] = 255;
   }
   return out;
@@ -289,7 +289,9 @@ function render() {
     if (token !== renderToken) return;
     paintMain(e, image, s);
     renderBoxes(image, s, image.canvas[0], image.canvas[1]);
-    if (image.encoder && s.point) renderEncoder(e, image, s);
+    const encoderView = image.encoder && s.point ? [s.image, s.point, s.opacity].join("|") : null;
+    if (encoderView && encoderView !== shownEncoder) renderEncoder(e, image, s);  // a detection change keeps it
+    shownEncoder = encoderView;
     document.body.dataset.ready = "1";
   });
 }
