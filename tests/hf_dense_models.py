@@ -42,12 +42,26 @@ def liven(model: torch.nn.Module, seed: int = 1, gain: float = 1.0, query_key_ga
     return model
 
 
-def _config(family: str, attn_implementation: str | None, **overrides):
+# Published sizes, for benchmarks (random weights): YOLOS-small (hustvl/yolos-small) and the HF
+# config defaults of the others (ResNet-50 from timm, d_model 256, 6 + 6 layers, 8 heads).
+_FULL_SIZE = {
+    "yolos": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                  image_size=[800, 1333], patch_size=16, num_detection_tokens=100, use_mid_position_embeddings=False),
+    "conditional_detr": dict(use_pretrained_backbone=False),
+    "dab-detr": dict(use_pretrained_backbone=False),
+    "table-transformer": dict(use_pretrained_backbone=False),
+}
+
+
+def _config(family: str, attn_implementation: str | None, full_size: bool = False, **overrides):
     import transformers
 
     common = dict(id2label=CLASS_NAMES, label2id={v: k for k, v in CLASS_NAMES.items()})
     if attn_implementation is not None:
         common["attn_implementation"] = attn_implementation
+    if full_size:
+        config_class = getattr(transformers, _CLASSES[family].replace("ForObjectDetection", "Config"))
+        return config_class(**{**common, **_FULL_SIZE[family], **overrides})
     if family == "yolos":
         args = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                     image_size=[64, 96], patch_size=8, num_detection_tokens=NUM_QUERIES,
@@ -76,19 +90,22 @@ _CLASSES = {
 }
 
 
-def build(family: str, attn_implementation: str | None = None, seed: int = 0, **overrides) -> torch.nn.Module:
+def build(family: str, attn_implementation: str | None = None, seed: int = 0, full_size: bool = False,
+          **overrides) -> torch.nn.Module:
     """A small `family` *ForObjectDetection in eval mode with lively random weights.
 
     The same seed gives the same weights for every attn_implementation (eager / sdpa).
+    full_size: the published architecture's size instead (for benchmarks; slow on CPU).
     """
     import transformers
 
     torch.manual_seed(seed)
-    model = getattr(transformers, _CLASSES[family])(_config(family, attn_implementation, **overrides))
+    config = _config(family, attn_implementation, full_size, **overrides)
+    model = getattr(transformers, _CLASSES[family])(config)
     return liven(model.eval(), seed=seed + 1)
 
 
-def batch(family: str, sizes=((96, 128), (128, 80)), seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(sizes=((96, 128), (128, 80)), seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Random normalised images padded bottom/right into one batch: (pixel_values, padding_mask True=pad)."""
     gen = torch.Generator().manual_seed(seed)
     height = max(h for h, _ in sizes)
