@@ -48,11 +48,14 @@ def _softmax_rows(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | N
     query (B, heads, R, d), key (B, heads, K, d); mask broadcastable to (B, heads, R, K): bool
     (True = attend, SDPA's convention) or additive float (eager's).
     """
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    scores = torch.matmul(query.float() * scaling, key.float().transpose(-1, -2))  # scaling the smaller operand
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise RuntimeError(f"cannot capture attention under a {type(mask).__name__} mask (use eager or sdpa)")
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+        if mask.dtype == torch.bool:
+            scores.masked_fill_(~mask, float("-inf"))
+        else:
+            scores.add_(mask.float())
     return scores.softmax(dim=-1)
 
 
@@ -71,7 +74,12 @@ class DenseCapture:
     captured (the record is built around it, as `DETR.forward` does), so `cross` is accepted for
     the shared interface only. The model's outputs are unchanged, and SDPA stays in use where the
     model was loaded with it: the weights are recomputed from the queries and keys the module
-    computed, for the rows needed only.
+    computed, for the rows needed only. For YOLOS and Conditional DETR (which call HF's
+    AttentionInterface) the hooked attention modules see, while the context lasts, a config view
+    whose attention implementation is a private interface entry delegating to the model's own;
+    DAB-DETR and Table Transformer (eager attention written inline) are asked for their weights
+    by forward pre-hooks, and callers that did not ask get None as before. One capture per model
+    at a time.
 
     YOLOS: the detection tokens' rows, every layer and head, over the patch tokens: raw softmax
     weights (the softmax runs over [CLS] + patches + detection tokens, as in the model; the
@@ -150,6 +158,8 @@ class DenseCapture:
         if self.family in _INTERFACE_FAMILIES:
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+            if any(isinstance(module.config, _ConfigView) for module in self._targets):
+                raise RuntimeError("this model is already inside a DenseCapture (one capture per model at a time)")
             self._interface_name = f"detection_dense_capture_{id(self)}"
             ALL_ATTENTION_FUNCTIONS[self._interface_name] = self._attention_function
             for module in self._targets:
