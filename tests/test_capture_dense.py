@@ -163,6 +163,21 @@ def test_capture_changes_no_output_and_cleans_up(family, models) -> None:
     assert torch.equal(plain.logits, again.logits)
 
 
+def test_one_capture_per_model_at_a_time(models) -> None:
+    model, _ = models
+    kwargs, _ = _inputs(model.config.model_type)
+    with torch.no_grad():
+        plain = model(**kwargs)
+    with DenseCapture(model) as outer:
+        with pytest.raises(RuntimeError, match="already inside a DenseCapture"), DenseCapture(model):
+            pass
+        with torch.no_grad():
+            captured = model(**kwargs)  # the outer capture still works
+    assert torch.equal(plain.logits, captured.logits) and len(outer._roles["cross"]) == 2
+    with DenseCapture(model):  # and the model is free again
+        pass
+
+
 def test_only_requested_blocks(family, models) -> None:
     _, record, _ = _run(models[0], family, encoder=False, decoder_self=False)
     assert record.encoder_self is None and record.decoder_self is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -23,6 +24,7 @@ FAMILIES = ("yolos", "conditional_detr", "dab-detr", "table-transformer")
 # model's own implementation. The others compute eager attention inline and return the weights
 # when asked: captured by forward hooks that ask (and hide the answer from callers that did not).
 _INTERFACE_FAMILIES = ("yolos", "conditional_detr")
+_CAPTURED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models inside a DenseCapture now
 
 
 class _ConfigView:
@@ -109,6 +111,7 @@ class DenseCapture:
         self._views: dict[nn.Module, Any] = {}
         self._interface_name: str | None = None
         self._forced: set[nn.Module] = set()
+        self._holds_model = False
 
     # -- which modules ------------------------------------------------------------------------
     def _find_targets(self) -> dict[nn.Module, tuple[str, int]]:
@@ -155,11 +158,13 @@ class DenseCapture:
         self._remove()
 
     def _install(self) -> None:
+        if self.model in _CAPTURED:
+            raise RuntimeError("this model is already inside a DenseCapture (one capture per model at a time)")
+        _CAPTURED.add(self.model)
+        self._holds_model = True
         if self.family in _INTERFACE_FAMILIES:
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-            if any(isinstance(module.config, _ConfigView) for module in self._targets):
-                raise RuntimeError("this model is already inside a DenseCapture (one capture per model at a time)")
             self._interface_name = f"detection_dense_capture_{id(self)}"
             ALL_ATTENTION_FUNCTIONS[self._interface_name] = self._attention_function
             for module in self._targets:
@@ -177,6 +182,9 @@ class DenseCapture:
             self._handles.append(conv_encoder.register_forward_hook(self._take_feature_mask))
 
     def _remove(self) -> None:
+        if self._holds_model:
+            _CAPTURED.discard(self.model)
+            self._holds_model = False
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
