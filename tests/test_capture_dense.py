@@ -204,6 +204,17 @@ def test_nothing_captured_raises(family, models, monkeypatch) -> None:
                        padding_mask=padding)
 
 
+def test_renamed_modules_raise(family, models, monkeypatch) -> None:
+    model, _ = models
+    if family == "yolos":
+        monkeypatch.delattr(model.vit.encoder.layer[0], "attention")
+    else:
+        layer = model.model.decoder.layers[0]
+        monkeypatch.delattr(layer, "cross_attn" if family == "dab-detr" else "encoder_attn")
+    with pytest.raises(RuntimeError, match=f"'{family}'.*transformers {transformers.__version__}"):
+        DenseCapture(model)
+
+
 def test_other_model_type_is_refused() -> None:
     class Fake(torch.nn.Module):
         config = type("Config", (), {"model_type": "deformable_detr"})()

@@ -106,7 +106,10 @@ class DenseCapture:
         self._roles = {"cross": {}, "encoder": {}, "decoder_self": {}}  # role -> {layer: tensor}
         self.token_rows: dict[int, torch.Tensor] = {}
         self._grid: dict[str, Any] = {}
-        self._targets = self._find_targets()
+        try:
+            self._targets = self._find_targets()
+        except AttributeError as error:  # HF renamed the modules the capture hooks
+            raise RuntimeError(self._nothing_message(f"cannot find the attention modules ({error})")) from error
         self._handles: list[Any] = []
         self._views: dict[nn.Module, Any] = {}
         self._interface_name: str | None = None
@@ -300,7 +303,8 @@ class DenseCapture:
         cross = self._stacked("cross", decoder_layers)  # (L, B, heads, Q, K)
         height, width = (int(v) for v in self._grid["size"])
         if tuple(int(v) for v in input_size) != tuple(int(v) for v in self._grid["input_size"]):
-            raise ValueError(f"input_size {tuple(input_size)} differs from the model's input {self._grid['input_size']}")
+            raise ValueError(f"input_size {tuple(input_size)} differs from the model's input "
+                             f"{self._grid['input_size']}")
         if cross.shape[-1] != height * width:
             raise RuntimeError(self._nothing_message(
                 f"cross-attention over {cross.shape[-1]} keys for a {height}x{width} feature grid"))
@@ -325,7 +329,8 @@ class DenseCapture:
         )
 
     @staticmethod
-    def _patch_padding(image_sizes: torch.Tensor, grid: tuple[int, int], stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _patch_padding(image_sizes: torch.Tensor, grid: tuple[int, int],
+                       stride: int) -> tuple[torch.Tensor, torch.Tensor]:
         """YOLOS: patches holding no image pixel are padding; sizes clipped to the patches' extent."""
         height, width = grid
         covered = torch.tensor([height * stride, width * stride])
