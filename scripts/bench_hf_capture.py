@@ -17,7 +17,7 @@ machine that difference of two long forwards is noisy, so "in capture" also give
 inside the capture's own code (its hooks' computations and record()) as a share of the plain
 forward: the part of the overhead that is the capture's work rather than load.
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/bench_hf_capture.py --repeats 5
+    PYTHONPATH=$PWD .venv/bin/python scripts/bench_hf_capture.py --repeats 5 [--threads 1]
 """
 from __future__ import annotations
 
@@ -74,7 +74,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", nargs="+", default=list(hf_dense_models.FAMILIES))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 on a shared, oversubscribed machine: a parallel region of 2+ threads "
+                             "then waits for descheduled threads, which inflates small ops tenfold and skews ratios)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
     header = f"{'family':<18} {'input':>9} {'attn':>6} {'plain s':>8} {'capture':>14} {'+enc+dself':>14} {'eager+out_attn':>15}"
     print(header)
