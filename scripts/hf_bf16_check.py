@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import cpu_name  # noqa: E402  (scripts/bench.py, next to this file)
 from detection.models.contract import PostprocessRule  # noqa: E402
 from detection.models.hf.capture_dense import DenseCapture  # noqa: E402
+from detection.models.hf.families import FAMILIES  # noqa: E402
 from detection.postprocess import postprocess  # noqa: E402
 from detection.runtime.device import autocast, cpu_supports_bf16  # noqa: E402
 from tests import hf_dense_models  # noqa: E402
 
-SOFTMAX_FAMILIES = ("yolos", "table-transformer", "detr")
 TOL_SCORE = 0.02  # proposed: probability units
 TOL_BOX = 4.0  # proposed: input pixels at ~480x640 (1/8 of a stride-32 cell)
 TOP = 10
@@ -76,9 +76,14 @@ def _run(model, pixels: torch.Tensor, padding: torch.Tensor, dense: bool, bf16: 
     return outputs, record
 
 
+def outputs_queries(model) -> int:
+    config = model.config
+    return int(getattr(config, "num_queries", None) or getattr(config, "num_detection_tokens"))
+
+
 def _compare(family: str, model, pixels, padding, dense: bool) -> dict:
-    rule = (PostprocessRule.softmax_no_object() if model.config.model_type in SOFTMAX_FAMILIES
-            else PostprocessRule.sigmoid_topk(TOP))
+    family_row = FAMILIES[model.config.model_type]  # the family's post-processing rule
+    rule = PostprocessRule(kind=family_row.postprocess, top_k=family_row.top_k or outputs_queries(model))
     runs = [_run(model, pixels, padding, dense, bf16) for bf16 in (False, True)]
     sizes = hf_dense_models.image_sizes(padding)
     names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
