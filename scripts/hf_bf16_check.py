@@ -13,8 +13,10 @@ fp32 and under bf16 autocast (detection.runtime.device.autocast). The fp32 top-1
     relative to the fp32 map's peak;
   * spread: fp32 top-1 and top-10 scores of image 0 (a check that the weights are lively).
 
-The verdict applies the proposed tolerance (columns tol): all of top-10 kept or only swaps
-among near-ties, |d score| <= tol_score, |d box| <= tol_box. The lead decides bf16_ok per family.
+The verdict applies the proposed tolerance (column tol): |d score| <= TOL_SCORE, |d box| <= TOL_BOX,
+the same best label for every fp32 top-10 query, and every fp32 top-10 pair kept in bf16's
+top-10 unless it was within TOL_SCORE of the 10th score (a swap among near-ties; column
+"hard out" counts the others). The lead decides bf16_ok per family.
 
     PYTHONPATH=$PWD .venv/bin/python scripts/hf_bf16_check.py             # published sizes
     PYTHONPATH=$PWD .venv/bin/python scripts/hf_bf16_check.py --small     # the test configs
@@ -38,8 +40,11 @@ from detection.postprocess import postprocess  # noqa: E402
 from detection.runtime.device import autocast, cpu_supports_bf16  # noqa: E402
 from tests import hf_dense_models  # noqa: E402
 
-TOL_SCORE = 0.02  # proposed: probability units
-TOL_BOX = 4.0  # proposed: input pixels at ~480x640 (1/8 of a stride-32 cell)
+# Proposed tolerance, the same for every family: the native DETR's stated bf16 tolerance (README:
+# scores within 0.03, boxes within 1 px with float32 heads) with 2 px for boxes, as autocast runs
+# the HF heads in bf16 too (bf16 heads move DETR's boxes ~2 px at 1066 px).
+TOL_SCORE = 0.03  # probability units
+TOL_BOX = 2.0  # input pixels
 TOP = 10
 
 
@@ -87,7 +92,7 @@ def _compare(family: str, model, pixels, padding, dense: bool) -> dict:
     runs = [_run(model, pixels, padding, dense, bf16) for bf16 in (False, True)]
     sizes = hf_dense_models.image_sizes(padding)
     names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
-    result = {"kept": 0, "total": 0, "score": 0.0, "box": 0.0, "labels": 0, "attn": None, "top1": 1.0, "top10": 0.0}
+    result = {"hard": 0, "kept": 0, "total": 0, "score": 0.0, "box": 0.0, "labels": 0, "attn": None, "top1": 1.0, "top10": 0.0}
     for image in range(pixels.shape[0]):
         detections, probabilities, boxes = [], [], []
         for outputs, _ in runs:
@@ -103,6 +108,10 @@ def _compare(family: str, model, pixels, padding, dense: bool) -> dict:
         queries = torch.as_tensor(fp32.query_index)
         labels = torch.as_tensor(fp32.labels)
         result["kept"] += len(pairs32 & pairs16)
+        tenth = float(fp32.scores[-1])
+        result["hard"] += sum(1 for pair, score in zip(zip(fp32.query_index.tolist(), fp32.labels.tolist()),
+                                                      fp32.scores.tolist())
+                              if pair not in pairs16 and score - tenth > TOL_SCORE)
         result["total"] += len(pairs32)
         result["score"] = max(result["score"], float((probabilities[0][queries, labels] - probabilities[1][queries, labels]).abs().max()))
         result["box"] = max(result["box"], float((boxes[0][queries] - boxes[1][queries]).abs().max()))
@@ -126,16 +135,17 @@ def main() -> None:
           f"threads {torch.get_num_threads()}; batch 2: {height}x{width} and {height * 3 // 4}x{width * 5 // 8}, padded")
     pixels, padding = hf_dense_models.batch(((height, width), (height * 3 // 4, width * 5 // 8)))
     print(f"{'family':<28} {'top-10 kept':>11} {'|d score|':>9} {'|d box| px':>10} {'labels':>7} {'|d attn|':>8} "
-          f"{'fp32 top1/top10':>15} {'tol':>10}  verdict")
+          f"{'fp32 top1/top10':>15} {'hard out':>8} {'tol':>9}  verdict")
     families = list(_dense_families(args.small)) + list(_sampled_families())
     for family, build, dense in families:
         torch.manual_seed(0)
         result = _compare(family, build(), pixels, padding, dense)
-        ok = result["score"] <= TOL_SCORE and result["box"] <= TOL_BOX and result["kept"] >= result["total"] - 2
+        ok = (result["score"] <= TOL_SCORE and result["box"] <= TOL_BOX and result["hard"] == 0
+              and result["labels"] == result["total"])
         attn = "-" if result["attn"] is None else f"{result['attn']:.3f}"
         print(f"{family:<28} {result['kept']:>5}/{result['total']:<5} {result['score']:9.4f} {result['box']:10.2f} "
               f"{result['labels']:>3}/{result['total']:<3} {attn:>8} {result['top1']:7.3f}/{result['top10']:<7.3f} "
-              f"{TOL_SCORE:.2f}/{TOL_BOX:.0f}px  {'bf16 ok' if ok else 'NOT ok'}", flush=True)
+              f"{result['hard']:>8} {TOL_SCORE:.2f}/{TOL_BOX:.0f}px  {'bf16 ok' if ok else 'NOT ok'}", flush=True)
 
 
 if __name__ == "__main__":
