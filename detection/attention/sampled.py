@@ -42,12 +42,14 @@ variant would be a different method under the same name, so `layers="rollout"` r
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from detection.attention.aggregate import HeadChoice, LayerChoice, reduce_heads, reduce_layers
-from detection.models.outputs import SampledAttention, Sampler
+from detection.models.outputs import AttentionRecord, SampledAttention, Sampler
 
 # Splat at most about this many float64 grid values at once (queries are chunked to fit).
 _CHUNK_VALUES = 1 << 24
@@ -211,3 +213,68 @@ def sampled_cell_maps(
         empty = torch.zeros(layer_count, head_count, 0, valid_h, valid_w, dtype=torch.float64)
         maps.append(reduce_layers(reduce_heads(empty, heads, dim=1), layers, dim=0))
     return torch.cat(maps, dim=0).float()
+
+
+@dataclass(frozen=True)
+class QueryPoints:
+    """The sampling points of one query, one layer, in ORIGINAL image pixels (for the point view).
+
+    xy: (P, 2) float64 (x, y) original-image pixel coordinates (pixel (x, y) covers [x, x+1) x
+    [y, y+1)); weights: (P,) float64 attention weights; levels, heads: (P,) int64. Only real
+    points with weight > 0 that fall inside the image are kept.
+    """
+
+    xy: np.ndarray
+    weights: np.ndarray
+    levels: np.ndarray
+    heads: np.ndarray
+
+
+def query_points(
+    attention: AttentionRecord,
+    image_index: int,
+    query_index: int,
+    original_size: Sequence[int],
+    layer: int = -1,
+    heads: Sequence[int] | None = None,
+) -> QueryPoints:
+    """Where one query sampled, in original-image pixels: `QueryPoints`.
+
+    A point at normalised (x, y) on level l sits at input pixel (x·w_l·s_l, y·h_l·s_l) (the
+    record's convention); for the "nearest" sampler the point shown is the centre of the cell the
+    model read, ((c + 0.5)·s_l per axis). Input pixels map to original pixels by the resize
+    factors (W / w_in, H / h_in) of this image (`image_sizes`), as `detection.attention.maps` does.
+    layer: decoder layer (default the last); heads: head indices (default all).
+    """
+    sampled = attention.decoder_cross_sampled
+    if sampled is None:
+        raise ValueError("the point view needs a sampled (deformable) attention record")
+    layer_count, head_count = int(sampled.weights.shape[0]), int(sampled.weights.shape[2])
+    if not -layer_count <= layer < layer_count:
+        raise ValueError(f"layer {layer} out of range for {layer_count} layers")
+    chosen_heads = list(range(head_count)) if heads is None else [int(h) for h in heads]
+    if any(not 0 <= h < head_count for h in chosen_heads):
+        raise ValueError(f"heads {chosen_heads} out of range for {head_count} heads")
+    if not 0 <= int(query_index) < sampled.num_queries:
+        raise ValueError(f"query_index {query_index} out of range for {sampled.num_queries} queries")
+    out_h, out_w = (int(v) for v in original_size)
+    input_h, input_w = (int(v) for v in attention.image_sizes[image_index].tolist())
+    locations = sampled.locations[layer, image_index, chosen_heads, int(query_index)].double().cpu()  # (h, lv, p, 2)
+    weights = sampled.weights[layer, image_index, chosen_heads, int(query_index)].double().cpu()  # (h, lv, p)
+    sizes = torch.tensor([[w, h] for h, w in sampled.level_sizes], dtype=torch.float64)[:, None, :]  # (lv, 1, 2)
+    strides = torch.tensor(sampled.level_strides, dtype=torch.float64)[:, None, None]
+    if sampled.sampler == "nearest":
+        cells = (locations.float() * sizes.float() + 0.5).to(torch.int64)  # as the model indexes
+        cells = torch.minimum(cells.clamp(min=0), sizes.to(torch.int64) - 1)
+        pixels = (cells.double() + 0.5) * strides
+    else:
+        pixels = locations * sizes * strides
+    scale = torch.tensor([out_w / input_w, out_h / input_h], dtype=torch.float64)
+    xy = pixels * scale
+    real = sampled.point_mask[None].expand_as(weights)
+    inside = (xy[..., 0] >= 0) & (xy[..., 0] < out_w) & (xy[..., 1] >= 0) & (xy[..., 1] < out_h)
+    keep = real & inside & (weights > 0)
+    head_ids = torch.tensor(chosen_heads)[:, None, None].expand_as(weights)
+    level_ids = torch.arange(len(sampled.level_sizes))[None, :, None].expand_as(weights)
+    return QueryPoints(xy=xy[keep].numpy(), weights=weights[keep].numpy(), levels=level_ids[keep].numpy(),
+                       heads=head_ids[keep].numpy())
