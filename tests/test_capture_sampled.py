@@ -182,6 +182,27 @@ def test_nearest_splat_is_the_transpose_of_hf_discrete_sampling_with_clamping():
     assert (rebuilt - output[0].reshape(6, 2, 4).double()).abs().max() <= 1e-6
 
 
+def test_discrete_cells_are_read_in_the_model_dtype():
+    from transformers.models.d_fine.modeling_d_fine import multi_scale_deformable_attention_v2
+
+    from detection.models.hf.capture_sampled import _read_cells
+
+    generator = torch.Generator().manual_seed(1)
+    sizes, counts = [(37, 53), (19, 27)], [4, 4]
+    value = torch.randn(1, 37 * 53 + 19 * 27, 1, 1, generator=generator).to(torch.bfloat16)
+    locations = torch.rand(1, 400, 1, 8, 2, generator=generator).to(torch.bfloat16)
+    weights = torch.zeros(1, 400, 1, 8, dtype=torch.bfloat16)
+    weights[..., 0] = 1.0  # each query reads one level-0 point: the output IS the value read
+    output = multi_scale_deformable_attention_v2(value, sizes, locations, weights, counts, "discrete")
+    cells = _read_cells(locations, sizes, counts)  # float32 c / w
+    splat = splat_on_level(cells[0, :, :, :4], weights[0, :, :, :4].float(), sizes[0], "nearest")
+    rebuilt = torch.einsum("qhc,ch->q", splat.flatten(-2), value[0, : 37 * 53, :, 0].double())
+    assert torch.equal(rebuilt.float(), output[0, :, 0].float())
+    # float32 arithmetic on the raw bf16 locations would pick other cells for some points
+    naive = splat_on_level(locations[0, :, :, :4].float(), weights[0, :, :, :4].float(), sizes[0], "nearest")
+    assert not torch.equal(naive, splat)
+
+
 # -- (b) every decoder layer, loud failure when nothing is found ------------------------------------
 @pytest.mark.parametrize("family", ["deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "rf_detr"])
 def test_capture_finds_every_decoder_layer_and_fails_loudly_when_modules_moved(family):
@@ -308,7 +329,7 @@ def test_planted_points_light_their_own_region_of_the_image_and_padding_is_cropp
 def test_planted_point_of_the_discrete_sampler_lights_the_cell_the_model_indexed():
     record = runs_of("d_fine")["record"]
     # input x 27.9 on level 0 (stride 8, w 12): x·w + 0.5 = 27.9/8 + 0.5 = 3.99 -> column 3
-    # (input x [24, 32)); y 3.0 -> 0.875 -> row 0; bilinear would have split it over columns 2..4
+    # (input x [24, 32)); y 3.0 -> 0.875 -> row 0; bilinear would have split it over columns 2 and 3
     planted_record = planted(record, 0, [(0, 27.9, 3.0, 1.0)])
     cells = query_cell_maps(planted_record, 0, [0])[0]
     expected = torch.zeros_like(cells)

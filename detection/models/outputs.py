@@ -73,7 +73,10 @@ class SampledAttention:
         align_corners=False)` (Deformable DETR, RT-DETR, RF-DETR, "default" decoder_method);
         "nearest" -- the "discrete" decoder_method of RT-DETR v2 / D-FINE: the cell
         (clamp(int64(y·h_l + 0.5), 0, h_l − 1), clamp(int64(x·w_l + 0.5), 0, w_l − 1)),
-        computed in float32 as Hugging Face's `multi_scale_deformable_attention_v2` does.
+        computed in float32 as Hugging Face's `multi_scale_deformable_attention_v2` does (so
+        cell c is read for x·w_l in [c − 0.5, c + 0.5): half a cell left of grid_sample's
+        centres). `detection.models.hf.capture_sampled` stores such points as the cell the
+        model read, x = c_x / w_l, y = c_y / h_l (computed in the model's own dtype).
     level_combination: how maps bring the levels onto level 0's grid
         (`detection.attention.sampled`): "footprint" (default) splats each point on its own
         level's grid with the transpose of `sampler`, then spreads each level cell's weight over

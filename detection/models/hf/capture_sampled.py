@@ -98,22 +98,36 @@ def _hf_backbone_strides(backbone: nn.Module) -> list[int]:
     return [strides[name] for name in backbone.out_features]
 
 
+def _read_cells(locations: torch.Tensor, level_sizes, counts) -> torch.Tensor:
+    """Discrete sampler: (B, Q, heads, points, 2) locations -> the cells the model read, as (c_x / w, c_y / h).
+
+    The cell is computed exactly as `multi_scale_deformable_attention_v2` does, in the model's
+    own dtype (bf16 rounds differently from float32); stored as c / w in float32 so that any
+    consumer recomputing int64(x·w + 0.5) in float32 finds the same cell c.
+    """
+    levels = []
+    for (height, width), chunk in zip(level_sizes, locations.split(list(counts), dim=3)):
+        cells = (chunk * torch.tensor([[width, height]], device=chunk.device) + 0.5).to(torch.int64)
+        cells = torch.stack([cells[..., 0].clamp(0, width - 1), cells[..., 1].clamp(0, height - 1)], dim=-1)
+        levels.append(cells.float() / torch.tensor([width, height], dtype=torch.float32, device=chunk.device))
+    return torch.cat(levels, dim=3)
+
+
 class SampledCapture:
     """Capture a deformable HF detector's decoder attention during one `with` block.
 
     Usage: `with SampledCapture(model) as capture: out = model(pixel_values=x,
     pixel_mask=m, **capture.forward_kwargs())`, then `capture.record(out, input_size=...,
-    image_sizes=..., padding_mask=...)`. cross: decoder cross-attention (the sampled
-    record; always needed, a record holds exactly one kind); encoder: the dense AIFI encoder
-    self-attention (rt_detr / rt_detr_v2 / d_fine only); decoder_self: (L, B, heads, Q, Q).
+    image_sizes=..., padding_mask=...)`. cross: decoder cross-attention -- captured even when
+    False, because an `AttentionRecord` always holds its decoder cross-attention (the points
+    cost little); encoder: the dense AIFI encoder self-attention (rt_detr / rt_detr_v2 / d_fine
+    only; ValueError for the others); decoder_self: (L, B, heads, Q, Q).
     """
 
     def __init__(self, hf_model: nn.Module, *, cross: bool = True, encoder: bool = False, decoder_self: bool = False):
         family = getattr(getattr(hf_model, "config", None), "model_type", None)
         if family not in FAMILIES:
             raise ValueError(f"SampledCapture supports model types {FAMILIES}, got {family!r}")
-        if not cross:
-            raise ValueError("a sampled record always holds the decoder cross-attention: cross must be True")
         if encoder and family not in _AIFI_FAMILIES:
             raise ValueError(
                 f"{family} has no dense encoder self-attention to capture (its encoder, if any, is deformable); "
@@ -121,6 +135,7 @@ class SampledCapture:
             )
         self.family = family
         self.model = hf_model
+        self.cross = cross
         self.encoder = encoder
         self.decoder_self = decoder_self
         self._decoder_layers = list(hf_model.model.decoder.layers)
@@ -234,11 +249,16 @@ class SampledCapture:
                 method = bound.get("method", "default")
                 if method not in ("default", "discrete"):
                     raise RuntimeError(f"{self.family}: unknown decoder_method {method!r} (transformers {_version()})")
+                level_sizes = tuple((int(h), int(w)) for h, w in bound["value_spatial_shapes"])
+                counts = tuple(int(n) for n in bound["num_points_list"])
+                locations = bound["sampling_locations"].detach()
+                if method == "discrete":
+                    locations = _read_cells(locations, level_sizes, counts)
                 self._cross[layer] = {
-                    "locations": bound["sampling_locations"].detach(),
+                    "locations": locations,
                     "weights": bound["attention_weights"].detach(),
-                    "level_sizes": tuple((int(h), int(w)) for h, w in bound["value_spatial_shapes"]),
-                    "points_per_level": tuple(int(n) for n in bound["num_points_list"]),
+                    "level_sizes": level_sizes,
+                    "points_per_level": counts,
                     "sampler": "nearest" if method == "discrete" else "bilinear",
                 }
             return original(*args, **kwargs)
