@@ -41,6 +41,7 @@ variant would be a different method under the same name, so `layers="rollout"` r
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -204,6 +205,11 @@ def sampled_cell_maps(
     valid_h, valid_w = (int(v) for v in valid_size)
     target_h, target_w = sampled.level_sizes[0]
     layer_count, head_count = int(sampled.weights.shape[0]), int(sampled.weights.shape[2])
+    if layers != "mean" and layer_count > 1:  # one layer wanted: splat only that one (validated as usual)
+        picked = int(reduce_layers(torch.arange(layer_count), layers, dim=0))
+        sampled = dataclasses.replace(sampled, locations=sampled.locations[picked : picked + 1],
+                                      weights=sampled.weights[picked : picked + 1])
+        layers, layer_count = "last", 1
     chunk = max(1, _CHUNK_VALUES // max(1, layer_count * head_count * target_h * target_w))
     maps = []
     for start in range(0, len(query_index), chunk):
