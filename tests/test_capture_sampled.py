@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_sampled_models as models  # noqa: E402
 
 from detection.attention.maps import detection_maps, query_cell_maps  # noqa: E402
-from detection.attention.sampled import footprint_weights, level_splats, splat_on_level  # noqa: E402
+from detection.attention.sampled import footprint_weights, level_splats, splat_on_level, spread_footprint  # noqa: E402
 from detection.models.hf.capture_sampled import SampledCapture  # noqa: E402
 from detection.models.outputs import AttentionRecord, SampledAttention  # noqa: E402
 
@@ -343,6 +343,18 @@ def test_footprint_weights_spread_coarse_cells_over_level0_and_keep_level0_exact
                                                      [0, 0, 0.5], [0, 0, 0.5]], dtype=torch.float64))
     shares = footprint_weights(5, 8, 2, 32)  # the second stride-32 cell overhangs level 0's 40 px
     torch.testing.assert_close(shares.sum(0), torch.tensor([1.0, 0.25], dtype=torch.float64))
+
+
+def test_spread_footprint_block_repeat_equals_the_overlap_matrices():
+    generator = torch.Generator().manual_seed(5)
+    level_map = torch.rand(2, 3, 4, 5, generator=generator, dtype=torch.float64)
+    for stride, size in ((16, (7, 9)), (32, (13, 21)), (16, (9, 11))):  # cropped, and padded with zeros
+        fast = spread_footprint(level_map, stride, 8, size)
+        rows = footprint_weights(size[0], 8, 4, stride)
+        cols = footprint_weights(size[1], 8, 5, stride)
+        torch.testing.assert_close(fast, rows @ level_map @ cols.T)
+    odd = spread_footprint(level_map, 12, 8, (6, 8))  # a stride that is no multiple: the matrices
+    torch.testing.assert_close(odd, footprint_weights(6, 8, 4, 12) @ level_map @ footprint_weights(8, 8, 5, 12).T)
 
 
 def test_footprint_maps_keep_the_mass_of_points_inside_every_level():

@@ -144,6 +144,29 @@ def footprint_weights(target_cells: int, target_stride: int, level_cells: int, l
     return overlap.clamp(min=0.0) / float(level_stride)
 
 
+def spread_footprint(
+    level_map: torch.Tensor, level_stride: int, target_stride: int, target_size: Sequence[int]
+) -> torch.Tensor:
+    """(..., h_l, w_l) level cells -> (..., h, w) target cells by `footprint_weights` (step 2).
+
+    When s_l is a multiple k of s_0 this is a k×k block repeat divided by k² (fast, exact);
+    otherwise the separable overlap matrices are applied.
+    """
+    height, width = (int(v) for v in target_size)
+    level_h, level_w = int(level_map.shape[-2]), int(level_map.shape[-1])
+    if level_stride % target_stride == 0:
+        factor = level_stride // target_stride
+        spread = level_map.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1) / float(factor * factor)
+        spread = spread[..., :height, :width]
+        missing_h, missing_w = height - int(spread.shape[-2]), width - int(spread.shape[-1])
+        if missing_h > 0 or missing_w > 0:  # the level's grid ends before the target's: nothing there
+            spread = torch.nn.functional.pad(spread, (0, max(0, missing_w), 0, max(0, missing_h)))
+        return spread
+    rows = footprint_weights(height, target_stride, level_h, level_stride)  # (h, h_l)
+    cols = footprint_weights(width, target_stride, level_w, level_stride)  # (w, w_l)
+    return torch.matmul(rows, torch.matmul(level_map, cols.T))
+
+
 def level_splats(sampled: SampledAttention, image_index: int, query_index: torch.Tensor) -> list[torch.Tensor]:
     """Per level, the exact weights of its padded cells: [(L, heads, N, h_l, w_l) float64, ...].
 
@@ -173,11 +196,7 @@ def _level0_cells(sampled: SampledAttention, image_index: int, chosen: torch.Ten
         if level == 0:
             mapped = splat[..., :valid_h, :valid_w]
         else:
-            height, width = sampled.level_sizes[level]
-            stride = sampled.level_strides[level]
-            rows = footprint_weights(valid_h, target_stride, height, stride)  # (hv, h_l)
-            cols = footprint_weights(valid_w, target_stride, width, stride)  # (wv, w_l)
-            mapped = torch.matmul(rows, torch.matmul(splat, cols.T))
+            mapped = spread_footprint(splat, sampled.level_strides[level], target_stride, (valid_h, valid_w))
         total = mapped if total is None else total + mapped
     return total
 
