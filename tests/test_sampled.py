@@ -42,7 +42,10 @@ def sampled_record(points, image_sizes, strides, layers=1, heads=1, queries=1, d
     for b, (h, w) in enumerate(image_sizes):
         mask[b, : math.ceil(h / strides[0]), : math.ceil(w / strides[0])] = False
     return AttentionRecord(
-        decoder_cross_sampled=SampledAttention(locations=locations, weights=weights, level_sizes=sizes, level_strides=strides),
+        # these hand-made geometry tests were written for the point-placement geometry
+        # ('at_points'); the per-level footprint default is tested in test_capture_sampled.py
+        decoder_cross_sampled=SampledAttention(locations=locations, weights=weights, level_sizes=sizes, level_strides=strides,
+                                               level_combination="at_points"),
         feature_padding_mask=mask,
         feature_stride=strides[0],
         input_size=input_size,
@@ -145,7 +148,8 @@ def test_total_mass_equals_the_weights_of_points_inside_the_grid():
     weights = torch.rand(1, 1, 2, 3, 2, 4, generator=generator)
     locations[0, 0, 0, 0, 0, 0] = torch.tensor([1.5, 0.5])  # well outside: its weight drops out
     record = AttentionRecord(
-        decoder_cross_sampled=SampledAttention(locations=locations, weights=weights, level_sizes=sizes, level_strides=strides),
+        decoder_cross_sampled=SampledAttention(locations=locations, weights=weights, level_sizes=sizes, level_strides=strides,
+                                               level_combination="at_points"),
         feature_padding_mask=torch.zeros(1, *sizes[0], dtype=torch.bool), feature_stride=8, input_size=input_size,
         image_sizes=torch.tensor([input_size]),
     )
