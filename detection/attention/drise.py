@@ -75,7 +75,7 @@ class MaskSet:
         rows = self.shifts[start:stop, 0, None] + torch.arange(height)  # (n, h)
         cols = self.shifts[start:stop, 1, None] + torch.arange(width)  # (n, w)
         index = torch.arange(stop - start)[:, None, None]
-        return upsampled[index, rows[:, :, None], cols[:, None, :]]
+        return upsampled[index, rows[:, :, None], cols[:, None, :]].clamp_(0.0, 1.0)  # bilinear rounding
 
 
 def random_masks(input_size: tuple[int, int], options: DriseOptions) -> MaskSet:
