@@ -121,9 +121,11 @@ def run_model(
         SourceItem(key=f"img{image_id}", file=str(images_dir / images_by_id[image_id]["file_name"]), image_id=int(image_id), unit=unit)
         for unit, image_id in enumerate(my_ids)
     ]
-    runner = (build_methods(model, method_names(options.explain, options.layers), options.device, options.layers,
-                            options.heads, options.attn_grad_layers, options.drise, options.drise_precision or options.precision)
-              if options.attention else None)
+    runner = None
+    if options.attention:
+        runner = build_methods(model, method_names(options.explain, options.layers), options.device, options.layers,
+                               options.heads, options.attn_grad_layers, options.drise,
+                               options.drise_precision or options.precision)
     accumulator = (
         FaithfulnessAccumulator(runner.choices(), gaussian_sigma_fraction=options.gaussian_sigma)
         if runner is not None
