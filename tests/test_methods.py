@@ -14,6 +14,7 @@ from detection.attention.methods import (METHODS, AttentionRollout, AttnGrad, Im
                                          MethodNotApplicable, RawAttention, Relevance, Targets, applicable_methods,
                                          check_methods, parse_methods)
 from detection.data.preprocess import pad_batch
+from detection.models.hf.families import FAMILIES
 from detection.models.registry import build_model
 
 QUERIES = [0, 3, 7]
@@ -66,11 +67,11 @@ def test_attn_grad_refuses_rollout():
         AttnGrad(None, ("rollout",))
 
 
-class _DeformableStandIn:
-    """A detector of a sampled-attention family as the methods see it (family, attention kind)."""
+class _HFStandIn:
+    """A wrapped Hugging Face detector as the methods see it: its `family` row."""
 
-    family = "deformable_detr"
-    attention_kind = "sampled"
+    def __init__(self, model_type: str) -> None:
+        self.family = FAMILIES[model_type]
 
 
 def test_every_method_applies_to_the_native_detr(setup):
@@ -80,13 +81,14 @@ def test_every_method_applies_to_the_native_detr(setup):
 
 
 def test_a_method_that_does_not_apply_is_refused_naming_the_family_and_what_applies():
-    detector = _DeformableStandIn()
+    assert applicable_methods(_HFStandIn("yolos")) == ["raw", "rollout", "drise"]
+    detector = _HFStandIn("deformable_detr")
     assert applicable_methods(detector) == ["raw", "drise"]
     for name in ("relevance", "rollout", "attn-grad"):
         with pytest.raises(MethodNotApplicable) as error:
             check_methods(["raw", name], detector)
         message = str(error.value)
-        assert f"{name!r} does not apply to the deformable_detr family" in message
+        assert f"{name!r} does not apply to the Deformable DETR family" in message
         assert message.endswith("methods that apply: raw, drise")
     check_methods(["raw", "drise"], detector)
 

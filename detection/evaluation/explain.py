@@ -107,6 +107,9 @@ def build_methods(
         elif name == "relevance":
             built.append(Relevance(gradient_model))
         elif name == "drise":
-            engine = InferenceModel(model, device, resolve_precision(drise_precision, device))
+            precision = resolve_precision(drise_precision, device)
+            if drise_precision == "auto" and not model.precision_allowed(precision, device):
+                precision = "fp32"  # as the Predictor does: auto never picks a precision the family refuses
+            engine = InferenceModel(model, device, precision)
             built.append(Drise(model, engine, drise))
     return MethodRunner(built, model.preprocess_spec)

@@ -96,18 +96,23 @@ def native_detr(model: Any) -> bool:
 
 
 def model_family(model: Any) -> str:
-    """The detector family's name as messages give it: the model's `family`, its config's
-    `model_type` (Hugging Face), "detr" for the native DETR, else the class name."""
-    family = getattr(model, "family", None) or getattr(getattr(model, "config", None), "model_type", None)
-    if family:
-        return str(family)
-    return "detr" if native_detr(model) else type(model).__name__
+    """The detector family's name as messages give it: the title of the model's `family`
+    (Hugging Face wrappers), else the family or its config's `model_type`, "DETR (native)" for
+    the native DETR, else the class name."""
+    family = getattr(model, "family", None)
+    if family is not None:
+        return str(getattr(family, "title", family))
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type:
+        return str(model_type)
+    return "DETR (native)" if native_detr(model) else type(model).__name__
 
 
 def attention_kind(model: Any) -> str | None:
     """"dense" or "sampled": the kind of attention record the model returns (its
-    `attention_kind`; "dense" for the native DETR); None when it does not say."""
-    kind = getattr(model, "attention_kind", None)
+    `attention_kind` or its family's `attention`; "dense" for the native DETR); None when it
+    does not say."""
+    kind = getattr(model, "attention_kind", None) or getattr(getattr(model, "family", None), "attention", None)
     if kind is None and native_detr(model):
         return "dense"
     return kind
