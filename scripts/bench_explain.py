@@ -13,6 +13,7 @@ is N forward passes plus a (T x N) @ (N x pixels) product). Wall-clock medians; 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
@@ -76,13 +77,24 @@ def test_image(name: str) -> np.ndarray:
     return cv2.resize(small, (1066, 800), interpolation=cv2.INTER_LINEAR)
 
 
+CPU_SECONDS: list[float] = []  # per timed() call: median CPU seconds of this process (all threads)
+
+
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    times, result = [], None
+    """Median wall seconds of `repeats` calls (and the median CPU seconds in CPU_SECONDS[-1]:
+    on a shared machine wall time measures the other jobs too, CPU time much less so)."""
+    times, cpu, result = [], [], None
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         result = fn()
         times.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
+    CPU_SECONDS.append(statistics.median(cpu))
     return statistics.median(times), result
+
+
+def cpu() -> str:
+    return f"(CPU {CPU_SECONDS[-1]:8.3f} s)"
 
 
 def bench_model(name: str, model: torch.nn.Module, masks: int, detections: int, repeats: int,
@@ -105,14 +117,18 @@ def bench_model(name: str, model: torch.nn.Module, masks: int, detections: int, 
     base = inference + raw
     print(f"\n{name}: input {tuple(images.shape[-2:])} from {original}, {len(targets)} detections, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
-    print(f"  {'inference pass (fp32 fast path, + self-attention)':<52} {inference:8.3f} s/img")
-    print(f"  {'raw last/mean (cells -> image)':<52} {raw:8.3f} s/img   (inference + raw = {base:.3f} s)")
+    base_cpu = CPU_SECONDS[-2] + CPU_SECONDS[-1]
+    print(f"  {'inference pass (fp32 fast path, + self-attention)':<52} {inference:8.3f} s/img "
+          f"(CPU {CPU_SECONDS[-2]:8.3f} s)")
+    print(f"  {'raw last/mean (cells -> image)':<52} {raw:8.3f} s/img {cpu()}   (inference + raw = {base:.3f} s, "
+          f"CPU {base_cpu:.3f} s)")
     for label, method in (("rollout/mean", AttentionRollout(("mean",))), ("attn-grad/last", AttnGrad(model)),
                           ("relevance", Relevance(model))):
         method_run = run(method)
         method_run()  # warm-up
         seconds, _ = timed(method_run, repeats)
-        print(f"  {label:<52} {seconds:8.3f} s/img   overhead {seconds / base:6.2f}x inference + raw")
+        print(f"  {label:<52} {seconds:8.3f} s/img {cpu()}   overhead {seconds / base:6.2f}x inference + raw "
+              f"(CPU {CPU_SECONDS[-1] / base_cpu:6.2f}x)")
     for precision in precisions:
         engine = InferenceModel(model, "cpu", precision)
         options = DriseOptions(num_masks=masks)
@@ -122,8 +138,10 @@ def bench_model(name: str, model: torch.nn.Module, masks: int, detections: int, 
         seconds, _ = timed(run(drise), 1)
         per_mask = seconds / masks
         batch = options.batch_size or max(1, min(64, 2_000_000 // int(images.shape[-2] * images.shape[-1])))
-        print(f"  {f'drise {precision}, N = {masks} (batch {batch})':<52} {seconds:8.3f} s/img   "
-              f"overhead {seconds / base:6.1f}x;  {per_mask * 1e3:.1f} ms/mask -> N = 1000: {per_mask * 1000:.1f} s/img")
+        cpu_per_mask = CPU_SECONDS[-1] / masks
+        print(f"  {f'drise {precision}, N = {masks} (batch {batch})':<52} {seconds:8.3f} s/img {cpu()}   "
+              f"overhead {seconds / base:6.1f}x (CPU {CPU_SECONDS[-1] / base_cpu:6.1f}x);  {per_mask * 1e3:.1f} ms/mask "
+              f"(CPU {cpu_per_mask * 1e3:.1f} ms) -> N = 1000: {per_mask * 1000:.1f} s/img (CPU {cpu_per_mask * 1000:.1f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     amx = "amx" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
-    print(f"CPU: {cpu_name()} ({torch.get_num_threads()} threads, AMX {'yes' if amx else 'no'}), torch {torch.__version__}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads, AMX {'yes' if amx else 'no'}), "
+          f"torch {torch.__version__}, load average {load:.1f} at the start")
     for name in args.models:
         model = load_model("demo") if name == "demo" else random_r50()
         masks = args.demo_masks if name == "demo" else args.r50_masks
