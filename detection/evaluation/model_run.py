@@ -14,7 +14,9 @@ import torch
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
-from detection.attention.maps import detection_maps
+from detection.attention.drise import DriseOptions
+from detection.attention.methods import Targets
+from detection.attention.methods import choice_name as _choice_name
 from detection.attention.metrics import (GAUSSIAN_BASELINE, FaithfulnessAccumulator, gaussian_box_map,
                                          perturbation_curve)
 from detection.boxes import coco_xywh, cxcywh_to_xyxy
@@ -22,6 +24,7 @@ from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch
 from detection.engine.predictor import Predictor
 from detection.engine.sources import SourceItem
+from detection.evaluation.explain import build_methods, method_names
 from detection.evaluation.subsets import Subset
 from detection.models.contract import Detector
 from detection.runtime.device import resolve_device
@@ -33,8 +36,10 @@ DEFAULT_HEADS = ("mean", "max")
 
 @dataclass
 class ModelRunOptions:
-    """How `run_model` runs the model: inference settings, then the attention metrics
-    (choices = every `layers` x `heads` pair, see `choice_name`), then deletion / insertion."""
+    """How `run_model` runs the model: inference settings, then the attention metrics, then
+    deletion / insertion. explain: the explanation methods (`attention.methods`: raw, rollout,
+    attn-grad, relevance, drise); None = raw for every `layers` x `heads` pair (see
+    `choice_name`) plus rollout when "rollout" is among `layers`, as before #13."""
 
     device: str = "cpu"
     precision: str = "fp32"
@@ -45,6 +50,10 @@ class ModelRunOptions:
     attention_threshold: float = 0.5
     layers: Sequence[str] = DEFAULT_LAYERS
     heads: Sequence[str] = DEFAULT_HEADS
+    explain: Sequence[str] | None = None
+    attn_grad_layers: Sequence[str] = ("last",)
+    drise: DriseOptions = field(default_factory=DriseOptions)
+    drise_precision: str | None = None  # None: `precision`
     gaussian_sigma: float = 0.25
     deletion_insertion: bool = False
     di_steps: int = 16
@@ -55,7 +64,7 @@ class ModelRunOptions:
 
 def choice_name(layers: str, heads: str) -> str:
     """'rollout/mean': the key of one aggregation choice in metrics.json's `attention`."""
-    return f"{layers}/{heads}"
+    return _choice_name(layers, heads)
 
 
 def detection_score_fn(engine: Any, detector: Detector, box_xyxy: Sequence[float], label: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -112,10 +121,14 @@ def run_model(
         SourceItem(key=f"img{image_id}", file=str(images_dir / images_by_id[image_id]["file_name"]), image_id=int(image_id), unit=unit)
         for unit, image_id in enumerate(my_ids)
     ]
-    choices = [(layers, heads) for layers in options.layers for heads in options.heads]
+    runner = None
+    if options.attention:
+        runner = build_methods(model, method_names(options.explain, options.layers), options.device, options.layers,
+                               options.heads, options.attn_grad_layers, options.drise,
+                               options.drise_precision or options.precision)
     accumulator = (
-        FaithfulnessAccumulator([choice_name(*c) for c in choices], gaussian_sigma_fraction=options.gaussian_sigma)
-        if options.attention
+        FaithfulnessAccumulator(runner.choices(), gaussian_sigma_fraction=options.gaussian_sigma)
+        if runner is not None
         else None
     )
     predictor = Predictor(
@@ -125,14 +138,15 @@ def run_model(
         batch_size=options.batch_size,
         num_workers=options.num_workers,
         score_threshold=options.score_threshold,
-        cross_attention=options.attention,
-        rollout=options.attention and "rollout" in options.layers,
-        keep_images=options.deletion_insertion,
+        cross_attention=runner is not None and runner.needs_attention,
+        rollout=runner is not None and runner.needs_self_attention,
+        keep_images=options.deletion_insertion or (runner is not None and runner.needs_input),
     )
     results: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     warnings: list[str] = []
     dropped_unmapped = 0
+    images_run = explained_images = 0
     stream = predictor.run(items) if items else iter(())
     if options.progress:
         stream = tqdm(stream, total=len(items), desc=f"eval{f' rank {rank}' if world_size > 1 else ''}", unit="img")
@@ -142,6 +156,7 @@ def run_model(
             errors.append({"file": str(result.path), "reason": str(result.error)})
             continue
         info = images_by_id[image_id]
+        images_run += 1
         if tuple(result.original_size) != (info["height"], info["width"]):
             warnings.append(
                 f"{result.path}: image is {tuple(result.original_size)} (H, W) but the annotations say "
@@ -165,18 +180,14 @@ def run_model(
                     "score": float(scores[k]),
                 }
             )
-        if accumulator is None or result.attention is None:
+        if accumulator is None or runner is None:
             continue
         explain = [k for k in keep if scores[k] >= options.attention_threshold]
         if not explain:
             continue
-        query_index = det.query_index[explain]
-        maps = {
-            choice_name(layers, heads): detection_maps(
-                result.attention, 0, query_index, result.original_size, heads=heads, layers=layers, normalize=None
-            )
-            for layers, heads in choices
-        }
+        explained_images += 1
+        maps = runner.image_maps(result.image, tuple(result.original_size), result.attention,
+                                 Targets.from_detections(det, explain))
         accumulator.add_image(
             image_id, tuple(result.original_size), boxes[explain], scores[explain], categories[explain], maps, gt_by_image.get(image_id, [])
         )
@@ -188,7 +199,12 @@ def run_model(
                                    options)
     if dropped_unmapped:
         warnings.append(f"{dropped_unmapped} detections of model classes without a dataset category were dropped")
-    return results, (accumulator.state() if accumulator is not None else None), errors, warnings
+    state = None
+    if accumulator is not None:
+        # per-method seconds ride along with the state (the accumulator's merge ignores them)
+        state = dict(accumulator.state(), explain_seconds=dict(runner.seconds), explained_images=explained_images,
+                     inference_seconds=predictor.model_seconds, images=images_run)
+    return results, state, errors, warnings
 
 
 def add_deletion_insertion(
@@ -257,7 +273,9 @@ def run_model_on_ranks(
     )
     seconds = time.perf_counter() - started
     gathered = context.gather_objects((results, state, errors, warnings, seconds))
-    choices = [choice_name(layers, heads) for layers in options.layers for heads in options.heads]
+    states = [g[1] for g in gathered if g[1] is not None]
+    # the choices, in order, as the methods named them (the accumulator keeps that order)
+    choices = [c for c in states[0]["pointing"] if c != GAUSSIAN_BASELINE] if states else []
     if not context.is_main:
         return None
     merged = ModelEvaluationRun([], None, choices, [], [])
@@ -283,8 +301,34 @@ def run_model_on_ranks(
             "device": options.device, "precision": options.precision, "batch_size": options.batch_size,
             "score_threshold": options.score_threshold, "attention_threshold": options.attention_threshold,
             "layers": list(options.layers), "heads": list(options.heads), "gaussian_sigma": options.gaussian_sigma,
+            **({} if options.explain is None else _explain_settings(options)),
             "deletion_insertion": options.deletion_insertion, "world_size": context.world_size,
         },
-        "timing": {"inference_s_per_rank": [round(g[4], 3) for g in gathered]},
+        "timing": {"inference_s_per_rank": [round(g[4], 3) for g in gathered], **_explain_timing(states)},
     }
     return merged
+
+
+def _explain_settings(options: ModelRunOptions) -> dict[str, Any]:
+    settings: dict[str, Any] = {"explain": list(options.explain or ())}
+    if "attn-grad" in settings["explain"]:
+        settings["attn_grad_layers"] = list(options.attn_grad_layers)
+    if "drise" in settings["explain"]:
+        settings["drise"] = dict(vars(options.drise), precision=options.drise_precision or options.precision)
+    return settings
+
+
+def _explain_timing(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seconds per image of the inference pass and, per method, per explained image (all ranks)."""
+    images = sum(state.get("images", 0) for state in states)
+    explained = sum(state.get("explained_images", 0) for state in states)
+    if not images:
+        return {}
+    methods: dict[str, float] = {}
+    for state in states:
+        for name, seconds in state.get("explain_seconds", {}).items():
+            methods[name] = methods.get(name, 0.0) + seconds
+    inference = sum(state.get("inference_seconds", 0.0) for state in states)
+    return {"inference_s_per_image": round(inference / images, 5), "explained_images": explained,
+            "explain_s_per_explained_image": {name: round(seconds / max(explained, 1), 5)
+                                              for name, seconds in methods.items()}}

@@ -1,0 +1,29 @@
+"""rollout: Chefer et al.'s rules on raw (not gradient-weighted) attention through encoder and
+decoder (`attention.aggregate.decoder_rollout`), per head choice; dense attention only."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from detection.attention.methods.base import ExplanationMethod, ImageInput, MethodMaps, Targets, attention_kind
+from detection.attention.methods.raw import choice_name, record_maps
+
+
+class AttentionRollout(ExplanationMethod):
+    name = "rollout"
+    needs_attention = True
+    needs_self_attention = True
+
+    def __init__(self, heads: Sequence[Any] = ("mean", "max")) -> None:
+        self.heads = list(heads)
+
+    @classmethod
+    def refusal(cls, model: Any) -> str | None:
+        if attention_kind(model) == "sampled":
+            return "rollout needs dense attention (this family's cross-attention is sampled points)"
+        return None
+
+    def choices(self) -> list[str]:
+        return [choice_name("rollout", heads) for heads in self.heads]
+
+    def explain(self, image: ImageInput, targets: Targets) -> dict[str, MethodMaps]:
+        return {choice_name("rollout", heads): record_maps(image, targets, "rollout", heads) for heads in self.heads}
