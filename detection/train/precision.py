@@ -50,18 +50,16 @@ def compile_unavailable(device: torch.device) -> str | None:
 
     Inductor generates C++ for the CPU (it needs a C++ compiler: `CXX` or g++/clang++ on PATH)
     and Triton kernels for CUDA."""
+    # torch._dynamo / torch._inductor load on first attribute access (torch's lazy modules)
     if not torch._dynamo.is_dynamo_supported():
         return "torch.compile is not supported with this Python / torch build"
     if device.type == "cpu":
         try:
-            from torch._inductor.cpp_builder import get_cpp_compiler
-            get_cpp_compiler()
+            torch._inductor.cpp_builder.get_cpp_compiler()
         except Exception as error:  # InvalidCxxCompiler and friends
             return f"the inductor backend needs a C++ compiler on the CPU ({type(error).__name__}: {error})"
-    elif device.type == "cuda":
-        from torch.utils._triton import has_triton
-        if not has_triton():
-            return "the inductor backend needs Triton on CUDA (pip install triton)"
+    elif device.type == "cuda" and not torch.utils._triton.has_triton():
+        return "the inductor backend needs Triton on CUDA (pip install triton)"
     return None
 
 
