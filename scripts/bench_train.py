@@ -162,6 +162,7 @@ def timed(step: Callable[[], float], device, warmup: int, repeats: int) -> tuple
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
+    print(f"  steps: {', '.join(f'{t:.2f}' for t in times)} s", flush=True)
     return statistics.median(times), min(times)
 
 
