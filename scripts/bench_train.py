@@ -9,10 +9,13 @@ each; a step is forward + loss + backward + gradient clipping (0.1) + AdamW step
   * HF fp32: torch's default AdamW, its own Hungarian loss (auxiliary_loss=True, as ours);
   * ours fp32: detection.train (SetCriterion, fused AdamW, NCHW);
   * ours bf16: bf16 autocast, channels_last backbone, float32 heads and loss (train/precision.py);
-    --bf16-nchw also times it without channels_last.
+    --bf16-nchw also times it without channels_last;
+  * ours fp32 torch.compile (inductor; --no-compile skips it): dropout set to 0 in that copy so
+    that the loss of its first step (which compiles, timed apart) is the eval-mode loss.
 
 Prints median s/step after --warmup steps (and the fastest), the ratios to HF fp32, and the
-loss agreement on one batch with dropout off: HF fp32 vs ours fp32, ours bf16 vs ours fp32.
+loss agreement on one batch with dropout off: HF fp32 vs ours fp32, ours bf16 and compiled vs ours
+fp32. --profile STEPS runs torch.profiler over HF fp32 and ours fp32 instead (phases, top operators).
 
     PYTHONPATH=. .venv/bin/python scripts/bench_train.py                  # CPU, batch 2, 512x672
     PYTHONPATH=. .venv/bin/python scripts/bench_train.py --device cuda --batch 8
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -70,9 +74,12 @@ def trainable(model) -> int:
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> float:
     """The part of a training step both implementations share: backward, clip, AdamW step."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-    optimizer.step()
+    with record_function("backward"):
+        loss.backward()
+    with record_function("clip"):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    with record_function("optimizer"):
+        optimizer.step()
     return loss.item()
 
 
@@ -89,13 +96,16 @@ def hf_step(hf, images, targets, device) -> Callable[[], float]:
                                   weight_decay=OPTIM["weight_decay"])
 
     def step() -> float:
-        loss = hf(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
+        with record_function("forward + loss"):
+            loss = hf(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
         return optimizer_step(loss, optimizer, hf)
 
     return step
 
 
-def ours_step(model, criterion, images, targets, device, precision: str, channels_last: bool):
+def ours_step(model, criterion, images, targets, device, precision: str, channels_last: bool,
+              compiled: torch.nn.Module | None = None):
+    """A training step of ours; `compiled`: run the forward through this `torch.compile(model)`."""
     images = images.to(device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -104,9 +114,10 @@ def ours_step(model, criterion, images, targets, device, precision: str, channel
     optimizer = build_optimizer(model, OPTIM)
 
     def step() -> float:
-        with autocast(device, precision, training=True):
-            outputs = model(images, mask)
-        loss, _ = criterion(outputs, targets)
+        with record_function("forward + loss"):
+            with autocast(device, precision, training=True):
+                outputs = (model if compiled is None else compiled)(images, mask)
+            loss, _ = criterion(outputs, targets)
         return optimizer_step(loss, optimizer, model)
 
     return step
@@ -117,6 +128,26 @@ def ours_loss(model, criterion, images, targets, precision: str, device) -> floa
     with torch.no_grad(), autocast(device, precision, training=True):
         outputs = model(images.to(device), mask)
     return float(criterion(outputs, [{k: v.to(device) for k, v in t.items()} for t in targets])[0])
+
+
+def profile_steps(name: str, step: Callable[[], float], warmup: int, steps: int, top: int = 15) -> None:
+    """torch.profiler over `steps` steps: seconds per step in each phase (forward + loss,
+    backward, clip, optimizer) and the `top` operators by self CPU time, per step."""
+    for _ in range(warmup):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    phases = {e.key: e.cpu_time_total / steps / 1e6 for e in events
+              if e.key in ("forward + loss", "backward", "clip", "optimizer")}
+    total = sum(phases.values())
+    print(f"\n== {name}: {total:.3f} s/step under the profiler: " + ", ".join(
+        f"{k} {v:.3f} s ({v / total:.0%})" for k, v in phases.items()))
+    ops = sorted((e for e in events if e.key not in phases), key=lambda e: e.self_cpu_time_total, reverse=True)
+    print(f"{'operator':48s} {'self s/step':>11s} {'calls/step':>10s}")
+    for e in ops[:top]:
+        print(f"{e.key[:48]:48s} {e.self_cpu_time_total / steps / 1e6:11.3f} {e.count / steps:10.0f}")
 
 
 def timed(step: Callable[[], float], device, warmup: int, repeats: int) -> tuple[float, float]:
@@ -131,6 +162,7 @@ def timed(step: Callable[[], float], device, warmup: int, repeats: int) -> tuple
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
+    print(f"  steps: {', '.join(f'{t:.2f}' for t in times)} s", flush=True)
     return statistics.median(times), min(times)
 
 
@@ -146,6 +178,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--bf16-nchw", action="store_true", help="also time bf16 without channels_last")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--skip-bf16-timing", action="store_true",
+                        help="no bf16 row (its loss is still compared): bf16 steps are slow without AMX")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="instead of timing: torch.profiler over STEPS steps of HF fp32 and ours fp32 "
+                             "(after --warmup): time per phase and the top operators of each")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,10 +222,33 @@ def main() -> int:
     print(f"loss on one batch (eval mode): HF fp32 {hf_loss:.6f}, ours fp32 {fp32_loss:.6f} "
           f"(rel. diff {abs(hf_loss - fp32_loss) / abs(fp32_loss):.2e}), ours bf16 {bf16_loss:.6f} "
           f"(rel. diff to fp32 {abs(bf16_loss - fp32_loss) / abs(fp32_loss):.2e})")
+    compiled_model = None if args.no_compile or args.profile else _copy(ours)
+    if compiled_model is not None:
+        # dropout off, so that its first training step computes the eval-mode loss above
+        # (frozen batch norm: train mode differs by dropout only); one compilation, not two
+        for module in compiled_model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    if args.profile:
+        hf.train(), ours.train()
+        for name, step in (("HF fp32", hf_step(hf, images, targets, device)),
+                           ("ours fp32", ours_step(ours, criterion, images, targets, device, "fp32", False))):
+            profile_steps(name, step, args.warmup, args.profile)
+        return 0
 
     results: dict[str, tuple[float, float]] = {}
     nchw = float32_heads(_copy(ours)) if args.bf16_nchw else None  # taken before ours trains
     hf.train(), ours.train(), bf16_model.train()
+    if compiled_model is not None:  # first: compilation is the longest part of the run
+        compiled_model.train()
+        step = ours_step(compiled_model, criterion, images, targets, device, "fp32", False,
+                         compiled=torch.compile(compiled_model))
+        start = time.perf_counter()
+        compiled_loss = step()  # compiles forward and backward
+        print(f"ours fp32 torch.compile (dropout 0): first step {time.perf_counter() - start:.1f} s "
+              f"(compilation), its loss {compiled_loss:.6f} (rel. diff to eager fp32 "
+              f"{abs(compiled_loss - fp32_loss) / abs(fp32_loss):.2e})", flush=True)
+        compiled_step = step
     if not args.skip_hf:
         results["HF fp32"] = timed(hf_step(hf, images, targets, device), device, args.warmup, args.repeats)
     results["ours fp32"] = timed(ours_step(ours, criterion, images, targets, device, "fp32", False),
@@ -196,12 +257,17 @@ def main() -> int:
         nchw.train()
         results["ours bf16 (NCHW, fp32 heads)"] = timed(
             ours_step(nchw, criterion, images, targets, device, "bf16", False), device, args.warmup, args.repeats)
-    results["ours bf16 (channels_last, fp32 heads)"] = timed(
-        ours_step(bf16_model, criterion, images, targets, device, "bf16", True), device, args.warmup, args.repeats)
+    if not args.skip_bf16_timing:
+        results["ours bf16 (channels_last, fp32 heads)"] = timed(
+            ours_step(bf16_model, criterion, images, targets, device, "bf16", True), device, args.warmup,
+            args.repeats)
+    if compiled_model is not None:
+        results["ours fp32 torch.compile (dropout 0)"] = timed(compiled_step, device, args.warmup, args.repeats)
     reference = results.get("HF fp32", results["ours fp32"])[0]
     print(f"{'implementation':40s} {'s/step':>8s} {'fastest':>8s} {'img/s':>7s} {'vs HF fp32':>10s}")
     for name, (median, fastest) in results.items():
         print(f"{name:40s} {median:8.3f} {fastest:8.3f} {args.batch / median:7.2f} {reference / median:9.2f}x")
+    print(f"load average at the end {os.getloadavg()}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """Crash-safe checkpoints and exact resume: a run SIGKILLed mid-epoch and resumed ends with the
-same weights as an uninterrupted run (tiny config, deterministic mode, subprocesses)."""
+same weights, loss history and evaluations as an uninterrupted run, in fp32 and in bf16 (tiny
+config, deterministic mode, subprocesses)."""
 from __future__ import annotations
 
 import json
@@ -41,12 +42,20 @@ def _eval_lines(run: Path) -> list[dict]:
     return [{k: v for k, v in l.items() if k != "elapsed_s"} for l in lines if l["type"] == "eval"]
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(dataset, tmp_path):
+def _train_lines(run: Path) -> list[dict]:
+    """The train records (loss terms, lr, grad norm per step) without wall-clock times."""
+    lines = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in l.items() if k != "elapsed_s"} for l in lines if l["type"] == "train"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(dataset, tmp_path, precision):
     # 12 images / batch 4 = 3 steps per epoch, 9 steps; checkpoints every 2 steps.
-    straight = _train(dataset, tmp_path / "straight")
+    straight = _train(dataset, tmp_path / "straight", "--set", f"precision={precision}")
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    crashed = _train(dataset, tmp_path / "crashed", "--kill-after-step", "5")  # epoch 1, step 2 of 3
+    crashed = _train(dataset, tmp_path / "crashed", "--set", f"precision={precision}",
+                     "--kill-after-step", "5")  # epoch 1, step 2 of 3
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
     state = load_checkpoint(tmp_path / "crashed" / "checkpoints" / "last.pt")
     assert (state["epoch"], state["step"], state["step_in_epoch"]) == (1, 4, 1)
@@ -70,6 +79,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(dataset, tmp_pa
         assert torch.equal(value, last_b["model"][name]), name
     assert last_a["step"] == last_b["step"] == 9
     assert _eval_lines(tmp_path / "straight") == _eval_lines(tmp_path / "crashed")
+    assert last_b["config"]["precision"] == precision
+    # every step's loss, terms, lr and gradient norm: the resumed run logs steps 5-9 again
+    straight_steps = {r["step"]: r for r in _train_lines(tmp_path / "straight")}
+    crashed_steps = {r["step"]: r for r in _train_lines(tmp_path / "crashed")}  # the last record wins
+    assert sorted(straight_steps) == sorted(crashed_steps) == list(range(1, 10))
+    assert straight_steps == crashed_steps
 
 
 def test_checkpoint_contents_load_with_weights_only(dataset, tmp_path):

@@ -1,11 +1,11 @@
 """`detr-attn train`: train or fine-tune a DETR on COCO-format data.
 
-    detr-attn train --data DIR --out RUN_DIR [--init NAME|PATH] [--epochs N] [--batch-size B] [--lr LR]
+    detr-attn train --data DIR --out RUN_DIR [--init NAME|PATH] [--epochs N] [--batch-size B] [--lr LR] [--compile]
     detr-attn train --config configs/train/demo.yaml [--set key=value ...] --out RUN_DIR [--resume]
 
 `--data DIR` is the layout `detr-attn synth` writes (DIR/train, DIR/val,
 DIR/annotations/instances_{train,val}.json). The settings are, in order of precedence: the
-flags (--data, --init, --epochs, --batch-size, --lr), then --set, then --config, then the
+flags (--data, --init, --epochs, --batch-size, --lr, --compile), then --set, then --config, then the
 defaults (`detection.train.config.DEFAULTS`). The run folder and exact resume are described in
 `detection.train.loop.train`.
 
@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="number of epochs (optim.epochs)")
     parser.add_argument("--batch-size", type=int, help="images per optimiser step and rank (optim.batch_size)")
     parser.add_argument("--lr", type=float, help="learning rate of the transformer and heads (optim.lr)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model for training (inductor: a C++ compiler on CPU, Triton "
+                             "on CUDA); the first steps and each new input shape take longer")
     parser.add_argument("--config", help="train config YAML (configs/train/*.yaml); with --resume "
                                          "defaults to RUN_DIR/config.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -48,7 +51,8 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     """The flags as config keys (they win over --set and --config); raises ValueError for --data."""
     values: dict[str, Any] = coco_folder_data(args.data) if args.data else {}
     for key, value in (("init", args.init), ("optim.epochs", args.epochs),
-                       ("optim.batch_size", args.batch_size), ("optim.lr", args.lr)):
+                       ("optim.batch_size", args.batch_size), ("optim.lr", args.lr),
+                         ("compile", True if args.compile else None)):
         if value is not None:
             values[key] = value
     return values

@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "ema": {"enabled": False, "decay": 0.999},
     "precision": "fp32",           # fp32 | bf16 (CPU or CUDA) | fp16 (CUDA); heads and loss stay fp32
     "channels_last": None,         # CNN backbone in NHWC; None: with bf16/fp16 only (train/precision.py)
+    "compile": False,              # torch.compile the model for training (inductor; train/precision.py)
     "device": "auto",              # auto | cpu | cuda
     "threads": None,               # torch intra-op threads (None: torch default)
     "deterministic": False,

@@ -210,6 +210,8 @@ class Trainer:
         if self.context.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.train_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.config.get("compile"):  # the bare modules keep the weights: checkpoints are unchanged
+            self.ddp_model = precision.compile_for_training(self.ddp_model, self.device)
         self._start_run_folder(resumed)
         if self.context.is_main and self.config["progress"]:
             self.progress = tqdm(total=self.total_steps, initial=self.position.step, unit="step", dynamic_ncols=True)

@@ -43,3 +43,32 @@ def prepare_for_training(model: nn.Module, config: dict[str, Any]) -> bool:
     if config["precision"] != "fp32":
         float32_heads(model)
     return channels_last
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why `torch.compile` (the inductor backend) cannot run training on `device` here, or None.
+
+    Inductor generates C++ for the CPU (it needs a C++ compiler: `CXX` or g++/clang++ on PATH)
+    and Triton kernels for CUDA."""
+    # torch._dynamo / torch._inductor load on first attribute access (torch's lazy modules)
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile is not supported with this Python / torch build"
+    if device.type == "cpu":
+        try:
+            torch._inductor.cpp_builder.get_cpp_compiler()
+        except Exception as error:  # InvalidCxxCompiler and friends
+            return f"the inductor backend needs a C++ compiler on the CPU ({type(error).__name__}: {error})"
+    elif device.type == "cuda" and not torch.utils._triton.has_triton():
+        return "the inductor backend needs Triton on CUDA (pip install triton)"
+    return None
+
+
+def compile_for_training(module: nn.Module, device: torch.device) -> nn.Module:
+    """`torch.compile(module)` for training: an `OptimizedModule` sharing `module`'s parameters
+    (checkpoints keep saving the bare module). Shapes that change from batch to batch (multi-scale
+    augmentation) are compiled once as dynamic after the first recompilation. Raises ValueError
+    saying why when the backend is unavailable (`compile_unavailable`)."""
+    reason = compile_unavailable(device)
+    if reason is not None:
+        raise ValueError(f"compile: {reason}; train without --compile")
+    return torch.compile(module)
