@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from detection.attention.drise import DriseOptions
-from detection.attention.methods import METHODS, MethodNotApplicable, parse_methods
+from detection.attention.methods import METHODS, MethodNotApplicable, applicable_methods, parse_methods
 from detection.data.ground_truth import GroundTruthError, load_coco_gt
 from detection.evaluation.classes import load_class_map, map_classes
 from detection.evaluation.mask_export import scored_mask_results
@@ -66,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     attention = parser.add_argument_group("attention faithfulness (--model)")
     attention.add_argument("--no-attention", action="store_true", help="skip the attention metrics")
     attention.add_argument("--attention-threshold", type=float, default=0.5, help="explain detections with score >= this (default 0.5)")
-    attention.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="comma list of layer choices: last, mean, rollout, or an index")
+    attention.add_argument("--layers", help=f"comma list of layer choices: last, mean, rollout, or an index (default "
+                           f"{','.join(DEFAULT_LAYERS)}; rollout left out for families whose cross-attention is "
+                           "sampled points)")
     attention.add_argument("--heads", default=",".join(DEFAULT_HEADS), help="comma list of head choices: mean, max, or an index")
     attention.add_argument("--explain", metavar="METHODS",
                            help=f"comma list of explanation methods: {', '.join(METHODS)} (default: raw for the "
@@ -154,6 +156,13 @@ def _run(args: argparse.Namespace, context: DistContext) -> int:
     return 0
 
 
+def _layer_choices(text: str | None, model: Any) -> list[Any]:
+    """--layers as given, or the defaults without rollout where the family refuses it."""
+    if text is not None:
+        return _parse_choice_list(text)
+    return [layer for layer in DEFAULT_LAYERS if layer != "rollout" or "rollout" in applicable_methods(model)]
+
+
 def _run_model(args: argparse.Namespace, gt_dataset: dict[str, Any], subset: Subset,
                context: DistContext) -> ModelEvaluationRun | None:
     """Load the model, map its classes, run every rank's share; the merged run on rank 0."""
@@ -173,7 +182,7 @@ def _run_model(args: argparse.Namespace, gt_dataset: dict[str, Any], subset: Sub
     options = ModelRunOptions(
         device=args.device, precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers,
         score_threshold=args.score_threshold, attention=not args.no_attention,
-        attention_threshold=args.attention_threshold, layers=_parse_choice_list(args.layers),
+        attention_threshold=args.attention_threshold, layers=_layer_choices(args.layers, model),
         heads=_parse_choice_list(args.heads), explain=explain, attn_grad_layers=_parse_choice_list(args.attn_grad_layers),
         drise=drise, drise_precision=args.drise_precision, gaussian_sigma=args.gaussian_sigma,
         deletion_insertion=args.deletion_insertion, di_steps=args.di_steps, di_substrate=args.di_substrate,
