@@ -79,3 +79,44 @@ def test_predict_eval_report_round_trip(tmp_path, dataset: Path, variant: str) -
     assert main(["report", str(out), "--out", str(report), "--pdf-max-images", "0"]) == 0
     html = next(report.glob("*.html")).read_text()
     assert records[0]["key"] in html
+
+
+@pytest.mark.parametrize("variant", ["deformable_detr", "rt_detr_v2_discrete"])
+def test_points_overlay_style(tmp_path, dataset: Path, variant: str) -> None:
+    """--overlay-style points: det_<k> is the detection's sampling points drawn over the image."""
+    from detection.attention.sampled import query_points
+    from detection.render.points import render_points
+    from detection.structures import Detections
+
+    folder = hf_folder(variant, tmp_path / "model")
+    model = load_model(folder)
+    out = tmp_path / "run"
+    assert main(["predict", str(dataset / "val"), "--model", str(folder), "--out", str(out), "--score-threshold",
+                 "0.2", "--device", "cpu", "--precision", "fp32", "--workers", "0", "--overlay-style", "points",
+                 "--quiet"]) == 0
+    records = [r for r in read_journal(out / "predictions.jsonl") if r["detections"]]
+    assert records
+    record = records[0]
+    loaded = load_image(record["file"])
+    images, mask = pad_batch([image_to_input(loaded.rgb, model.preprocess_spec)])
+    with torch.no_grad():
+        outputs = model(images, mask, cross_attention=True)
+    for k, detection in enumerate(record["detections"]):
+        points = query_points(outputs["attention"], 0, detection["query_index"], loaded.original_size)
+        x, y, w, h = detection["bbox"]
+        one = Detections(boxes=torch.tensor([[x, y, x + w, y + h]]), scores=torch.tensor([detection["score"]]),
+                         labels=torch.tensor([detection["label"]]), class_names=[detection["class_name"]],
+                         query_index=torch.tensor([detection["query_index"]]), image_size=loaded.original_size)
+        expected = render_points(loaded.rgb, points, one)
+        written = cv2.cvtColor(cv2.imread(str(out / "overlays" / record["key"] / f"det_{k}.png")), cv2.COLOR_BGR2RGB)
+        # boxes come back from the journal rounded to 3 decimals: allow the anti-aliased edge to move
+        assert np.mean(np.abs(written.astype(int) - expected.astype(int)) > 0) < 0.002
+        assert np.abs(written.astype(int) - loaded.rgb.astype(int)).max() > 100  # the dots are there
+
+
+def test_points_overlay_style_refused_for_dense(tmp_path, dataset: Path) -> None:
+    folder = hf_folder("conditional_detr", tmp_path / "model")
+    out = tmp_path / "run"
+    assert main(["predict", str(dataset / "val"), "--model", str(folder), "--out", str(out), "--device", "cpu",
+                 "--workers", "0", "--overlay-style", "points", "--quiet"]) == 2
+    assert not (out / "predictions.jsonl").exists()

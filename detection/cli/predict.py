@@ -75,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exact: only equal input shapes share a batch (results equal to one image at a "
                              "time); padded: group by aspect ratio and pad (faster on varied sizes)")
     parser.add_argument("--overlays", action="store_true", help="write overlays/<stem>.png and overlays/<stem>/det_<k>.png")
+    parser.add_argument("--overlay-style", choices=["heatmap", "points"], default="heatmap",
+                        help="per-detection overlays: the attention map (heatmap) or, for deformable families, "
+                             "the detection's sampling points as dots sized by weight, coloured by level "
+                             "(points; implies --overlays)")
     parser.add_argument("--save-attention", action="store_true",
                         help="write attention/<stem>.npz (float16 maps) and attention/grids/<stem>.npz (per-detection "
                              "per-layer x per-head grids and the image, for `detr-attn report --viewer`)")
@@ -115,7 +119,8 @@ def settings_from_args(args: argparse.Namespace) -> PredictSettings:
         inputs=list(args.inputs), out=args.out, model=args.model, list_files=tuple(args.list),
         score_threshold=args.score_threshold, device=args.device, precision=args.precision,
         batch_size=args.batch_size, workers=args.workers, batching=args.batching,
-        outputs=OutputOptions(overlays=args.overlays, save_attention=args.save_attention or args.save_encoder_attention,
+        outputs=OutputOptions(overlays=args.overlays or args.overlay_style == "points",
+                              overlay_style=args.overlay_style, save_attention=args.save_attention or args.save_encoder_attention,
                               image_format=args.image_format, heads=args.heads, layers=args.layers,
                               normalize=None if args.normalize == "none" else args.normalize,
                               save_encoder_attention=args.save_encoder_attention,

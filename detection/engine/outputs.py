@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from detection.attention.maps import detection_maps, map_metadata, save_maps_npz
+from detection.attention.sampled import query_points
 from detection.boxes import coco_xywh
 from detection.engine.grids import DEFAULT_GRID_BUDGET, VIEWER_IMAGE_SIDE, build_grids, save_grids_npz
 from detection.engine.predictor import PredictionResult
@@ -17,6 +18,7 @@ from detection.engine.sources import SourceItem
 from detection.io import write_bytes_atomic
 from detection.render.overlay import encode_image, render_detection_overlay, render_overlay
 from detection.render.panel import fit_image
+from detection.render.points import render_points
 from detection.structures import Detections
 
 
@@ -31,6 +33,9 @@ class OutputOptions:
     save_encoder_attention: attention/grids/<key>.npz also keeps the last encoder layer's head-mean
         self-attention (needs a model run with encoder attention).
     heads / layers / normalize: how the maps are made (see attention.maps.detection_maps).
+    overlay_style: "heatmap" (the maps) or "points" (deformable families: overlays/<key>/det_<k>
+        shows the detection's sampling points as dots, see render.points; the combined overlay
+        stays the heatmap).
     """
 
     overlays: bool = False
@@ -41,6 +46,7 @@ class OutputOptions:
     normalize: str | None = "minmax"
     save_encoder_attention: bool = False
     grid_budget: int | None = DEFAULT_GRID_BUDGET
+    overlay_style: str = "heatmap"
 
     @property
     def needs_maps(self) -> bool:
@@ -110,10 +116,23 @@ def write_image_outputs(folder: RunFolder, result: PredictionResult, options: Ou
         write_bytes_atomic(folder.overlay_path(item.key, suffix),
                            _encode(render_overlay(result.image, detections, maps), suffix))
         for k in range(len(detections)):
-            write_bytes_atomic(folder.detection_overlay_path(item.key, k, suffix),
-                               _encode(render_detection_overlay(result.image, detections[k], maps[k]), suffix))
+            if options.overlay_style == "points":
+                image = _points_overlay(result, k, options)
+            else:
+                image = render_detection_overlay(result.image, detections[k], maps[k])
+            write_bytes_atomic(folder.detection_overlay_path(item.key, k, suffix), _encode(image, suffix))
         record["overlay"] = overlay_name(item.key, suffix)
     return record
+
+
+def _points_overlay(result: PredictionResult, k: int, options: OutputOptions) -> np.ndarray:
+    """Detection k's sampling points (one layer: an index, else the last; heads: an index, else all)."""
+    detections = result.detections
+    layer = options.layers if isinstance(options.layers, int) else -1
+    heads = [options.heads] if isinstance(options.heads, int) else None
+    points = query_points(result.attention, 0, int(detections.query_index[k]), detections.image_size,
+                          layer=layer, heads=heads)
+    return render_points(result.image, points, detections[k])
 
 
 def viewer_image_jpeg(image: np.ndarray) -> bytes:

@@ -28,6 +28,7 @@ from detection.engine.run_folder import RunFolder, RunFolderMismatch
 from detection.engine.run_lock import RunFolderLocked
 from detection.engine.sources import expand_sources
 from detection.models.digest import weights_digest
+from detection.attention.methods import attention_kind
 from detection.models.registry import load_model
 from detection.runtime.device import resolve_device
 from detection.runtime.distributed import DistContext, init_distributed
@@ -100,6 +101,8 @@ def run_fingerprint(settings: PredictSettings, model: torch.nn.Module, precision
         "heads": out.heads,
         "layers": out.layers,
         "normalize": out.normalize,
+        # the point view changes the per-detection overlays only: default runs resume as before
+        **({"overlay_style": out.overlay_style} if out.overlay_style != "heatmap" else {}),
         # the viewer's grids (engine.grids): only with --save-attention, so runs without it resume
         # as before
         **({"grids": {"format": GRIDS_FORMAT, "budget_bytes": out.grid_budget,
@@ -138,6 +141,9 @@ def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
                 model = load_model(settings.model, device="cpu")
         except (ValueError, FileNotFoundError) as err:
             raise PredictUsageError(str(err)) from err
+        if settings.outputs.overlay_style == "points" and attention_kind(model) != "sampled":
+            raise PredictUsageError("--overlay-style points draws deformable sampling points; this model's "
+                                    "attention is dense (use the default heatmap style)")
         predictor = _make_predictor(settings, model, device)
         items = expand_sources(settings.inputs, settings.list_files, video_stride=settings.video_stride)
         if not items:
