@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One overlay per HF family for the README (docs/hf_families.png), from RANDOM weights.
+"""One overlay per HF family for the README (docs/hf_families.jpg), from RANDOM weights.
 
 Each family's small lively test model (tests/hf_dense_models.py, tests/hf_sampled_models.py:
 random weights, scaled so that queries differ) is saved as a Hub-style folder and run through
@@ -8,7 +8,7 @@ for the deformable families, its sampling points, `--overlay-style points`). Ran
 detect nothing meaningful: the tiles show the geometry of each family's attention (a dense
 grid, or points on several levels), not what a trained model looks at.
 
-    .venv/bin/python scripts/hf_gallery.py --out docs/hf_families.png
+    .venv/bin/python scripts/hf_gallery.py --out docs/hf_families.jpg
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def family_tiles(family: str, image: Path, work: Path) -> list[np.ndarray]:
 
 def main_(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "hf_families.png")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "hf_families.jpg")
     parser.add_argument("--image", type=Path, default=ROOT / "demo" / "images" / "shapes_1.png")
     parser.add_argument("--columns", type=int, default=5)
     args = parser.parse_args(argv)
@@ -80,7 +80,7 @@ def main_(argv: list[str] | None = None) -> int:
     rows[-1] += [blank] * (args.columns - len(rows[-1]))
     grid = np.concatenate([np.concatenate(row, axis=1) for row in rows])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(args.out), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(args.out), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 88])
     print(f"wrote {args.out} ({len(tiles)} tiles; random weights)")
     return 0
 
