@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import cpu_name, timed  # noqa: E402
+from bench import cpu_name  # noqa: E402
 from detection.attention.maps import detection_maps  # noqa: E402
 from detection.engine.fast import InferenceModel  # noqa: E402
 from detection.models.hf.detector import HFDetector, HFDetectorConfig  # noqa: E402
@@ -38,7 +39,8 @@ from detection.postprocess import postprocess  # noqa: E402
 DETR_LIKE_INPUT = (800, 1066)
 DEFAULTS = {
     "yolos": ("YolosConfig", dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
-                                  intermediate_size=768, image_size=[800, 1333], num_detection_tokens=100),
+                                  intermediate_size=768, image_size=[800, 1333], num_detection_tokens=100,
+                                  use_mid_position_embeddings=False),
               DETR_LIKE_INPUT),  # YOLOS-Ti
     "conditional_detr": ("ConditionalDetrConfig", dict(use_pretrained_backbone=False), DETR_LIKE_INPUT),
     "dab-detr": ("DabDetrConfig", dict(use_pretrained_backbone=False), DETR_LIKE_INPUT),
@@ -94,11 +96,27 @@ def bench_family(name: str, args: argparse.Namespace) -> dict[str, float]:
         top = detections.query_index[: args.top_k]
         return detection_maps(outputs["attention"], 0, top, (height, width))
 
-    hf_s, _ = timed(run_hf, torch.device("cpu"), args.warmup, args.repeats)
-    ours_s, _ = timed(run_ours, torch.device("cpu"), args.warmup, args.repeats)
-    maps_s, maps = timed(run_maps, torch.device("cpu"), args.warmup, args.repeats)
+    runs = {"hf": run_hf, "ours": run_ours, "maps": run_maps}
+    times = interleaved(runs, args.warmup, args.repeats)
+    maps = run_maps()
     assert maps.shape[1:] == (height, width)
-    return {"input": f"{height}x{width}", "hf": hf_s, "ours": ours_s, "maps": maps_s}
+    return {"input": f"{height}x{width}", **{name: statistics.median(t) for name, t in times.items()},
+            **{f"{name}_min": min(t) for name, t in times.items()}}
+
+
+def interleaved(runs: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each run, the runs taken in turn (hf, ours, maps, hf, ...) so that a load change
+    on a shared machine hits all three alike; `warmup` untimed turns first."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,11 +137,17 @@ def main(argv: list[str] | None = None) -> int:
           f"threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}; fp32, batch 1, random weights at each family's default "
           f"config; median of {args.repeats} after {args.warmup} warm-up; maps of the top {args.top_k}")
-    print(f"{'family':<20}{'input':>10}{'HF eager s':>12}{'ours s':>9}{'ours/HF':>9}{'+maps s':>9}{'maps +%':>9}")
+    print("runs interleaved (HF, ours, ours + maps in turn); 'min' columns: the fastest run of each, the better "
+          "estimate of uncontended speed on a shared machine")
+    print(f"{'family':<20}{'input':>10}{'HF eager s':>12}{'ours s':>9}{'ours/HF':>9}{'+maps s':>9}{'maps +%':>9}"
+          f"{'min: ours/HF':>14}{'maps +%':>9}")
     for name in args.families:
         row = bench_family(name, args)
         print(f"{name:<20}{row['input']:>10}{row['hf']:>12.3f}{row['ours']:>9.3f}{row['ours'] / row['hf']:>9.2f}"
-              f"{row['maps']:>9.3f}{100 * (row['maps'] / row['ours'] - 1):>8.1f}%", flush=True)
+              f"{row['maps']:>9.3f}{100 * (row['maps'] / row['ours'] - 1):>8.1f}%"
+              f"{row['ours_min'] / row['hf_min']:>14.2f}{100 * (row['maps_min'] / row['ours_min'] - 1):>8.1f}%",
+              flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 
 

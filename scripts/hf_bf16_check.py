@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """fp32 vs bf16 autocast on CPU for the Hugging Face detector families: do the detections agree?
 
-Per family, a model with lively random weights (queries differ, scores spread; tests/hf_dense_models,
-and tests/hf_sampled_models when it exists) runs one batch of two differently sized images in
+Per family, a model with lively random weights (queries differ, scores spread; tests/hf_dense_models
+and tests/hf_sampled_models) runs one batch of two differently sized images in
 fp32 and under bf16 autocast (detection.runtime.device.autocast). The fp32 top-10 detections
 (detection.postprocess with the family's rule) are compared with bf16's:
 
@@ -24,7 +24,6 @@ top-10 unless it was within TOL_SCORE of the 10th score (a swap among near-ties;
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from detection.models.hf.capture_dense import DenseCapture  # noqa: E402
 from detection.models.hf.families import FAMILIES  # noqa: E402
 from detection.postprocess import postprocess  # noqa: E402
 from detection.runtime.device import autocast, cpu_supports_bf16  # noqa: E402
-from tests import hf_dense_models  # noqa: E402
+from tests import hf_dense_models, hf_sampled_models  # noqa: E402
 
 # Proposed tolerance, the same for every family: the native DETR's stated bf16 tolerance (README:
 # scores within 0.03, boxes within 1 px with float32 heads) with 2 px for boxes, as autocast runs
@@ -54,17 +53,10 @@ def _dense_families(small: bool):
 
 
 def _sampled_families():
-    """The deformable builders of tests/hf_sampled_models.py (small configs), if that file exists."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "hf_sampled_models.py"
-    if not path.exists():
-        return
-    spec = importlib.util.spec_from_file_location("hf_sampled_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    build = getattr(module, "build", None)
-    for family in getattr(module, "FAMILIES", ()):
-        if build is not None:
-            yield family, lambda family=family: build(family), False
+    """The deformable builders of tests/hf_sampled_models.py (small configs), livened as in
+    tests/test_hf_equivalence.py (their own weights are only slightly perturbed: scores would tie)."""
+    for family in hf_sampled_models.FAMILIES:
+        yield family, lambda family=family: hf_dense_models.liven(hf_sampled_models.build(family), seed=5), False
 
 
 def _run(model, pixels: torch.Tensor, padding: torch.Tensor, dense: bool, bf16: bool):

@@ -253,3 +253,12 @@ def test_yolos_patch_grid_drops_the_remainder() -> None:
     assert (~record.feature_padding_mask).sum(dim=(1, 2)).tolist() == [12 * 15, 8 * 12]
     maps = detection_maps(record, 0, [0, 1], (100, 120))
     assert maps.shape == (2, 100, 120) and np.isfinite(maps).all()
+
+
+def test_yolos_rows_do_not_hold_the_full_weights() -> None:
+    """Under eager the captured detection rows are copies: a view would keep every layer's full
+    (B, heads, N, N) softmax alive (GBs at 800x1333, and it slowed the forward by a third)."""
+    model = hf_models.build("yolos", attn_implementation="eager")
+    _, record, capture = _run(model, "yolos", encoder=False, decoder_self=False)
+    for rows in capture.token_rows.values():
+        assert rows.untyped_storage().nbytes() == rows.numel() * rows.element_size()

@@ -241,7 +241,9 @@ class DenseCapture:
 
         def rows(selection: slice) -> torch.Tensor:
             if weights is not None:  # eager computed them already: the weights the model used
-                return weights[..., selection, :].float()
+                # a copy, never a view: a view of YOLOS's rows would keep every layer's full
+                # (heads, N, N) weights alive (GBs at 800x1333, and the forward slows down)
+                return weights[..., selection, :].to(torch.float32, copy=True)
             return _softmax_rows(query[..., selection, :], key, _mask_rows(mask, selection), scaling)
 
         if role != "yolos":
