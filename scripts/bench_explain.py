@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench import cpu_name  # noqa: E402  (scripts/bench.py)
 from detection.attention.drise import DriseOptions  # noqa: E402
 from detection.attention.methods import (AttentionRollout, AttnGrad, Drise, ImageInput, RawAttention,  # noqa: E402
                                          Relevance, Targets)
@@ -38,17 +40,6 @@ from detection.engine.predictor import Predictor  # noqa: E402
 from detection.models.registry import build_model, load_config, load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def random_r50(seed: int = 0) -> torch.nn.Module:

@@ -16,6 +16,20 @@ NUM_QUERIES = 10
 CLASS_NAMES = {0: "circle", 1: "square", 2: "triangle"}
 
 
+def perturb(model: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
+    """Random init leaves frozen BN at identity and biases at 0: BN variances drawn in [0.5, 1.5]
+    and N(0, scale^2) noise on every other float tensor, so that a wrong mapping of any tensor
+    shows up in the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            elif tensor.is_floating_point():
+                tensor.add_(torch.randn(tensor.shape, generator=generator) * scale)
+    return model
+
+
 def liven(model: torch.nn.Module, seed: int = 1, gain: float = 1.0, query_key_gain: float = 2.0) -> torch.nn.Module:
     """Add noise to every float tensor so that queries differ and scores spread.
 

@@ -10,6 +10,8 @@ import torch
 import transformers
 from transformers import ResNetConfig
 
+from hf_dense_models import perturb
+
 FAMILIES = (
     "deformable_detr", "deformable_detr_box_refine", "deformable_detr_two_stage",
     "rt_detr", "rt_detr_v2", "rt_detr_v2_discrete", "d_fine", "rf_detr",
@@ -18,14 +20,7 @@ LABELS = {0: "circle", 1: "square", 2: "triangle"}
 
 
 def _lively(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_var"):
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
-            elif tensor.is_floating_point():
-                tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.05)
-    return model.eval()
+    return perturb(model, seed, scale=0.05).eval()
 
 
 def _resnet(out_features=("stage2", "stage3", "stage4"), config_class=ResNetConfig, **extra):

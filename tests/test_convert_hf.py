@@ -10,6 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_dense_models import perturb  # noqa: E402
+
 from detection.models import convert  # noqa: E402
 from detection.models.registry import load_model  # noqa: E402
 
@@ -22,15 +24,7 @@ def _hf_model(dilation: bool = False):
         id2label={0: "circle", 1: "square", 2: "triangle"}, attn_implementation="eager")
     torch.manual_seed(0)
     model = transformers.DetrForObjectDetection(config).eval()
-    # Random init leaves frozen BN at identity and biases at 0: randomise every tensor so that
-    # a wrong mapping of any of them shows up in the outputs.
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_var"):
-                tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
-            elif tensor.is_floating_point():
-                tensor.add_(torch.randn(tensor.shape, generator=gen) * 0.05)
+    perturb(model, seed=1, scale=0.05)
     return model
 
 
