@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench import cpu_name  # noqa: E402  (scripts/bench.py, next to this file)
 from detection.models.contract import PostprocessRule  # noqa: E402
@@ -37,7 +38,8 @@ from detection.models.hf.capture_dense import DenseCapture  # noqa: E402
 from detection.models.hf.families import FAMILIES  # noqa: E402
 from detection.postprocess import postprocess  # noqa: E402
 from detection.runtime.device import autocast, cpu_supports_bf16  # noqa: E402
-from tests import hf_dense_models, hf_sampled_models  # noqa: E402
+import hf_dense_models  # noqa: E402  (tests/)
+import hf_sampled_models  # noqa: E402  (tests/)
 
 # Proposed tolerance, the same for every family: the native DETR's stated bf16 tolerance (README:
 # scores within 0.03, boxes within 1 px with float32 heads) with 2 px for boxes, as autocast runs
