@@ -18,7 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "synth": ("detection.cli.synth", "generate a synthetic COCO-format dataset"),
     "report": ("detection.cli.report", "build an HTML + PDF report from a predict run folder"),
     "weights": ("detection.cli.weights", "list, download, convert and verify checkpoints"),
-    "export": ("detection.cli.export", "export a predict run's explanation masks as COCO results (RLE)"),
+    "export": ("detection.cli.export", "export a predict run: COCO explanation masks (RLE) or a FiftyOne dataset"),
 }
 
 
