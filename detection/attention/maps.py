@@ -214,24 +214,24 @@ def query_cell_maps(
     if attention.kind == "sampled":
         index = _check_queries(query_index, attention.num_queries)
         return sampled_cell_maps(attention.decoder_cross_sampled, image_index, index, (valid_h, valid_w), heads, layers)
-    cross = attention.decoder_cross[:, image_index].float().cpu()  # (L, heads, Q, h, w)
+    cross = attention.decoder_cross[:, image_index]  # (L, heads, Q, h, w)
     if cross.ndim != 5:
         raise ValueError(f"decoder_cross must be (L, B, heads, Q, h, w), got {tuple(attention.decoder_cross.shape)}")
     index = _check_queries(query_index, int(cross.shape[2]))
-    cross = cross[..., :valid_h, :valid_w]
-    if layers == "rollout":
-        layer_count, _, query_count = cross.shape[:3]
-        cross_flat = reduce_heads(cross.reshape(layer_count, cross.shape[1], query_count, -1), heads, dim=1)
-        decoder_self = None
-        if attention.decoder_self is not None:
-            decoder_self = reduce_heads(attention.decoder_self[:, image_index].float().cpu(), heads, dim=1)
-        encoder_relevance = None
-        if attention.encoder_self is not None:
-            encoder_relevance = self_relevance(_valid_encoder_attention(attention, image_index, heads, valid_h, valid_w))
-        relevance = decoder_rollout(cross_flat, decoder_self, encoder_relevance)  # (Q, hv*wv)
-        return relevance[index].reshape(len(index), valid_h, valid_w).float()
-    selected = cross[:, :, index]  # (L, heads, N, hv, wv)
-    return reduce_layers(reduce_heads(selected, heads, dim=1), layers, dim=0).float()
+    if layers != "rollout":  # only the chosen queries' maps are needed: select before copying to float32
+        selected = cross[:, :, index.to(cross.device)][..., :valid_h, :valid_w].float().cpu()  # (L, heads, N, hv, wv)
+        return reduce_layers(reduce_heads(selected, heads, dim=1), layers, dim=0).float()
+    cross = cross[..., :valid_h, :valid_w].float().cpu()
+    layer_count, _, query_count = cross.shape[:3]
+    cross_flat = reduce_heads(cross.reshape(layer_count, cross.shape[1], query_count, -1), heads, dim=1)
+    decoder_self = None
+    if attention.decoder_self is not None:
+        decoder_self = reduce_heads(attention.decoder_self[:, image_index].float().cpu(), heads, dim=1)
+    encoder_relevance = None
+    if attention.encoder_self is not None:
+        encoder_relevance = self_relevance(_valid_encoder_attention(attention, image_index, heads, valid_h, valid_w))
+    relevance = decoder_rollout(cross_flat, decoder_self, encoder_relevance)  # (Q, hv*wv)
+    return relevance[index].reshape(len(index), valid_h, valid_w).float()
 
 
 def detection_maps(
