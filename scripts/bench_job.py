@@ -38,13 +38,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 EXPORTS = ["--overlays", "--save-attention"]
-# Runs in the child: the job through the CLI, then its own peak RSS (main process) and that of its
-# largest waited-for child (a decoding worker), in KiB on Linux.
+# Runs in the child: the job through the CLI, then its own peak RSS (VmHWM of /proc/self/status: the
+# main process alone; getrusage's ru_maxrss would also count what the parent held when it forked)
+# and the ru_maxrss of its largest waited-for child (a decoding worker), both in KiB.
 CHILD = """
 import json, resource, sys
 from detection.cli import main
 status = main(sys.argv[2:])
-own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open("/proc/self/status") as handle:
+    own = next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:"))
 workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 with open(sys.argv[1], "w") as handle:
     json.dump({"status": status, "maxrss_kib": own, "worker_maxrss_kib": workers}, handle)

@@ -25,13 +25,14 @@ from detection.attention.maps import (
 from detection.cli import main as cli_main
 from detection.engine.journal import read_journal
 from detection.engine.outputs import OutputOptions, write_image_outputs
-from detection.engine.overlays import overlay_layers
+from detection.engine import overlays
+from detection.engine.overlays import render_overlays
 from detection.engine.predictor import Predictor
 from detection.engine.run_folder import RunFolder
 from detection.engine.sources import expand_sources
 from detection.models.registry import build_model
 from detection.models.native import save_model
-from detection.render.overlay import decode_image, render_detection_overlay, render_overlay
+from detection.render.overlay import decode_image, render_detection_overlay, render_overlay, strongest_map
 from detection.render.panel import display_size, resize_image
 from detection.structures import Detections
 from tests.test_maps import make_detections, make_record
@@ -185,20 +186,39 @@ def test_detections_resized_scale_boxes_per_axis():
     assert resized.query_index.tolist() == [3, 1] and resized.class_names == ["c0", "c1"]
 
 
-def test_overlay_layers_are_the_downscaled_image_with_maps_made_at_that_size():
-    record = make_record([(64, 96)], 16, seed=2)
+@pytest.mark.parametrize("pixels_per_chunk", [1, 1 << 24])  # one detection per chunk / all at once
+def test_overlays_are_the_downscaled_image_with_maps_made_at_that_size(monkeypatch, pixels_per_chunk):
+    monkeypatch.setattr(overlays, "MAP_PIXELS_PER_CHUNK", pixels_per_chunk)
+    record = make_record([(64, 96)], 16, seed=2, queries=5)
     original = (300, 450)
     image = np.random.default_rng(3).integers(0, 256, (*original, 3), dtype=np.uint8)
-    detections = _detections([0, 2], original)
-    cells = query_cell_maps(record, 0, [0, 2])
-    shown, shown_detections, maps = overlay_layers(image, detections, cells, 16, (64, 96), 200)
-    assert shown.shape == (133, 200, 3) and shown_detections.image_size == (133, 200)
-    np.testing.assert_array_equal(shown, resize_image(image, (133, 200)))
-    np.testing.assert_allclose(maps, detection_maps(record, 0, [0, 2], (133, 200)), rtol=0, atol=1e-6)
-    np.testing.assert_array_equal(maps, maps_from_cells(cells, 16, (64, 96), (133, 200)))
-    full, _, full_maps = overlay_layers(image, detections, cells, 16, (64, 96), None)
-    assert full is image
-    np.testing.assert_array_equal(full_maps, detection_maps(record, 0, [0, 2], original))
+    queries = [0, 2, 4]
+    detections = _detections(queries, original)
+    cells = query_cell_maps(record, 0, queries)
+    meta = map_metadata(record, 0)
+    for long_side, size in ((200, (133, 200)), (None, original)):
+        drawn = list(render_overlays(image, detections, cells, meta, OutputOptions(overlay_size=long_side)))
+        assert [k for k, _ in drawn] == [0, 1, 2, None]
+        shown = resize_image(image, size) if long_side else image
+        assert shown.shape[:2] == size
+        shown_detections = detections.resized(size)
+        maps = detection_maps(record, 0, queries, size)
+        np.testing.assert_array_equal(drawn[-1][1], render_overlay(shown, shown_detections, maps))
+        for k in range(3):
+            np.testing.assert_array_equal(drawn[k][1], render_detection_overlay(shown, shown_detections[k], maps[k]))
+    # the maps at a display size are the cells resampled straight to it
+    np.testing.assert_allclose(maps_from_cells(cells, 16, (64, 96), (133, 200)),
+                               detection_maps(record, 0, queries, (133, 200)), rtol=0, atol=1e-6)
+
+
+def test_strongest_map_folded_in_chunks_is_max_and_first_argmax():
+    rng = np.random.default_rng(4)
+    maps = np.round(rng.random((7, 5, 6)).astype(np.float32) * 4) / 4  # many ties
+    folded = None
+    for start in range(0, 7, 3):
+        folded = strongest_map(maps[start : start + 3], folded, offset=start)
+    np.testing.assert_array_equal(folded[0], maps.max(axis=0))
+    np.testing.assert_array_equal(folded[1], maps.argmax(axis=0))
 
 
 @pytest.fixture(scope="module")

@@ -106,11 +106,9 @@ def write_image_outputs(folder: RunFolder, result: PredictionResult, options: Ou
         if result.image is None:
             raise ValueError("overlays requested but the decoded image was not kept")
         suffix = options.image_format
-        combined, singles = render_overlays(result.image, detections, cells, meta, options, result.attention)
-        write_bytes_atomic(folder.overlay_path(item.key, suffix), encode_overlay(combined, suffix))
-        del combined
-        for k, image in enumerate(singles):
-            write_bytes_atomic(folder.detection_overlay_path(item.key, k, suffix), encode_overlay(image, suffix))
+        for k, image in render_overlays(result.image, detections, cells, meta, options, result.attention):
+            path = folder.overlay_path(item.key, suffix) if k is None else folder.detection_overlay_path(item.key, k, suffix)
+            write_bytes_atomic(path, encode_overlay(image, suffix))
         record["overlay"] = overlay_name(item.key, suffix)
     return record
 

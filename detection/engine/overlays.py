@@ -12,36 +12,14 @@ import torch
 
 from detection.attention.maps import DEFAULT_PERCENTILES, maps_from_cells
 from detection.attention.sampled import query_points
-from detection.render.overlay import encode_image, render_detection_overlay, render_overlay
+from detection.render.overlay import (check_saliency, encode_image, render_detection_overlay,
+                                      render_overlay_from_max, strongest_map)
 from detection.render.panel import display_size, resize_image
 from detection.render.points import render_points
 from detection.structures import Detections
 
 #: Default long side of written overlays in pixels (a report shows them at most this large).
 DEFAULT_OVERLAY_SIZE = 1600
-
-
-def overlay_layers(
-    image: np.ndarray,
-    detections: Detections,
-    cell_maps: torch.Tensor | np.ndarray,
-    feature_stride: int,
-    input_size: Sequence[int],
-    long_side: int | None,
-    normalize: Any = "minmax",
-    interpolation: Any = "bilinear",
-    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
-) -> tuple[np.ndarray, Detections, np.ndarray]:
-    """What an overlay is drawn from, at the display size (h, w) = `display_size(H, W, long_side)`:
-    (image (h, w, 3) uint8, detections with boxes in display pixels, maps (N, h, w) float32).
-
-    image: (H, W, 3) uint8 original; cell_maps: (N, hv, wv) `query_cell_maps` of `detections`
-    (geometry feature_stride / input_size as in `attention.maps.cells_to_image`).
-    """
-    size = display_size(detections.image_size, long_side)
-    shown = image if size == tuple(image.shape[:2]) else resize_image(image, size)
-    maps = maps_from_cells(cell_maps, feature_stride, input_size, size, normalize, interpolation, percentiles)
-    return shown, detections.resized(size), maps
 
 
 def _points_overlay(image: np.ndarray, detections: Detections, k: int, attention: Any, options: Any) -> np.ndarray:
@@ -53,6 +31,11 @@ def _points_overlay(image: np.ndarray, detections: Detections, k: int, attention
     return render_points(image, points, detections[k])
 
 
+#: Float32 map pixels made at once while drawing overlays (64 MB): maps come in chunks of
+#: detections, so memory does not grow with the number of detections.
+MAP_PIXELS_PER_CHUNK = 1 << 24
+
+
 def render_overlays(
     image: np.ndarray,
     detections: Detections,
@@ -60,27 +43,35 @@ def render_overlays(
     geometry: dict[str, Any],
     options: Any,
     attention: Any = None,
-) -> tuple[np.ndarray, Iterator[np.ndarray]]:
-    """The combined overlay and the overlays of detection 0, 1, ... (rendered one at a time, as the
-    iterator is consumed), at `options.overlay_size`.
+) -> Iterator[tuple[int | None, np.ndarray]]:
+    """The overlays of one image at `options.overlay_size`, one at a time: (k, overlay of
+    detection k) for k = 0, 1, ..., then (None, the combined overlay).
 
     geometry: `attention.maps.map_metadata` of the image (feature_stride, input_size,
-    normalize, interpolation, percentiles). options: `engine.outputs.OutputOptions`;
-    overlay_style "points" draws detection overlays from `attention` (a sampled record).
+    interpolation, percentiles); options: `engine.outputs.OutputOptions` (overlay_size,
+    normalize, overlay_style; "points" draws detection overlays from `attention`, a sampled
+    record). The maps are made MAP_PIXELS_PER_CHUNK pixels at a time; the combined overlay
+    folds their per-pixel maximum (`strongest_map`), so it equals `render_overlay` of all maps.
     """
-    shown, shown_detections, maps = overlay_layers(
-        image, detections, cell_maps, geometry["feature_stride"], geometry["input_size"], options.overlay_size,
-        options.normalize, geometry.get("interpolation", "bilinear"), geometry.get("percentiles", DEFAULT_PERCENTILES))
-    combined = render_overlay(shown, shown_detections, maps)
-
-    def singles() -> Iterator[np.ndarray]:
-        for k in range(len(detections)):
+    size = display_size(detections.image_size, options.overlay_size)
+    shown = image if size == tuple(image.shape[:2]) else resize_image(image, size)
+    shown_detections = detections.resized(size)
+    chunk = max(1, MAP_PIXELS_PER_CHUNK // (size[0] * size[1]))
+    strongest = None
+    for start in range(0, len(detections), chunk):
+        maps = maps_from_cells(cell_maps[start : start + chunk], geometry["feature_stride"], geometry["input_size"],
+                               size, options.normalize, geometry.get("interpolation", "bilinear"),
+                               geometry.get("percentiles", DEFAULT_PERCENTILES))
+        maps = check_saliency(maps, size, "maps")
+        strongest = strongest_map(maps, strongest, offset=start)
+        for offset, saliency in enumerate(maps):
+            k = start + offset
             if options.overlay_style == "points":
-                yield _points_overlay(shown, shown_detections, k, attention, options)
+                yield k, _points_overlay(shown, shown_detections, k, attention, options)
             else:
-                yield render_detection_overlay(shown, shown_detections[k], maps[k])
-
-    return combined, singles()
+                yield k, render_detection_overlay(shown, shown_detections[k], saliency)
+        del maps
+    yield None, render_overlay_from_max(shown, shown_detections, *(strongest or (None, None)))
 
 
 def encode_overlay(rgb: np.ndarray, image_format: str) -> bytes:
