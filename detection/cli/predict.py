@@ -84,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"long side of the overlays in pixels (default {DEFAULT_OVERLAY_SIZE}; only ever scales "
                              "down; 'original' keeps the image's size)")
     parser.add_argument("--save-attention", action="store_true",
-                        help="write attention/<stem>.npz (float16 maps) and attention/grids/<stem>.npz (per-detection "
+                        help="write attention/<stem>.npz (per-detection cell maps with their geometry; "
+                             "load_maps_npz resamples them) and attention/grids/<stem>.npz (per-detection "
                              "per-layer x per-head grids and the image, for `detr-attn report --viewer`)")
     parser.add_argument("--save-encoder-attention", action="store_true",
                         help="attention/grids/<stem>.npz also keeps the last encoder layer's head-mean self-attention "

@@ -107,7 +107,8 @@ def write_image_outputs(folder: RunFolder, result: PredictionResult, options: Ou
             raise ValueError("overlays requested but the decoded image was not kept")
         suffix = options.image_format
         for k, image in render_overlays(result.image, detections, cells, meta, options, result.attention):
-            path = folder.overlay_path(item.key, suffix) if k is None else folder.detection_overlay_path(item.key, k, suffix)
+            path = (folder.overlay_path(item.key, suffix) if k is None  # k None: the combined overlay
+                    else folder.detection_overlay_path(item.key, k, suffix))
             write_bytes_atomic(path, encode_overlay(image, suffix))
         record["overlay"] = overlay_name(item.key, suffix)
     return record
