@@ -31,9 +31,9 @@ def _points_overlay(image: np.ndarray, detections: Detections, k: int, attention
     return render_points(image, points, detections[k])
 
 
-#: Float32 map pixels made at once while drawing overlays (64 MB): maps come in chunks of
+#: Float32 map pixels made at once while drawing overlays (16 MB): maps come in chunks of
 #: detections, so memory does not grow with the number of detections.
-MAP_PIXELS_PER_CHUNK = 1 << 24
+MAP_PIXELS_PER_CHUNK = 1 << 22
 
 
 def render_overlays(

@@ -224,9 +224,17 @@ def _draw_contours(image: np.ndarray, contours: list[np.ndarray], color: tuple[i
 
 def _blend(image: np.ndarray, color_layer: np.ndarray, opacity: np.ndarray) -> np.ndarray:
     """image·(1 − opacity) + color_layer·opacity per pixel; opacity (H, W) in [0, 1]."""
+    # the same float32 operations as image·(1 − w) + color·w, in place: two full-size temporaries
     weight = opacity[..., None].astype(np.float32)
-    mixed = image.astype(np.float32) * (1.0 - weight) + color_layer.astype(np.float32) * weight
-    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    mixed = image.astype(np.float32)
+    mixed *= 1.0 - weight
+    tint = color_layer.astype(np.float32)
+    tint *= weight
+    mixed += tint
+    del tint
+    np.rint(mixed, out=mixed)
+    np.clip(mixed, 0, 255, out=mixed)
+    return mixed.astype(np.uint8)
 
 
 def _check_alpha(alpha: float) -> float:
