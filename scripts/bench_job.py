@@ -114,7 +114,8 @@ def random_r50(folder: Path, images: Path, per_image: int) -> float:
     _, model = build_pair(seed=0)
     save_model(model, folder, source="random weights (scripts/bench_job.py)")
     with torch.no_grad():
-        results = list(Predictor(model, score_threshold=0.0, num_workers=0).run(expand_sources([str(images)])))
+        results = list(Predictor(model, precision="auto", score_threshold=0.0, num_workers=0)  # as the CLI runs it
+                       .run(expand_sources([str(images)])))
     scores = np.sort(np.concatenate([r.detections.scores.numpy() for r in results]))[::-1]
     wanted = per_image * len(results)
     return float((scores[wanted - 1] + scores[wanted]) / 2)
