@@ -134,7 +134,7 @@ def run_job(images: Path, out: Path, model: str, threshold: float, extra: list[s
                "--overwrite", *extra]
     env = dict(os.environ, PYTHONPATH=str(code) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     started = time.perf_counter()
-    subprocess.run(command, check=True, env=env)
+    subprocess.run(command, check=True, env=env, cwd=str(code))  # cwd: `python -c` puts it first on sys.path
     process_seconds = time.perf_counter() - started
     stats = json.loads(stats_path.read_text())
     stats_path.unlink()
