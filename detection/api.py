@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from detection.attention.maps import detection_maps, map_metadata, save_maps_npz
+from detection.attention.maps import detection_maps, map_metadata, query_cell_maps, save_maps_npz
 from detection.data.images import pil_to_rgb
 from detection.boxes import coco_xywh
 from detection.engine.predictor import Predictor
@@ -95,13 +95,16 @@ class Explanation:
 
     def save(self, path: str | os.PathLike, kind: str = "overlay") -> Path:
         """Write the overlay (kind="overlay") or panel (kind="panel") as .png/.jpg, or the maps
-        as a float16 .npz (`detection.attention.maps.save_maps_npz`, with `map_metadata`)."""
+        as an .npz of per-detection cell maps (`detection.attention.maps.save_maps_npz`, with
+        `map_metadata`; `load_maps_npz(path)` gives back `maps`)."""
         self._check()
         path = Path(path)
         if path.suffix.lower() == ".npz":
             meta = map_metadata(self.attention, 0, heads=self.heads, layers=self.layers, normalize=self.normalize)
             meta["file"] = self.source
-            save_maps_npz(path, self.maps, self.detections, meta)
+            cells = query_cell_maps(self.attention, 0, self.detections.query_index, heads=self.heads,
+                                    layers=self.layers)
+            save_maps_npz(path, cells, self.detections, meta["feature_stride"], meta["input_size"], meta)
         elif kind in ("overlay", "panel"):
             write_image(path, self.overlay() if kind == "overlay" else self.panel())
         else:

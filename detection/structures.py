@@ -107,6 +107,20 @@ class Detections:
             **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self._fields.items()},
         )
 
+    def resized(self, image_size: tuple[int, int]) -> "Detections":
+        """The same detections on the image scaled to `image_size` (height, width): boxes scaled
+        by (width / W, height / H) per axis (pixel edges scale linearly), other fields unchanged
+        (a field in original pixels, e.g. `maps`, is dropped: it would no longer match)."""
+        height, width = (int(image_size[0]), int(image_size[1]))
+        if height <= 0 or width <= 0:
+            raise ValueError(f"image_size must be positive (height, width), got {image_size}")
+        old_h, old_w = self.image_size
+        fields = {k: v for k, v in self._fields.items() if k != "maps"}
+        if "boxes" in fields:
+            scale = torch.tensor([width / old_w, height / old_h, width / old_w, height / old_h], dtype=torch.float32)
+            fields["boxes"] = fields["boxes"] * scale.to(fields["boxes"].device)
+        return Detections((height, width), **fields)
+
     def __repr__(self) -> str:
         names = ", ".join(self._fields)
         return f"Detections(num={len(self)}, image_size={self.image_size}, fields=[{names}])"

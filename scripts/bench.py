@@ -24,6 +24,7 @@ on its load (print `lscpu` / load average with the table). GPU: --device cuda --
     .venv/bin/python scripts/bench.py                       # CPU, batch 1
     .venv/bin/python scripts/bench.py --device cuda --batch-sizes 1 8 32
     .venv/bin/python scripts/bench.py --model hf-families   # HF families: scripts/bench_hf.py
+    .venv/bin/python scripts/bench.py --job                  # the predict job on 12-MP photos: scripts/bench_job.py
 """
 from __future__ import annotations
 
@@ -232,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         import bench_hf
 
         return bench_hf.main(argv)
+    if "--job" in argv:
+        # the predict job at photo scale, with and without exports (scripts/bench_job.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_job
+
+        return bench_job.main([arg for arg in argv if arg != "--job"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])

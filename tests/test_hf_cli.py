@@ -55,12 +55,16 @@ def test_predict_eval_report_round_trip(tmp_path, dataset: Path, variant: str) -
             outputs = model(images, mask, cross_attention=True)
         queries = torch.tensor(meta["query_index"])
         direct = detection_maps(outputs["attention"], 0, queries, loaded.original_size)
-        assert np.abs(direct - maps).max() <= 2e-3  # float16 storage
-        # a query detected under two classes (sigmoid top-k) keeps one map: its query's
+        assert np.abs(direct - maps).max() <= 2e-3
+        # a query detected under two classes (sigmoid top-k) keeps one map: its query's (the npz
+        # stores it once per detection: equal cells; the batched float32 resampling may round
+        # rows at different positions differently in the last bits)
+        stored, _ = load_maps_npz(out / "attention" / f"{record['key']}.npz", size=None)
         for a in range(len(queries)):
             for b in range(a + 1, len(queries)):
                 if queries[a] == queries[b]:
-                    assert np.array_equal(maps[a], maps[b])
+                    assert np.array_equal(stored[a], stored[b])
+                    np.testing.assert_allclose(maps[a], maps[b], rtol=0, atol=1e-5)
         combined = cv2.imread(str(out / "overlays" / f"{record['key']}.png"))
         assert combined.shape[:2] == loaded.original_size
     evaluation = tmp_path / "eval"

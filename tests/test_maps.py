@@ -309,19 +309,19 @@ def make_detections(count: int, size=(40, 60)) -> Detections:
 
 def test_npz_round_trip(tmp_path):
     detections = make_detections(3)
-    rng = np.random.default_rng(0)
-    maps = rng.random((3, 40, 60)).astype(np.float32)
-    record = make_record([(40, 60)], 16)
+    record = make_record([(40, 60)], 16, seed=3)
+    cells = query_cell_maps(record, 0, [0, 2, 3], heads=1, layers="mean")
     meta = map_metadata(record, 0, heads=1, layers="mean", normalize="percentile")
     path = tmp_path / "attention" / "img.npz"
-    save_maps_npz(path, maps, detections, meta)
-    loaded, loaded_meta = load_maps_npz(path)
-    assert loaded.dtype == np.float32 and loaded.shape == maps.shape
-    np.testing.assert_allclose(loaded, maps.astype(np.float16).astype(np.float32))
-    assert np.abs(loaded - maps).max() < 5e-4
+    save_maps_npz(path, cells, detections, meta["feature_stride"], meta["input_size"], meta)
+    stored, loaded_meta = load_maps_npz(path, size=None)
+    np.testing.assert_array_equal(stored, cells.numpy())  # float32, un-normalised, exact
     with np.load(path, allow_pickle=False) as archive:
-        assert archive["maps"].dtype == np.float16
-    assert loaded_meta["image_size"] == [40, 60]
+        assert archive["cells"].dtype == np.float32 and sorted(archive.files) == ["cells", "meta_json"]
+    loaded, _ = load_maps_npz(path)
+    expected = detection_maps(record, 0, [0, 2, 3], (40, 60), heads=1, layers="mean", normalize="percentile")
+    np.testing.assert_array_equal(loaded, expected)
+    assert loaded_meta["image_size"] == [40, 60] and loaded_meta["valid_feature_size"] == [3, 4]
     assert loaded_meta["query_index"] == [0, 7, 14]
     assert loaded_meta["labels"] == [0, 1, 2]
     np.testing.assert_allclose(loaded_meta["boxes"], detections.boxes.numpy(), rtol=1e-6)
@@ -334,21 +334,25 @@ def test_npz_round_trip(tmp_path):
 
 def test_npz_empty_detections_round_trip(tmp_path):
     path = tmp_path / "empty.npz"
-    save_maps_npz(path, np.zeros((0, 5, 7), np.float32), Detections.empty((5, 7)), {})
+    save_maps_npz(path, np.zeros((0, 2, 3), np.float32), Detections.empty((5, 7)), 4, (5, 7), {})
     maps, meta = load_maps_npz(path)
     assert maps.shape == (0, 5, 7) and meta["boxes"] == [] and meta["num_maps"] == 0
+    assert load_maps_npz(path, size=None)[0].shape == (0, 2, 3)
 
 
 def test_npz_errors(tmp_path):
     detections = make_detections(2)
     with pytest.raises(ValueError, match="1 maps for 2 detections"):
-        save_maps_npz(tmp_path / "a.npz", np.zeros((1, 40, 60)), detections)
-    with pytest.raises(ValueError, match="map size"):
-        save_maps_npz(tmp_path / "a.npz", np.zeros((2, 41, 60)), detections)
-    with pytest.raises(ValueError, match="float16 range"):
-        save_maps_npz(tmp_path / "a.npz", np.full((2, 40, 60), 1e6), detections)
+        save_maps_npz(tmp_path / "a.npz", np.zeros((1, 3, 4)), detections, 16, (40, 60))
+    with pytest.raises(ValueError, match=r"do not cover the input size \(40, 60\)"):
+        save_maps_npz(tmp_path / "a.npz", np.zeros((2, 2, 4)), detections, 16, (40, 60))
+    with pytest.raises(ValueError, match="finite"):
+        save_maps_npz(tmp_path / "a.npz", np.full((2, 3, 4), np.nan), detections, 16, (40, 60))
     with pytest.raises(ValueError, match="reserved"):
-        save_maps_npz(tmp_path / "a.npz", np.zeros((2, 40, 60)), detections, {"labels": [5, 5]})
+        save_maps_npz(tmp_path / "a.npz", np.zeros((2, 3, 4)), detections, 16, (40, 60), {"labels": [5, 5]})
+    with pytest.raises(ValueError, match="reserved"):
+        save_maps_npz(tmp_path / "a.npz", np.zeros((2, 3, 4)), detections, 16, (40, 60), {"feature_stride": 8})
+    assert not (tmp_path / "a.npz").exists()
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not an npz")
     with pytest.raises(ValueError, match="bad.npz"):

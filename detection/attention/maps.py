@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -45,8 +45,13 @@ from detection.models.outputs import AttentionRecord
 from detection.structures import Detections
 
 Interpolation = Literal["bilinear", "nearest"]
-NPZ_FORMAT = "detr-attn-maps/1"
-_FLOAT16_MAX = float(np.finfo(np.float16).max)
+#: (H, W) pixels, "original" (the image's size) or None (the stored grid) -- `load_maps_npz`.
+MapSize = Union[Tuple[int, int], Literal["original"], None]
+#: The maps npz: per-detection cell maps (float32, un-normalised) with their geometry.
+NPZ_FORMAT = "detr-attn-maps/2"
+#: The previous format: full-resolution normalised float16 maps (still read).
+NPZ_FORMAT_V1 = "detr-attn-maps/1"
+DEFAULT_PERCENTILES = (1.0, 99.0)
 
 
 # -- geometry -----------------------------------------------------------------------------
@@ -209,24 +214,24 @@ def query_cell_maps(
     if attention.kind == "sampled":
         index = _check_queries(query_index, attention.num_queries)
         return sampled_cell_maps(attention.decoder_cross_sampled, image_index, index, (valid_h, valid_w), heads, layers)
-    cross = attention.decoder_cross[:, image_index].float().cpu()  # (L, heads, Q, h, w)
+    cross = attention.decoder_cross[:, image_index]  # (L, heads, Q, h, w)
     if cross.ndim != 5:
         raise ValueError(f"decoder_cross must be (L, B, heads, Q, h, w), got {tuple(attention.decoder_cross.shape)}")
     index = _check_queries(query_index, int(cross.shape[2]))
-    cross = cross[..., :valid_h, :valid_w]
-    if layers == "rollout":
-        layer_count, _, query_count = cross.shape[:3]
-        cross_flat = reduce_heads(cross.reshape(layer_count, cross.shape[1], query_count, -1), heads, dim=1)
-        decoder_self = None
-        if attention.decoder_self is not None:
-            decoder_self = reduce_heads(attention.decoder_self[:, image_index].float().cpu(), heads, dim=1)
-        encoder_relevance = None
-        if attention.encoder_self is not None:
-            encoder_relevance = self_relevance(_valid_encoder_attention(attention, image_index, heads, valid_h, valid_w))
-        relevance = decoder_rollout(cross_flat, decoder_self, encoder_relevance)  # (Q, hv*wv)
-        return relevance[index].reshape(len(index), valid_h, valid_w).float()
-    selected = cross[:, :, index]  # (L, heads, N, hv, wv)
-    return reduce_layers(reduce_heads(selected, heads, dim=1), layers, dim=0).float()
+    if layers != "rollout":  # only the chosen queries' maps are needed: select before copying to float32
+        selected = cross[:, :, index.to(cross.device)][..., :valid_h, :valid_w].float().cpu()  # (L, heads, N, hv, wv)
+        return reduce_layers(reduce_heads(selected, heads, dim=1), layers, dim=0).float()
+    cross = cross[..., :valid_h, :valid_w].float().cpu()
+    layer_count, _, query_count = cross.shape[:3]
+    cross_flat = reduce_heads(cross.reshape(layer_count, cross.shape[1], query_count, -1), heads, dim=1)
+    decoder_self = None
+    if attention.decoder_self is not None:
+        decoder_self = reduce_heads(attention.decoder_self[:, image_index].float().cpu(), heads, dim=1)
+    encoder_relevance = None
+    if attention.encoder_self is not None:
+        encoder_relevance = self_relevance(_valid_encoder_attention(attention, image_index, heads, valid_h, valid_w))
+    relevance = decoder_rollout(cross_flat, decoder_self, encoder_relevance)  # (Q, hv*wv)
+    return relevance[index].reshape(len(index), valid_h, valid_w).float()
 
 
 def detection_maps(
@@ -250,8 +255,29 @@ def detection_maps(
     """
     cells = query_cell_maps(attention, image_index, query_index, heads=heads, layers=layers)
     _, _, input_h, input_w = _image_geometry(attention, image_index)
-    maps = cells_to_image(cells, attention.feature_stride, (input_h, input_w), original_size, interpolation)
-    return normalize_maps(maps, normalize, percentiles)
+    return maps_from_cells(cells, attention.feature_stride, (input_h, input_w), original_size,
+                           normalize, interpolation, percentiles)
+
+
+def maps_from_cells(
+    cell_maps: torch.Tensor | np.ndarray,
+    feature_stride: int,
+    input_size: Sequence[int],
+    size: Sequence[int],
+    normalize: NormalizeChoice = "minmax",
+    interpolation: Interpolation = "bilinear",
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+) -> np.ndarray:
+    """(N, hv, wv) cell maps -> (N, h, w) float32 saliency at any pixel size, normalised per map.
+
+    The one way a cell map becomes a displayed / exported map: `cells_to_image` to `size`, then
+    `normalize_maps` (normalisation after resizing). `size` is the original image size (H, W)
+    or any other (h, w) of the same image (a display size): original pixels scale linearly to it,
+    so the same cells give the map `detection_maps` gives at (H, W) and its exact resampling at
+    (h, w) -- with no full-resolution map in between.
+    """
+    maps = cells_to_image(cell_maps, feature_stride, input_size, size, interpolation)
+    return normalize_maps(maps, normalize, (float(percentiles[0]), float(percentiles[1])))
 
 
 # -- encoder self-attention at points -------------------------------------------------------
@@ -317,8 +343,11 @@ def map_metadata(
     layers: LayerChoice = "last",
     normalize: NormalizeChoice = "minmax",
     interpolation: Interpolation = "bilinear",
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
 ) -> dict[str, Any]:
-    """JSON-ready description of how `detection_maps` made its maps (for `save_maps_npz`)."""
+    """JSON-ready description of how `detection_maps` makes maps from `query_cell_maps` (for
+    `save_maps_npz`): geometry (feature_stride, input_size, valid_feature_size,
+    padded_feature_size) and the aggregation / normalisation choices."""
     valid_h, valid_w, input_h, input_w = _image_geometry(attention, image_index)
     meta: dict[str, Any] = {
         "feature_stride": int(attention.feature_stride),
@@ -328,6 +357,9 @@ def map_metadata(
         "layers": layers if isinstance(layers, str) else int(layers),
         "normalize": normalize,
         "interpolation": interpolation,
+        "percentiles": [float(v) for v in percentiles],
+        # the batch's padded feature grid: cells beyond valid_feature_size were padding (cropped)
+        "padded_feature_size": [int(v) for v in attention.feature_size],
     }
     if attention.kind == "sampled":
         meta["attention_kind"] = "sampled"
@@ -340,7 +372,8 @@ def map_metadata(
 
 
 # -- npz export -------------------------------------------------------------------------------
-_RESERVED = ("format", "image_size", "num_maps", "boxes", "scores", "labels", "query_index", "class_names")
+_RESERVED = ("format", "image_size", "num_maps", "boxes", "scores", "labels", "query_index", "class_names",
+             "feature_stride", "input_size", "valid_feature_size")
 
 
 def _field_list(detections: Detections, name: str) -> list:
@@ -356,36 +389,75 @@ def _detection_fields(detections: Detections) -> dict[str, Any]:
 
 
 def save_maps_npz(
-    path: str | os.PathLike, maps: np.ndarray, detections: Detections, meta: dict[str, Any] | None = None
+    path: str | os.PathLike,
+    cell_maps: torch.Tensor | np.ndarray,
+    detections: Detections,
+    feature_stride: int,
+    input_size: Sequence[int],
+    meta: dict[str, Any] | None = None,
 ) -> None:
-    """Write (N, H, W) maps as float16 in a compressed npz, atomically, with JSON metadata.
+    """Write per-detection cell maps, un-normalised float32, in a compressed npz (atomically).
 
-    Stored keys: "maps" float16 (N, H, W); "meta_json" uint8 UTF-8 JSON with "format",
-    "image_size" [H, W], "num_maps", per-detection "boxes" (xyxy original pixels), "scores",
+    cell_maps: (N, hv, wv) maps over the VALID feature cells (`query_cell_maps`, or any grid
+    whose cell (y, x) covers input pixels [y·s, (y+1)·s) x [x·s, (x+1)·s)); feature_stride s;
+    input_size (h_in, w_in) the pre-padding model input, covered by the cells. The original size
+    is `detections.image_size`. `load_maps_npz` turns them into maps at any size through
+    `maps_from_cells`, with the "normalize", "interpolation" and "percentiles" of `meta`
+    (defaults "minmax", "bilinear", (1, 99)).
+
+    Stored keys (format NPZ_FORMAT): "cells" float32 (N, hv, wv); "meta_json" uint8 UTF-8 JSON
+    with "format", "image_size" [H, W], "num_maps", "feature_stride", "input_size" [h_in, w_in],
+    "valid_feature_size" [hv, wv], per-detection "boxes" (xyxy original pixels), "scores",
     "labels", "query_index", "class_names", plus every key of `meta` (e.g. `map_metadata`).
     """
-    maps = np.asarray(maps)
-    if maps.ndim != 3:
-        raise ValueError(f"{path}: maps must be (N, H, W), got shape {maps.shape}")
-    if len(maps) != len(detections):
-        raise ValueError(f"{path}: {len(maps)} maps for {len(detections)} detections")
-    if tuple(maps.shape[1:]) != tuple(detections.image_size):
-        raise ValueError(f"{path}: map size {maps.shape[1:]} differs from image size {detections.image_size}")
-    if maps.size and (not np.isfinite(maps).all() or np.abs(maps).max() > _FLOAT16_MAX):
-        raise ValueError(f"{path}: maps must be finite and within float16 range (normalise them first)")
-    document: dict[str, Any] = {"format": NPZ_FORMAT, "num_maps": int(len(maps)), **_detection_fields(detections)}
+    cells = cell_maps.detach().float().cpu().numpy() if isinstance(cell_maps, torch.Tensor) else cell_maps
+    cells = np.asarray(cells, dtype=np.float32)
+    if cells.ndim != 3:
+        raise ValueError(f"{path}: cell maps must be (N, hv, wv), got shape {cells.shape}")
+    if len(cells) != len(detections):
+        raise ValueError(f"{path}: {len(cells)} maps for {len(detections)} detections")
+    if cells.size and not np.isfinite(cells).all():
+        raise ValueError(f"{path}: cell maps must be finite")
+    stride = int(feature_stride)
+    input_h, input_w = _check_size(input_size, "input_size")
+    valid_h, valid_w = cells.shape[1:]
+    if stride <= 0 or valid_h * stride < input_h or valid_w * stride < input_w:
+        raise ValueError(f"{path}: cells ({valid_h}, {valid_w}) x stride {stride} do not cover the input size "
+                         f"{(input_h, input_w)}")
+    geometry = {"feature_stride": stride, "input_size": [input_h, input_w], "valid_feature_size": [valid_h, valid_w]}
+    document: dict[str, Any] = {"format": NPZ_FORMAT, "num_maps": int(len(cells)), **_detection_fields(detections),
+                                **geometry}
     for key, value in (meta or {}).items():
         if key in _RESERVED and value != document.get(key):
-            raise ValueError(f"{path}: meta key {key!r} is reserved and disagrees with the detections")
+            raise ValueError(f"{path}: meta key {key!r} is reserved and disagrees with the detections / cells "
+                             f"({value!r} != {document.get(key)!r})")
         document[key] = value
     payload = np.frombuffer(json.dumps(document, sort_keys=True).encode("utf-8"), dtype=np.uint8)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, maps=maps.astype(np.float16), meta_json=payload)
+            np.savez_compressed(handle, cells=cells, meta_json=payload)
 
 
-def load_maps_npz(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read a `save_maps_npz` file -> (maps float32 (N, H, W), metadata dict). Never unpickles."""
+def _target_size(size: MapSize, image_size: Sequence[int], path: str | os.PathLike) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, str):
+        if size != "original":
+            raise ValueError(f"{path}: size must be None, 'original' or (height, width), got {size!r}")
+        return int(image_size[0]), int(image_size[1])
+    return _check_size(size, "size")
+
+
+def load_maps_npz(path: str | os.PathLike, size: MapSize = "original") -> tuple[np.ndarray, dict[str, Any]]:
+    """Read a `save_maps_npz` file -> (maps float32, metadata dict). Never unpickles.
+
+    size "original": (N, H, W) normalised maps at the image's size, equal (to float32 precision)
+    to the `detection_maps` the run made them from; (h, w): the same maps resampled straight from
+    the cells to (h, w) (`maps_from_cells`); None: the stored (N, hv, wv) un-normalised cell maps.
+    A format-1 file (full-resolution float16 maps) gives its stored maps for None or "original";
+    for another (h, w) they are resampled through `cells_to_image` as stride-1 cells (already
+    normalised, so not normalised again).
+    """
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, EOFError, ValueError) as error:  # numpy says ValueError for "not npz/npy"
@@ -393,15 +465,35 @@ def load_maps_npz(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValueError(f"{path}: not a maps npz (a single .npy array)")
     with archive:
-        if "maps" not in archive.files or "meta_json" not in archive.files:
-            raise ValueError(f"{path}: not a maps npz (needs 'maps' and 'meta_json', has {sorted(archive.files)})")
+        array_name = "cells" if "cells" in archive.files else "maps"
+        if array_name not in archive.files or "meta_json" not in archive.files:
+            raise ValueError(f"{path}: not a maps npz (needs 'cells' and 'meta_json', has {sorted(archive.files)})")
         try:
-            maps = archive["maps"].astype(np.float32)
+            stored = archive[array_name].astype(np.float32)
             meta = json.loads(archive["meta_json"].tobytes().decode("utf-8"))
         except (OSError, EOFError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError too
             raise ValueError(f"{path}: cannot read maps npz: {error}") from error
-    if not isinstance(meta, dict) or meta.get("format") != NPZ_FORMAT:
-        raise ValueError(f"{path}: unknown maps format {meta.get('format') if isinstance(meta, dict) else meta!r}")
-    if maps.ndim != 3 or len(maps) != meta.get("num_maps"):
-        raise ValueError(f"{path}: maps shape {maps.shape} disagrees with num_maps {meta.get('num_maps')}")
+    format_name = meta.get("format") if isinstance(meta, dict) else meta
+    expected = {NPZ_FORMAT: "cells", NPZ_FORMAT_V1: "maps"}.get(format_name) if isinstance(format_name, str) else None
+    if expected is None or expected != array_name:
+        raise ValueError(f"{path}: unknown maps format {format_name!r} (this version reads {NPZ_FORMAT} "
+                         f"and {NPZ_FORMAT_V1})")
+    if stored.ndim != 3 or len(stored) != meta.get("num_maps"):
+        raise ValueError(f"{path}: maps shape {stored.shape} disagrees with num_maps {meta.get('num_maps')}")
+    target = _target_size(size, meta.get("image_size", stored.shape[1:]), path)
+    if format_name == NPZ_FORMAT_V1:
+        if target is None or target == tuple(stored.shape[1:]):
+            return stored, meta
+        return cells_to_image(stored, 1, stored.shape[1:], target), meta
+    if list(stored.shape[1:]) != list(meta.get("valid_feature_size", [])):
+        raise ValueError(f"{path}: cells {stored.shape[1:]} disagree with valid_feature_size "
+                         f"{meta.get('valid_feature_size')}")
+    if target is None:
+        return stored, meta
+    try:
+        maps = maps_from_cells(stored, int(meta["feature_stride"]), meta["input_size"], target,
+                               meta.get("normalize", "minmax"), meta.get("interpolation", "bilinear"),
+                               meta.get("percentiles", DEFAULT_PERCENTILES))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: bad map geometry: {error}") from error
     return maps, meta

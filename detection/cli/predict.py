@@ -16,6 +16,7 @@ import traceback
 from detection.data.images import DEFAULT_MAX_PIXELS
 from detection.engine.grids import DEFAULT_GRID_BUDGET
 from detection.engine.outputs import OutputOptions
+from detection.engine.overlays import DEFAULT_OVERLAY_SIZE
 from detection.engine.predict_run import PredictInterrupted, PredictSettings, PredictUsageError, run_predict
 from detection.engine.run_folder import LOCK_FILE
 from detection.runtime.distributed import init_distributed
@@ -79,8 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-detection overlays: the attention map (heatmap) or, for deformable families, "
                              "the detection's sampling points as dots sized by weight, coloured by level "
                              "(points; implies --overlays)")
+    parser.add_argument("--overlay-size", type=_overlay_size, default=DEFAULT_OVERLAY_SIZE, metavar="N|original",
+                        help=f"long side of the overlays in pixels (default {DEFAULT_OVERLAY_SIZE}; only ever scales "
+                             "down; 'original' keeps the image's size)")
     parser.add_argument("--save-attention", action="store_true",
-                        help="write attention/<stem>.npz (float16 maps) and attention/grids/<stem>.npz (per-detection "
+                        help="write attention/<stem>.npz (per-detection cell maps with their geometry; "
+                             "load_maps_npz resamples them) and attention/grids/<stem>.npz (per-detection "
                              "per-layer x per-head grids and the image, for `detr-attn report --viewer`)")
     parser.add_argument("--save-encoder-attention", action="store_true",
                         help="attention/grids/<stem>.npz also keeps the last encoder layer's head-mean self-attention "
@@ -105,6 +110,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _overlay_size(text: str) -> int | None:
+    """--overlay-size: a positive pixel count, or "original" (None)."""
+    if text == "original":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of pixels or 'original', got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of pixels or 'original', got {text!r}")
+    return value
+
+
 def settings_from_args(args: argparse.Namespace) -> PredictSettings:
     """The run's settings from parsed options; ValueError names a bad option."""
     if args.batch_size < 1 or args.workers < 0 or args.video_stride < 1 or args.writer_threads < 1:
@@ -124,7 +142,8 @@ def settings_from_args(args: argparse.Namespace) -> PredictSettings:
                               image_format=args.image_format, heads=args.heads, layers=args.layers,
                               normalize=None if args.normalize == "none" else args.normalize,
                               save_encoder_attention=args.save_encoder_attention,
-                              grid_budget=int(args.attention_budget * 2**20)),
+                              grid_budget=int(args.attention_budget * 2**20),
+                              overlay_size=args.overlay_size),
         video_stride=args.video_stride, max_pixels=args.max_pixels or None,
         fold_bn=not args.no_fold_bn, channels_last=not args.no_channels_last, compile=args.compile,
         writer_threads=args.writer_threads, overwrite=args.overwrite, progress=not args.quiet)

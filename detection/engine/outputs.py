@@ -8,17 +8,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from detection.attention.maps import detection_maps, map_metadata, save_maps_npz
-from detection.attention.sampled import query_points
+from detection.attention.maps import map_metadata, query_cell_maps, save_maps_npz
 from detection.boxes import coco_xywh
 from detection.engine.grids import DEFAULT_GRID_BUDGET, VIEWER_IMAGE_SIDE, build_grids, save_grids_npz
 from detection.engine.predictor import PredictionResult
 from detection.engine.run_folder import RunFolder, attention_name, overlay_name
 from detection.engine.sources import SourceItem
+from detection.engine.overlays import DEFAULT_OVERLAY_SIZE, encode_overlay, render_overlays
 from detection.io import write_bytes_atomic
-from detection.render.overlay import encode_image, render_detection_overlay, render_overlay
+from detection.render.overlay import encode_image
 from detection.render.panel import fit_image
-from detection.render.points import render_points
 from detection.structures import Detections
 
 
@@ -27,7 +26,7 @@ class OutputOptions:
     """What a predict run writes beside predictions.jsonl.
 
     overlays: overlays/<key>.<image_format> and overlays/<key>/det_<k>.<image_format>.
-    save_attention: attention/<key>.npz (float16 maps, see attention.maps.save_maps_npz) and
+    save_attention: attention/<key>.npz (per-detection cell maps, see attention.maps.save_maps_npz) and
         attention/grids/<key>.npz (what the viewer needs: per-detection grids within `grid_budget` bytes,
         see engine.grids).
     save_encoder_attention: attention/grids/<key>.npz also keeps the last encoder layer's head-mean
@@ -36,6 +35,8 @@ class OutputOptions:
     overlay_style: "heatmap" (the maps) or "points" (deformable families: overlays/<key>/det_<k>
         shows the detection's sampling points as dots, see render.points; the combined overlay
         stays the heatmap).
+    overlay_size: long side of the overlays in pixels (only ever scaled down; None = original size;
+        see engine.overlays).
     """
 
     overlays: bool = False
@@ -47,6 +48,7 @@ class OutputOptions:
     save_encoder_attention: bool = False
     grid_budget: int | None = DEFAULT_GRID_BUDGET
     overlay_style: str = "heatmap"
+    overlay_size: int | None = DEFAULT_OVERLAY_SIZE
 
     @property
     def needs_maps(self) -> bool:
@@ -77,11 +79,6 @@ def detection_record(item: SourceItem, detections: Detections, category_ids: Seq
     return record
 
 
-def _encode(rgb: np.ndarray, image_format: str) -> bytes:
-    # PNG level 1: ~5x faster to write than the default 6 for ~15 % more bytes
-    return encode_image(rgb, f".{image_format}", jpeg_quality=92, png_compression=1)
-
-
 def write_image_outputs(folder: RunFolder, result: PredictionResult, options: OutputOptions,
                         category_ids: Sequence[int]) -> dict[str, Any]:
     """Write npz / overlays of one image (each atomic), then return its journal record.
@@ -95,44 +92,26 @@ def write_image_outputs(folder: RunFolder, result: PredictionResult, options: Ou
         return record
     if result.attention is None:
         raise ValueError("attention maps requested but the model returned no attention")
-    if len(detections):
-        maps = detection_maps(result.attention, 0, detections.query_index, detections.image_size,
-                              heads=options.heads, layers=options.layers, normalize=options.normalize)
-    else:  # nothing to explain; still write the (empty) npz and the plain overlay
-        maps = np.zeros((0, *detections.image_size), dtype=np.float32)
+    cells = query_cell_maps(result.attention, 0, detections.query_index, heads=options.heads, layers=options.layers)
+    meta = map_metadata(result.attention, 0, heads=options.heads, layers=options.layers, normalize=options.normalize)
     if options.save_attention:
-        meta = map_metadata(result.attention, 0, heads=options.heads, layers=options.layers,
-                            normalize=options.normalize)
         meta.update({"file": item.file, "key": item.key})
         if item.frame_index is not None:
             meta["frame_index"] = item.frame_index
-        save_maps_npz(folder.attention_path(item.key), maps, detections, meta)
+        save_maps_npz(folder.attention_path(item.key), cells, detections, meta["feature_stride"],
+                      meta["input_size"], meta)
         record["attention"] = attention_name(item.key)
         _write_grids(folder, result, options)
     if options.overlays:
         if result.image is None:
             raise ValueError("overlays requested but the decoded image was not kept")
         suffix = options.image_format
-        write_bytes_atomic(folder.overlay_path(item.key, suffix),
-                           _encode(render_overlay(result.image, detections, maps), suffix))
-        for k in range(len(detections)):
-            if options.overlay_style == "points":
-                image = _points_overlay(result, k, options)
-            else:
-                image = render_detection_overlay(result.image, detections[k], maps[k])
-            write_bytes_atomic(folder.detection_overlay_path(item.key, k, suffix), _encode(image, suffix))
+        for k, image in render_overlays(result.image, detections, cells, meta, options, result.attention):
+            path = (folder.overlay_path(item.key, suffix) if k is None  # k None: the combined overlay
+                    else folder.detection_overlay_path(item.key, k, suffix))
+            write_bytes_atomic(path, encode_overlay(image, suffix))
         record["overlay"] = overlay_name(item.key, suffix)
     return record
-
-
-def _points_overlay(result: PredictionResult, k: int, options: OutputOptions) -> np.ndarray:
-    """Detection k's sampling points (one layer: an index, else the last; heads: an index, else all)."""
-    detections = result.detections
-    layer = options.layers if isinstance(options.layers, int) else -1
-    heads = [options.heads] if isinstance(options.heads, int) else None
-    points = query_points(result.attention, 0, int(detections.query_index[k]), detections.image_size,
-                          layer=layer, heads=heads)
-    return render_points(result.image, points, detections[k])
 
 
 def viewer_image_jpeg(image: np.ndarray) -> bytes:

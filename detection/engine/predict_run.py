@@ -19,12 +19,13 @@ import torch
 from tqdm import tqdm
 
 from detection import __version__
+from detection.attention.maps import NPZ_FORMAT
 from detection.data.images import DEFAULT_MAX_PIXELS
 from detection.engine.grids import GRIDS_FORMAT
 from detection.engine.outputs import OutputOptions, write_image_outputs
 from detection.engine.planning import shard_plan
 from detection.engine.predictor import PredictionResult, Predictor
-from detection.engine.run_folder import RunFolder, RunFolderMismatch
+from detection.engine.run_folder import MAPS_FORMAT_KEY, RunFolder, RunFolderMismatch
 from detection.engine.run_lock import RunFolderLocked
 from detection.engine.sources import expand_sources
 from detection.models.digest import weights_digest
@@ -107,6 +108,10 @@ def run_fingerprint(settings: PredictSettings, model: torch.nn.Module, precision
         # as before
         **({"grids": {"format": GRIDS_FORMAT, "budget_bytes": out.grid_budget,
                       "encoder_attention": out.save_encoder_attention}} if out.save_attention else {}),
+        # the maps npz format (attention.maps): a folder of format-1 npz is not resumed into
+        **({MAPS_FORMAT_KEY: NPZ_FORMAT} if out.save_attention else {}),
+        # overlays' long side (None = original): only with --overlays
+        **({"overlay_size": out.overlay_size} if out.overlays else {}),
     }
 
 

@@ -37,6 +37,9 @@ GRIDS_DIR = f"{ATTENTION_DIR}/grids"
 #: The live run's lock (engine.run_lock): not an output, so `--overwrite` (run under the lock)
 #: keeps it; the run removes it when it ends.
 LOCK_FILE = ".lock"
+#: run.json's fingerprint key of the maps npz format (attention.maps.NPZ_FORMAT): a folder holding
+#: another format is not resumed into (the message says so; `--overwrite` starts over).
+MAPS_FORMAT_KEY = "maps_format"
 #: Everything a predict run writes; `--overwrite` removes these and nothing else.
 OWN_OUTPUTS = (RUN_FILE, PREDICTIONS_FILE, ERRORS_FILE, DETECTIONS_FILE, PARTS_DIR, OVERLAYS_DIR, ATTENTION_DIR)
 #: Overlay formats predict writes (and the report finds).
@@ -146,7 +149,14 @@ class RunFolder:
             previous = json.loads(run_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             raise RunFolderMismatch(f"{run_path}: unreadable ({err}); use another --out or --overwrite") from None
-        differing = fingerprint_mismatch(previous.get("fingerprint", {}), fingerprint)
+        old = previous.get("fingerprint", {})
+        differing = fingerprint_mismatch(old, fingerprint)
+        if MAPS_FORMAT_KEY in differing and MAPS_FORMAT_KEY in fingerprint and old.get("save_attention"):
+            raise RunFolderMismatch(
+                f"{self.out} holds attention maps in format {old.get(MAPS_FORMAT_KEY) or 'detr-attn-maps/1'} "
+                f"(full-resolution maps); this version writes {fingerprint[MAPS_FORMAT_KEY]} (cell maps) and "
+                "does not mix the two in one folder: use another --out, or --overwrite to start over "
+                "(format-1 npz files stay readable)")
         if differing:
             raise RunFolderMismatch(
                 f"{self.out} holds a run with different settings ({', '.join(differing)}); "

@@ -51,7 +51,7 @@ def record_maps(reader: RunReader, record: dict[str, Any]) -> np.ndarray:
         raise MissingAttentionError(
             f"{reader.root}: no saved attention maps for {record['file']} "
             f"({ATTENTION_DIR}/{key or '<key>'}.npz missing); rerun `detr-attn predict` with --save-attention")
-    maps, meta = load_maps_npz(path)
+    maps, meta = load_maps_npz(path, size="original")
     _check_maps(path, maps.shape, meta, record)
     return maps
 

@@ -224,9 +224,17 @@ def _draw_contours(image: np.ndarray, contours: list[np.ndarray], color: tuple[i
 
 def _blend(image: np.ndarray, color_layer: np.ndarray, opacity: np.ndarray) -> np.ndarray:
     """image·(1 − opacity) + color_layer·opacity per pixel; opacity (H, W) in [0, 1]."""
+    # the same float32 operations as image·(1 − w) + color·w, in place: two full-size temporaries
     weight = opacity[..., None].astype(np.float32)
-    mixed = image.astype(np.float32) * (1.0 - weight) + color_layer.astype(np.float32) * weight
-    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    mixed = image.astype(np.float32)
+    mixed *= 1.0 - weight
+    tint = color_layer.astype(np.float32)
+    tint *= weight
+    mixed += tint
+    del tint
+    np.rint(mixed, out=mixed)
+    np.clip(mixed, 0, 255, out=mixed)
+    return mixed.astype(np.uint8)
 
 
 def _check_alpha(alpha: float) -> float:
@@ -304,23 +312,58 @@ def render_overlay(
     """
     image = check_image(image_rgb)
     check_detections(detections, image.shape)
-    out = image.copy()
-    style = text_style(*image.shape[:2], display_width)
-    labels = np.asarray(detections.labels).reshape(-1) if len(detections) else np.zeros(0, np.int64)
+    strongest = owner = None
     if maps is not None:
         maps = check_saliency(maps, image.shape, "maps")
         if maps.ndim != 3 or len(maps) != len(detections):
             raise ValueError(f"maps must be (N={len(detections)}, H, W), got {maps.shape}")
         if len(maps):
-            palette = np.array([class_color(int(label)) for label in labels], dtype=np.uint8)
-            strongest = maps.max(axis=0)
-            owner = maps.argmax(axis=0)
-            out = _blend(image, palette[owner], _check_alpha(alpha) * strongest)
-            if contour_mass is not None:
-                for saliency, label in zip(maps, labels):
-                    _draw_contours(out, mass_contours(saliency, contour_mass), class_color(int(label)), style)
+            strongest, owner = maps.max(axis=0), maps.argmax(axis=0)
+    out = render_overlay_from_max(image, detections, strongest, owner, alpha, show_boxes=False)
+    if maps is not None and len(maps) and contour_mass is not None:
+        style = text_style(*image.shape[:2], display_width)
+        for saliency, label in zip(maps, np.asarray(detections.labels).reshape(-1)):
+            _draw_contours(out, mass_contours(saliency, contour_mass), class_color(int(label)), style)
     if show_boxes:
-        _draw_boxes_and_labels(out, detections, style, show_labels, True)
+        _draw_boxes_and_labels(out, detections, text_style(*image.shape[:2], display_width), show_labels, True)
+    return out
+
+
+def strongest_map(maps: np.ndarray, previous: tuple[np.ndarray, np.ndarray] | None = None,
+                  offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel, the largest value of (n, H, W) maps and the index (+ offset) of the first map
+    holding it, merged into `previous` (strongest, owner) of earlier maps (earlier ones win ties).
+    Folding the maps of N detections chunk by chunk gives exactly (maps.max(0), maps.argmax(0))."""
+    strongest, owner = maps.max(axis=0), maps.argmax(axis=0) + offset
+    if previous is None:
+        return strongest, owner
+    better = strongest > previous[0]
+    return np.where(better, strongest, previous[0]), np.where(better, owner, previous[1])
+
+
+def render_overlay_from_max(
+    image_rgb: np.ndarray,
+    detections: Detections,
+    strongest: np.ndarray | None,
+    owner: np.ndarray | None,
+    alpha: float = 0.6,
+    show_boxes: bool = True,
+    show_labels: bool = True,
+    display_width: int | None = None,
+) -> np.ndarray:
+    """`render_overlay` (no contours) from the per-pixel maximum of the maps: strongest (H, W) in
+    [0, 1] and owner (H, W) int, the detection holding it (`strongest_map`); None: boxes only. The
+    N maps need never be held at once."""
+    image = check_image(image_rgb)
+    check_detections(detections, image.shape)
+    out = image.copy()
+    if strongest is not None and owner is not None and len(detections):
+        strongest = check_saliency(strongest, image.shape, "strongest map")
+        labels = np.asarray(detections.labels).reshape(-1)
+        palette = np.array([class_color(int(label)) for label in labels], dtype=np.uint8)
+        out = _blend(image, palette[owner], _check_alpha(alpha) * strongest)
+    if show_boxes:
+        _draw_boxes_and_labels(out, detections, text_style(*image.shape[:2], display_width), show_labels, True)
     return out
 
 

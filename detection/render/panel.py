@@ -39,10 +39,30 @@ def fit_image(image_rgb: np.ndarray, max_width: int, max_height: int | None = No
         scale = min(scale, max_height / height)
     if abs(scale - 1.0) < 1e-9:
         return image.copy()
-    size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
+    return resize_image(image, (max(1, int(round(height * scale))), max(1, int(round(width * scale)))))
+
+
+def resize_image(image_rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An image (not a saliency map) scaled to exactly `size` (height, width)."""
+    image = check_image(image_rgb)
+    height, width = image.shape[:2]
+    if (height, width) == (int(size[0]), int(size[1])):
+        return image.copy()
     # INTER_AREA averages when shrinking (no moiré on thin box lines); linear when enlarging
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    return cv2.resize(image, size, interpolation=interpolation)
+    shrink = size[0] * size[1] < height * width
+    return cv2.resize(image, (int(size[1]), int(size[0])), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def display_size(image_size: Sequence[int], long_side: int | None) -> tuple[int, int]:
+    """(h, w) of an image of `image_size` (H, W) shown with its long side at most `long_side`
+    pixels (never enlarged; None keeps the original size). Each side is rounded, at least 1."""
+    height, width = int(image_size[0]), int(image_size[1])
+    if long_side is None or max(height, width) <= int(long_side):
+        return height, width
+    if int(long_side) <= 0:
+        raise ValueError(f"long side must be positive, got {long_side}")
+    scale = int(long_side) / max(height, width)
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
 def _fit_text(text: str, width: int, font_scale: float, thickness: int) -> str:
