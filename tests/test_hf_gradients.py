@@ -295,3 +295,34 @@ def test_methods_apply_by_family_and_refuse_naming_it(models):
         attn_grad(deformable, images, mask, 0, [0], [3])
     with pytest.raises(ValueError, match=r"0\.\.2 \(no-object excluded\)"):  # softmax: the last column is not a class
         attn_grad(dense, images, mask, 0, [0], [3])
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant, explain", [("yolos", "raw,attn-grad,relevance"), ("deformable_detr", "raw,attn-grad")])
+def test_eval_explain_on_hf_folders(tmp_path_factory, tmp_path, capsys, variant, explain):
+    import json
+
+    from detection.cli import main
+
+    data = tmp_path_factory.getbasetemp() / "hf_gradients_synth"
+    if not data.exists():
+        assert main(["synth", "--out", str(data), "--train", "0", "--val", "2", "--image-size", "96",
+                     "--no-progress"]) == 0
+    folder = hf_folder(variant, tmp_path / "model")
+
+    def evaluate(methods: str, out: str) -> int:
+        return main(["eval", "--no-progress", "--model", str(folder), "--ann",
+                     str(data / "annotations" / "instances_val.json"), "--images", str(data / "val"), "--out",
+                     str(tmp_path / out), "--allow-unmapped", "--attention-threshold", "0.2", "--device", "cpu",
+                     "--explain", methods])
+
+    assert evaluate(explain, "eval") == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    expected = {"last/mean", "last/max", "mean/mean", "mean/max", "attn-grad/last", "gaussian-baseline"}
+    assert set(metrics["attention"]) == expected | ({"relevance"} if "relevance" in explain else set())
+    assert metrics["attention"]["attn-grad/last"]["num_detections"] > 0
+    if "relevance" not in explain:  # a deformable family: refused, naming the family and what applies
+        capsys.readouterr()
+        assert evaluate("raw,relevance", "refused") != 0
+        err = capsys.readouterr().err
+        assert "Deformable DETR" in err and "raw, attn-grad, drise" in err
