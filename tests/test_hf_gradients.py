@@ -243,35 +243,47 @@ def test_batched_equals_one_detection_at_a_time(models, monkeypatch, variant):
         torch.testing.assert_close(chunked, together, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("variant", ["yolos", "table-transformer", "deformable_detr", "rt_detr_v2", "d_fine"])
+@pytest.mark.parametrize("variant", ["yolos", "conditional_detr", "table-transformer", "deformable_detr", "rt_detr_v2",
+                                     "d_fine"])
 def test_keep_graph_changes_no_output(models, variant):
     model = models(variant)
     images, mask = _padded_batch() if model.family.takes_padding else _single_image()
     dense = model.family.attention == "dense"
-    flags = dict(cross_attention=True, encoder_attention=dense, decoder_self_attention=dense)
-    with torch.no_grad():
-        plain = model(images, mask, **flags)
-    kept = model(images, mask, keep_graph=True, **flags)
-    assert "attention_graph" not in plain
-    for key in ("pred_logits", "pred_boxes"):
-        assert torch.equal(plain[key], kept[key].detach())
-    before, after, graph = plain["attention"], kept["attention"], kept["attention_graph"]
-    if dense:
-        for name in ("decoder_cross", "encoder_self", "decoder_self"):
-            assert torch.equal(getattr(before, name), getattr(after, name))
-        if graph.tokens:  # YOLOS: the record's rows are the detection tokens' rows of the kept weights
-            cross = torch.stack([t[:, :, -graph.detection_tokens:, 1:-graph.detection_tokens] for t in graph.tokens])
+    for selves in ((False, True) if dense else (False,)):
+        flags = dict(cross_attention=True, encoder_attention=selves, decoder_self_attention=selves)
+        with torch.no_grad():
+            plain = model(images, mask, **flags)
+        kept = model(images, mask, keep_graph=True, **flags)
+        assert "attention_graph" not in plain
+        for key in ("pred_logits", "pred_boxes"):
+            assert torch.equal(plain[key], kept[key].detach())
+        before, after, graph = plain["attention"], kept["attention"], kept["attention_graph"]
+        if dense:
+            assert torch.equal(before.decoder_cross, after.decoder_cross)
+            for name in ("encoder_self", "decoder_self"):  # the record holds only what was asked
+                if selves:
+                    assert torch.equal(getattr(before, name), getattr(after, name))
+                else:
+                    assert getattr(after, name) is None
+            if graph.tokens:  # YOLOS: the record's rows are the detection tokens' rows of the kept weights
+                detections = graph.detection_tokens
+                cross = torch.stack([t[:, :, -detections:, 1:-detections] for t in graph.tokens])
+                assert not graph.cross and not graph.encoder and not graph.decoder_self
+            else:  # every role is kept, whatever the record holds
+                cross = torch.stack(graph.cross)
+                assert len(graph.encoder) == len(graph.decoder_self) == len(graph.cross) == 2
+                if selves:
+                    torch.testing.assert_close(torch.stack(graph.encoder).detach().float(), after.encoder_self,
+                                               rtol=0, atol=0)
+            assert all(t.requires_grad for t in graph.tokens + graph.cross + graph.encoder + graph.decoder_self)
+            torch.testing.assert_close(cross.detach().float(), after.decoder_cross.flatten(-2), rtol=0, atol=0)
         else:
-            cross = torch.stack(graph.cross)
-        assert all(t.requires_grad for t in graph.tokens + graph.cross + graph.encoder + graph.decoder_self)
-        torch.testing.assert_close(cross.detach().float(), after.decoder_cross.flatten(-2), rtol=0, atol=0)
-    else:
-        sampled = after.decoder_cross_sampled
-        assert torch.equal(before.decoder_cross_sampled.weights, sampled.weights)
-        assert torch.equal(before.decoder_cross_sampled.locations, sampled.locations)
-        assert all(t.requires_grad for t in graph.cross)
-        stored = torch.stack([SampledAttention.layer_weights(t, sampled.points_per_level) for t in graph.cross])
-        assert torch.equal(stored.detach(), sampled.weights)
+            sampled = after.decoder_cross_sampled
+            assert torch.equal(before.decoder_cross_sampled.weights, sampled.weights)
+            assert torch.equal(before.decoder_cross_sampled.locations, sampled.locations)
+            assert all(t.requires_grad for t in graph.cross)
+            stored = torch.stack([SampledAttention.layer_weights(t, sampled.points_per_level) for t in graph.cross])
+            assert torch.equal(stored.detach(), sampled.weights)
     with pytest.raises(ValueError, match="keep_graph"):
         model(images, mask, keep_graph=True)
 

@@ -115,16 +115,18 @@ def _native_graph(model: nn.Module, images: torch.Tensor, padding_mask: torch.Te
 
 def _hf_graph(model: nn.Module, images: torch.Tensor, padding_mask: torch.Tensor | None,
               with_self_attention: bool) -> tuple[dict[str, Any], list[str], list[torch.Tensor], int]:
-    """HF detector: forward keeping the graph -> (outputs, kind per tensor, tensors, detection tokens)."""
-    dense = getattr(getattr(model, "family", None), "attention", None) == "dense"
+    """HF detector: forward keeping the graph -> (outputs, kind per tensor, tensors, detection tokens).
+
+    The graph holds every attention of a dense model whatever the record holds, so the record
+    is asked for the cross-attention only (its geometry is all that is read of it)."""
     with torch.enable_grad():
-        out = model(images, padding_mask, cross_attention=True, keep_graph=True,
-                    encoder_attention=with_self_attention and dense,
-                    decoder_self_attention=with_self_attention and dense)
+        out = model(images, padding_mask, cross_attention=True, keep_graph=True)
     graph = out["attention_graph"]
     if graph.tokens:
         return out, ["tokens"] * len(graph.tokens), list(graph.tokens), graph.detection_tokens
-    groups = {"cross": graph.cross, "decoder_self": graph.decoder_self, "encoder": graph.encoder}
+    groups = {"cross": graph.cross}
+    if with_self_attention:
+        groups.update(decoder_self=graph.decoder_self, encoder=graph.encoder)
     names = [name for name, tensors in groups.items() for _ in tensors]
     return out, names, [tensor for tensors in groups.values() for tensor in tensors], 0
 
@@ -191,7 +193,7 @@ def _token_reducer(flat: torch.Tensor, detections: int, all_tokens: bool) -> Red
 
 def _point_reducer(products: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """Sampled (n, Q, heads, ...) products -> the target's own query, heads kept: (n, heads, ...)."""
-    return products[torch.arange(len(queries)), queries.to(products.device)].clamp(min=0)
+    return products[torch.arange(len(queries), device=products.device), queries.to(products.device)].clamp(min=0)
 
 
 def _gradient_weighted(

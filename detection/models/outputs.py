@@ -364,7 +364,7 @@ class AttentionGraph:
         points), or HF's flat (B, Q, heads, sum(points_per_level)) layout where the record's
         `points_per_level` says how it splits (`SampledAttention.layer_weights`).
     decoder_self: (B, heads, Q, Q) per decoder layer; encoder: (B, heads, h*w, h*w) per encoder
-        layer (dense kind, when asked for; empty otherwise).
+        layer (dense encoder-decoder detectors, whatever the record holds; empty otherwise).
     tokens: ViT detectors (YOLOS): (B, heads, T, T) per layer over ALL T tokens, [CLS] first,
         then the patches (row-major, the record's grid), then the `detection_tokens` detection
         tokens; `cross` / `decoder_self` / `encoder` stay empty.

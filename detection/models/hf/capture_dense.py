@@ -94,7 +94,8 @@ class DenseCapture:
 
     keep_graph: also keep, for gradients, the very weight tensors the model multiplied with
     (un-detached, per layer, before any slicing or float conversion): `graph()` returns them as
-    an `AttentionGraph` (YOLOS: every layer's full (B, heads, T, T) weights as `tokens`). The
+    an `AttentionGraph` -- every role, whatever the record holds (YOLOS: every layer's full
+    (B, heads, T, T) weights as `tokens`). The
     interface route then runs the hooked modules with eager attention (SDPA computes no weights
     to keep; outputs differ from SDPA's by float rounding only, and not at all for the eager
     models `load_hf_detector` builds). The record is the same detached copy either way.
@@ -139,9 +140,9 @@ class DenseCapture:
             else:
                 cross, self_attn = layer.encoder_attn, layer.self_attn
             targets[cross] = ("cross", i)
-            if self.decoder_self:
+            if self.decoder_self or self.keep_graph:
                 targets[self_attn] = ("decoder_self", i)
-        if self.encoder:
+        if self.encoder or self.keep_graph:
             for i, layer in enumerate(encoder_layers):
                 targets[layer.self_attn] = ("encoder", i)
         return targets
@@ -260,7 +261,8 @@ class DenseCapture:
             return _softmax_rows(query[..., selection, :], key, _mask_rows(mask, selection), scaling)
 
         if role != "yolos":
-            self._roles[role][layer] = rows(slice(None))
+            if self._recorded(role):
+                self._roles[role][layer] = rows(slice(None))
             return
         detections = int(self.model.config.num_detection_tokens)
         tokens = int(key.shape[-2])
@@ -287,7 +289,8 @@ class DenseCapture:
         self._forced.discard(module)
         if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
             role, layer = self._targets[module]
-            self._roles[role][layer] = output[1].detach().float()
+            if self._recorded(role):
+                self._roles[role][layer] = output[1].detach().float()
             if self.keep_graph:
                 self._graph[role][layer] = output[1]
         if forced and isinstance(output, tuple) and len(output) > 1:
@@ -295,6 +298,10 @@ class DenseCapture:
         return None
 
     # -- the record -------------------------------------------------------------------------------
+    def _recorded(self, role: str) -> bool:
+        """Whether the record holds `role` (keep_graph hooks every role, the record only those asked)."""
+        return role == "cross" or (role == "encoder" and self.encoder) or (role == "decoder_self" and self.decoder_self)
+
     def _nothing_message(self, what: str) -> str:
         return (f"DenseCapture: {what} for model type {self.family!r} with transformers {_transformers_version()}; "
                 "the Hugging Face attention modules no longer route attention the way this capture expects")
@@ -322,9 +329,8 @@ class DenseCapture:
         if self.family == "yolos":
             return AttentionGraph(tokens=layers("tokens", decoder_layers),
                                   detection_tokens=int(self.model.config.num_detection_tokens))
-        return AttentionGraph(cross=layers("cross", decoder_layers),
-                              decoder_self=layers("decoder_self", decoder_layers) if self.decoder_self else (),
-                              encoder=layers("encoder", encoder_layers) if self.encoder else ())
+        return AttentionGraph(cross=layers("cross", decoder_layers), decoder_self=layers("decoder_self", decoder_layers),
+                              encoder=layers("encoder", encoder_layers))
 
     def record(self, outputs: Any, *, input_size: tuple[int, int], image_sizes: torch.Tensor,
                padding_mask: torch.Tensor | None) -> AttentionRecord:
