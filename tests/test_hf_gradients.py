@@ -241,6 +241,12 @@ def test_batched_equals_one_detection_at_a_time(models, monkeypatch, variant):
         chunked = function(model, images, mask, image, QUERIES, LABELS).values
         monkeypatch.undo()
         torch.testing.assert_close(chunked, together, rtol=1e-5, atol=1e-8)
+    # one layer is one layer's gradient only; both layers' maps average to the mean (splats are linear)
+    first, last, second = (attn_grad(model, images, mask, image, QUERIES, LABELS, layers=choice).values
+                           for choice in (0, "last", -1))
+    assert torch.equal(last, second) and not torch.allclose(first, last)
+    mean = attn_grad(model, images, mask, image, QUERIES, LABELS, layers="mean").values
+    torch.testing.assert_close(mean, (first + last) / 2, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("variant", ["yolos", "conditional_detr", "table-transformer", "deformable_detr", "rt_detr_v2",

@@ -205,6 +205,7 @@ def _gradient_weighted(
     labels: torch.Tensor | Sequence[int],
     with_self_attention: bool,
     finish: Callable[[dict[str, torch.Tensor], torch.Tensor, AttentionRecord], dict[str, torch.Tensor]] | None = None,
+    cross_layer: LayerChoice | None = None,
 ) -> tuple[dict[str, torch.Tensor], AttentionRecord, torch.Tensor]:
     """One forward, one batched backward -> gradient-weighted attention of image `image_index`.
 
@@ -214,6 +215,9 @@ def _gradient_weighted(
     records: "cross" (N, L_dec, heads, levels, points) (or HF's flat (..., heads, sum(points)))
     clamp(∇w ⊙ w, 0) of each target's own query. `finish(kinds, chunk's queries, record)` turns one
     chunk's result into the result kept (default: kept as is), so that big Ā need not outlive a chunk.
+    cross_layer: without self-attention, a layer choice other than "mean" ("last", an index) takes
+    the gradient of that cross-attention layer only ("cross" then holds L = 1): the backward stops
+    there instead of running through every layer.
     """
     if model.training:
         raise ValueError("put the model in eval mode (dropout would change the attention)")
@@ -232,6 +236,9 @@ def _gradient_weighted(
     else:
         raise ValueError("gradient explanations need the native DETR (a model with .transformer) or a wrapped "
                          "Hugging Face detector (forward(..., keep_graph=True))")
+    if cross_layer is not None and cross_layer != "mean" and not with_self_attention:
+        picked = int(reduce_layers(torch.arange(len(tensors)), cross_layer, dim=0))  # validates the choice
+        names, tensors = names[picked:picked + 1], tensors[picked:picked + 1]
     record = out["attention"]
     targets = _class_targets(model, out["pred_logits"][image_index], queries, classes)
     valid_h, valid_w = valid_feature_size(record.feature_padding_mask[image_index])
@@ -288,13 +295,18 @@ def attn_grad(
     if layers == "rollout":
         raise ValueError("layers='rollout' is relevance_maps; attn_grad_maps takes 'last', 'mean' or an index")
     weighted, record, queries = _gradient_weighted(
-        model, images, padding_mask, image_index, query_index, labels, with_self_attention=False)
+        model, images, padding_mask, image_index, query_index, labels, with_self_attention=False, cross_layer=layers)
     valid_h, valid_w = valid_feature_size(record.feature_padding_mask[int(image_index)])
+    computed = "mean" if layers == "mean" else "last"  # a single chosen layer is all that was computed
     if record.kind == "sampled":
-        cells = _sampled_maps(record.decoder_cross_sampled, weighted["cross"], int(image_index), queries,
-                              (valid_h, valid_w), layers)
+        sampled = record.decoder_cross_sampled
+        if layers != "mean":
+            chosen = int(reduce_layers(torch.arange(int(sampled.weights.shape[0])), layers, dim=0))
+            sampled = dataclasses.replace(sampled, locations=sampled.locations[chosen:chosen + 1],
+                                          weights=sampled.weights[chosen:chosen + 1])
+        cells = _sampled_maps(sampled, weighted["cross"], int(image_index), queries, (valid_h, valid_w), computed)
     else:
-        cross = reduce_layers(weighted["cross"], layers, dim=1)  # (N, Q, K)
+        cross = reduce_layers(weighted["cross"], computed, dim=1)  # (N, Q, K)
         cells = cross[torch.arange(len(queries)), queries.to(cross.device)].reshape(len(queries), valid_h, valid_w)
     return GradientMaps(cells.float(), *_geometry(record, int(image_index)))
 
