@@ -95,10 +95,10 @@ class DenseCapture:
     keep_graph: also keep, for gradients, the very weight tensors the model multiplied with
     (un-detached, per layer, before any slicing or float conversion): `graph()` returns them as
     an `AttentionGraph` -- every role, whatever the record holds (YOLOS: every layer's full
-    (B, heads, T, T) weights as `tokens`). The
-    interface route then runs the hooked modules with eager attention (SDPA computes no weights
-    to keep; outputs differ from SDPA's by float rounding only, and not at all for the eager
-    models `load_hf_detector` builds). The record is the same detached copy either way.
+    (B, heads, T, T) weights as `tokens`). The interface route then runs the hooked modules with
+    eager attention (SDPA computes no weights to keep; outputs differ from SDPA's by float
+    rounding only, and not at all for the eager models `load_hf_detector` builds). The record
+    is the same detached copy either way.
     """
 
     def __init__(self, hf_model: nn.Module, *, cross: bool = True, encoder: bool = False,
