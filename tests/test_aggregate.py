@@ -13,6 +13,7 @@ from detection.attention.aggregate import (
     reduce_layers,
     residual_normalized,
     self_relevance,
+    self_relevance_rows,
 )
 
 
@@ -77,6 +78,15 @@ def test_self_relevance_hand_example():
     # R1 = I + A = [[1.5,.5],[0,2]]; R2 = R1 + A @ R1 = R1 + [[.75,1.25],[0,2]]
     stack = t([[[0.5, 0.5], [0.0, 1.0]], [[0.5, 0.5], [0.0, 1.0]]])
     assert torch.allclose(self_relevance(stack), t([[2.25, 1.75], [0.0, 4.0]]))
+
+
+def test_self_relevance_rows_are_rows_of_self_relevance():
+    stack = t([[[0.5, 0.5], [0.0, 1.0]], [[0.5, 0.5], [0.0, 1.0]]])
+    assert torch.allclose(self_relevance_rows(stack, [1, 0]), t([[0.0, 4.0], [2.25, 1.75]]))  # the hand example
+    # non-commuting layers: the order of the products matters
+    layers = torch.rand(3, 7, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(self_relevance_rows(layers, [6, 2]), self_relevance(layers)[[6, 2]])
+    assert not torch.allclose(self_relevance_rows(layers.flip(0), [6, 2]), self_relevance(layers)[[6, 2]])
 
 
 def test_residual_normalized_keeps_zero_rows():

@@ -81,16 +81,20 @@ def test_every_method_applies_to_the_native_detr(setup):
 
 
 def test_a_method_that_does_not_apply_is_refused_naming_the_family_and_what_applies():
-    assert applicable_methods(_HFStandIn("yolos")) == ["raw", "rollout", "drise"]
+    for family in ("yolos", "conditional_detr", "dab-detr", "table-transformer"):  # dense: every method
+        assert applicable_methods(_HFStandIn(family)) == list(METHODS)
+    for family in ("deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "rf_detr"):  # sampled: no rollout, relevance
+        assert applicable_methods(_HFStandIn(family)) == ["raw", "attn-grad", "drise"]
     detector = _HFStandIn("deformable_detr")
-    assert applicable_methods(detector) == ["raw", "drise"]
-    for name in ("relevance", "rollout", "attn-grad"):
+    for name in ("relevance", "rollout"):
         with pytest.raises(MethodNotApplicable) as error:
             check_methods(["raw", name], detector)
         message = str(error.value)
         assert f"{name!r} does not apply to the Deformable DETR family" in message
-        assert message.endswith("methods that apply: raw, drise")
-    check_methods(["raw", "drise"], detector)
+        assert message.endswith("methods that apply: raw, attn-grad, drise")
+    check_methods(["raw", "attn-grad", "drise"], detector)
+    with pytest.raises(MethodNotApplicable, match="'relevance' does not apply to the object family"):
+        check_methods(["relevance"], object())  # neither the native DETR nor a wrapped family
 
 
 def test_parse_methods_keeps_order_and_refuses_unknown_names():

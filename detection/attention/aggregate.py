@@ -118,6 +118,22 @@ def self_relevance(self_attention: torch.Tensor) -> torch.Tensor:
     return relevance.to(self_attention.dtype)
 
 
+def self_relevance_rows(self_attention: torch.Tensor, rows: torch.Tensor | list[int]) -> torch.Tensor:
+    """Rows `rows` of `self_relevance(self_attention)` without forming R: (len(rows), N).
+
+    R = (I + Ā_L)·…·(I + Ā_1), so e_rᵀ·R is built by vector-matrix products from the last layer
+    down: v ← v + v·Ā_l for l = L … 1 -- O(L·N²) per row instead of O(L·N³) for all of R
+    (ViTs attend over every token: thousands of them at detection resolution). Float64 inside.
+    """
+    _check_square_stack(self_attention, "self_attention")
+    attention = self_attention.double()
+    index = torch.as_tensor(rows, dtype=torch.int64, device=attention.device).reshape(-1)
+    picked = torch.eye(attention.shape[-1], dtype=attention.dtype, device=attention.device)[index]
+    for layer in reversed(attention):
+        picked = picked + picked @ layer
+    return picked.to(self_attention.dtype)
+
+
 def residual_normalized(relevance: torch.Tensor) -> torch.Tensor:
     """R̄ = rownorm(R − I) + I (Chefer et al. eqs. 8-9); all-zero rows of R − I stay zero."""
     eye = torch.eye(relevance.shape[-1], dtype=relevance.dtype, device=relevance.device)

@@ -160,15 +160,25 @@ class SampledAttention:
             raise ValueError(f"{len(locations)} layers of locations and {len(weights)} of weights: need the same, >= 1")
         if points_per_level is not None and weights[0].ndim == 4:
             locations = [_pad_levels(layer, points_per_level) for layer in locations]
-            weights = [_pad_levels(layer, points_per_level) for layer in weights]
         return cls(
             locations=torch.stack([layer.float().transpose(1, 2) for layer in locations]),
-            weights=torch.stack([layer.float().transpose(1, 2) for layer in weights]),
+            weights=torch.stack([cls.layer_weights(layer, points_per_level) for layer in weights]),
             level_sizes=level_sizes,
             level_strides=level_strides,
             points_per_level=points_per_level,
             sampler=sampler,
         )
+
+    @staticmethod
+    def layer_weights(weights: torch.Tensor, points_per_level: Sequence[int] | None = None) -> torch.Tensor:
+        """One layer's weights in HF's layout -> the stored layout (B, heads, Q, levels, points) float32.
+
+        weights: (B, Q, heads, levels, points), or the flat (B, Q, heads, sum(points_per_level))
+        when `points_per_level` is given (padded with zeros, as `from_layers` stores them).
+        """
+        if points_per_level is not None and weights.ndim == 4:
+            weights = _pad_levels(weights, points_per_level)
+        return weights.float().transpose(1, 2)
 
     @property
     def batch_size(self) -> int:
@@ -341,5 +351,30 @@ class AttentionRecord:
         return self.decoder_cross_sampled.weights.device
 
 
-__all__ = ["AttentionKind", "AttentionRecord", "LevelCombination", "SampledAttention", "Sampler"]
+@dataclass(frozen=True)
+class AttentionGraph:
+    """The attention tensors one forward pass multiplied with, still in the autograd graph.
 
+    Returned beside the (detached) `AttentionRecord` when a capture is asked to keep the graph
+    (`HFDetector.forward(..., keep_graph=True)`), for gradients with respect to the attention.
+    One tensor per layer, exactly as the model computed it (same dtype, no slicing or copy):
+    cross: decoder cross-attention per decoder layer. Dense: (B, heads, Q, h*w) softmax weights
+        over the record's grid (row-major, padded cells included). Sampled: the
+        `attention_weights` handed to the deformable sampling core, (B, Q, heads, levels,
+        points), or HF's flat (B, Q, heads, sum(points_per_level)) layout where the record's
+        `points_per_level` says how it splits (`SampledAttention.layer_weights`).
+    decoder_self: (B, heads, Q, Q) per decoder layer; encoder: (B, heads, h*w, h*w) per encoder
+        layer (dense encoder-decoder detectors, whatever the record holds; empty otherwise).
+    tokens: ViT detectors (YOLOS): (B, heads, T, T) per layer over ALL T tokens, [CLS] first,
+        then the patches (row-major, the record's grid), then the `detection_tokens` detection
+        tokens; `cross` / `decoder_self` / `encoder` stay empty.
+    """
+
+    cross: tuple[torch.Tensor, ...] = ()
+    decoder_self: tuple[torch.Tensor, ...] = ()
+    encoder: tuple[torch.Tensor, ...] = ()
+    tokens: tuple[torch.Tensor, ...] = ()
+    detection_tokens: int = 0
+
+
+__all__ = ["AttentionGraph", "AttentionKind", "AttentionRecord", "LevelCombination", "SampledAttention", "Sampler"]

@@ -1,14 +1,15 @@
 """attn-grad and relevance: gradient-weighted attention of the detection's class logit
-(`attention.gradients`, Chefer et al. ICCV 2021); native DETR, whose attention modules are hooked."""
+(`attention.gradients`, Chefer et al. ICCV 2021). attn-grad: the native DETR and every wrapped
+HF family (deformable ones through their sampled-point weights); relevance: dense attention only."""
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import torch
 
-from detection.attention.gradients import attn_grad_maps, relevance_maps
+from detection.attention.gradients import GradientMaps, attn_grad, relevance
 from detection.attention.methods.base import (ExplanationMethod, ImageInput, MethodMaps, Targets, attention_kind,
-                                              native_detr)
+                                              model_family, native_detr)
 
 
 def _model_inputs(model: torch.nn.Module, image: ImageInput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,12 +19,13 @@ def _model_inputs(model: torch.nn.Module, image: ImageInput) -> tuple[torch.Tens
     return image.images.to(device), image.padding_mask.to(device)
 
 
-def _feature_stride(model: torch.nn.Module) -> int:
-    return int(model.feature_stride)
+def _method_maps(maps: GradientMaps) -> MethodMaps:
+    return MethodMaps(maps.values.cpu(), maps.stride, maps.input_size)
 
 
 class _GradientMethod(ExplanationMethod):
     needs_input = True
+    dense_only = False
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -32,14 +34,19 @@ class _GradientMethod(ExplanationMethod):
     def refusal(cls, model: Any) -> str | None:
         if native_detr(model):
             return None
-        if attention_kind(model) == "sampled":
-            return (f"{cls.name} is not implemented for the sampled (deformable) attention record yet"
-                    if cls.name == "attn-grad" else "relevance needs dense attention throughout")
-        return f"{cls.name} needs the native DETR's attention modules to take gradients through"
+        kind = attention_kind(model)
+        if getattr(model, "family", None) is None or kind not in ("dense", "sampled"):
+            return f"{cls.name} needs the native DETR or a wrapped Hugging Face detector to take gradients through"
+        if kind == "sampled" and cls.dense_only:
+            return (f"{cls.name} needs dense attention throughout (encoder self-, decoder self- and "
+                    f"cross-attention over one grid); the {model_family(model)} decoder samples points "
+                    "(deformable attention)")
+        return None
 
 
 class AttnGrad(_GradientMethod):
-    """E_h[(∇A ⊙ A)⁺] of the decoder cross-attention row of the query, per layer choice."""
+    """E_h[(∇A ⊙ A)⁺] of the decoder cross-attention row of the query (or of its sampled
+    points' weights), per layer choice."""
 
     name = "attn-grad"
 
@@ -54,18 +61,18 @@ class AttnGrad(_GradientMethod):
 
     def explain(self, image: ImageInput, targets: Targets) -> dict[str, MethodMaps]:
         images, mask = _model_inputs(self.model, image)
-        return {f"{self.name}/{layers}": MethodMaps(
-                    attn_grad_maps(self.model, images, mask, 0, targets.query_index, targets.labels, layers=layers).cpu(),
-                    _feature_stride(self.model), image.input_size())
+        return {f"{self.name}/{layers}": _method_maps(
+                    attn_grad(self.model, images, mask, 0, targets.query_index, targets.labels, layers=layers))
                 for layers in self.layers}
 
 
 class Relevance(_GradientMethod):
-    """Chefer et al.'s relevance R_qi (rules on gradient-weighted attention, no LRP)."""
+    """Chefer et al.'s relevance (rules on gradient-weighted attention, no LRP): R_qi for
+    encoder-decoder detectors, the self-attention rule over all tokens for YOLOS."""
 
     name = "relevance"
+    dense_only = True
 
     def explain(self, image: ImageInput, targets: Targets) -> dict[str, MethodMaps]:
         images, mask = _model_inputs(self.model, image)
-        cells = relevance_maps(self.model, images, mask, 0, targets.query_index, targets.labels)
-        return {self.name: MethodMaps(cells.cpu(), _feature_stride(self.model), image.input_size())}
+        return {self.name: _method_maps(relevance(self.model, images, mask, 0, targets.query_index, targets.labels))}

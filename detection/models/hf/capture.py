@@ -1,8 +1,9 @@
 """Which attention capture serves a family: dense weights or sampled deformable points.
 
-Both classes implement one interface (constructor(hf_model, cross=, encoder=, decoder_self=),
-forward_kwargs(), a `with` block around the HF forward, record(outputs, input_size=,
-image_sizes=, padding_mask=) -> AttentionRecord); `HFDetector.forward` uses only that.
+Both classes implement one interface (constructor(hf_model, cross=, encoder=, decoder_self=,
+keep_graph=), forward_kwargs(), a `with` block around the HF forward, record(outputs, input_size=,
+image_sizes=, padding_mask=) -> AttentionRecord, and with keep_graph graph() -> AttentionGraph);
+`HFDetector.forward` uses only that.
 """
 from __future__ import annotations
 

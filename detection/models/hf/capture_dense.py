@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from detection.models.outputs import AttentionRecord
+from detection.models.outputs import AttentionGraph, AttentionRecord
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +91,18 @@ class DenseCapture:
     and the record's feature padding mask marks the patches that hold no pixel of the image
     (from `image_sizes`). The patch embedding drops the last H mod p rows and W mod p columns;
     where an image reaches into them its record `image_sizes` is clipped to the patches' extent.
+
+    keep_graph: also keep, for gradients, the very weight tensors the model multiplied with
+    (un-detached, per layer, before any slicing or float conversion): `graph()` returns them as
+    an `AttentionGraph` -- every role, whatever the record holds (YOLOS: every layer's full
+    (B, heads, T, T) weights as `tokens`). The interface route then runs the hooked modules with
+    eager attention (SDPA computes no weights to keep; outputs differ from SDPA's by float
+    rounding only, and not at all for the eager models `load_hf_detector` builds). The record
+    is the same detached copy either way.
     """
 
     def __init__(self, hf_model: nn.Module, *, cross: bool = True, encoder: bool = False,
-                 decoder_self: bool = False) -> None:
+                 decoder_self: bool = False, keep_graph: bool = False) -> None:
         family = getattr(getattr(hf_model, "config", None), "model_type", None)
         if family not in FAMILIES:
             raise ValueError(f"DenseCapture handles model types {FAMILIES}, got {family!r}")
@@ -103,7 +111,9 @@ class DenseCapture:
         self.cross = True
         self.encoder = bool(encoder)
         self.decoder_self = bool(decoder_self)
+        self.keep_graph = bool(keep_graph)
         self._roles = {"cross": {}, "encoder": {}, "decoder_self": {}}  # role -> {layer: tensor}
+        self._graph: dict[str, dict[int, torch.Tensor]] = {"cross": {}, "encoder": {}, "decoder_self": {}, "tokens": {}}
         self.token_rows: dict[int, torch.Tensor] = {}
         self._grid: dict[str, Any] = {}
         try:
@@ -130,9 +140,9 @@ class DenseCapture:
             else:
                 cross, self_attn = layer.encoder_attn, layer.self_attn
             targets[cross] = ("cross", i)
-            if self.decoder_self:
+            if self.decoder_self or self.keep_graph:
                 targets[self_attn] = ("decoder_self", i)
-        if self.encoder:
+        if self.encoder or self.keep_graph:
             for i, layer in enumerate(encoder_layers):
                 targets[layer.self_attn] = ("encoder", i)
         return targets
@@ -226,8 +236,12 @@ class DenseCapture:
         if config is None:  # a module we did not hook (cannot happen unless configs are shared oddly)
             raise RuntimeError(f"DenseCapture's attention function called for an unhooked {type(module).__name__}")
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
-        implementation: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)
+        implementation: Callable = (eager if self.keep_graph
+                                    else ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager))
         output, weights = implementation(module, query, key, value, attention_mask, **kwargs)
+        if self.keep_graph:
+            role, layer = self._targets[module]
+            self._graph["tokens" if role == "yolos" else role][layer] = weights
         scaling = kwargs.get("scaling")
         scaling = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
         with torch.no_grad():
@@ -247,7 +261,8 @@ class DenseCapture:
             return _softmax_rows(query[..., selection, :], key, _mask_rows(mask, selection), scaling)
 
         if role != "yolos":
-            self._roles[role][layer] = rows(slice(None))
+            if self._recorded(role):
+                self._roles[role][layer] = rows(slice(None))
             return
         detections = int(self.model.config.num_detection_tokens)
         tokens = int(key.shape[-2])
@@ -274,12 +289,19 @@ class DenseCapture:
         self._forced.discard(module)
         if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
             role, layer = self._targets[module]
-            self._roles[role][layer] = output[1].detach().float()
+            if self._recorded(role):
+                self._roles[role][layer] = output[1].detach().float()
+            if self.keep_graph:
+                self._graph[role][layer] = output[1]
         if forced and isinstance(output, tuple) and len(output) > 1:
             return (output[0], None, *output[2:])  # callers that did not ask get what they got before
         return None
 
     # -- the record -------------------------------------------------------------------------------
+    def _recorded(self, role: str) -> bool:
+        """Whether the record holds `role` (keep_graph hooks every role, the record only those asked)."""
+        return role == "cross" or (role == "encoder" and self.encoder) or (role == "decoder_self" and self.decoder_self)
+
     def _nothing_message(self, what: str) -> str:
         return (f"DenseCapture: {what} for model type {self.family!r} with transformers {_transformers_version()}; "
                 "the Hugging Face attention modules no longer route attention the way this capture expects")
@@ -290,6 +312,25 @@ class DenseCapture:
             raise RuntimeError(self._nothing_message(
                 f"captured {role} attention of layers {sorted(captured)} (expected {layers} layers)"))
         return torch.stack([captured[i] for i in range(layers)])
+
+    def graph(self) -> AttentionGraph:
+        """The kept weight tensors of the last forward pass (`keep_graph=True`; see the class)."""
+        if not self.keep_graph:
+            raise RuntimeError("DenseCapture.graph() needs keep_graph=True")
+        decoder_layers, encoder_layers = self._expected_layers()
+
+        def layers(role: str, count: int) -> tuple[torch.Tensor, ...]:
+            kept = self._graph[role]
+            if sorted(kept) != list(range(count)):
+                raise RuntimeError(self._nothing_message(f"kept {role} weights of layers {sorted(kept)} "
+                                                         f"(expected {count} layers)"))
+            return tuple(kept[i] for i in range(count))
+
+        if self.family == "yolos":
+            return AttentionGraph(tokens=layers("tokens", decoder_layers),
+                                  detection_tokens=int(self.model.config.num_detection_tokens))
+        return AttentionGraph(cross=layers("cross", decoder_layers), decoder_self=layers("decoder_self", decoder_layers),
+                              encoder=layers("encoder", encoder_layers))
 
     def record(self, outputs: Any, *, input_size: tuple[int, int], image_sizes: torch.Tensor,
                padding_mask: torch.Tensor | None) -> AttentionRecord:

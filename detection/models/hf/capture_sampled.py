@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detection.models.outputs import AttentionRecord, SampledAttention
+from detection.models.outputs import AttentionGraph, AttentionRecord, SampledAttention
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +121,13 @@ class SampledCapture:
     image_sizes=..., padding_mask=...)`. cross: decoder cross-attention -- captured even when
     False, because an `AttentionRecord` always holds its decoder cross-attention (the points
     cost little); encoder: the dense AIFI encoder self-attention (rt_detr / rt_detr_v2 / d_fine
-    only; ValueError for the others); decoder_self: (L, B, heads, Q, Q).
+    only; ValueError for the others); decoder_self: (L, B, heads, Q, Q). keep_graph: also keep,
+    for gradients, each decoder layer's `attention_weights` tensor exactly as handed to the
+    sampling core (un-detached, HF's layout); `graph()` returns them as an `AttentionGraph`.
     """
 
-    def __init__(self, hf_model: nn.Module, *, cross: bool = True, encoder: bool = False, decoder_self: bool = False):
+    def __init__(self, hf_model: nn.Module, *, cross: bool = True, encoder: bool = False, decoder_self: bool = False,
+                 keep_graph: bool = False):
         family = getattr(getattr(hf_model, "config", None), "model_type", None)
         if family not in FAMILIES:
             raise ValueError(f"SampledCapture supports model types {FAMILIES}, got {family!r}")
@@ -138,6 +141,8 @@ class SampledCapture:
         self.cross = cross
         self.encoder = encoder
         self.decoder_self = decoder_self
+        self.keep_graph = keep_graph
+        self._graph: dict[int, torch.Tensor] = {}
         self._decoder_layers = list(hf_model.model.decoder.layers)
         self._undo: list[Callable[[], None]] = []
         self._active_layer: int | None = None
@@ -154,6 +159,7 @@ class SampledCapture:
     # -- installing and removing ------------------------------------------------------------
     def __enter__(self) -> "SampledCapture":
         self._cross, self._self, self._encoder_layers, self._encoder_grid = {}, {}, [], None
+        self._graph = {}
         try:
             self._install()
         except BaseException:
@@ -232,6 +238,8 @@ class SampledCapture:
     def _core_hook(self, index: int) -> Callable:
         def hook(_module, args, kwargs, _output):
             bound = _bind(_CORE_ARGS, args, kwargs)
+            if self.keep_graph:
+                self._graph[index] = bound["attention_weights"]
             self._cross[index] = {
                 "locations": bound["sampling_locations"].detach(),
                 "weights": bound["attention_weights"].detach(),
@@ -252,6 +260,8 @@ class SampledCapture:
                 level_sizes = tuple((int(h), int(w)) for h, w in bound["value_spatial_shapes"])
                 counts = tuple(int(n) for n in bound["num_points_list"])
                 locations = bound["sampling_locations"].detach()
+                if self.keep_graph:
+                    self._graph[layer] = bound["attention_weights"]
                 if method == "discrete":
                     locations = _read_cells(locations, level_sizes, counts)
                 self._cross[layer] = {
@@ -277,6 +287,16 @@ class SampledCapture:
             f"{self.family}: the capture found {what} (transformers {_version()}); Hugging Face's internals "
             "may have changed -- see detection/models/hf/capture_sampled.py"
         )
+
+    def graph(self) -> AttentionGraph:
+        """The kept decoder `attention_weights` of the last forward pass (`keep_graph=True`), one
+        tensor per layer in HF's layout (see `AttentionGraph.cross`)."""
+        if not self.keep_graph:
+            raise RuntimeError("SampledCapture.graph() needs keep_graph=True")
+        layers = len(self._decoder_layers)
+        if sorted(self._graph) != list(range(layers)):
+            raise self._nothing(f"attention weights kept for decoder layers {sorted(self._graph)} of {layers}")
+        return AttentionGraph(cross=tuple(self._graph[index] for index in range(layers)))
 
     def level_strides(self, levels: int) -> tuple[int, ...]:
         """Input pixels per cell of each of the decoder's `levels` feature levels, from the model."""

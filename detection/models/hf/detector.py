@@ -100,10 +100,14 @@ class HFDetector(nn.Module):
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None, *,
                 cross_attention: bool = False, encoder_attention: bool = False,
-                decoder_self_attention: bool = False) -> dict[str, Any]:
+                decoder_self_attention: bool = False, keep_graph: bool = False) -> dict[str, Any]:
         """images (B, 3, H, W) normalised as preprocess_spec says, zero on padding; padding_mask
         (B, H, W) True on padding (None = none). Outputs as the Detector contract states;
-        pred_boxes are relative to each image's unpadded extent (HF's convention too)."""
+        pred_boxes are relative to each image's unpadded extent (HF's convention too).
+
+        keep_graph: also return "attention_graph", the `AttentionGraph` of the attention tensors
+        the model multiplied with, in the autograd graph (for gradients; needs an attention flag).
+        """
         batch, _, height, width = images.shape
         if padding_mask is None:
             padding_mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
@@ -114,19 +118,25 @@ class HFDetector(nn.Module):
             raise ValueError(f"{self.family.title} takes no padding mask: run images of one input size per "
                              "batch (batching 'exact'), not padded batches")
         wanted = cross_attention or encoder_attention or decoder_self_attention
-        attention = None
+        if keep_graph and not wanted:
+            raise ValueError("keep_graph keeps captured attention: ask for some (cross_attention=True)")
+        attention = graph = None
         if wanted:
             capture = capture_class(self.family)(self.hf_model, cross=cross_attention, encoder=encoder_attention,
-                                                 decoder_self=decoder_self_attention)
+                                                 decoder_self=decoder_self_attention, keep_graph=keep_graph)
             with capture:
                 outputs = self.hf_model(**kwargs, **capture.forward_kwargs())
             attention = capture.record(outputs, input_size=(int(height), int(width)),
                                        image_sizes=image_sizes_from_mask(padding_mask),
                                        padding_mask=padding_mask if self.family.takes_padding else None)
+            graph = capture.graph() if keep_graph else None
         else:
             outputs = self.hf_model(**kwargs)
-        return {"pred_logits": outputs.logits, "pred_boxes": outputs.pred_boxes, "aux_outputs": [],
-                "attention": attention}
+        result = {"pred_logits": outputs.logits, "pred_boxes": outputs.pred_boxes, "aux_outputs": [],
+                  "attention": attention}
+        if keep_graph:
+            result["attention_graph"] = graph
+        return result
 
     def prepare_for_inference(self, device: str | torch.device, precision: str, fold_bn: bool = True,
                               channels_last: bool = True, compile: bool = False) -> nn.Module:
