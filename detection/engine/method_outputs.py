@@ -17,10 +17,11 @@ from detection.attention.grid_npz import save_grid_maps_npz
 from detection.attention.maps import save_maps_npz
 from detection.attention.methods import MethodMaps, Targets, check_methods
 from detection.engine.explain import MethodRunner, build_methods
+from detection.engine.outputs import _encode as encode_overlay  # the one overlay encoding of a run
 from detection.engine.predictor import PredictionResult
 from detection.engine.run_folder import RunFolder, method_attention_name
 from detection.io import write_bytes_atomic
-from detection.render.overlay import encode_image, render_detection_overlay
+from detection.render.overlay import render_detection_overlay
 
 #: Methods whose maps are image-resolution by nature: stored on their pooled grid (`grid_npz`).
 GRID_STORED = ("drise",)
@@ -114,9 +115,8 @@ def write_method_outputs(folder: RunFolder, result: PredictionResult, method_map
                 raise ValueError("overlays requested but the decoded image was not kept")
             for k in range(len(detections)):
                 image = render_detection_overlay(result.image, detections[k], image_maps[k])
-                # PNG level 1, as engine.outputs writes overlays
-                write_bytes_atomic(folder.method_overlay_path(item.key, method, k, image_format), encode_image(image, f".{image_format}", jpeg_quality=92,
-                                                        png_compression=1))
+                write_bytes_atomic(folder.method_overlay_path(item.key, method, k, image_format),
+                                   encode_overlay(image, image_format))
     record["methods"] = names
 
 
