@@ -25,6 +25,8 @@ on its load (print `lscpu` / load average with the table). GPU: --device cuda --
     .venv/bin/python scripts/bench.py --device cuda --batch-sizes 1 8 32
     .venv/bin/python scripts/bench.py --model hf-families   # HF families: scripts/bench_hf.py
     .venv/bin/python scripts/bench.py --job                  # the predict job on 12-MP photos: scripts/bench_job.py
+    .venv/bin/python scripts/bench.py --explain [--models demo r50 --demo-masks 1000 ...]
+        # each explanation method's overhead over inference + raw maps: scripts/bench_explain.py
 """
 from __future__ import annotations
 
@@ -227,6 +229,12 @@ def bench_overlay(top_k: int, repeats: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--explain" in argv:
+        # explanation methods (issue #13): each method's overhead over the raw maps, same run
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_explain
+
+        return bench_explain.main([arg for arg in argv if arg != "--explain"])
     if any(arg == "--model" or arg.startswith("--model=") for arg in argv):
         # HF detector families (scripts/bench_hf.py): transformers eager vs ours, with and without maps
         sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -17,7 +17,7 @@ from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch
 from detection.engine.predictor import Predictor
 from detection.evaluation.classes import map_classes
-from detection.evaluation.explain import method_names
+from detection.engine.explain import method_names
 from detection.evaluation.model_run import ModelRunOptions, run_model
 from detection.evaluation.subsets import SubsetSpec, select_subset
 from detection.models.registry import load_model

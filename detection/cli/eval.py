@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from detection.attention.drise import DriseOptions
+from detection.cli.drise_options import add_drise_arguments, drise_options
 from detection.attention.methods import METHODS, MethodNotApplicable, applicable_methods, parse_methods
 from detection.data.ground_truth import GroundTruthError, load_coco_gt
 from detection.evaluation.classes import load_class_map, map_classes
@@ -75,14 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 "--layers choices, plus rollout when listed there); metrics.json `attention` gets one "
                                 "entry per method and choice, e.g. last/mean, attn-grad/last, relevance, drise")
     attention.add_argument("--attn-grad-layers", default="last", help="comma list of attn-grad layer choices: last, mean, or an index")
-    attention.add_argument("--drise-masks", type=int, default=1000, help="D-RISE: number of random masks per image (default 1000)")
-    attention.add_argument("--drise-grid", type=int, default=16, help="D-RISE: random grid cells per side (default 16)")
-    attention.add_argument("--drise-probability", type=float, default=0.5, help="D-RISE: share of grid cells kept (default 0.5)")
-    attention.add_argument("--drise-seed", type=int, default=0, help="D-RISE: seed of the masks (default 0)")
-    attention.add_argument("--drise-batch-size", type=int, help="D-RISE: masked copies per forward pass (default: by input size, <= 64)")
-    attention.add_argument("--drise-precision", choices=("fp32", "bf16", "fp16", "auto"),
-                           help="D-RISE forward passes through the fast path (default: --precision; bf16 pays off on "
-                                "CUDA and for ResNet-50 on AVX512-BF16 CPUs, not for the demo model on a CPU)")
+    add_drise_arguments(attention, "--precision")
     attention.add_argument("--gaussian-sigma", type=float, default=0.25, help="baseline Gaussian sigma as a fraction of box width/height")
     attention.add_argument("--deletion-insertion", action="store_true", help="also compute deletion/insertion AUCs (slow: steps+1 forward passes per map)")
     attention.add_argument("--di-steps", type=int, default=16)
@@ -175,8 +168,7 @@ def _run_model(args: argparse.Namespace, gt_dataset: dict[str, Any], subset: Sub
     )
     try:
         explain = parse_methods(args.explain) if args.explain else None
-        drise = DriseOptions(num_masks=args.drise_masks, grid_size=args.drise_grid, probability=args.drise_probability,
-                             seed=args.drise_seed, batch_size=args.drise_batch_size)
+        drise = drise_options(args)
     except ValueError as error:
         raise EvaluationError(str(error)) from error
     options = ModelRunOptions(

@@ -14,7 +14,10 @@ import sys
 import traceback
 
 from detection.data.images import DEFAULT_MAX_PIXELS
+from detection.attention.methods import METHODS, parse_methods
+from detection.cli.drise_options import add_drise_arguments, drise_options
 from detection.engine.grids import DEFAULT_GRID_BUDGET
+from detection.engine.method_outputs import ExplainOptions
 from detection.engine.outputs import OutputOptions
 from detection.engine.overlays import DEFAULT_OVERLAY_SIZE
 from detection.engine.predict_run import PredictInterrupted, PredictSettings, PredictUsageError, run_predict
@@ -97,6 +100,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=_head_choice, default="mean", help="mean, max or a head index")
     parser.add_argument("--layers", type=_layer_choice, default="last", help="last, mean, rollout or a layer index")
     parser.add_argument("--normalize", choices=["minmax", "percentile", "none"], default="minmax")
+    parser.add_argument("--explain", metavar="METHODS",
+                        help=f"comma list of explanation methods: {', '.join(METHODS)} (default: raw, today's maps "
+                             "with --layers/--heads). Each method but raw writes attention/<method>/<key>.npz "
+                             "(D-RISE on a grid of long side <= 256 cells) and, with --overlays, "
+                             "overlays/<key>/<method>/det_<k>.png; raw's files are written as without --explain. "
+                             "attn-grad uses --layers (last for rollout), rollout --heads. A method that does not "
+                             "apply to the model's family is refused (exit 2)")
+    add_drise_arguments(parser, "--precision")
     parser.add_argument("--format", dest="image_format", choices=["png", "jpg"], default="png")
     parser.add_argument("--video-stride", type=int, default=1, help="keep every k-th video frame")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -133,6 +144,10 @@ def settings_from_args(args: argparse.Namespace) -> PredictSettings:
         raise ValueError(f"--attention-budget must be > 0 MiB, got {args.attention_budget}")
     if not args.inputs and not args.list:
         raise ValueError("no inputs: give image files, folders, globs, @list.txt or --list FILE")
+    explain = None
+    if args.explain is not None:
+        explain = ExplainOptions(methods=tuple(parse_methods(args.explain)), drise=drise_options(args),
+                                 drise_precision=args.drise_precision or args.precision)
     return PredictSettings(
         inputs=list(args.inputs), out=args.out, model=args.model, list_files=tuple(args.list),
         score_threshold=args.score_threshold, device=args.device, precision=args.precision,
@@ -146,7 +161,7 @@ def settings_from_args(args: argparse.Namespace) -> PredictSettings:
                               overlay_size=args.overlay_size),
         video_stride=args.video_stride, max_pixels=args.max_pixels or None,
         fold_bn=not args.no_fold_bn, channels_last=not args.no_channels_last, compile=args.compile,
-        writer_threads=args.writer_threads, overwrite=args.overwrite, progress=not args.quiet)
+        writer_threads=args.writer_threads, overwrite=args.overwrite, progress=not args.quiet, explain=explain)
 
 
 def run(args: argparse.Namespace) -> int:

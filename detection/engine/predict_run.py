@@ -21,7 +21,9 @@ from tqdm import tqdm
 from detection import __version__
 from detection.attention.maps import NPZ_FORMAT
 from detection.data.images import DEFAULT_MAX_PIXELS
+from detection.engine.explain import MethodRunner
 from detection.engine.grids import GRIDS_FORMAT
+from detection.engine.method_outputs import ExplainOptions, build_predict_methods, explain_result, write_method_outputs
 from detection.engine.outputs import OutputOptions, write_image_outputs
 from detection.engine.planning import shard_plan
 from detection.engine.predictor import PredictionResult, Predictor
@@ -29,7 +31,7 @@ from detection.engine.run_folder import MAPS_FORMAT_KEY, RunFolder, RunFolderMis
 from detection.engine.run_lock import RunFolderLocked
 from detection.engine.sources import expand_sources
 from detection.models.digest import weights_digest
-from detection.attention.methods import attention_kind
+from detection.attention.methods import MethodMaps, attention_kind
 from detection.models.registry import load_model
 from detection.runtime.device import resolve_device
 from detection.runtime.distributed import DistContext, init_distributed
@@ -70,6 +72,8 @@ class PredictSettings:
     writer_threads: int = 2
     overwrite: bool = False
     progress: bool = True
+    #: --explain (None: not given, raw maps only, as before; see engine.method_outputs)
+    explain: ExplainOptions | None = None
 
 
 @dataclass
@@ -112,6 +116,8 @@ def run_fingerprint(settings: PredictSettings, model: torch.nn.Module, precision
         **({MAPS_FORMAT_KEY: NPZ_FORMAT} if out.save_attention else {}),
         # overlays' long side (None = original): only with --overlays
         **({"overlay_size": out.overlay_size} if out.overlays else {}),
+        # the explanation methods: only with --explain, so runs without it resume as before
+        **({"explain": settings.explain.fingerprint()} if settings.explain is not None else {}),
     }
 
 
@@ -149,7 +155,14 @@ def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
         if settings.outputs.overlay_style == "points" and attention_kind(model) != "sampled":
             raise PredictUsageError("--overlay-style points draws deformable sampling points; this model's "
                                     "attention is dense (use the default heatmap style)")
-        predictor = _make_predictor(settings, model, device)
+        runner = None
+        if settings.explain is not None:
+            try:
+                runner = build_predict_methods(model, settings.explain, device, settings.outputs.layers,
+                                               settings.outputs.heads)
+            except ValueError as err:  # MethodNotApplicable names the family and the methods that apply
+                raise PredictUsageError(f"--explain: {err}") from err
+        predictor = _make_predictor(settings, model, device, runner)
         items = expand_sources(settings.inputs, settings.list_files, video_stride=settings.video_stride)
         if not items:
             raise PredictUsageError("no inputs given")
@@ -170,14 +183,15 @@ def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
         if context.any_true(refusal is not None):
             raise PredictUsageError(refusal or "rank 0 could not lock the output folder")
         try:
-            return _run_locked(settings, model, context, predictor, items, fingerprint, folder, stop)
+            return _run_locked(settings, model, context, predictor, runner, items, fingerprint, folder, stop)
         finally:
             if lock is not None:
                 lock.release()
 
 
 def _run_locked(settings: PredictSettings, model: torch.nn.Module, context: DistContext, predictor: Predictor,
-                items, fingerprint: dict[str, Any], folder: RunFolder, stop: StopOnSignals) -> PredictSummary:
+                runner: MethodRunner | None, items, fingerprint: dict[str, Any], folder: RunFolder,
+                stop: StopOnSignals) -> PredictSummary:
     """run_predict once rank 0 holds the folder's lock: overwrite / resume, shards, merge."""
     if context.is_main:
         if settings.overwrite:
@@ -212,8 +226,8 @@ def _run_locked(settings: PredictSettings, model: torch.nn.Module, context: Dist
         folder.write_run_info(run_info)
     context.barrier()
 
-    processed = _predict_shard(settings, predictor, folder, probed, shard_plan(plan, context.rank, context.world_size),
-                               context.is_main, stop)
+    processed = _predict_shard(settings, predictor, runner, folder, probed,
+                               shard_plan(plan, context.rank, context.world_size), context.is_main, stop)
     context.barrier()
     out = folder.out
     if context.any_true(stop.requested):
@@ -230,6 +244,8 @@ def _run_locked(settings: PredictSettings, model: torch.nn.Module, context: Dist
             "counts": counts,
             "timing": {"wall_seconds": round(time.time() - started, 3),
                        "model_seconds_rank0": round(predictor.model_seconds, 3),
+                       **({"explain_seconds_rank0": {name: round(seconds, 3) for name, seconds in runner.seconds.items()}}
+                          if runner is not None else {}),
                        "images_this_run_rank0": processed},
         })
         folder.write_run_info(run_info)
@@ -241,25 +257,29 @@ def _run_locked(settings: PredictSettings, model: torch.nn.Module, context: Dist
     return summary
 
 
-def _make_predictor(settings: PredictSettings, model: torch.nn.Module, device: torch.device) -> Predictor:
+def _make_predictor(settings: PredictSettings, model: torch.nn.Module, device: torch.device,
+                    runner: MethodRunner | None = None) -> Predictor:
     options = settings.outputs
+    method_attention = runner is not None and runner.needs_attention
     return Predictor(model, device=device, precision=settings.precision, batch_size=settings.batch_size,
                      num_workers=settings.workers, score_threshold=settings.score_threshold,
-                     cross_attention=options.needs_maps, batching=settings.batching,
-                     keep_images=options.overlays or options.save_attention,
-                     rollout=options.layers == "rollout" or options.save_encoder_attention,
+                     cross_attention=options.needs_maps or method_attention, batching=settings.batching,
+                     keep_images=options.overlays or options.save_attention or (runner is not None and runner.needs_input),
+                     rollout=options.layers == "rollout" or options.save_encoder_attention
+                     or (runner is not None and runner.needs_self_attention),
                      fold_bn=settings.fold_bn, channels_last=settings.channels_last,
                      compile=settings.compile, max_pixels=settings.max_pixels,
                      video_stride=settings.video_stride,
                      # the viewer's grids keep every layer
-                     last_layer_only=options.layers == "last" and not options.save_attention)
+                     last_layer_only=options.layers == "last" and not options.save_attention and not method_attention)
 
 
-def _predict_shard(settings: PredictSettings, predictor: Predictor, folder: RunFolder, probed, my_plan,
-                   is_main: bool, stop: StopOnSignals) -> int:
+def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: MethodRunner | None, folder: RunFolder,
+                   probed, my_plan, is_main: bool, stop: StopOnSignals) -> int:
     """This rank's share: journal every result (per-image files on writer threads); returns
     the number of images processed in this run. Once `stop` is requested no new result is
-    taken; the writes in flight finish and are journalled."""
+    taken; the writes in flight finish and are journalled. The explanation methods (`runner`)
+    run here, in this thread (they run models); their files are written on the writer threads."""
     done = folder.open()
     processed = 0
     # tqdm(disable=None): no bar when stderr is not a terminal
@@ -268,9 +288,11 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, folder: RunF
     category_ids = predictor.config.category_ids
     pool = ThreadPoolExecutor(max_workers=max(1, settings.writer_threads))
 
-    def write(result: PredictionResult) -> None:
+    def write(result: PredictionResult, method_maps: dict[str, MethodMaps] | None) -> None:
         try:
             record = write_image_outputs(folder, result, settings.outputs, category_ids)
+            if method_maps is not None:
+                _write_methods(folder, result, method_maps, settings.outputs, record)
         except OSError:
             raise  # disk full / permissions: stop, a rerun resumes
         except Exception as err:  # noqa: BLE001 - one image's output must not stop the run
@@ -288,7 +310,12 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, folder: RunF
             if result.error is not None:
                 folder.append_error(result.item, result.error)
             else:
-                pending.append(pool.submit(write, result))
+                try:
+                    method_maps = None if runner is None else explain_result(runner, result)
+                except Exception as err:  # noqa: BLE001 - one image's explanation must not stop the run
+                    folder.append_error(result.item, f"explanation methods failed: {type(err).__name__}: {err}")
+                else:
+                    pending.append(pool.submit(write, result, method_maps))
                 processed += 1
             progress.update(1)
             if stop.requested:
@@ -308,6 +335,15 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, folder: RunF
         folder.close()
         progress.close()
     return processed
+
+
+def _write_methods(folder: RunFolder, result: PredictionResult, method_maps: dict[str, MethodMaps],
+                   options: OutputOptions, record: dict[str, Any]) -> None:
+    item = result.item
+    meta: dict[str, Any] = {"file": item.file, "key": item.key}
+    if item.frame_index is not None:
+        meta["frame_index"] = item.frame_index
+    write_method_outputs(folder, result, method_maps, options, meta, record)
 
 
 def _shut_down(pool: ThreadPoolExecutor) -> None:

@@ -8,6 +8,8 @@ Layout (docs/ARCHITECTURE.md "Predict run folder"):
     OUT/errors.jsonl        {"file", "reason", "key", "image_id"[, "frame_index"]} per failed input
     OUT/detections.json     COCO results list, written at the end
     OUT/overlays/<key>.<fmt>, OUT/overlays/<key>/det_<k>.<fmt>, OUT/attention/<key>.npz
+    OUT/attention/<method>/<key>.npz, OUT/overlays/<key>/<method>/det_<k>.<fmt>  with --explain, per
+                            method other than raw (engine.method_outputs)
     OUT/attention/grids/<key>.npz  the viewer's data (engine.grids), with --save-attention
     OUT/.parts/             per-rank journals of a torchrun run (merged by rank 0, then removed)
     OUT/.lock               pid + host of the live run writing OUT (removed when it ends; not an output)
@@ -60,6 +62,17 @@ def detection_overlay_name(key: str, index: int, image_format: str) -> str:
 def attention_name(key: str) -> str:
     """The npz of per-detection maps of image `key` (see attention.maps.save_maps_npz)."""
     return f"{ATTENTION_DIR}/{key}.npz"
+
+
+def method_attention_name(key: str, method: str) -> str:
+    """The npz of explanation method `method`'s maps of image `key` (engine.method_outputs). A
+    folder per method, not "<key>.<method>.npz": a key may itself end in ".<method>"."""
+    return f"{ATTENTION_DIR}/{method}/{key}.npz"
+
+
+def method_overlay_name(key: str, method: str, index: int, image_format: str) -> str:
+    """The overlay of detection `index` of image `key` drawn with method `method`'s map."""
+    return f"{OVERLAYS_DIR}/{key}/{method}/det_{index}.{image_format}"
 
 
 def grids_name(key: str) -> str:
@@ -125,6 +138,12 @@ class RunFolder:
 
     def grids_path(self, key: str) -> Path:
         return self.out / grids_name(key)
+
+    def method_attention_path(self, key: str, method: str) -> Path:
+        return self.out / method_attention_name(key, method)
+
+    def method_overlay_path(self, key: str, method: str, index: int, suffix: str) -> Path:
+        return self.out / method_overlay_name(key, method, index, suffix)
 
     # -- lifecycle ------------------------------------------------------------------------
     def lock(self) -> RunLock:
@@ -375,6 +394,15 @@ class RunReader:
     def detection_overlays(self, key: str, count: int) -> list[Path | None]:
         """Per-detection overlays of image `key` (None where a file is missing)."""
         return [self._find_image(lambda fmt: detection_overlay_name(key, k, fmt)) for k in range(count)]
+
+    def method_detection_overlays(self, key: str, method: str, count: int) -> list[Path | None]:
+        """Per-detection overlays of image `key` drawn with explanation method `method` (None where missing)."""
+        return [self._find_image(lambda fmt: method_overlay_name(key, method, k, fmt)) for k in range(count)]
+
+    def method_attention(self, key: str, method: str) -> Path | None:
+        """attention/<method>/<key>.npz, or None when the run did not save it."""
+        path = self.root / method_attention_name(key, method)
+        return path if path.is_file() else None
 
     def attention(self, key: str) -> Path | None:
         path = self.root / attention_name(key)

@@ -24,7 +24,7 @@ from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch
 from detection.engine.predictor import Predictor
 from detection.engine.sources import SourceItem
-from detection.evaluation.explain import build_methods, method_names
+from detection.engine.explain import build_methods, method_names
 from detection.evaluation.subsets import Subset
 from detection.models.contract import Detector
 from detection.runtime.device import resolve_device

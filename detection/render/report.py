@@ -43,6 +43,9 @@ class ImageEntry:
     stem: str | None
     overlay: Path | None
     detection_overlays: list[Path | None] = field(default_factory=list)
+    #: method -> per-detection overlays drawn with that explanation method (predict --explain;
+    #: raw's are `detection_overlays`), in the order the run lists the methods
+    method_overlays: dict[str, list[Path | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,13 +60,24 @@ class RunContents:
     def detection_count(self) -> int:
         return sum(len(entry.detections) for entry in self.images)
 
+    @property
+    def methods(self) -> list[str]:
+        """The explanation methods other than raw whose overlays the run saved (predict --explain)."""
+        return list(dict.fromkeys(method for entry in self.images for method in entry.method_overlays))
+
 
 def _image_entry(row: dict, reader: RunReader) -> ImageEntry:
     stem = reader.image_key(row)
     overlay = per_detection = None
+    per_method: dict[str, list[Path | None]] = {}
     if stem is not None:
         overlay = reader.overlay(row, stem)
         per_detection = reader.detection_overlays(stem, len(row["detections"]))
+        methods = row.get("methods") if isinstance(row.get("methods"), dict) else {}
+        for method in methods:
+            paths = reader.method_detection_overlays(stem, str(method), len(row["detections"]))
+            if any(path is not None for path in paths):
+                per_method[str(method)] = paths
     return ImageEntry(
         file=str(row["file"]),
         image_id=row.get("image_id"),
@@ -73,6 +87,7 @@ def _image_entry(row: dict, reader: RunReader) -> ImageEntry:
         stem=stem,
         overlay=overlay,
         detection_overlays=per_detection or [None] * len(row["detections"]),
+        method_overlays=per_method,
     )
 
 
@@ -112,6 +127,7 @@ img.combined{max-width:100%;border:1px solid #ccc}
 figure{margin:0;width:360px}figure img{width:360px;border:1px solid #ccc}
 figcaption{font-size:13px}.note{color:#a04000}.missing{color:#888;font-style:italic}
 .swatch{display:inline-block;width:10px;height:10px;margin-right:4px;border:1px solid #888}
+table.methods img{width:240px;border:1px solid #ccc}.picker{margin:8px 0}.picker label{margin-right:12px}
 """
 
 
@@ -176,7 +192,7 @@ def _caption(index: int, det: dict) -> str:
     return f"#{index} {name} {score}" + (f" (query {query})" if query else "")
 
 
-def _image_section(number: int, entry: ImageEntry, source: _ImageSource) -> str:
+def _image_section(number: int, entry: ImageEntry, source: _ImageSource, classes: dict[str, str]) -> str:
     parts = [f'<section class="image" id="img-{number}">', f"<h2>{_escape(entry.file)}</h2>"]
     parts.append(
         f"<p>{entry.width} &times; {entry.height} px &middot; {len(entry.detections)} detection(s)"
@@ -200,6 +216,9 @@ def _image_section(number: int, entry: ImageEntry, source: _ImageSource) -> str:
                 + "</tr>"
             )
         parts.append("</table>")
+    if entry.detections and entry.method_overlays:
+        parts.append(_method_table(entry, source, classes))
+    elif entry.detections:
         parts.append('<div class="dets">')
         for index, (det, path) in enumerate(zip(entry.detections, entry.detection_overlays)):
             caption = _caption(index, det)
@@ -212,6 +231,43 @@ def _image_section(number: int, entry: ImageEntry, source: _ImageSource) -> str:
         parts.append("</div>")
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _method_columns(entry: ImageEntry) -> list[tuple[str, list[Path | None]]]:
+    """(method, per-detection overlays) for raw (when saved) and each saved method, in order."""
+    columns = [("raw", entry.detection_overlays)] if any(p is not None for p in entry.detection_overlays) else []
+    return columns + list(entry.method_overlays.items())
+
+
+def _method_table(entry: ImageEntry, source: _ImageSource, classes: dict[str, str]) -> str:
+    """One row per detection, one column per explanation method: the methods side by side.
+    classes: method -> the CSS class of its column (`_method_picker`)."""
+    columns = _method_columns(entry)
+    parts = ['<table class="methods"><tr><th>detection</th>'
+             + "".join(f'<th class="{classes[m]}">{_escape(m)}</th>' for m, _ in columns) + "</tr>"]
+    for index, det in enumerate(entry.detections):
+        caption = _caption(index, det)
+        cells = []
+        for method, paths in columns:
+            path = paths[index] if index < len(paths) else None
+            image = (f'<img src="{_escape(source(path, DETECTION_WIDTH))}" alt="{_escape(f"{caption} {method}")}">'
+                     if path is not None else '<span class="missing">no overlay</span>')
+            cells.append(f'<td class="{classes[method]}">{image}</td>')
+        parts.append(f"<tr><td>{_escape(caption)}</td>{''.join(cells)}</tr>")
+    parts.append("</table>")
+    return "\n".join(parts)
+
+
+def _method_picker(methods: list[str]) -> tuple[str, dict[str, str]]:
+    """The method picker (a checkbox per method that shows / hides its column in every image's
+    table; no script: the checkboxes precede the sections as siblings of them, so a
+    `:not(:checked) ~ section` rule reaches the columns) and method -> its columns' CSS class."""
+    classes = {method: f"m{number}" for number, method in enumerate(methods)}
+    css = "".join(f"#show-{c}:not(:checked)~section .{c}{{display:none}}" for c in classes.values())
+    boxes = "".join(f'<input type="checkbox" id="show-{c}" checked><label for="show-{c}">{_escape(m)}</label> '
+                    for m, c in classes.items())
+    return (f'<style>{css}</style><p class="picker">Explanation methods saved (tick to compare side by side):</p>'
+            + boxes), classes
 
 
 def render_html(run: RunContents, out_dir: Path, link_images: bool = False, title: str | None = None) -> str:
@@ -241,7 +297,11 @@ def render_html(run: RunContents, out_dir: Path, link_images: bool = False, titl
             f'<a href="#img-{number}">{thumb}<br>{_escape(entry.file)} ({len(entry.detections)})</a>'
         )
     parts.append("</div></section>")
-    parts.extend(_image_section(number, entry, source) for number, entry in enumerate(run.images, start=1))
+    classes: dict[str, str] = {}
+    if run.methods:
+        picker, classes = _method_picker(["raw", *run.methods])
+        parts.append(picker)
+    parts.extend(_image_section(number, entry, source, classes) for number, entry in enumerate(run.images, start=1))
     if run.errors:
         parts.append('<section id="errors"><h2>Errors</h2><table><tr><th>file</th><th>reason</th></tr>')
         parts.extend(
@@ -337,15 +397,21 @@ def _image_pages(entry: ImageEntry) -> list[np.ndarray]:
     if len(entry.detections) > 12:
         top = _write_lines(page, [f"... and {len(entry.detections) - 12} more (see the HTML report)"], top - _LINE_HEIGHT // 2)
     pages = [page]
+    # with explanation methods: a row per detection, a tile per method (as the HTML compares them)
+    columns = _method_columns(entry) if entry.method_overlays else [("", entry.detection_overlays)]
     tiles = [
-        (decode_image(path.read_bytes(), str(path)), _caption(k, entry.detections[k]))
-        for k, path in enumerate(entry.detection_overlays)
-        if path is not None
+        (decode_image(path.read_bytes(), str(path)), f"{_caption(k, entry.detections[k])} {method}".strip())
+        for k in range(len(entry.detections))
+        for method, paths in columns
+        if (path := paths[k] if k < len(paths) else None) is not None
     ]
-    for start in range(0, len(tiles), PDF_DETECTIONS_PER_PAGE):
-        chunk = tiles[start : start + PDF_DETECTIONS_PER_PAGE]
+    per_row = 3 if not entry.method_overlays else len(columns)
+    per_page = PDF_DETECTIONS_PER_PAGE if not entry.method_overlays else 3 * per_row
+    for start in range(0, len(tiles), per_page):
+        chunk = tiles[start : start + per_page]
         # 3 x 240 px tiles + gaps ~ the page's usable width, so titles are not shrunk
-        grid = compose_grid([t for t, _ in chunk], [c for _, c in chunk], columns=3, tile_width=240)
+        grid = compose_grid([t for t, _ in chunk], [c for _, c in chunk], columns=per_row,
+                            tile_width=720 // max(3, per_row))
         # a grid shrunk much below its drawn size has unreadable titles: give it a fresh page
         if start > 0 or _fit_scale(grid, usable - top) < 0.8:
             pages.append(_blank_page())

@@ -1,5 +1,5 @@
-"""The explanation methods of an evaluation run: which ones (`--explain`, or the legacy
---layers choice), built for the model, and each image's maps in original pixels, timed per method."""
+"""The explanation methods of a run (eval and predict `--explain`, or eval's legacy --layers
+choice), built for the model, and each image's maps (on their grids or in original pixels), timed per method."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +12,7 @@ import torch
 
 from detection.attention.drise import DriseOptions
 from detection.attention.methods import (METHODS, AttentionRollout, AttnGrad, Drise, ExplanationMethod, ImageInput,
-                                         RawAttention, Relevance, Targets, check_methods)
+                                         MethodMaps, RawAttention, Relevance, Targets, check_methods)
 from detection.data.preprocess import image_to_input, pad_batch
 from detection.engine.fast import InferenceModel
 from detection.runtime.device import resolve_precision
@@ -60,16 +60,23 @@ class MethodRunner:
         rgb: uint8 (H, W, 3) original image (needed when a method takes the model input);
         attention: the inference pass's record of this image (batch of one) or None.
         """
+        cells = self.image_cell_maps(rgb, original_size, attention, targets)
+        return {choice: maps.to_image(original_size) for choice, maps in cells.items()}
+
+    def image_cell_maps(self, rgb: np.ndarray | None, original_size: tuple[int, int], attention: Any,
+                        targets: Targets) -> dict[str, MethodMaps]:
+        """choice -> the maps of one image on each method's own grid, with their geometry
+        (`MethodMaps`; `image_maps` takes them to original pixels). Arguments as `image_maps`."""
         images = padding_mask = None
         if self.needs_input:
             if rgb is None:
                 raise ValueError("the methods need the decoded image (keep_images)")
             images, padding_mask = pad_batch([image_to_input(rgb, self.preprocess)], self.preprocess.size_divisibility)
         image = ImageInput(tuple(original_size), attention=attention, images=images, padding_mask=padding_mask)
-        maps: dict[str, np.ndarray] = {}
+        maps: dict[str, MethodMaps] = {}
         for method in self.methods:
             started = time.perf_counter()
-            maps.update({choice: cells.to_image(original_size) for choice, cells in method.explain(image, targets).items()})
+            maps.update(method.explain(image, targets))
             self.seconds[method.name] = self.seconds.get(method.name, 0.0) + time.perf_counter() - started
         return maps
 
