@@ -159,3 +159,24 @@ def test_a_method_that_does_not_apply_is_a_usage_error_that_writes_nothing(tmp_p
     assert "'relevance' does not apply to the RT-DETR family" in message
     assert "methods that apply: raw, attn-grad, drise" in message
     assert not out.exists()
+
+
+def test_export_takes_the_maps_of_a_saved_method(explained_run: Path, tmp_path) -> None:
+    """export --method M: each COCO mask is the Otsu mask of that method's saved map; a method the
+    run did not save (and raw without --save-attention) is a clear error naming the option."""
+    from detection.attention.metrics import encode_mask, explanation_mask
+
+    out = tmp_path / "relevance.json"
+    assert main(["export", str(explained_run), "--format", "coco-masks", "--out", str(out),
+                 "--method", "relevance"]) == 0
+    results = json.loads(out.read_text())
+    expected = []
+    for record in read_journal(explained_run / "predictions.jsonl"):
+        maps, _ = load_maps_npz(explained_run / record["methods"]["relevance"])
+        expected += [encode_mask(explanation_mask(saliency)) for saliency in maps]
+    assert [entry["segmentation"] for entry in results] == expected and expected
+    fiftyone = tmp_path / "fo"
+    assert main(["export", str(explained_run), "--format", "fiftyone", "--out", str(fiftyone), "--method", "drise"]) == 0
+    assert (fiftyone / "samples.json").is_file()
+    assert main(["export", str(explained_run), "--format", "coco-masks", "--out", str(tmp_path / "raw.json")]) == 2
+    assert not (tmp_path / "raw.json").exists()  # no --save-attention in this run: raw maps were not saved

@@ -1,5 +1,5 @@
-"""`detr-attn export RUN_DIR --format coco-masks --out FILE [--ann GT.json]` and
-`detr-attn export RUN_DIR --format fiftyone --out DIR`: options, messages and exit statuses around
+"""`detr-attn export RUN_DIR --format coco-masks --out FILE [--ann GT.json] [--method M]` and
+`detr-attn export RUN_DIR --format fiftyone --out DIR [--method M]`: options, messages and exit statuses around
 `evaluation.mask_export.export_coco_masks` and `evaluation.fiftyone_export.export_fiftyone`.
 
 Exit status: 0 written; 2 bad option, unreadable run folder, run without saved attention
@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "dataset_type=fo.types.FiftyOneDataset) (masks + per-detection heatmaps)")
     parser.add_argument("--out", required=True, metavar="FILE|DIR",
                         help="results JSON to write (coco-masks) or dataset folder (fiftyone)")
+    parser.add_argument("--method", default="raw",
+                        help="whose maps: raw (--save-attention, default) or a method saved by predict --explain "
+                             "(rollout, attn-grad, relevance, drise)")
     parser.add_argument("--ann", default=None, metavar="GT.json",
                         help="COCO ground truth: take image ids from it by file name (default: the run's ids)")
 
@@ -33,11 +36,11 @@ def run(args: argparse.Namespace) -> int:
         if args.format == "fiftyone":
             if args.ann is not None:
                 raise ValueError("--ann applies to --format coco-masks only")
-            count = export_fiftyone(args.run_dir, args.out)
+            count = export_fiftyone(args.run_dir, args.out, args.method)
             print(f"wrote a FiftyOne dataset of {count} samples to {args.out} "
                   "(fo.Dataset.from_dir(DIR, dataset_type=fo.types.FiftyOneDataset))")
             return 0
-        results = export_coco_masks(args.run_dir, args.out, args.ann)
+        results = export_coco_masks(args.run_dir, args.out, args.ann, args.method)
     except (FileNotFoundError, ValueError) as error:
         print(f"detr-attn export: error: {error}", file=sys.stderr)
         return 2

@@ -143,10 +143,10 @@ def _image_path(file: str) -> str:
     return str(path if path.is_absolute() else (Path.cwd() / path).resolve())
 
 
-def export_fiftyone(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> int:
-    """Write a run folder's detections and saved maps as a FiftyOne dataset folder; returns the
-    number of samples. Needs `predict --save-attention` (MissingAttentionError otherwise, as
-    the coco-masks export)."""
+def export_fiftyone(run_dir: str | os.PathLike, out_dir: str | os.PathLike, method: str = "raw") -> int:
+    """Write a run folder's detections and saved maps (of `method`: "raw" or a method saved by
+    `predict --explain`) as a FiftyOne dataset folder; returns the number of samples. Needs the
+    maps saved (MissingAttentionError otherwise, as the coco-masks export)."""
     reader = RunReader(run_dir)
     out = Path(out_dir)
     samples = []
@@ -155,7 +155,7 @@ def export_fiftyone(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> i
         sample: dict[str, Any] = {"filepath": _image_path(record["file"]), "tags": [], "metadata": None}
         if record.get("width") and record.get("height"):
             sample["metadata"] = {"_cls": "ImageMetadata", "width": int(record["width"]), "height": int(record["height"])}
-        maps = record_maps(reader, record) if record["detections"] else np.zeros((0, 1, 1), np.float32)
+        maps = record_maps(reader, record, method) if record["detections"] else np.zeros((0, 1, 1), np.float32)
         sample.update(image_fields(record["detections"], maps, key, out))
         samples.append(sample)
     write_json_atomic(out / "samples.json", {"samples": samples}, indent=None)

@@ -41,23 +41,30 @@ def _check_maps(path: Path, maps_shape: tuple[int, ...], meta: dict[str, Any], r
         raise ValueError(f"{path}: map size {list(maps_shape[1:])} differs from the image size {size} of {record['file']}")
 
 
-def record_maps(reader: RunReader, record: dict[str, Any]) -> np.ndarray:
+def record_maps(reader: RunReader, record: dict[str, Any], method: str = "raw") -> np.ndarray:
     """The saved saliency maps (N, H, W) float32 of one predictions.jsonl record, checked against
-    it (one per detection, same order and image size). MissingAttentionError, naming the folder
-    and `--save-attention`, when its npz is absent."""
+    it (one per detection, same order and image size). method: "raw" (attention/<key>.npz,
+    `--save-attention`) or an `--explain` method (attention/<method>/<key>.npz).
+    MissingAttentionError, naming the folder and the predict option, when the npz is absent."""
     key = reader.image_key(record)
-    path = reader.attention(key) if key is not None else None
+    if method == "raw":
+        path = reader.attention(key) if key is not None else None
+        expected, option = f"{ATTENTION_DIR}/{key or '<key>'}.npz", "--save-attention"
+    else:
+        path = reader.method_attention(key, method) if key is not None else None
+        expected, option = f"{ATTENTION_DIR}/{method}/{key or '<key>'}.npz", f"--explain {method}"
     if path is None:
         raise MissingAttentionError(
-            f"{reader.root}: no saved attention maps for {record['file']} "
-            f"({ATTENTION_DIR}/{key or '<key>'}.npz missing); rerun `detr-attn predict` with --save-attention")
+            f"{reader.root}: no saved {method} maps for {record['file']} ({expected} missing); rerun "
+            f"`detr-attn predict` with {option}")
     maps, meta = load_maps_npz(path, size="original")
     _check_maps(path, maps.shape, meta, record)
     return maps
 
 
-def coco_mask_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """COCO segm results (one per detection, predictions.jsonl order) of a predict run folder.
+def coco_mask_results(run_dir: str | os.PathLike, method: str = "raw") -> list[dict[str, Any]]:
+    """COCO segm results (one per detection, predictions.jsonl order) of a predict run folder,
+    from the maps of `method` ("raw" or a method saved by `predict --explain`).
 
     Raises FileNotFoundError / ValueError (RunReader) for a missing or unreadable folder, and
     MissingAttentionError, naming the folder and `--save-attention`, when a record with
@@ -68,7 +75,7 @@ def coco_mask_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     for record in reader.predictions():
         if not record["detections"]:
             continue
-        maps = record_maps(reader, record)
+        maps = record_maps(reader, record, method)
         for det, saliency in zip(record["detections"], maps):
             entry = {
                 "image_id": record.get("image_id"),
@@ -87,7 +94,8 @@ def coco_mask_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def export_coco_masks(
-    run_dir: str | os.PathLike, out_file: str | os.PathLike, ann_file: str | os.PathLike | None = None
+    run_dir: str | os.PathLike, out_file: str | os.PathLike, ann_file: str | os.PathLike | None = None,
+    method: str = "raw",
 ) -> list[dict[str, Any]]:
     """Write `coco_mask_results(run_dir)` to `out_file` atomically and return them.
 
@@ -95,7 +103,7 @@ def export_coco_masks(
     (`evaluation.results.image_ids_from_file_names`; an unmatched name is an EvaluationError);
     without it, the run's own image ids.
     """
-    results = coco_mask_results(run_dir)
+    results = coco_mask_results(run_dir, method)
     if ann_file is not None:
         gt = read_json(ann_file, "annotation file")
         if not isinstance(gt, dict) or not isinstance(gt.get("images"), list):
