@@ -179,3 +179,26 @@ def test_colormap_table_is_the_overlays_colormap() -> None:
 def test_page_escapes_script_closers_in_data() -> None:
     page = viewer_html({"title": "t", "images": [{"file": "a</script>b"}]})
     assert "a<\\/script>b" in page and page.count("</script>") == 2
+
+
+def test_viewer_offers_the_explain_methods_saved_on_the_same_cells(tmp_path: Path) -> None:
+    """predict --save-attention --explain: relevance / attn-grad join the viewer as methods
+    without layer / head axes, their grids the saved cells; D-RISE (another grid) stays out."""
+    import base64
+
+    out = tmp_path / "run"
+    assert _predict(out, "--save-attention", "--explain", "raw,attn-grad,relevance,drise", "--drise-masks", "4",
+                    "--drise-grid", "4") == 0
+    payload, _ = viewer_payload(out)
+    reader = RunReader(out)
+    checked = 0
+    for entry, row in zip(payload["images"], reader.predictions()):
+        assert set(entry["methods"]) == {"raw", "attn-grad", "relevance"}
+        for method in ("attn-grad", "relevance"):
+            cells, _ = load_maps_npz(reader.method_attention(row["key"], method), size=None)
+            shown = entry["methods"][method]
+            assert shown["slices"] == [["all", "all"]] and shown["detections"] == list(range(len(cells)))
+            grids = np.frombuffer(base64.b64decode(shown["grids"]), dtype="<f2").reshape(len(cells), 1, *cells.shape[1:])
+            np.testing.assert_allclose(grids[:, 0], cells, rtol=1e-3, atol=1e-7)  # float16 in the page
+            checked += len(cells)
+    assert checked > 0

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from detection.engine.grids import AttentionGrids, load_grids_npz
+from detection.attention.maps import load_maps_npz
+from detection.engine.grids import AttentionGrids, MethodGrids, load_grids_npz
 from detection.engine.run_folder import RunReader
 from detection.io import write_text_atomic
 from detection.render.colors import DEFAULT_COLORMAP, apply_colormap, class_color
@@ -83,6 +84,24 @@ def image_entry(row: dict[str, Any], key: str, grids: AttentionGrids) -> dict[st
     }
 
 
+def with_saved_methods(reader: RunReader, row: dict[str, Any], key: str, grids: AttentionGrids) -> AttentionGrids:
+    """`grids` plus each `predict --explain` method saved on the same cells (same stride and
+    valid grid: rollout, attn-grad, relevance) as a method without layer / head axes. D-RISE's
+    pooled grid has another geometry: it stays in the report's method table, not the viewer."""
+    for method in (row.get("methods") or {}):
+        path = reader.method_attention(key, method)
+        if path is None or method in grids.methods:
+            continue
+        cells, meta = load_maps_npz(path, size=None)
+        if int(meta.get("feature_stride", 0)) != grids.feature_stride or tuple(cells.shape[1:]) != grids.valid_size:
+            logger.info("%s: %s maps are on another grid (stride %s): not in the viewer", path, method,
+                        meta.get("feature_stride"))
+            continue
+        grids.methods[method] = MethodGrids(cells[:, None].astype(np.float32), [("all", "all")],
+                                            list(range(len(cells))))
+    return grids
+
+
 def viewer_payload(run_dir: str | os.PathLike, title: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """The viewer's JSON data for every image of the run that has grids, and the files skipped.
 
@@ -98,7 +117,7 @@ def viewer_payload(run_dir: str | os.PathLike, title: str | None = None) -> tupl
         if path is None:
             skipped.append(str(row["file"]))
             continue
-        images.append(image_entry(row, key, load_grids_npz(path)))
+        images.append(image_entry(row, key, with_saved_methods(reader, row, key, load_grids_npz(path))))
     if not images:
         raise NoSavedAttention(
             f"{reader.root}: no saved attention grids (attention/grids/*.npz) for any of its images; run "
