@@ -107,10 +107,26 @@ def _native_graph(model: nn.Module, images: torch.Tensor, padding_mask: torch.Te
         kinds["encoder"] = [layer.self_attn for layer in transformer.encoder.layers]
     names = [name for name, modules in kinds.items() for _ in modules]
     modules = [module for group in kinds.values() for module in group]
-    with torch.enable_grad(), _captured_attention(modules) as captured:
+    with torch.enable_grad(), _parameters_in_graph(model), _captured_attention(modules) as captured:
         out = model(images, padding_mask, cross_attention=True, encoder_attention=with_self_attention,
                     decoder_self_attention=with_self_attention)
     return out, names, [slot[0] for slot in captured]  # one call per module
+
+
+@contextmanager
+def _parameters_in_graph(model: nn.Module) -> Iterator[None]:
+    """Parameters that require no grad (a prepared inference copy, `prepare_for_inference`: BN
+    folded, channels_last, bf16) require it for the forward, so every attention -- also the first
+    decoder self-attention, a function of parameters only -- lies on an autograd path. Only the
+    attention tensors' gradients are asked for (`autograd.grad`): no parameter gets a .grad."""
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    for parameter in frozen:
+        parameter.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(False)
 
 
 def _hf_graph(model: nn.Module, images: torch.Tensor, padding_mask: torch.Tensor | None,
@@ -119,7 +135,7 @@ def _hf_graph(model: nn.Module, images: torch.Tensor, padding_mask: torch.Tensor
 
     The graph holds every attention of a dense model whatever the record holds, so the record
     is asked for the cross-attention only (its geometry is all that is read of it)."""
-    with torch.enable_grad():
+    with torch.enable_grad(), _parameters_in_graph(model):
         out = model(images, padding_mask, cross_attention=True, keep_graph=True)
     graph = out["attention_graph"]
     if graph.tokens:
