@@ -16,9 +16,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from detection.attention.aggregate import normalize_maps
+from detection.attention.drise import DriseOptions
 from detection.attention.maps import detection_maps, map_metadata, query_cell_maps, save_maps_npz
+from detection.attention.methods import MethodMaps, MethodNotApplicable, Targets
 from detection.data.images import pil_to_rgb
 from detection.boxes import coco_xywh
+from detection.engine.explain import MethodRunner, build_methods
 from detection.engine.predictor import Predictor
 from detection.evaluation.fiftyone_export import image_fields
 from detection.models.outputs import AttentionRecord
@@ -29,10 +33,13 @@ from detection.structures import Detections
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("raw", "rollout")
+METHODS = ("raw", "rollout", "attn-grad", "relevance", "drise")
+# methods computed beside the inference pass (`engine.explain.MethodRunner`), not from its record
+_RUNNER_METHODS = ("attn-grad", "relevance", "drise")
 # models loaded by name, and their prepared Predictors, kept for the next call
 _MODELS: dict[str, torch.nn.Module] = {}
 _PREDICTORS: dict[tuple, Predictor] = {}
+_RUNNERS: dict[tuple, MethodRunner] = {}
 
 
 class ExplanationError(ValueError):
@@ -50,6 +57,9 @@ class Explanation:
     error: why the image could not be explained, naming it; every accessor below then raises
         ExplanationError with this message.
     heads / layers / normalize: how `maps` are made (see `detection_maps`).
+    method / method_maps: the explanation method; for attn-grad, relevance and drise its maps on
+        their own grid with their geometry (`attention.methods.MethodMaps`), which `maps` resizes
+        through the one resize path and normalises.
     """
 
     source: str
@@ -60,6 +70,8 @@ class Explanation:
     heads: Any = "mean"
     layers: Any = "last"
     normalize: str | None = "minmax"
+    method: str = "raw"
+    method_maps: MethodMaps | None = field(default=None, repr=False)
     _maps: np.ndarray | None = field(default=None, repr=False)
 
     def _check(self) -> None:
@@ -72,7 +84,9 @@ class Explanation:
         self._check()
         if self._maps is None:
             detections = self.detections
-            if len(detections):
+            if self.method_maps is not None:
+                self._maps = normalize_maps(self.method_maps.to_image(detections.image_size), self.normalize)
+            elif len(detections):
                 self._maps = detection_maps(self.attention, 0, detections.query_index, detections.image_size,
                                             heads=self.heads, layers=self.layers, normalize=self.normalize)
             else:
@@ -99,7 +113,11 @@ class Explanation:
         `map_metadata`; `load_maps_npz(path)` gives back `maps`)."""
         self._check()
         path = Path(path)
-        if path.suffix.lower() == ".npz":
+        if path.suffix.lower() == ".npz" and self.method_maps is not None:
+            maps = self.method_maps
+            save_maps_npz(path, maps.values, self.detections, maps.stride, maps.input_size,
+                          {"file": self.source, "method": self.method, "normalize": self.normalize})
+        elif path.suffix.lower() == ".npz":
             meta = map_metadata(self.attention, 0, heads=self.heads, layers=self.layers, normalize=self.normalize)
             meta["file"] = self.source
             cells = query_cell_maps(self.attention, 0, self.detections.query_index, heads=self.heads,
@@ -182,10 +200,43 @@ def _predictor(model: str | os.PathLike | torch.nn.Module, score_threshold: floa
     return predictor
 
 
+def _runner(model: str | os.PathLike | torch.nn.Module, method: str, predictor: Predictor, heads: Any, layers: Any,
+            precision: str) -> MethodRunner:
+    """The method's runner for the model (kept for later calls when the model came by name)."""
+    module, key = _model_and_key(model)
+    settings = (method, str(predictor.device), repr(heads), repr(layers), precision)
+    if key is not None and (key, *settings) in _RUNNERS:
+        return _RUNNERS[(key, *settings)]
+    try:
+        runner = build_methods(module, [method], predictor.device, layers=[layers], heads=[heads],
+                               attn_grad_layers=[layers], drise=DriseOptions(), drise_precision=precision)
+    except MethodNotApplicable as err:
+        raise ValueError(str(err)) from None
+    if key is not None:
+        _RUNNERS[(key, *settings)] = runner
+    return runner
+
+
+def _with_method(explanations: Iterator[Explanation], runner: MethodRunner | None) -> Iterator[Explanation]:
+    """Each explanation with its method's maps (when the method runs beside inference)."""
+    for explanation in explanations:
+        if runner is not None and explanation.error is None and len(explanation.detections):
+            detections = explanation.detections
+            try:
+                cells = runner.image_cell_maps(explanation.image, detections.image_size, explanation.attention,
+                                               Targets.from_detections(detections))
+            except (RuntimeError, ValueError) as err:
+                explanation.error = f"{explanation.source}: {explanation.method} failed: {err}"
+            else:
+                (explanation.method_maps,) = cells.values()
+        yield explanation
+
+
 def clear_model_cache() -> None:
-    """Forget the models `explain` loaded by name (and their prepared copies)."""
+    """Forget the models `explain` loaded by name (and their prepared copies and method runners)."""
     _MODELS.clear()
     _PREDICTORS.clear()
+    _RUNNERS.clear()
 
 
 def _array_input(image: Any, position: int) -> tuple[str, np.ndarray]:
@@ -249,8 +300,10 @@ def explain(images: Any, model: str | os.PathLike | torch.nn.Module = "demo", me
         logged warning) and the others are still explained.
     model: a name ("demo", "detr-r50", ...) or model folder, loaded once and kept for later
         calls (`clear_model_cache()` forgets it), or a detector object.
-    method: "raw" (decoder cross-attention reduced over `heads` and `layers`) or "rollout"
-        (relevance propagated through the layers; `layers` is then ignored).
+    method: "raw" (decoder cross-attention reduced over `heads` and `layers`), "rollout"
+        (propagated through the layers; `layers` is then ignored), "attn-grad" (gradient-weighted
+        attention of `layers`), "relevance" (Chefer et al. 2021) or "drise" (1000 random masks);
+        `detection.attention.methods` says which apply to which family (a refusal names them).
     heads / layers / normalize: see `detection.attention.maps.detection_maps`.
     device / precision: see `detection.runtime.device`.
     """
@@ -259,10 +312,11 @@ def explain(images: Any, model: str | os.PathLike | torch.nn.Module = "demo", me
     if method == "rollout":
         layers = "rollout"
     predictor = _predictor(model, score_threshold, layers, device, precision)
-    settings = {"heads": heads, "layers": layers, "normalize": normalize}
+    settings = {"heads": heads, "layers": layers, "normalize": normalize, "method": method}
+    runner = _runner(model, method, predictor, heads, layers, precision) if method in _RUNNER_METHODS else None
     if not _is_single(images):
-        return _explain_many(predictor, images, settings)
-    explained = list(itertools.islice(_explain_one(predictor, images, 0, settings), 2))
+        return _with_method(_explain_many(predictor, images, settings), runner)
+    explained = list(itertools.islice(_with_method(_explain_one(predictor, images, 0, settings), runner), 2))
     if len(explained) != 1:
         raise ExplanationError(f"{os.fspath(images)}: names several images; pass [it] to explain each")
     if explained[0].error is not None:

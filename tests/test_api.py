@@ -168,3 +168,39 @@ def test_to_supervision_matches_our_fields(explained) -> None:
             keep = result.confidence > 0.9  # supervision's own filtering keeps our data aligned
             np.testing.assert_array_equal(result[keep].data["saliency"], explanation.maps[keep])
         assert (result.xyxy[:, 2:] == [width, height]).all() and (result.xyxy[:, :2] == 0).all()
+
+
+def test_gradient_methods_equal_the_library_functions(tmp_path: Path) -> None:
+    """explain(method="relevance" | "attn-grad"): the maps are the library functions' cells of the
+    same detections, through the one resize path and normalised; save(.npz) gives them back."""
+    from detection.attention.aggregate import normalize_maps
+    from detection.attention.gradients import attn_grad_maps, relevance_maps
+    from detection.attention.maps import cells_to_image
+    from detection.data.images import load_image
+    from detection.data.preprocess import image_to_input, pad_batch
+
+    model = load_model("demo").eval()
+    loaded = load_image(IMAGES[0])
+    images, mask = pad_batch([image_to_input(loaded.rgb, model.preprocess_spec)], model.preprocess_spec.size_divisibility)
+    input_size = tuple(int(v) for v in (~mask[0]).nonzero().max(dim=0).values + 1)
+    for method, function in (("relevance", relevance_maps), ("attn-grad", attn_grad_maps)):
+        explanation = explain(IMAGES[0], model=model, method=method, device="cpu")
+        detections = explanation.detections
+        assert len(detections) > 0 and explanation.method == method
+        cells = function(model, images, mask, 0, detections.query_index, detections.labels)
+        expected = normalize_maps(cells_to_image(cells, model.feature_stride, input_size, loaded.original_size))
+        np.testing.assert_allclose(explanation.maps, expected, atol=1e-4)
+        maps, meta = load_maps_npz(explanation.save(tmp_path / f"{method}.npz"))
+        assert meta["method"] == method
+        np.testing.assert_allclose(maps, explanation.maps, atol=1e-6)
+    with pytest.raises(ValueError, match="method must be one of"):
+        explain(IMAGES[0], model=model, method="gradcam")
+
+
+def test_a_method_the_family_lacks_is_refused_by_name(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from test_hf_equivalence import hf_folder
+
+    model = load_model(hf_folder("rt_detr", tmp_path / "model"))
+    with pytest.raises(ValueError, match="'relevance' does not apply to the RT-DETR family.*raw, attn-grad, drise"):
+        explain(IMAGES[0], model=model, method="relevance", device="cpu")
