@@ -100,9 +100,8 @@ def build_methods(
     device = torch.device(device)
     gradient_model = None
     if "attn-grad" in names or "relevance" in names:
+        # a copy on `device`; attention.gradients puts frozen parameters in the graph itself
         gradient_model = copy.deepcopy(model).to(device).eval()
-        for parameter in gradient_model.parameters():
-            parameter.requires_grad_(True)  # the attention must be part of a graph
     built: list[ExplanationMethod] = []
     for name in names:
         if name == "raw":
