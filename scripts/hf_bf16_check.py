@@ -55,10 +55,10 @@ def _dense_families(small: bool):
 
 
 def _sampled_families():
-    """The deformable builders of tests/hf_sampled_models.py (small configs), livened as in
-    tests/test_hf_equivalence.py (their own weights are only slightly perturbed: scores would tie)."""
+    """The deformable builders of tests/hf_sampled_models.py (small configs), livened as the
+    equivalence tests use them (`build_lively`)."""
     for family in hf_sampled_models.FAMILIES:
-        yield family, lambda family=family: hf_dense_models.liven(hf_sampled_models.build(family), seed=5), False
+        yield family, lambda family=family: hf_sampled_models.build_lively(family), False
 
 
 def _run(model, pixels: torch.Tensor, padding: torch.Tensor, dense: bool, bf16: bool):

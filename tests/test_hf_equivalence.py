@@ -45,9 +45,7 @@ IMAGE_SIZES = [(70, 90), (100, 61)]
 def hf_folder(variant: str, folder: Path) -> Path:
     """Save a small lively model of `variant` and its processor as a Hub-style folder."""
     module, processor_class, options = CASES[variant]
-    model = module.build(variant)
-    if module is hf_sampled_models:  # its weights are only slightly perturbed: scores would tie
-        model = hf_dense_models.liven(model, seed=5)
+    model = hf_sampled_models.build_lively(variant) if module is hf_sampled_models else module.build(variant)
     model.save_pretrained(folder)
     getattr(transformers, processor_class)(**options).save_pretrained(folder)
     return folder
