@@ -178,3 +178,22 @@ def test_normalize_maps_accepts_zero_maps():
     for method in ("minmax", "percentile"):
         out = normalize_maps(np.zeros((0, 5, 7), dtype=np.float32), method)
         assert out.shape == (0, 5, 7) and out.dtype == np.float32
+
+
+def test_normalize_maps_in_place_equals_the_copy_and_leaves_other_inputs_alone():
+    rng = np.random.default_rng(3)
+    maps = (rng.random((4, 9, 11)) * 7 - 2).astype(np.float32)
+    maps[2] = 1.5  # a constant map
+    for method in ("minmax", "percentile", None):
+        expected = normalize_maps(maps, method)
+        fresh = maps.copy()
+        result = normalize_maps(fresh, method, copy=False)
+        assert result is fresh and np.array_equal(result, expected)
+        # a view that is not C-contiguous is never written
+        strided = maps.copy()[:, :, ::2]
+        before = strided.copy()
+        assert np.array_equal(normalize_maps(strided, method, copy=False), normalize_maps(before, method))
+        assert np.array_equal(strided, before)
+    assert np.array_equal(expected, maps)  # method None: unchanged values
+    minmax = normalize_maps(maps, "minmax")
+    assert np.allclose(minmax.reshape(4, -1).max(1), [1, 1, 0, 1]) and np.array_equal(minmax[2], np.zeros((9, 11)))

@@ -186,16 +186,21 @@ def normalize_maps(
     maps: np.ndarray,
     method: NormalizeChoice = "minmax",
     percentiles: tuple[float, float] = (1.0, 99.0),
+    *,
+    copy: bool = True,
 ) -> np.ndarray:
     """Normalise each map of (N, ...) to [0, 1] independently; returns float32.
 
     "minmax": (m − min) / (max − min). "percentile": clip to the given low/high percentiles of
     the map first (robust to a few extreme pixels), then min-max. A constant map becomes all 0
     (no location is preferred). None: returned unchanged (as float32).
+    copy=False: a writeable float32 C-contiguous `maps` is normalised in place and returned (for
+    callers that own a freshly made array: no second image-size buffer).
     """
     maps = np.asarray(maps, dtype=np.float32)
+    in_place = not copy and maps.flags.c_contiguous and maps.flags.writeable
     if method is None:
-        return maps.copy()
+        return maps if in_place else maps.copy()
     if method not in ("minmax", "percentile"):
         raise ValueError(f"normalize must be 'minmax', 'percentile' or None, got {method!r}")
     if maps.ndim < 2:
@@ -203,7 +208,7 @@ def normalize_maps(
     low_q, high_q = float(percentiles[0]), float(percentiles[1])
     if method == "percentile" and not 0.0 <= low_q < high_q <= 100.0:
         raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
-    out = maps.copy()
+    out = maps if in_place else maps.copy()
     if out.size == 0:  # no detections (or empty maps): nothing to scale
         return out
     flat = out.reshape(len(out), -1)  # a view: the in-place steps below fill `out`

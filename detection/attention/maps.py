@@ -277,7 +277,8 @@ def maps_from_cells(
     (h, w) -- with no full-resolution map in between.
     """
     maps = cells_to_image(cell_maps, feature_stride, input_size, size, interpolation)
-    return normalize_maps(maps, normalize, (float(percentiles[0]), float(percentiles[1])))
+    # cells_to_image made `maps`: normalised in place, no second image-size buffer
+    return normalize_maps(maps, normalize, (float(percentiles[0]), float(percentiles[1])), copy=False)
 
 
 # -- encoder self-attention at points -------------------------------------------------------
