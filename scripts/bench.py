@@ -27,10 +27,13 @@ on its load (print `lscpu` / load average with the table). GPU: --device cuda --
     .venv/bin/python scripts/bench.py --job                  # the predict job on 12-MP photos: scripts/bench_job.py
     .venv/bin/python scripts/bench.py --explain [--models demo r50 --demo-masks 1000 ...]
         # each explanation method's overhead over inference + raw maps: scripts/bench_explain.py
+    .venv/bin/python scripts/bench.py --train [--batch 2 --profile 2 ...]
+        # one training step, HF fp32 vs ours fp32 / bf16 / compiled: scripts/bench_train.py
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -227,26 +230,26 @@ def bench_overlay(top_k: int, repeats: int) -> dict[str, float]:
             "jpg_encode_s": jpg}
 
 
+#: Benchmarks of their own, reached through this script: the flag -> scripts/<module>.py (the
+#: flag is dropped, the other arguments are passed on).
+FORWARDED = {
+    "--explain": "bench_explain",  # explanation methods (issue 13): overhead over the raw maps
+    "--job": "bench_job",  # the predict job at photo scale, with and without exports (issue 14)
+    "--train": "bench_train",  # training step: HF fp32 vs ours fp32 / bf16 / compiled (issue 16)
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--explain" in argv:
-        # explanation methods (issue #13): each method's overhead over the raw maps, same run
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import bench_explain
-
-        return bench_explain.main([arg for arg in argv if arg != "--explain"])
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    for flag, module in FORWARDED.items():
+        if flag in argv:
+            return importlib.import_module(module).main([arg for arg in argv if arg != flag])
     if any(arg == "--model" or arg.startswith("--model=") for arg in argv):
         # HF detector families (scripts/bench_hf.py): transformers eager vs ours, with and without maps
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import bench_hf
 
         return bench_hf.main(argv)
-    if "--job" in argv:
-        # the predict job at photo scale, with and without exports (scripts/bench_job.py)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import bench_job
-
-        return bench_job.main([arg for arg in argv if arg != "--job"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])

@@ -166,7 +166,7 @@ def timed(step: Callable[[], float], device, warmup: int, repeats: int) -> tuple
     return statistics.median(times), min(times)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=2)
@@ -184,7 +184,7 @@ def main() -> int:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="instead of timing: torch.profiler over STEPS steps of HF fp32 and ours fp32 "
                              "(after --warmup): time per phase and the top operators of each")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
