@@ -13,7 +13,8 @@ each; a step is forward + loss + backward + gradient clipping (0.1) + AdamW step
   * ours fp32 torch.compile (inductor; --no-compile skips it): dropout set to 0 in that copy so
     that the loss of its first step (which compiles, timed apart) is the eval-mode loss.
 
-Prints median s/step after --warmup steps (and the fastest), the ratios to HF fp32, and the
+Prints median s/step after --warmup steps (and the fastest; the fp32 rows run interleaved step by
+step, bf16 after them), the ratios to HF fp32, and the
 loss agreement on one batch with dropout off: HF fp32 vs ours fp32, ours bf16 and compiled vs ours
 fp32. --profile STEPS runs torch.profiler over HF fp32 and ours fp32 instead (phases, top operators).
 
@@ -150,20 +151,26 @@ def profile_steps(name: str, step: Callable[[], float], warmup: int, steps: int,
         print(f"{e.key[:48]:48s} {e.self_cpu_time_total / steps / 1e6:11.3f} {e.count / steps:10.0f}")
 
 
-def timed(step: Callable[[], float], device, warmup: int, repeats: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        step()
-    times = []
+def timed(steps: dict[str, Callable[[], float]], device, warmup: int, repeats: int
+          ) -> dict[str, tuple[float, float]]:
+    """Time `steps` interleaved: each warms up, then repeat r runs step r of every row in turn (a
+    load change on a shared machine then hits every row alike). Returns {name: (median, fastest)}."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    print(f"  steps: {', '.join(f'{t:.2f}' for t in times)} s", flush=True)
-    return statistics.median(times), min(times)
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    for name, values in times.items():
+        print(f"  {name} steps: {', '.join(f'{t:.2f}' for t in values)} s", flush=True)
+    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,20 +256,24 @@ def main(argv: list[str] | None = None) -> int:
               f"(compilation), its loss {compiled_loss:.6f} (rel. diff to eager fp32 "
               f"{abs(compiled_loss - fp32_loss) / abs(fp32_loss):.2e})", flush=True)
         compiled_step = step
+    # the fp32 rows (and the compiled one) interleaved, step by step; bf16 apart (on a CPU without
+    # AMX one bf16 step takes as long as ten fp32 steps)
+    rows: dict[str, Callable[[], float]] = {}
     if not args.skip_hf:
-        results["HF fp32"] = timed(hf_step(hf, images, targets, device), device, args.warmup, args.repeats)
-    results["ours fp32"] = timed(ours_step(ours, criterion, images, targets, device, "fp32", False),
-                                 device, args.warmup, args.repeats)
+        rows["HF fp32"] = hf_step(hf, images, targets, device)
+    rows["ours fp32"] = ours_step(ours, criterion, images, targets, device, "fp32", False)
+    if compiled_model is not None:
+        rows["ours fp32 torch.compile (dropout 0)"] = compiled_step
+    results.update(timed(rows, device, args.warmup, args.repeats))
+    low_precision: dict[str, Callable[[], float]] = {}
     if nchw is not None:
         nchw.train()
-        results["ours bf16 (NCHW, fp32 heads)"] = timed(
-            ours_step(nchw, criterion, images, targets, device, "bf16", False), device, args.warmup, args.repeats)
+        low_precision["ours bf16 (NCHW, fp32 heads)"] = ours_step(nchw, criterion, images, targets, device, "bf16", False)
     if not args.skip_bf16_timing:
-        results["ours bf16 (channels_last, fp32 heads)"] = timed(
-            ours_step(bf16_model, criterion, images, targets, device, "bf16", True), device, args.warmup,
-            args.repeats)
-    if compiled_model is not None:
-        results["ours fp32 torch.compile (dropout 0)"] = timed(compiled_step, device, args.warmup, args.repeats)
+        low_precision["ours bf16 (channels_last, fp32 heads)"] = ours_step(bf16_model, criterion, images, targets,
+                                                                           device, "bf16", True)
+    if low_precision:
+        results.update(timed(low_precision, device, args.warmup, args.repeats))
     reference = results.get("HF fp32", results["ours fp32"])[0]
     print(f"{'implementation':40s} {'s/step':>8s} {'fastest':>8s} {'img/s':>7s} {'vs HF fp32':>10s}")
     for name, (median, fastest) in results.items():
