@@ -213,3 +213,13 @@ def test_fast_path_gives_the_fp32_maps_within_the_stated_tolerance():
         for name, expected in reference.items():
             error = float((maps[name].float() - expected).abs().max() / expected.max())
             assert error <= tolerance, (precision, name, error)
+
+
+def test_gradient_maps_is_the_one_method_maps_type_and_the_old_name_warns():
+    from detection.attention import gradients
+    from detection.attention.cell_maps import MethodMaps
+    from detection.attention.methods import base
+
+    assert base.MethodMaps is MethodMaps
+    with pytest.warns(DeprecationWarning, match="GradientMaps is deprecated"):
+        assert gradients.GradientMaps is MethodMaps

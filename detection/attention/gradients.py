@@ -43,30 +43,23 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from detection.attention.aggregate import (LayerChoice, decoder_rollout, reduce_layers, self_relevance,
                                            self_relevance_rows)
+from detection.attention.cell_maps import MethodMaps
 from detection.attention.maps import valid_feature_size, valid_flat_indices
 from detection.attention.sampled import sampled_cell_maps
+from detection.deprecation import forward_moved_names
 from detection.models.outputs import AttentionRecord, SampledAttention
 
 # Batched gradient values held at once (float32: 1 GiB); more targets than fit go in chunks.
 _GRADIENT_VALUES = 1 << 28
 
 Reducer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class GradientMaps(NamedTuple):
-    """Maps of N detections over the valid cells: values (N, hv, wv) float32; cell (y, x) covers
-    input pixels [y·stride, (y+1)·stride) × [x·stride, (x+1)·stride) of an input of input_size."""
-
-    values: torch.Tensor
-    stride: int
-    input_size: tuple[int, int]
 
 
 @contextmanager
@@ -299,7 +292,7 @@ def attn_grad(
     query_index: torch.Tensor | Sequence[int],
     labels: torch.Tensor | Sequence[int],
     layers: LayerChoice = "last",
-) -> GradientMaps:
+) -> MethodMaps:
     """Gradient-weighted decoder cross-attention of each detection: values (N, hv, wv) float32, >= 0.
 
     Detection n is (query_index[n], labels[n]) of image `image_index` of the padded batch
@@ -324,7 +317,7 @@ def attn_grad(
     else:
         cross = reduce_layers(weighted["cross"], computed, dim=1)  # (N, Q, K)
         cells = cross[torch.arange(len(queries)), queries.to(cross.device)].reshape(len(queries), valid_h, valid_w)
-    return GradientMaps(cells.float(), *_geometry(record, int(image_index)))
+    return MethodMaps(cells.float(), *_geometry(record, int(image_index)))
 
 
 def relevance(
@@ -334,7 +327,7 @@ def relevance(
     image_index: int,
     query_index: torch.Tensor | Sequence[int],
     labels: torch.Tensor | Sequence[int],
-) -> GradientMaps:
+) -> MethodMaps:
     """Chefer et al. (ICCV 2021) relevance of each detection over the valid cells: (N, hv, wv).
 
     Encoder-decoder detectors: Ā = E_h[(∇A ⊙ A)⁺] of every encoder self-, decoder self- and
@@ -372,7 +365,7 @@ def relevance(
             relevance_qi = decoder_rollout(weighted["cross"][n], weighted["decoder_self"][n], relevance_ii)
             maps.append(relevance_qi[query])
         maps = torch.stack(maps)
-    return GradientMaps(maps.reshape(len(queries), valid_h, valid_w).float(), *_geometry(record, int(image_index)))
+    return MethodMaps(maps.reshape(len(queries), valid_h, valid_w).float(), *_geometry(record, int(image_index)))
 
 
 def attn_grad_maps(
@@ -398,3 +391,7 @@ def relevance_maps(
 ) -> torch.Tensor:
     """`relevance`'s values: (N, hv, wv) float32, >= 0."""
     return relevance(model, images, padding_mask, image_index, query_index, labels).values
+
+
+# GradientMaps (a NamedTuple of the same three fields) became the one maps type of every method
+__getattr__ = forward_moved_names(__name__, {"GradientMaps": "detection.attention.cell_maps:MethodMaps"})

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from detection.attention.gradients import GradientMaps, attn_grad, relevance
+from detection.attention.gradients import attn_grad, relevance
 from detection.attention.methods.base import (ExplanationMethod, ImageInput, MethodMaps, Targets, attention_kind,
                                               model_family, native_detr)
 
@@ -17,10 +17,6 @@ def _model_inputs(model: torch.nn.Module, image: ImageInput) -> tuple[torch.Tens
         raise ValueError("gradient methods need the image's model input (ImageInput.images)")
     device = next(model.parameters()).device
     return image.images.to(device), image.padding_mask.to(device)
-
-
-def _method_maps(maps: GradientMaps) -> MethodMaps:
-    return MethodMaps(maps.values.cpu(), maps.stride, maps.input_size)
 
 
 class _GradientMethod(ExplanationMethod):
@@ -61,8 +57,8 @@ class AttnGrad(_GradientMethod):
 
     def explain(self, image: ImageInput, targets: Targets) -> dict[str, MethodMaps]:
         images, mask = _model_inputs(self.model, image)
-        return {f"{self.name}/{layers}": _method_maps(
-                    attn_grad(self.model, images, mask, 0, targets.query_index, targets.labels, layers=layers))
+        return {f"{self.name}/{layers}": attn_grad(self.model, images, mask, 0, targets.query_index,
+                                                   targets.labels, layers=layers)
                 for layers in self.layers}
 
 
@@ -75,4 +71,4 @@ class Relevance(_GradientMethod):
 
     def explain(self, image: ImageInput, targets: Targets) -> dict[str, MethodMaps]:
         images, mask = _model_inputs(self.model, image)
-        return {self.name: _method_maps(relevance(self.model, images, mask, 0, targets.query_index, targets.labels))}
+        return {self.name: relevance(self.model, images, mask, 0, targets.query_index, targets.labels)}
