@@ -121,6 +121,9 @@ class Trainer:
         self.label_map = self.train_set.label_map
         self.model = model_setup.build_training_model(config, self.label_map).to(device)
         self.channels_last = precision.prepare_for_training(self.model, config)
+        note = precision.slow_precision_note(config, device)
+        if note is not None and context.is_main:
+            log.warning(note)
         self.train_set.transform = build_transform(config["augment"], True, self.model.config.min_size,
                                                    self.model.config.max_size)
         if self.val_set is not None:  # validation runs the model's own inference rule exactly
