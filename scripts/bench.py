@@ -96,6 +96,27 @@ def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int
     return statistics.median(times), result
 
 
+def interleaved_ratio(numerator: Callable[[], Any], denominator: Callable[[], Any], device: torch.device,
+                      pairs: int) -> dict[str, float]:
+    """Time `numerator` and `denominator` alternately, `pairs` times each (after one warm-up run of
+    each): the median of the per-pair ratios and the ratio of the fastest runs. Interleaving puts
+    a change of load on a shared machine on both sides of the ratio."""
+    numerator(), denominator()
+    ratios, tops, bottoms = [], [], []
+    for _ in range(pairs):
+        times = []
+        for fn in (numerator, denominator):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        tops.append(times[0])
+        bottoms.append(times[1])
+        ratios.append(times[0] / times[1])
+    return {"median": statistics.median(ratios), "fastest": min(tops) / min(bottoms)}
+
+
 def build_pair(seed: int = 0):
     """HF DetrForObjectDetection (R50, random, perturbed) + our DETR with the same weights."""
     import transformers
@@ -341,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
                 body_seconds, _ = timed(body_runner, device, args.warmup, args.repeats)
                 row("  of which the ResNet-50 body alone", batch, body_seconds, BEST_TIMES[id(body_runner)],
                     hf_seconds)
+                if "image" in modes:
+                    whole = ours_runner(engine, images, "image", args.top_k, class_names)
+                    ratio = interleaved_ratio(whole, body_runner, device, args.repeats)
+                    report[f"model_path_ratio[batch {batch}]"] = ratio
+                    print(f"  {'':<40} model path / body alone (interleaved, {args.repeats} pairs): median "
+                          f"{ratio['median']:.3f}, fastest runs {ratio['fastest']:.3f} (target <= 1.25)")
             del engine
 
         print("\n  agreement (batch image 0):")
