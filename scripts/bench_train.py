@@ -6,7 +6,9 @@ DETR-R50 with random weights (no download), the very same weights in both (scrip
 parameter counts), one batch of --batch images at --height x --width with --boxes random boxes
 each; a step is forward + loss + backward + gradient clipping (0.1) + AdamW step:
 
-  * HF fp32: torch's default AdamW, its own Hungarian loss (auxiliary_loss=True, as ours);
+  * HF fp32: torch's default AdamW, its own Hungarian loss (auxiliary_loss=True, as ours); and the
+    same with the authors' dropouts (attention weights and FFN activations 0.1, as ours; HF's config
+    defaults them to 0), so that both do the same work;
   * ours fp32: detection.train (SetCriterion, fused AdamW, NCHW);
   * ours bf16: bf16 autocast, channels_last backbone, float32 heads and loss (train/precision.py);
     --bf16-nchw also times it without channels_last;
@@ -66,6 +68,24 @@ def freeze_hf_like_the_authors(hf) -> None:
     for name, parameter in hf.model.backbone.named_parameters():
         if "layer2" not in name and "layer3" not in name and "layer4" not in name:
             parameter.requires_grad_(False)
+
+
+def with_the_authors_dropouts(hf, p: float = 0.1):
+    """A copy of the HF model that drops out as the DETR authors (and ours) do: attention weights and
+    the FFN's hidden activations at `p` too (HF's DetrConfig defaults attention_dropout and
+    activation_dropout to 0; dropout after each sublayer, 0.1, is the same in all three)."""
+    import copy
+
+    model = copy.deepcopy(hf)
+    changed = 0
+    for module in model.modules():
+        for name in ("attention_dropout", "activation_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, p)
+                changed += 1
+    if not changed:
+        raise RuntimeError("no attention_dropout / activation_dropout attribute found in the HF model")
+    return model
 
 
 def trainable(model) -> int:
@@ -245,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, tuple[float, float]] = {}
     nchw = float32_heads(_copy(ours)) if args.bf16_nchw else None  # taken before ours trains
+    hf_authors = with_the_authors_dropouts(hf) if not args.skip_hf else None
     hf.train(), ours.train(), bf16_model.train()
+    if hf_authors is not None:
+        hf_authors.train()
     if compiled_model is not None:  # first: compilation is the longest part of the run
         compiled_model.train()
         step = ours_step(compiled_model, criterion, images, targets, device, "fp32", False,
@@ -261,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, Callable[[], float]] = {}
     if not args.skip_hf:
         rows["HF fp32"] = hf_step(hf, images, targets, device)
+        # the same work as ours: HF with the authors' attention and FFN dropouts (taken before HF trains)
+        rows["HF fp32, the authors' dropouts"] = hf_step(hf_authors, images, targets, device)
     rows["ours fp32"] = ours_step(ours, criterion, images, targets, device, "fp32", False)
     if compiled_model is not None:
         rows["ours fp32 torch.compile (dropout 0)"] = compiled_step
