@@ -89,7 +89,7 @@ def test_adamw_implementations_give_the_same_weights(data, tmp_path):
 def test_bf16_loss_stays_within_the_band_of_fp32(data, tmp_path, monkeypatch, caplog):
     from detection.train import precision as precision_module
 
-    monkeypatch.setattr(precision_module, "cpu_has_amx", lambda: False)  # the run logs the note
+    monkeypatch.setattr(precision_module, "cpu_supports_bf16", lambda: False)  # the run logs the note
     epochs = STEPS // 4  # 8 images / batch 2
     runs = {}
     for precision in ("fp32", "bf16"):
@@ -97,7 +97,7 @@ def test_bf16_loss_stays_within_the_band_of_fp32(data, tmp_path, monkeypatch, ca
         summary = train(_config(data, f"optim.epochs={epochs}", f"precision={precision}"), tmp_path / precision)
         assert summary["steps"] == STEPS
         runs[precision] = _losses(tmp_path / precision)
-        noted = any("without AMX" in record.getMessage() for record in caplog.records)
+        noted = any("without native bf16" in record.getMessage() for record in caplog.records)
         assert noted == (precision == "bf16"), precision
     fp32, bf16 = torch.tensor(runs["fp32"]), torch.tensor(runs["bf16"])
     per_step = ((bf16 - fp32).abs() / fp32).max().item()
@@ -118,7 +118,7 @@ def test_bf16_loss_stays_within_the_band_of_fp32_over_200_steps(tmp_path):
         summary = train(_config(data, "optim.epochs=10", f"precision={precision}"), tmp_path / precision)
         assert summary["steps"] == LONG_STEPS
         runs[precision] = _losses(tmp_path / precision)
-        noted = any("without AMX" in record.getMessage() for record in caplog.records)
+        noted = any("without native bf16" in record.getMessage() for record in caplog.records)
         assert noted == (precision == "bf16"), precision
     fp32, bf16 = torch.tensor(runs["fp32"]), torch.tensor(runs["bf16"])
     per_step = ((bf16 - fp32).abs() / fp32).max().item()
@@ -149,22 +149,14 @@ def test_compile_without_a_cpp_compiler_is_refused_by_name(data, tmp_path, monke
     assert not (run / "log.jsonl").exists()  # refused before training started
 
 
-def test_low_precision_on_a_cpu_without_amx_gets_a_warning(data, tmp_path, monkeypatch):
-    from detection.runtime import device as device_module
+def test_low_precision_on_a_cpu_without_native_bf16_gets_a_warning(monkeypatch):
     from detection.train import precision as precision_module
 
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx512_bf16\n")
-    assert device_module.cpu_has_amx(str(cpuinfo)) is False
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile amx_int8\n")
-    assert device_module.cpu_has_amx(str(cpuinfo)) is True
-    assert device_module.cpu_has_amx(str(tmp_path / "missing")) is False
-
     cpu = torch.device("cpu")
-    monkeypatch.setattr(precision_module, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(precision_module, "cpu_supports_bf16", lambda: False)
     note = precision_module.slow_precision_note({"precision": "bf16"}, cpu)
-    assert note is not None and "without AMX" in note and "fp32" in note
+    assert note is not None and "without native bf16" in note and "fp32" in note
     assert precision_module.slow_precision_note({"precision": "fp32"}, cpu) is None
     assert precision_module.slow_precision_note({"precision": "bf16"}, torch.device("cuda")) is None
-    monkeypatch.setattr(precision_module, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(precision_module, "cpu_supports_bf16", lambda: True)
     assert precision_module.slow_precision_note({"precision": "bf16"}, cpu) is None

@@ -21,17 +21,6 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True when the CPU lists the AMX bf16 tile unit (`amx_bf16` in /proc/cpuinfo's flags): the
-    unit that makes bf16 matmuls and convolutions, backward passes included, several times faster
-    than fp32. False where the file cannot be read (not Linux)."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in handle)
-    except OSError:
-        return False
-
-
 def resolve_device(device: str | torch.device = "auto", local_rank: int | None = None) -> torch.device:
     """"auto" -> cuda when available, else cpu. A bare "cuda" becomes "cuda:<local_rank>"
     when a torchrun local rank is given. Asking for CUDA without CUDA is a ValueError."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from detection.runtime.device import cpu_has_amx
+from detection.runtime.device import cpu_supports_bf16
 
 
 def uses_channels_last(config: dict[str, Any], model: nn.Module) -> bool:
@@ -48,13 +48,13 @@ def prepare_for_training(model: nn.Module, config: dict[str, Any]) -> bool:
 
 
 def slow_precision_note(config: dict[str, Any], device: torch.device) -> str | None:
-    """A warning for bf16 / fp16 training on a CPU without AMX, or None. There oneDNN's low-precision
-    convolution backward passes are several times slower than fp32 (README, "Training": a DETR-R50
-    step measured 0.11x HF fp32 in bf16 on an AMD EPYC with AVX512-BF16), so fp32 is the faster choice."""
-    if device.type != "cpu" or config["precision"] == "fp32" or cpu_has_amx():
+    """A warning for bf16 / fp16 training on a CPU without native bf16 kernels (neither AVX512-BF16
+    nor AMX: `runtime.device.cpu_supports_bf16`), or None. There oneDNN emulates bf16 and every
+    convolution, forward and backward, runs slower than in fp32, so fp32 is the faster choice."""
+    if device.type != "cpu" or config["precision"] == "fp32" or cpu_supports_bf16():
         return None
-    return (f"precision {config['precision']} on a CPU without AMX: low-precision convolution backward passes "
-            "run several times slower than fp32 here; precision: fp32 trains faster on this machine")
+    return (f"precision {config['precision']} on a CPU without native bf16 (no AVX512-BF16 or AMX): it is "
+            "emulated and slower than fp32 here; precision: fp32 trains faster on this machine")
 
 
 def compile_unavailable(device: torch.device) -> str | None:
