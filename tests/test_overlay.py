@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+from io import BytesIO
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from detection.render.colors import DEFAULT_COLORMAP, apply_colormap, class_color, swap_red_blue, text_color_on
 from detection.render.overlay import (
@@ -243,3 +245,19 @@ def test_png_and_jpeg_round_trip(tmp_path):
         encode_image(image, ".gif")
     with pytest.raises(ValueError, match="decodable"):
         decode_image(b"nope")
+
+
+def test_fast_png_is_lossless_and_read_back_by_opencv_and_pil():
+    # a rendered overlay (flat tints, text, a photo under them) and pure noise: both round-trip
+    image = render_overlay(photo(121, 163, seed=3), detections([[10, 20, 90, 100]], [2], size=(121, 163)),
+                           gaussian(121, 163, 60, 50, 15)[None])
+    for pixels in (image, np.random.default_rng(4).integers(0, 256, (37, 53, 3), dtype=np.uint8)):
+        data = encode_image(pixels, ".png", png_compression="fast")
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        np.testing.assert_array_equal(decode_image(data), pixels)
+        with Image.open(BytesIO(data)) as opened:
+            assert opened.format == "PNG" and opened.mode == "RGB"
+            np.testing.assert_array_equal(np.asarray(opened), pixels)
+        # the same pixels as the level-1 file, in other bytes
+        np.testing.assert_array_equal(decode_image(encode_image(pixels, ".png", png_compression=1)), pixels)
+        assert data != encode_image(pixels, ".png", png_compression=1)

@@ -368,17 +368,29 @@ def render_overlay_from_max(
 
 
 # -- files ------------------------------------------------------------------------------------------
+def fast_png_params() -> list[int]:
+    """OpenCV PNG settings for fast lossless encoding: each row stored as its difference to the
+    pixel on its left (the SUB filter), then Huffman coding only (no match search, the slow part
+    of deflate). On photo-like overlays about 2.5x faster than zlib level 1 and a little smaller
+    (figures: README). OpenCV before 4.11 has no filter setting: its adaptive filter is kept."""
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER"):
+        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
+    return params
+
+
 def encode_image(
-    image_rgb: np.ndarray, extension: str = ".png", jpeg_quality: int = 90, png_compression: int = 6
+    image_rgb: np.ndarray, extension: str = ".png", jpeg_quality: int = 90, png_compression: int | str = 6
 ) -> bytes:
     """Encode an RGB image as PNG or JPEG bytes (deterministic for the same input).
 
-    png_compression: zlib level 0-9 (1 is much faster and ~10-20% larger than 6).
+    png_compression: zlib level 0-9 (1 is much faster and ~10-20% larger than 6), or "fast"
+    (`fast_png_params`: faster still, lossless like every level).
     """
     image = check_image(image_rgb)
     extension = extension.lower() if extension.startswith(".") else f".{extension.lower()}"
     if extension == ".png":
-        params = [cv2.IMWRITE_PNG_COMPRESSION, int(png_compression)]
+        params = fast_png_params() if png_compression == "fast" else [cv2.IMWRITE_PNG_COMPRESSION, int(png_compression)]
     elif extension in (".jpg", ".jpeg"):
         params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)]
     else:
