@@ -21,6 +21,7 @@ from tqdm import tqdm
 from detection import __version__
 from detection.attention.maps import NPZ_FORMAT
 from detection.data.images import DEFAULT_MAX_PIXELS
+from detection.engine.display import DisplaySpec
 from detection.engine.explain import MethodRunner
 from detection.engine.grids import GRIDS_FORMAT
 from detection.engine.method_outputs import ExplainOptions, build_predict_methods, explain_result, write_method_outputs
@@ -264,7 +265,11 @@ def _make_predictor(settings: PredictSettings, model: torch.nn.Module, device: t
     return Predictor(model, device=device, precision=settings.precision, batch_size=settings.batch_size,
                      num_workers=settings.workers, score_threshold=settings.score_threshold,
                      cross_attention=options.needs_maps or method_attention, batching=settings.batching,
-                     keep_images=options.overlays or options.save_attention or (runner is not None and runner.needs_input),
+                     # the full-resolution image only for methods that run the model on it: the writers
+                     # draw on display images the decoding workers make (engine.display)
+                     keep_images=runner is not None and runner.needs_input,
+                     display=DisplaySpec(overlays=options.overlays, overlay_size=options.overlay_size,
+                                         viewer_jpeg=options.save_attention) if options.needs_maps else None,
                      rollout=options.layers == "rollout" or options.save_encoder_attention
                      or (runner is not None and runner.needs_self_attention),
                      fold_bn=settings.fold_bn, channels_last=settings.channels_last,
