@@ -72,6 +72,14 @@ def test_swap_red_blue_round_trip():
     image = photo()
     np.testing.assert_array_equal(swap_red_blue(swap_red_blue(image)), image)
     assert swap_red_blue(image)[0, 0, 0] == image[0, 0, 2]
+    # every input kind (OpenCV's path and numpy's) is the same reversal of the last axis, contiguous
+    rng = np.random.default_rng(1)
+    for array in (image[::2, 1::3], rng.random((5, 7, 3)).astype(np.float32), rng.random((5, 7, 3)),
+                  rng.integers(0, 2**16, (4, 6, 3)).astype(np.uint16), rng.integers(0, 256, (4, 6, 4), dtype=np.uint8),
+                  np.zeros((0, 3, 3), np.uint8)):
+        swapped = swap_red_blue(array)
+        assert swapped.dtype == array.dtype and swapped.flags.c_contiguous
+        np.testing.assert_array_equal(swapped, array[..., ::-1])
 
 
 # -- single-detection overlay ---------------------------------------------------------------------------

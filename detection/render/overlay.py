@@ -334,7 +334,13 @@ def strongest_map(maps: np.ndarray, previous: tuple[np.ndarray, np.ndarray] | No
     """Per pixel, the largest value of (n, H, W) maps and the index (+ offset) of the first map
     holding it, merged into `previous` (strongest, owner) of earlier maps (earlier ones win ties).
     Folding the maps of N detections chunk by chunk gives exactly (maps.max(0), maps.argmax(0))."""
-    strongest, owner = maps.max(axis=0), maps.argmax(axis=0) + offset
+    strongest = maps.max(axis=0)
+    # argmax along the first axis, as each map's equality to the maximum: last map first, so the
+    # first map holding it wins (a few times faster than numpy's argmax over a strided axis)
+    owner = np.zeros(strongest.shape, np.intp)
+    for index in range(len(maps) - 1, -1, -1):
+        np.copyto(owner, index, where=maps[index] == strongest)
+    owner += offset
     if previous is None:
         return strongest, owner
     better = strongest > previous[0]
