@@ -67,3 +67,40 @@ def test_pending_writes_raise_the_writers_error():
         pending.wait_within()
     with pytest.raises(ValueError, match="at least 1"):
         PendingWrites(max_count=0)
+
+
+def test_writer_threads_run_torch_alone_and_the_setting_ends_with_the_run(tmp_path, monkeypatch):
+    import threading
+
+    from PIL import Image
+
+    import detection.engine.predict_run as predict_run
+    from detection.engine.outputs import OutputOptions
+    from detection.models.registry import build_model
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "in").mkdir()
+    for index in range(3):
+        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(tmp_path / "in" / f"im{index}.png")
+    seen: list[tuple[str, int]] = []
+    original = predict_run.write_image_outputs
+
+    def recording(*args, **kwargs):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(predict_run, "write_image_outputs", recording)
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    settings = predict_run.PredictSettings(inputs=[str(tmp_path / "in")], out=str(tmp_path / "out"), device="cpu",
+                                           workers=0, score_threshold=0.0, progress=False,
+                                           outputs=OutputOptions(overlays=True, overlay_size=40))
+    summary = predict_run.run_predict(settings, model=build_model("detr-tiny").eval())
+    assert summary.images == 3 and len(seen) == 3
+    assert all(name != threading.current_thread().name and threads == 1 for name, threads in seen)
+    assert torch.get_num_threads() == 2  # this thread's, and the default of threads started now
+    later: list[int] = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert later == [2]

@@ -297,7 +297,8 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: Meth
     progress = tqdm(total=sum(len(b.items) for b in my_plan), desc="predict", unit="img",
                     disable=None if settings.progress and is_main else True)
     category_ids = predictor.config.category_ids
-    pool = ThreadPoolExecutor(max_workers=max(1, settings.writer_threads))
+    torch_threads = torch.get_num_threads()  # this thread's; the writers' setting below must not outlive the run
+    pool = ThreadPoolExecutor(max_workers=max(1, settings.writer_threads), initializer=_single_threaded_torch)
 
     def write(result: PredictionResult, method_maps: dict[str, MethodMaps] | None) -> None:
         try:
@@ -342,9 +343,18 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: Meth
         logger.warning("after %s: %s: %s", stop.signal_name, type(err).__name__, err)
     finally:
         _shut_down(pool)  # writes in flight finish (and are journalled) before the journals close
+        torch.set_num_threads(torch_threads)  # the default of threads started later, as it was
         folder.close()
         progress.close()
     return processed
+
+
+def _single_threaded_torch() -> None:
+    """Writer threads run their (small) torch operations on themselves alone. Each thread that calls
+    into OpenMP gets a team of its own, and idle team threads spin: with two writers beside the
+    model, their spinning took about as much CPU as the writing itself (figures: README). OpenMP's
+    thread count is per calling thread, so the model's thread keeps its own."""
+    torch.set_num_threads(1)
 
 
 def _write_methods(folder: RunFolder, result: PredictionResult, method_maps: dict[str, MethodMaps],
