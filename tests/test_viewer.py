@@ -202,3 +202,24 @@ def test_viewer_offers_the_explain_methods_saved_on_the_same_cells(tmp_path: Pat
             np.testing.assert_allclose(grids[:, 0], cells, rtol=1e-3, atol=1e-7)  # float16 in the page
             checked += len(cells)
     assert checked > 0
+
+
+def test_write_npz_holds_what_savez_compressed_holds(tmp_path: Path) -> None:
+    from detection.engine.grids import write_npz
+
+    rng = np.random.default_rng(2)
+    arrays = {"grid_raw": rng.random((3, 5, 4, 6)).astype(np.float16), "image_jpeg": rng.integers(0, 256, 999, np.uint8),
+              "meta_json": np.frombuffer(b'{"format": "x"}', np.uint8), "empty": np.zeros((0, 3), np.float32)}
+    np.savez_compressed(tmp_path / "numpy.npz", **arrays)
+    for level in (1, 9):
+        with open(tmp_path / f"ours{level}.npz", "wb") as handle:
+            write_npz(handle, arrays, level)
+        with np.load(tmp_path / f"ours{level}.npz", allow_pickle=False) as ours, \
+                np.load(tmp_path / "numpy.npz", allow_pickle=False) as theirs:
+            assert ours.files == theirs.files == list(arrays)
+            for name in arrays:
+                assert ours[name].dtype == theirs[name].dtype
+                np.testing.assert_array_equal(ours[name], theirs[name])
+    with pytest.raises(ValueError):
+        with open(tmp_path / "objects.npz", "wb") as handle:
+            write_npz(handle, {"bad": np.array([object()], dtype=object)}, 1)
