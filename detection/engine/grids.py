@@ -17,6 +17,7 @@ record (cells of the valid block, row-major), so `cells_to_image` maps them to p
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -114,8 +115,19 @@ def raw_grids(record: AttentionRecord, image_index: int, query_index: Sequence[i
               ) -> np.ndarray:
     """(N, S, hv, wv) float32 raw attention of each query for each (layer, head) slice."""
     index = torch.as_tensor(list(query_index), dtype=torch.int64)
-    stacked = [query_cell_maps(record, image_index, index, heads=head, layers=layer) for layer, head in slices]
+    stacked = []
+    for layer, head in slices:
+        source, choice = _one_layer(record, layer)
+        stacked.append(query_cell_maps(source, image_index, index, heads=head, layers=choice))
     return torch.stack(stacked, dim=1).numpy()
+
+
+def _one_layer(record: AttentionRecord, layer: Any) -> tuple[AttentionRecord, Any]:
+    """(record, layers choice) for `query_cell_maps`: a dense record cut to layer `layer` when it is
+    an index (each slice then copies that layer's attention alone, not every layer's), else as given."""
+    if record.kind != "dense" or isinstance(layer, str) or not 0 <= int(layer) < record.decoder_cross.shape[0]:
+        return record, layer
+    return dataclasses.replace(record, decoder_cross=record.decoder_cross[int(layer) : int(layer) + 1]), 0
 
 
 def encoder_self_grid(record: AttentionRecord, image_index: int) -> np.ndarray | None:
