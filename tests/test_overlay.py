@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import hashlib
+from io import BytesIO
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from detection.render.colors import DEFAULT_COLORMAP, apply_colormap, class_color, swap_red_blue, text_color_on
 from detection.render.overlay import (
+    check_saliency,
     decode_image,
     draw_detections,
     encode_image,
@@ -18,6 +21,7 @@ from detection.render.overlay import (
     mass_region,
     render_detection_overlay,
     render_overlay,
+    render_saliency,
     text_style,
     write_image,
 )
@@ -70,6 +74,14 @@ def test_swap_red_blue_round_trip():
     image = photo()
     np.testing.assert_array_equal(swap_red_blue(swap_red_blue(image)), image)
     assert swap_red_blue(image)[0, 0, 0] == image[0, 0, 2]
+    # every input kind (OpenCV's path and numpy's) is the same reversal of the last axis, contiguous
+    rng = np.random.default_rng(1)
+    for array in (image[::2, 1::3], rng.random((5, 7, 3)).astype(np.float32), rng.random((5, 7, 3)),
+                  rng.integers(0, 2**16, (4, 6, 3)).astype(np.uint16), rng.integers(0, 256, (4, 6, 4), dtype=np.uint8),
+                  np.zeros((0, 3, 3), np.uint8)):
+        swapped = swap_red_blue(array)
+        assert swapped.dtype == array.dtype and swapped.flags.c_contiguous
+        np.testing.assert_array_equal(swapped, array[..., ::-1])
 
 
 # -- single-detection overlay ---------------------------------------------------------------------------
@@ -221,6 +233,11 @@ def test_validation_errors_are_clear():
         render_detection_overlay(image, dets, np.full((120, 160), 3.0, np.float32))
     with pytest.raises(ValueError, match="NaN"):
         render_detection_overlay(image, dets, np.full((120, 160), np.nan, np.float32))
+    for bad in (np.nan, np.inf, -np.inf):  # one bad pixel among valid ones
+        saliency = np.full((120, 160), 0.5, np.float32)
+        saliency[7, 9] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            render_detection_overlay(image, dets, saliency)
     with pytest.raises(ValueError, match="one detection"):
         render_detection_overlay(image, detections([[0, 0, 5, 5]] * 2, [0, 1]), np.zeros((120, 160), np.float32))
     with pytest.raises(ValueError, match="image of size"):
@@ -243,3 +260,54 @@ def test_png_and_jpeg_round_trip(tmp_path):
         encode_image(image, ".gif")
     with pytest.raises(ValueError, match="decodable"):
         decode_image(b"nope")
+
+
+def test_fast_png_is_lossless_and_read_back_by_opencv_and_pil():
+    # a rendered overlay (flat tints, text, a photo under them) and pure noise: both round-trip
+    image = render_overlay(photo(121, 163, seed=3), detections([[10, 20, 90, 100]], [2], size=(121, 163)),
+                           gaussian(121, 163, 60, 50, 15)[None])
+    for pixels in (image, np.random.default_rng(4).integers(0, 256, (37, 53, 3), dtype=np.uint8)):
+        data = encode_image(pixels, ".png", png_compression="fast")
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        np.testing.assert_array_equal(decode_image(data), pixels)
+        with Image.open(BytesIO(data)) as opened:
+            assert opened.format == "PNG" and opened.mode == "RGB"
+            np.testing.assert_array_equal(np.asarray(opened), pixels)
+        # the same pixels as the level-1 file, in other bytes
+        np.testing.assert_array_equal(decode_image(encode_image(pixels, ".png", png_compression=1)), pixels)
+        assert data != encode_image(pixels, ".png", png_compression=1)
+
+
+def test_check_saliency_never_changes_its_input_and_copies_only_to_clip():
+    inside = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    assert check_saliency(inside, (3, 4)) is inside  # already float32 in [0, 1]
+    rounded = inside.copy()
+    rounded[0, 0], rounded[2, 3] = -4e-4, 1 + 4e-4  # float16 storage rounding, within tolerance
+    kept = rounded.copy()
+    clipped = check_saliency(rounded, (3, 4))
+    np.testing.assert_array_equal(rounded, kept)
+    np.testing.assert_array_equal(clipped, np.clip(kept, 0, 1))
+    doubles = inside.astype(np.float64)
+    assert check_saliency(doubles, (3, 4)).dtype == np.float32
+
+
+def _blend_reference(image, color_layer, opacity):
+    """The blend as one whole-image float32 expression (what overlays were before the bands)."""
+    weight = opacity[..., None].astype(np.float32)
+    mixed = image.astype(np.float32) * (1.0 - weight) + color_layer.astype(np.float32) * weight
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def test_blend_in_bands_equals_the_whole_image_expression(monkeypatch):
+    import detection.render.overlay as overlay
+
+    rng = np.random.default_rng(6)
+    image, colour = (rng.integers(0, 256, (97, 61, 3), dtype=np.uint8) for _ in range(2))
+    opacity = rng.random((97, 61)).astype(np.float32) * 0.6
+    opacity[:5], opacity[-5:] = 0.0, 0.6  # edges of the range, and a last band shorter than the others
+    whole = _blend_reference(image, colour, opacity)
+    monkeypatch.setattr(overlay, "_BLEND_BAND_PIXELS", 61 * 8)  # 13 bands of 8 rows, the last of 1
+    np.testing.assert_array_equal(overlay._blend(image, colour, opacity), whole)
+    saliency = gaussian(97, 61, 40, 30, 12)
+    expected = _blend_reference(image, apply_colormap(saliency), 0.6 * saliency)
+    np.testing.assert_array_equal(render_saliency(image, saliency), expected)

@@ -14,8 +14,8 @@ from detection.cli import main as cli_main
 from detection.attention.maps import cells_to_image, encoder_point_maps, load_maps_npz, query_cell_maps
 from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch
-from detection.engine.grids import (GRIDS_FORMAT, build_grids, choose_detail, load_grids_npz, save_grids_npz,
-                                    slice_plan)
+from detection.engine.grids import (GRIDS_FORMAT, build_grids, choose_detail, load_grids_npz, raw_grids,
+                                    save_grids_npz, slice_plan)
 from detection.engine.run_folder import RunReader, grids_name
 from detection.models.registry import load_model
 from detection.render.colors import apply_colormap
@@ -54,6 +54,16 @@ def test_grids_are_query_cell_maps_of_every_layer_and_head(demo_record, tmp_path
         # float16 storage: relative error <= 2^-11
         np.testing.assert_allclose(loaded.methods["raw"].grids[:, s], expected, rtol=2**-11, atol=1e-7)
     assert loaded.image_size == tuple(size) and loaded.input_size == tuple(record.image_sizes[0].tolist())
+
+
+def test_raw_grids_of_every_detail_equal_query_cell_maps_of_the_whole_record(demo_record) -> None:
+    record, queries, _ = demo_record
+    layers, heads = record.decoder_cross.shape[0], record.decoder_cross.shape[2]
+    slices = [slice for detail in ("layer_head", "last_layer_heads", "layer_mean")
+              for slice in slice_plan(detail, layers, heads, rollout=True)] + [("last", "max"), ("mean", 1)]
+    grids = raw_grids(record, 0, queries, slices)
+    for s, (layer, head) in enumerate(slices):  # exactly: each slice is the same selection and reduction
+        np.testing.assert_array_equal(grids[:, s], query_cell_maps(record, 0, queries, heads=head, layers=layer).numpy())
 
 
 def test_encoder_grid_rows_and_columns_are_encoder_point_maps(demo_record) -> None:
@@ -202,3 +212,24 @@ def test_viewer_offers_the_explain_methods_saved_on_the_same_cells(tmp_path: Pat
             np.testing.assert_allclose(grids[:, 0], cells, rtol=1e-3, atol=1e-7)  # float16 in the page
             checked += len(cells)
     assert checked > 0
+
+
+def test_write_npz_holds_what_savez_compressed_holds(tmp_path: Path) -> None:
+    from detection.engine.grids import write_npz
+
+    rng = np.random.default_rng(2)
+    arrays = {"grid_raw": rng.random((3, 5, 4, 6)).astype(np.float16), "image_jpeg": rng.integers(0, 256, 999, np.uint8),
+              "meta_json": np.frombuffer(b'{"format": "x"}', np.uint8), "empty": np.zeros((0, 3), np.float32)}
+    np.savez_compressed(tmp_path / "numpy.npz", **arrays)
+    for level in (1, 9):
+        with open(tmp_path / f"ours{level}.npz", "wb") as handle:
+            write_npz(handle, arrays, level)
+        with np.load(tmp_path / f"ours{level}.npz", allow_pickle=False) as ours, \
+                np.load(tmp_path / "numpy.npz", allow_pickle=False) as theirs:
+            assert ours.files == theirs.files == list(arrays)
+            for name in arrays:
+                assert ours[name].dtype == theirs[name].dtype
+                np.testing.assert_array_equal(ours[name], theirs[name])
+    with pytest.raises(ValueError):
+        with open(tmp_path / "objects.npz", "wb") as handle:
+            write_npz(handle, {"bad": np.array([object()], dtype=object)}, 1)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from detection.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from detection.data.preprocess import image_to_input
 from detection.models.contract import PreprocessSpec
+from detection.engine.display import DisplayImages, DisplaySpec, make_display_images
 from detection.engine.planning import PlannedBatch
 from detection.engine.sources import SourceItem
 from detection.render.colors import swap_red_blue
@@ -25,13 +26,16 @@ class Sample:
 
     image: float32 (3, h, w) in [0, 1], resized model input (None if `error`).
     original_size: (H, W) of the decoded image (EXIF applied) -- the frame of all boxes/maps.
-    rgb: uint8 (H, W, 3) original pixels when the caller needs them (overlays), else None.
+    rgb: uint8 (H, W, 3) original pixels when the caller needs them, else None.
+    display: the images the writers draw on (`engine.display`), made here, in the decoding
+        worker, when the caller asked for them.
     """
 
     item: SourceItem
     image: torch.Tensor | None = None
     original_size: tuple[int, int] | None = None
     rgb: np.ndarray | None = None
+    display: DisplayImages | None = None
     error: str | None = None
 
 
@@ -42,21 +46,29 @@ class LoadedBatch:
 
 
 class BatchLoadingDataset(IterableDataset):
-    """Yields LoadedBatch for each planned batch of this worker's units, in plan order."""
+    """Yields LoadedBatch for each planned batch of this worker's units, in plan order.
+
+    keep_rgb: ship each decoded image (uint8 (H, W, 3): 36 MB for 12 MP) in `Sample.rgb`;
+    display: make `Sample.display` from it (a few MB), so a caller that needs only those never
+    holds full-resolution pixels.
+    """
 
     def __init__(self, plan: Sequence[PlannedBatch], preprocess: PreprocessSpec,
-                 keep_rgb: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+                 keep_rgb: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 display: DisplaySpec | None = None) -> None:
         super().__init__()
         self.plan = list(plan)
         self.preprocess = preprocess
         self.keep_rgb = keep_rgb
         self.max_pixels = max_pixels
+        self.display = display
 
     # -- per item -----------------------------------------------------------------------
     def _sample_from_rgb(self, item: SourceItem, rgb: np.ndarray) -> Sample:
         image = image_to_input(rgb, self.preprocess)
+        display = None if self.display is None else make_display_images(rgb, self.display)
         return Sample(item, image=image, original_size=(int(rgb.shape[0]), int(rgb.shape[1])),
-                      rgb=rgb if self.keep_rgb else None)
+                      rgb=rgb if self.keep_rgb else None, display=display)
 
     def _still(self, item: SourceItem) -> Sample:
         try:

@@ -14,7 +14,7 @@ from detection.attention.drise import DriseOptions
 from detection.attention.maps import save_maps_npz
 from detection.attention.methods import MethodMaps, Targets, check_methods
 from detection.engine.explain import MethodRunner, build_methods
-from detection.engine.outputs import OutputOptions
+from detection.engine.outputs import OutputOptions, overlay_source
 from detection.engine.overlays import encode_overlay, render_overlays
 from detection.engine.predictor import PredictionResult
 from detection.engine.run_folder import RunFolder, method_attention_name
@@ -97,10 +97,8 @@ def write_method_outputs(folder: RunFolder, result: PredictionResult, method_map
                       maps.input_size, method_meta)
         names[method] = method_attention_name(item.key, method)
         if options.overlays:
-            if result.image is None:
-                raise ValueError("overlays requested but the decoded image was not kept")
             geometry = {"feature_stride": maps.stride, "input_size": maps.input_size}
-            for k, image in render_overlays(result.image, detections, maps.values, geometry, heatmaps):
+            for k, image in render_overlays(overlay_source(result), detections, maps.values, geometry, heatmaps):
                 if k is not None:
                     write_bytes_atomic(folder.method_overlay_path(item.key, method, k, options.image_format),
                                        encode_overlay(image, options.image_format))

@@ -10,14 +10,13 @@ import numpy as np
 
 from detection.attention.maps import map_metadata, query_cell_maps, save_maps_npz
 from detection.boxes import coco_xywh
-from detection.engine.grids import DEFAULT_GRID_BUDGET, VIEWER_IMAGE_SIDE, build_grids, save_grids_npz
+from detection.engine.display import viewer_image_jpeg
+from detection.engine.grids import DEFAULT_GRID_BUDGET, build_grids, save_grids_npz
 from detection.engine.predictor import PredictionResult
 from detection.engine.run_folder import RunFolder, attention_name, overlay_name
 from detection.engine.sources import SourceItem
 from detection.engine.overlays import DEFAULT_OVERLAY_SIZE, encode_overlay, render_overlays
 from detection.io import write_bytes_atomic
-from detection.render.overlay import encode_image
-from detection.render.panel import fit_image
 from detection.structures import Detections
 
 
@@ -103,10 +102,8 @@ def write_image_outputs(folder: RunFolder, result: PredictionResult, options: Ou
         record["attention"] = attention_name(item.key)
         _write_grids(folder, result, options)
     if options.overlays:
-        if result.image is None:
-            raise ValueError("overlays requested but the decoded image was not kept")
         suffix = options.image_format
-        for k, image in render_overlays(result.image, detections, cells, meta, options, result.attention):
+        for k, image in render_overlays(overlay_source(result), detections, cells, meta, options, result.attention):
             path = (folder.overlay_path(item.key, suffix) if k is None  # k None: the combined overlay
                     else folder.detection_overlay_path(item.key, k, suffix))
             write_bytes_atomic(path, encode_overlay(image, suffix))
@@ -114,13 +111,21 @@ def write_image_outputs(folder: RunFolder, result: PredictionResult, options: Ou
     return record
 
 
-def viewer_image_jpeg(image: np.ndarray) -> bytes:
-    """The image as the viewer shows it: longest side at most VIEWER_IMAGE_SIDE, JPEG quality 90."""
-    height, width = image.shape[:2]
-    scale = min(1.0, VIEWER_IMAGE_SIDE / max(height, width))
-    if scale < 1.0:
-        image = fit_image(image, max(1, int(round(width * scale))), max(1, int(round(height * scale))))
-    return encode_image(image, ".jpg", jpeg_quality=90)
+def overlay_source(result: PredictionResult) -> np.ndarray:
+    """The image overlays are drawn on: the overlay base the decoding worker made
+    (`engine.display`), else the original image; ValueError when the result holds neither."""
+    if result.display is not None and result.display.overlay is not None:
+        return result.display.overlay
+    if result.image is None:
+        raise ValueError("overlays requested but the decoded image was not kept")
+    return result.image
+
+
+def viewer_jpeg(result: PredictionResult) -> bytes | None:
+    """The viewer's JPEG of the image: the decoding worker's, else made from the original image."""
+    if result.display is not None and result.display.viewer_jpeg is not None:
+        return result.display.viewer_jpeg
+    return None if result.image is None else viewer_image_jpeg(result.image)
 
 
 def _write_grids(folder: RunFolder, result: PredictionResult, options: OutputOptions) -> None:
@@ -131,5 +136,5 @@ def _write_grids(folder: RunFolder, result: PredictionResult, options: OutputOpt
     grids = build_grids(result.attention, 0, detections.query_index.tolist(), detections.scores.tolist(),
                         detections.image_size, budget_bytes=options.grid_budget,
                         encoder_attention=options.save_encoder_attention,
-                        image_jpeg=None if result.image is None else viewer_image_jpeg(result.image))
+                        image_jpeg=viewer_jpeg(result))
     save_grids_npz(folder.grids_path(result.item.key), grids)

@@ -36,6 +36,14 @@ def _points_overlay(image: np.ndarray, detections: Detections, k: int, attention
 MAP_PIXELS_PER_CHUNK = 1 << 22
 
 
+def overlay_base(image: np.ndarray, overlay_size: int | None) -> np.ndarray:
+    """The image overlays of `overlay_size` are drawn on: uint8 (H, W, 3) RGB scaled down so its long
+    side is at most `overlay_size` pixels (`render.panel.display_size`, `resize_image`); the image
+    itself when it is no larger (or overlay_size is None)."""
+    size = display_size(image.shape[:2], overlay_size)
+    return image if size == tuple(image.shape[:2]) else resize_image(image, size)
+
+
 def render_overlays(
     image: np.ndarray,
     detections: Detections,
@@ -47,6 +55,7 @@ def render_overlays(
     """The overlays of one image at `options.overlay_size`, one at a time: (k, overlay of
     detection k) for k = 0, 1, ..., then (None, the combined overlay).
 
+    image: uint8 RGB, the original image (`detections.image_size`) or its `overlay_base`;
     geometry: `attention.maps.map_metadata` of the image (feature_stride, input_size,
     interpolation, percentiles); options: `engine.outputs.OutputOptions` (overlay_size,
     normalize, overlay_style; "points" draws detection overlays from `attention`, a sampled
@@ -54,7 +63,13 @@ def render_overlays(
     folds their per-pixel maximum (`strongest_map`), so it equals `render_overlay` of all maps.
     """
     size = display_size(detections.image_size, options.overlay_size)
-    shown = image if size == tuple(image.shape[:2]) else resize_image(image, size)
+    if tuple(image.shape[:2]) == size:
+        shown = image  # already the overlay base (made in a decoding worker: `engine.display`)
+    elif tuple(image.shape[:2]) == tuple(detections.image_size):
+        shown = overlay_base(image, options.overlay_size)
+    else:
+        raise ValueError(f"the image is {tuple(image.shape[:2])}: neither the detections' image size "
+                         f"{tuple(detections.image_size)} nor the overlay size {size}")
     shown_detections = detections.resized(size)
     chunk = max(1, MAP_PIXELS_PER_CHUNK // (size[0] * size[1]))
     strongest = None
@@ -75,5 +90,5 @@ def render_overlays(
 
 
 def encode_overlay(rgb: np.ndarray, image_format: str) -> bytes:
-    """PNG level 1 (~5x faster to write than the default 6 for ~15 % more bytes) or JPEG 92."""
-    return encode_image(rgb, f".{image_format}", jpeg_quality=92, png_compression=1)
+    """Lossless PNG encoded fast (`render.overlay.fast_png_params`) or JPEG 92."""
+    return encode_image(rgb, f".{image_format}", jpeg_quality=92, png_compression="fast")

@@ -10,7 +10,7 @@ import platform
 import signal
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,12 @@ from tqdm import tqdm
 from detection import __version__
 from detection.attention.maps import NPZ_FORMAT
 from detection.data.images import DEFAULT_MAX_PIXELS
+from detection.engine.display import DisplaySpec
 from detection.engine.explain import MethodRunner
 from detection.engine.grids import GRIDS_FORMAT
 from detection.engine.method_outputs import ExplainOptions, build_predict_methods, explain_result, write_method_outputs
 from detection.engine.outputs import OutputOptions, write_image_outputs
+from detection.engine.pending import PendingWrites
 from detection.engine.planning import shard_plan
 from detection.engine.predictor import PredictionResult, Predictor
 from detection.engine.run_folder import MAPS_FORMAT_KEY, RunFolder, RunFolderMismatch
@@ -167,6 +169,10 @@ def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
         if not items:
             raise PredictUsageError("no inputs given")
         fingerprint = run_fingerprint(settings, model, predictor.precision)
+        config, source = model.config, getattr(model, "source", "")
+        # the predictor runs its own prepared copy: a model loaded here is freed now (DETR-R50: 166 MB
+        # of float32 weights), and its memory serves the run; a caller's model stays the caller's
+        del model
 
         folder = RunFolder(out, context.rank, context.world_size)
         lock = folder.lock() if context.is_main else None
@@ -183,13 +189,14 @@ def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
         if context.any_true(refusal is not None):
             raise PredictUsageError(refusal or "rank 0 could not lock the output folder")
         try:
-            return _run_locked(settings, model, context, predictor, runner, items, fingerprint, folder, stop)
+            return _run_locked(settings, config, source, context, predictor, runner, items, fingerprint, folder,
+                               stop)
         finally:
             if lock is not None:
                 lock.release()
 
 
-def _run_locked(settings: PredictSettings, model: torch.nn.Module, context: DistContext, predictor: Predictor,
+def _run_locked(settings: PredictSettings, config: Any, source: str, context: DistContext, predictor: Predictor,
                 runner: MethodRunner | None, items, fingerprint: dict[str, Any], folder: RunFolder,
                 stop: StopOnSignals) -> PredictSummary:
     """run_predict once rank 0 holds the folder's lock: overwrite / resume, shards, merge."""
@@ -212,9 +219,9 @@ def _run_locked(settings: PredictSettings, model: torch.nn.Module, context: Dist
         "status": "running",
         "fingerprint": fingerprint,
         "model": settings.model,
-        "model_source": getattr(model, "source", ""),
-        "class_names": list(model.config.class_names),
-        "category_ids": list(model.config.category_ids),
+        "model_source": source,
+        "class_names": list(config.class_names),
+        "category_ids": list(config.category_ids),
         "inputs": list(settings.inputs) + [f"@{f}" for f in settings.list_files],
         "settings": {"device": str(predictor.device), "batch_size": settings.batch_size,
                      "workers": settings.workers, "fold_bn": settings.fold_bn,
@@ -238,7 +245,7 @@ def _run_locked(settings: PredictSettings, model: torch.nn.Module, context: Dist
                                  f"in flight; rerun the same command to resume")
     summary = PredictSummary(out=out, is_main=context.is_main)
     if context.is_main:
-        counts = folder.finalize(probed, model.config.category_ids)
+        counts = folder.finalize(probed, config.category_ids)
         run_info.update({
             "status": "complete",
             "counts": counts,
@@ -264,7 +271,11 @@ def _make_predictor(settings: PredictSettings, model: torch.nn.Module, device: t
     return Predictor(model, device=device, precision=settings.precision, batch_size=settings.batch_size,
                      num_workers=settings.workers, score_threshold=settings.score_threshold,
                      cross_attention=options.needs_maps or method_attention, batching=settings.batching,
-                     keep_images=options.overlays or options.save_attention or (runner is not None and runner.needs_input),
+                     # the full-resolution image only for methods that run the model on it: the writers
+                     # draw on display images the decoding workers make (engine.display)
+                     keep_images=runner is not None and runner.needs_input,
+                     display=DisplaySpec(overlays=options.overlays, overlay_size=options.overlay_size,
+                                         viewer_jpeg=options.save_attention) if options.needs_maps else None,
                      rollout=options.layers == "rollout" or options.save_encoder_attention
                      or (runner is not None and runner.needs_self_attention),
                      fold_bn=settings.fold_bn, channels_last=settings.channels_last,
@@ -286,7 +297,8 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: Meth
     progress = tqdm(total=sum(len(b.items) for b in my_plan), desc="predict", unit="img",
                     disable=None if settings.progress and is_main else True)
     category_ids = predictor.config.category_ids
-    pool = ThreadPoolExecutor(max_workers=max(1, settings.writer_threads))
+    torch_threads = torch.get_num_threads()  # this thread's; the writers' setting below must not outlive the run
+    pool = ThreadPoolExecutor(max_workers=max(1, settings.writer_threads), initializer=_single_threaded_torch)
 
     def write(result: PredictionResult, method_maps: dict[str, MethodMaps] | None) -> None:
         try:
@@ -305,7 +317,9 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: Meth
             for item in probed:
                 if item.error is not None:
                     folder.append_error(item, item.error)
-        pending: list[Future] = []
+        # bounded: results hold images and attention; writer errors surface early
+        threads = max(1, settings.writer_threads)
+        pending = PendingWrites(max_count=4 * threads, min_count=threads)
         for result in ([] if stop.requested else predictor.run_plan(my_plan, done)):
             if result.error is not None:
                 folder.append_error(result.item, result.error)
@@ -315,16 +329,13 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: Meth
                 except Exception as err:  # noqa: BLE001 - one image's explanation must not stop the run
                     folder.append_error(result.item, f"explanation methods failed: {type(err).__name__}: {err}")
                 else:
-                    pending.append(pool.submit(write, result, method_maps))
+                    pending.add(pool.submit(write, result, method_maps), result, method_maps)
                 processed += 1
             progress.update(1)
             if stop.requested:
                 break
-            # bounded queue: results hold images and attention; surface writer errors early
-            while len(pending) > 4 * max(1, settings.writer_threads):
-                pending.pop(0).result()
-        for future in pending:
-            future.result()
+            pending.wait_within()
+        pending.wait_all()
     except Exception as err:
         if not stop.requested:
             raise
@@ -332,9 +343,18 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: Meth
         logger.warning("after %s: %s: %s", stop.signal_name, type(err).__name__, err)
     finally:
         _shut_down(pool)  # writes in flight finish (and are journalled) before the journals close
+        torch.set_num_threads(torch_threads)  # the default of threads started later, as it was
         folder.close()
         progress.close()
     return processed
+
+
+def _single_threaded_torch() -> None:
+    """Writer threads run their (small) torch operations on themselves alone. Each thread that calls
+    into OpenMP gets a team of its own, and idle team threads spin: with two writers beside the
+    model, their spinning took about as much CPU as the writing itself (figures: README). OpenMP's
+    thread count is per calling thread, so the model's thread keeps its own."""
+    torch.set_num_threads(1)
 
 
 def _write_methods(folder: RunFolder, result: PredictionResult, method_maps: dict[str, MethodMaps],

@@ -14,6 +14,7 @@ import torch
 
 from detection.data.images import DEFAULT_MAX_PIXELS
 from detection.data.preprocess import image_to_input, pad_batch
+from detection.engine.display import DisplayImages, DisplaySpec
 from detection.engine.fast import InferenceModel
 from detection.engine.loading import BatchLoadingDataset, LoadedBatch, Sample, make_loader
 from detection.engine.planning import PlannedBatch, plan_batches, probe_sizes
@@ -34,6 +35,7 @@ class PredictionResult:
     attention: this image's AttentionRecord (batch dimension 1) when cross-attention was
         requested (`Predictor(cross_attention=True)`).
     image: uint8 (H, W, 3) RGB original pixels when `keep_images` was set.
+    display: the images the writers draw on (`engine.display`) when `display` was set.
     """
 
     item: SourceItem
@@ -42,6 +44,7 @@ class PredictionResult:
     attention: AttentionRecord | None = None
     error: str | None = None
     image: np.ndarray | None = None
+    display: DisplayImages | None = None
 
     @property
     def path(self) -> str:
@@ -62,7 +65,9 @@ class Predictor:
     cross_attention: also return each image's AttentionRecord with the decoder cross-attention
         of every layer and head; `rollout=True` adds decoder and encoder self-attention.
         (`attention=` is the deprecated name of this flag.)
-    keep_images: also return the decoded RGB image (for overlays).
+    keep_images: also return the decoded RGB image.
+    display: also return the display images (`engine.display.DisplaySpec`: the overlay base, the
+        viewer's JPEG), made in the decoding workers.
     last_layer_only: keep only the last decoder layer in the returned records (L = 1).
     """
 
@@ -71,7 +76,8 @@ class Predictor:
                  cross_attention: bool = False, batching: str = "exact", keep_images: bool = False,
                  rollout: bool = False, fold_bn: bool = True, channels_last: bool = True,
                  compile: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 video_stride: int = 1, last_layer_only: bool = False, attention: object = _UNSET) -> None:
+                 video_stride: int = 1, last_layer_only: bool = False, attention: object = _UNSET,
+                 display: DisplaySpec | None = None) -> None:
         if attention is not _UNSET:
             warnings.warn("Predictor(attention=...) is deprecated; use cross_attention=...",
                           DeprecationWarning, stacklevel=2)
@@ -97,6 +103,7 @@ class Predictor:
         self.rollout = bool(rollout)
         self.batching = batching
         self.keep_images = keep_images
+        self.display = display
         self.max_pixels = max_pixels
         self.video_stride = video_stride
         # keep only the last decoder layer's cross-attention (what layers="last" maps use):
@@ -141,7 +148,8 @@ class Predictor:
         todo = [b for b in plan if not all(it.key in skip_keys for it in b.items)]
         if not todo:
             return
-        dataset = BatchLoadingDataset(todo, self.preprocess, keep_rgb=self.keep_images, max_pixels=self.max_pixels)
+        dataset = BatchLoadingDataset(todo, self.preprocess, keep_rgb=self.keep_images, max_pixels=self.max_pixels,
+                                      display=self.display)
         workers = min(self.num_workers, len(dataset.units()))
         for loaded in make_loader(dataset, workers):
             yield from self._run_loaded(loaded, skip_keys)
@@ -193,5 +201,6 @@ class Predictor:
                     continue
                 yield PredictionResult(
                     sample.item, original_size=sample.original_size, detections=detections[index],
-                    attention=None if record is None else record.select_image(index), image=sample.rgb)
+                    attention=None if record is None else record.select_image(index), image=sample.rgb,
+                    display=sample.display)
 
