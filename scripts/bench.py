@@ -117,6 +117,25 @@ def interleaved_ratio(numerator: Callable[[], Any], denominator: Callable[[], An
     return {"median": statistics.median(ratios), "fastest": min(tops) / min(bottoms)}
 
 
+def flop_counts(model: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """GFLOP (multiply-add = 2) of the CNN body alone and of the whole forward with cross-attention,
+    by torch's FlopCounterMode (fp32, no grad). Its counter has no formula for the CPU's fused SDPA
+    kernel, so the encoder's and the decoder self-attention's q·k / a·v products are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import copy
+
+    model = copy.deepcopy(model).eval().requires_grad_(False)  # the counter's module tracker needs no autograd
+    mask = torch.zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool)
+    with torch.no_grad():
+        normalised = (images - model.image_mean) / model.image_std
+        with FlopCounterMode(display=False) as body:
+            model.backbone.body(normalised)
+        with FlopCounterMode(display=False) as whole:
+            model(images, mask, cross_attention=True)
+    return {"body_gflop": body.get_total_flops() / 1e9, "whole_gflop": whole.get_total_flops() / 1e9}
+
+
 def build_pair(seed: int = 0):
     """HF DetrForObjectDetection (R50, random, perturbed) + our DETR with the same weights."""
     import transformers
@@ -368,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
                     report[f"model_path_ratio[batch {batch}]"] = ratio
                     print(f"  {'':<40} model path / body alone (interleaved, {args.repeats} pairs): median "
                           f"{ratio['median']:.3f}, fastest runs {ratio['fastest']:.3f} (target <= 1.25)")
+                    flops = flop_counts(ours, images)
+                    report[f"flops[batch {batch}]"] = flops
+                    print(f"  {'':<40} FLOPs: body {flops['body_gflop']:.1f} G, whole forward "
+                          f"{flops['whole_gflop']:.1f} G ({flops['whole_gflop'] / flops['body_gflop']:.3f}x; "
+                          f"fused SDPA not counted)")
             del engine
 
         print("\n  agreement (batch image 0):")
