@@ -118,8 +118,6 @@ def test_bf16_loss_stays_within_the_band_of_fp32_over_200_steps(tmp_path):
         summary = train(_config(data, "optim.epochs=10", f"precision={precision}"), tmp_path / precision)
         assert summary["steps"] == LONG_STEPS
         runs[precision] = _losses(tmp_path / precision)
-        noted = any("without native bf16" in record.getMessage() for record in caplog.records)
-        assert noted == (precision == "bf16"), precision
     fp32, bf16 = torch.tensor(runs["fp32"]), torch.tensor(runs["bf16"])
     per_step = ((bf16 - fp32).abs() / fp32).max().item()
     windows = fp32.unfold(0, 10, 10).mean(1), bf16.unfold(0, 10, 10).mean(1)
