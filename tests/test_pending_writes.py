@@ -90,14 +90,25 @@ def test_writer_threads_run_torch_alone_and_the_setting_ends_with_the_run(tmp_pa
         return original(*args, **kwargs)
 
     monkeypatch.setattr(predict_run, "write_image_outputs", recording)
+    from detection.engine.predictor import Predictor
+
+    model_threads: list[int] = []
+    predict_tensors = Predictor.predict_tensors
+
+    def counting(self, *args, **kwargs):  # the model's thread, batches 2 and 3 run beside the writers
+        model_threads.append(torch.get_num_threads())
+        return predict_tensors(self, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict_tensors", counting)
     torch.set_num_threads(2)
     torch.manual_seed(0)
     settings = predict_run.PredictSettings(inputs=[str(tmp_path / "in")], out=str(tmp_path / "out"), device="cpu",
-                                           workers=0, score_threshold=0.0, progress=False,
+                                           workers=0, score_threshold=0.0, progress=False, batch_size=1,
                                            outputs=OutputOptions(overlays=True, overlay_size=40))
     summary = predict_run.run_predict(settings, model=build_model("detr-tiny").eval())
     assert summary.images == 3 and len(seen) == 3
     assert all(name != threading.current_thread().name and threads == 1 for name, threads in seen)
+    assert model_threads == [2, 2, 2]  # the writers' setting never reaches the model's thread
     assert torch.get_num_threads() == 2  # this thread's, and the default of threads started now
     later: list[int] = []
     thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))

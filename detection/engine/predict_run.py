@@ -297,7 +297,9 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: Meth
     progress = tqdm(total=sum(len(b.items) for b in my_plan), desc="predict", unit="img",
                     disable=None if settings.progress and is_main else True)
     category_ids = predictor.config.category_ids
-    torch_threads = torch.get_num_threads()  # this thread's; the writers' setting below must not outlive the run
+    # this thread's count; asking also fixes it for this thread before any writer exists (a thread that
+    # first asks after a writer's set_num_threads(1) would take 1). The writers' setting must not outlive the run
+    torch_threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(max_workers=max(1, settings.writer_threads), initializer=_single_threaded_torch)
 
     def write(result: PredictionResult, method_maps: dict[str, MethodMaps] | None) -> None:
