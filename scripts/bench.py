@@ -96,25 +96,34 @@ def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int
     return statistics.median(times), result
 
 
+def interleaved(runs: dict[str, Callable[[], Any]], warmup: int, repeats: int,
+                device: torch.device | None = None) -> dict[str, list[float]]:
+    """Seconds of each run, the runs taken in turn (a, b, c, a, b, ...) so that a load change on a
+    shared machine hits them all alike; `warmup` untimed turns first. `device`: CUDA work is
+    synchronised around each timed run."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            if device is not None:
+                sync(device)
+            start = time.perf_counter()
+            run()
+            if device is not None:
+                sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def interleaved_ratio(numerator: Callable[[], Any], denominator: Callable[[], Any], device: torch.device,
                       pairs: int) -> dict[str, float]:
     """Time `numerator` and `denominator` alternately, `pairs` times each (after one warm-up run of
-    each): the median of the per-pair ratios and the ratio of the fastest runs. Interleaving puts
-    a change of load on a shared machine on both sides of the ratio."""
-    numerator(), denominator()
-    ratios, tops, bottoms = [], [], []
-    for _ in range(pairs):
-        times = []
-        for fn in (numerator, denominator):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - start)
-        tops.append(times[0])
-        bottoms.append(times[1])
-        ratios.append(times[0] / times[1])
-    return {"median": statistics.median(ratios), "fastest": min(tops) / min(bottoms)}
+    each): the median of the per-pair ratios and the ratio of the fastest runs."""
+    times = interleaved({"numerator": numerator, "denominator": denominator}, 1, pairs, device)
+    tops, bottoms = times["numerator"], times["denominator"]
+    return {"median": statistics.median(t / b for t, b in zip(tops, bottoms)), "fastest": min(tops) / min(bottoms)}
 
 
 def flop_counts(model: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import cpu_name  # noqa: E402
+from bench import cpu_name, interleaved  # noqa: E402 (interleaved: bench_hf_gradients imports it from here)
 from detection.attention.maps import detection_maps  # noqa: E402
 from detection.engine.fast import InferenceModel  # noqa: E402
 from detection.models.hf.detector import HFDetector, HFDetectorConfig  # noqa: E402
@@ -102,21 +102,6 @@ def bench_family(name: str, args: argparse.Namespace) -> dict[str, float]:
     assert maps.shape[1:] == (height, width)
     return {"input": f"{height}x{width}", **{name: statistics.median(t) for name, t in times.items()},
             **{f"{name}_min": min(t) for name, t in times.items()}}
-
-
-def interleaved(runs: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds of each run, the runs taken in turn (hf, ours, maps, hf, ...) so that a load change
-    on a shared machine hits all three alike; `warmup` untimed turns first."""
-    for _ in range(warmup):
-        for run in runs.values():
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:

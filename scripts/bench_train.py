@@ -40,7 +40,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import build_pair, cpu_name  # noqa: E402
+from bench import build_pair, cpu_name, interleaved  # noqa: E402
 from detection.models.backbone import freeze_backbone_layers  # noqa: E402
 from detection.runtime.device import autocast  # noqa: E402
 from detection.train.losses import SetCriterion  # noqa: E402
@@ -173,21 +173,9 @@ def profile_steps(name: str, step: Callable[[], float], warmup: int, steps: int,
 
 def timed(steps: dict[str, Callable[[], float]], device, warmup: int, repeats: int
           ) -> dict[str, tuple[float, float]]:
-    """Time `steps` interleaved: each warms up, then repeat r runs step r of every row in turn (a
-    load change on a shared machine then hits every row alike). Returns {name: (median, fastest)}."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - start)
+    """Time `steps` interleaved (`bench.interleaved`: step r of every row in turn, so a load change
+    on a shared machine hits every row alike). Prints each row's steps; returns {name: (median, fastest)}."""
+    times = interleaved(steps, warmup, repeats, device)
     for name, values in times.items():
         print(f"  {name} steps: {', '.join(f'{t:.2f}' for t in values)} s", flush=True)
     return {name: (statistics.median(values), min(values)) for name, values in times.items()}
