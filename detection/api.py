@@ -16,9 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from detection.attention.aggregate import normalize_maps
 from detection.attention.drise import DriseOptions
-from detection.attention.maps import detection_maps, map_metadata, query_cell_maps, save_maps_npz
+from detection.attention.maps import detection_maps, map_metadata, maps_from_cells, query_cell_maps, save_maps_npz
 from detection.attention.methods import MethodMaps, MethodNotApplicable, Targets
 from detection.data.images import pil_to_rgb
 from detection.boxes import coco_xywh
@@ -85,7 +84,9 @@ class Explanation:
         if self._maps is None:
             detections = self.detections
             if self.method_maps is not None:
-                self._maps = normalize_maps(self.method_maps.to_image(detections.image_size), self.normalize)
+                method_maps = self.method_maps
+                self._maps = maps_from_cells(method_maps.values, method_maps.stride, method_maps.input_size,
+                                             detections.image_size, self.normalize)
             elif len(detections):
                 self._maps = detection_maps(self.attention, 0, detections.query_index, detections.image_size,
                                             heads=self.heads, layers=self.layers, normalize=self.normalize)

@@ -333,8 +333,8 @@ def encoder_point_maps(
     else:
         raise ValueError(f"direction must be 'outgoing' or 'incoming', got {direction!r}")
     cell_maps = selected.reshape(len(flat), valid_h, valid_w)
-    maps = cells_to_image(cell_maps, attention.feature_stride, (input_h, input_w), original_size, interpolation)
-    return normalize_maps(maps, normalize, percentiles)
+    return maps_from_cells(cell_maps, attention.feature_stride, (input_h, input_w), original_size, normalize,
+                           interpolation, percentiles)
 
 
 def map_metadata(
