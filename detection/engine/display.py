@@ -42,10 +42,6 @@ class DisplayImages:
     overlay: np.ndarray | None = None
     viewer_jpeg: bytes | None = None
 
-    @property
-    def nbytes(self) -> int:
-        return (0 if self.overlay is None else int(self.overlay.nbytes)) + len(self.viewer_jpeg or b"")
-
 
 def viewer_image_jpeg(image: np.ndarray) -> bytes:
     """The image as the viewer shows it: longest side at most VIEWER_IMAGE_SIDE, JPEG quality 90."""
