@@ -142,8 +142,8 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_scan_counts_lookups_by_name_as_edges():
-    edges = {target for target, _, _ in scan()["detection.engine.predict"].edges}
-    assert "detection.cli.predict" in edges  # f"detection.cli.predict:{name}" in a moved-name shim
+    edges = {target for target, _, _ in scan()["detection.cli"].edges}
+    assert "detection.cli.predict" in edges  # "detection.cli.predict" in the verb table
     assert "detection.structures" in {target for target, _, _ in scan()["detection"].edges}  # lazy export
 
 

@@ -9,7 +9,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detection.models import convert
 from detection.models.registry import build_model, load_config
-from detection.models.weights import CheckpointError
+from detection.models.checkpoint_io import CheckpointError
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch.multiprocessing as mp
 
 from detection.data.synthetic import SynthConfig, generate_dataset
-from detection.train.distributed import EpochSampler
+from detection.train.sampler import EpochSampler
 from detection.train.config import load_train_config
 
 REPO = Path(__file__).resolve().parents[1]

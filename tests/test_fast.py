@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from detection.engine.fast import InferenceModel, count_batch_norms, fold_batch_norms
+from detection.engine.fast import InferenceModel
+from detection.models.fold_bn import count_batch_norms, fold_batch_norms
 from detection.models.registry import DEMO_DIR, build_model
 
 
@@ -115,7 +116,7 @@ def test_demo_model_bf16_keeps_detections(tmp_path: Path) -> None:
     0.7 - flip_tol. Lower scores move more than confident ones (measured up to 0.025 at fp32
     score 0.34 on the current weights), so only detections within flip_tol = 0.07 of the
     threshold may flip."""
-    from detection.engine.predict import Predictor
+    from detection.engine.predictor import Predictor
     from detection.models.registry import load_model
 
     score_tol, flip_tol, threshold = 0.03, 0.07, 0.7

@@ -215,11 +215,8 @@ def test_fast_path_gives_the_fp32_maps_within_the_stated_tolerance():
             assert error <= tolerance, (precision, name, error)
 
 
-def test_gradient_maps_is_the_one_method_maps_type_and_the_old_name_warns():
-    from detection.attention import gradients
+def test_method_maps_is_the_one_maps_type_of_the_methods():
     from detection.attention.cell_maps import MethodMaps
     from detection.attention.methods import base
 
     assert base.MethodMaps is MethodMaps
-    with pytest.warns(DeprecationWarning, match="GradientMaps is deprecated"):
-        assert gradients.GradientMaps is MethodMaps

@@ -81,18 +81,14 @@ def test_postprocess_rule_describes_detr_logits(tiny) -> None:
             assert torch.equal(a.get(name), b.get(name))
 
 
-def test_old_attention_keyword_warns_and_gives_the_same_outputs(tiny) -> None:
+def test_the_removed_attention_keyword_is_refused(tiny) -> None:
     images, mask = _batch(tiny)
     with torch.no_grad():
-        new = tiny(images, mask, cross_attention=True)
-        with pytest.warns(DeprecationWarning, match="cross_attention"):
-            old = tiny(images, mask, attention=True)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             plain = tiny(images, mask)
-    assert torch.equal(new["pred_logits"], old["pred_logits"])
-    assert torch.equal(new["pred_boxes"], old["pred_boxes"])
-    assert torch.equal(new["attention"].decoder_cross, old["attention"].decoder_cross)
+        with pytest.raises(TypeError, match="attention"):
+            tiny(images, mask, attention=True)
     assert plain["attention"] is None
 
 
@@ -151,14 +147,3 @@ def test_inference_model_uses_only_the_contract() -> None:
     for part in ("backbone", "class_embed", "bbox_embed", "detection.models.detr"):
         assert part not in source
 
-
-def test_fast_reexports_and_deprecated_dtypes() -> None:
-    from detection.runtime import device
-
-    assert fast.resolve_device is device.resolve_device
-    assert fast.cpu_supports_bf16 is device.cpu_supports_bf16
-    with pytest.warns(DeprecationWarning, match="precision_dtype"):
-        dtypes = fast._DTYPES
-    assert dtypes == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    with pytest.raises(AttributeError):
-        fast.no_such_name  # noqa: B018

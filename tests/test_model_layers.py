@@ -21,7 +21,6 @@ LAYERS = {
     "detection.models.native": 5,
     "detection.models.convert": 6,
     "detection.models.registry": 7,
-    "detection.models.weights": 8,  # older import path: re-exports only, nothing imports it
 }
 
 
@@ -56,11 +55,6 @@ def test_models_layers_import_downward_only(graph) -> None:
     assert upward == []
 
 
-def test_nothing_in_the_package_imports_the_old_weights_module(graph) -> None:
-    importers = {module for module, targets in graph.items() if "detection.models.weights" in targets}
-    assert importers <= {"detection.models.weights_cli", "detection.cli.weights"}
-
-
 def test_no_import_circle_through_models(graph) -> None:
     """Depth-first search for a cycle among the modules models/ reaches."""
     start = [m for m in graph if m.startswith("detection.models")] + [
@@ -70,8 +64,7 @@ def test_no_import_circle_through_models(graph) -> None:
     def visit(module: str, trail: list[str]) -> None:
         state[module] = 1
         for target in sorted(graph.get(module, ())):
-            if target == "detection" or target.startswith(("detection.cli", "detection.engine.predict",
-                                                           "detection.engine.evaluate", "detection.train")):
+            if target == "detection" or target.startswith(("detection.cli", "detection.train")):
                 continue  # other owners' verb modules sit above models/
             assert state.get(target) != 1, " -> ".join(trail + [module, target])
             if target not in state:
@@ -88,7 +81,7 @@ def test_contract_imports_no_model_code(graph) -> None:
     assert "detection.models.detr" not in graph["detection.engine.fast"]
 
 
-OLD_PUBLIC_NAMES = {
+PUBLIC_NAMES = {
     "detection.models.convert": [
         "AUTHORS_BACKBONE_PREFIX", "HF_BACKBONE_PREFIX", "HF_INDEX_FILES", "HF_WEIGHT_FILES",
         "NATIVE_BACKBONE_PREFIX", "authors_to_native", "convert_to_native", "detect_format",
@@ -98,27 +91,20 @@ OLD_PUBLIC_NAMES = {
         "ARCHITECTURE", "CONFIG_DIR", "DEMO_DIR", "FORMAT_VERSION", "META_FILE", "REPO_ROOT", "WEIGHTS_FILE",
         "available_configs", "build_model", "is_native_folder", "load_config", "load_model", "load_native",
         "read_model_meta", "replace_class_head", "save_model", "DETR", "DetrConfig"],
-    "detection.models.weights": [
-        "CACHE_ENV", "CheckpointError", "DownloadError", "MANIFEST_PATH", "ManifestEntry",
-        "SAFETENSORS_SUFFIXES", "TORCH_SUFFIXES", "WRAPPER_PREFIXES", "cache_dir", "check_hash",
-        "download_checkpoint", "ensure_published_native", "extract_state_dict", "load_checkpoint_file",
-        "load_manifest", "load_published", "load_state_dict_file", "load_weights_into",
-        "published_native_dir", "sha256_file", "strip_wrapper_prefixes"],
     "detection.engine.fast": [
-        "InferenceModel", "Precision", "count_batch_norms", "fold_batch_norms", "cpu_supports_bf16",
-        "resolve_device"],
+        "InferenceModel", "Precision"],
 }
 
 
-@pytest.mark.parametrize("module", sorted(OLD_PUBLIC_NAMES))
-def test_old_import_paths_keep_working(module: str) -> None:
+@pytest.mark.parametrize("module", sorted(PUBLIC_NAMES))
+def test_public_names_import_without_warnings(module: str) -> None:
     import importlib
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # moved names are plain re-exports, no warning
+        warnings.simplefilter("error")
         loaded = importlib.import_module(module)
-        missing = [name for name in OLD_PUBLIC_NAMES[module] if not hasattr(loaded, name)]
+        missing = [name for name in PUBLIC_NAMES[module] if not hasattr(loaded, name)]
     assert missing == []
 
 

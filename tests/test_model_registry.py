@@ -8,7 +8,7 @@ import torch
 
 from detection.models import registry
 from detection.models.registry import build_model, load_model, replace_class_head, save_model
-from detection.models.weights import CheckpointError
+from detection.models.checkpoint_io import CheckpointError
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,11 +7,11 @@ import pickle
 import pytest
 import torch
 
-from detection.models import published, registry, weights
+from detection.models import checkpoint_io, published, registry
 from detection.models.convert import save_authors_checkpoint
 from detection.models.registry import build_model, load_model
-from detection.models.weights import (CheckpointError, DownloadError, ManifestEntry, download_checkpoint,
-                                      load_checkpoint_file, load_state_dict_file, load_manifest)
+from detection.models.checkpoint_io import CheckpointError, load_checkpoint_file, load_state_dict_file
+from detection.models.published import DownloadError, ManifestEntry, download_checkpoint, load_manifest
 
 
 class _CreatesSentinel:
@@ -69,7 +69,7 @@ def test_safetensors_and_prefixes(tmp_path) -> None:
     state = load_state_dict_file(path)
     assert sorted(state) == ["a.weight", "b"]
     with pytest.raises(ValueError, match="two keys map to 'a'"):
-        weights.strip_wrapper_prefixes({"module.a": torch.ones(1), "a": torch.ones(1)})
+        checkpoint_io.strip_wrapper_prefixes({"module.a": torch.ones(1), "a": torch.ones(1)})
 
 
 def test_manifest_records_prefixes_from_file_names() -> None:
@@ -118,10 +118,10 @@ def test_offline_error_names_url_and_local_alternative(tmp_path) -> None:
 
 def test_cache_dir_resolution(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("DETECTION_CACHE", str(tmp_path / "env"))
-    assert weights.cache_dir() == tmp_path / "env"
-    assert weights.cache_dir(tmp_path / "flag") == tmp_path / "flag"
+    assert published.cache_dir() == tmp_path / "env"
+    assert published.cache_dir(tmp_path / "flag") == tmp_path / "flag"
     monkeypatch.delenv("DETECTION_CACHE")
-    assert weights.cache_dir().name == "detection"
+    assert published.cache_dir().name == "detection"
 
 
 def test_load_model_by_published_name(tmp_path, monkeypatch) -> None:

@@ -53,7 +53,6 @@ from detection.attention.aggregate import (LayerChoice, decoder_rollout, reduce_
 from detection.attention.cell_maps import MethodMaps
 from detection.attention.maps import valid_feature_size, valid_flat_indices
 from detection.attention.sampled import sampled_cell_maps
-from detection.deprecation import forward_moved_names
 from detection.models.outputs import AttentionRecord, SampledAttention
 
 # Batched gradient values held at once (float32: 1 GiB); more targets than fit go in chunks.
@@ -393,5 +392,3 @@ def relevance_maps(
     return relevance(model, images, padding_mask, image_index, query_index, labels).values
 
 
-# GradientMaps (a NamedTuple of the same three fields) became the one maps type of every method
-__getattr__ = forward_moved_names(__name__, {"GradientMaps": "detection.attention.cell_maps:MethodMaps"})

@@ -1,5 +1,5 @@
 """`detr-attn weights list|download|convert|verify`: options, messages and exit statuses around
-`models.weights` (published checkpoints) and `models.convert` (conversions). Exit status: 0 or 1."""
+`models.published` (published checkpoints) and `models.convert` (conversions). Exit status: 0 or 1."""
 from __future__ import annotations
 
 import argparse

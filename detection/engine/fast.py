@@ -3,16 +3,13 @@ autocast, with float32 outputs. Numerics of the bf16 path: tests/test_fast.py, s
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Literal
 
 import torch
 
 from detection.engine.allocator import retain_freed_memory
 from detection.models.contract import Detector
-from detection.models.fold_bn import count_batch_norms, fold_batch_norms  # noqa: F401 (older imports)
-from detection.runtime.device import PRECISION_DTYPES, autocast, precision_dtype
-from detection.runtime.device import cpu_supports_bf16, resolve_device  # noqa: F401 (older imports)
+from detection.runtime.device import autocast, precision_dtype, resolve_device
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -53,11 +50,3 @@ class InferenceModel:
         outputs["pred_boxes"] = outputs["pred_boxes"].float()
         outputs["aux_outputs"] = [{k: v.float() for k, v in aux.items()} for aux in outputs["aux_outputs"]]
         return outputs
-
-
-def __getattr__(name: str) -> Any:
-    if name == "_DTYPES":
-        warnings.warn("detection.engine.fast._DTYPES is deprecated; use "
-                      "detection.runtime.device.precision_dtype", DeprecationWarning, stacklevel=2)
-        return dict(PRECISION_DTYPES)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,6 @@ worker processes, run through the prepared model and post-processed into `Predic
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -24,7 +23,6 @@ from detection.postprocess import postprocess
 from detection.runtime.device import resolve_device, resolve_precision
 from detection.structures import Detections
 
-_UNSET = object()
 
 
 @dataclass
@@ -64,7 +62,6 @@ class Predictor:
     num_workers: DataLoader processes decoding + resizing (0 = in this process).
     cross_attention: also return each image's AttentionRecord with the decoder cross-attention
         of every layer and head; `rollout=True` adds decoder and encoder self-attention.
-        (`attention=` is the deprecated name of this flag.)
     keep_images: also return the decoded RGB image.
     display: also return the display images (`engine.display.DisplaySpec`: the overlay base, the
         viewer's JPEG), made in the decoding workers.
@@ -76,12 +73,8 @@ class Predictor:
                  cross_attention: bool = False, batching: str = "exact", keep_images: bool = False,
                  rollout: bool = False, fold_bn: bool = True, channels_last: bool = True,
                  compile: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 video_stride: int = 1, last_layer_only: bool = False, attention: object = _UNSET,
+                 video_stride: int = 1, last_layer_only: bool = False,
                  display: DisplaySpec | None = None) -> None:
-        if attention is not _UNSET:
-            warnings.warn("Predictor(attention=...) is deprecated; use cross_attention=...",
-                          DeprecationWarning, stacklevel=2)
-            cross_attention = bool(cross_attention or attention)
         if batching not in ("exact", "padded"):
             raise ValueError(f"batching must be 'exact' or 'padded', got {batching!r}")
         self.device = resolve_device(device)
@@ -110,13 +103,6 @@ class Predictor:
         # 1/L of the memory and of the device -> host copy on GPU
         self.last_layer_only = bool(last_layer_only) and not self.rollout
         self.model_seconds = 0.0
-
-    @property
-    def attention(self) -> bool:
-        """Deprecated name of `cross_attention`."""
-        warnings.warn("Predictor.attention is deprecated; use Predictor.cross_attention",
-                      DeprecationWarning, stacklevel=2)
-        return self.cross_attention
 
     # -- planning -----------------------------------------------------------------------
     def expand(self, inputs: Sequence[str | Path | SourceItem]) -> list[SourceItem]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,14 +188,13 @@ class DETR(nn.Module):
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None, *,
                 cross_attention: bool = False, encoder_attention: bool = False,
-                decoder_self_attention: bool = False, attention: bool | None = None) -> dict[str, Any]:
+                decoder_self_attention: bool = False) -> dict[str, Any]:
         """Detect objects in a padded batch.
 
         images: (B, 3, H, W) float RGB in [0, 1], each image at the top-left, padded bottom/right.
         padding_mask: (B, H, W) bool, True on padding (None = no padding).
         cross_attention / encoder_attention / decoder_self_attention: return an AttentionRecord
             (any flag runs the explicit attention path; decoder cross-attention is always in it).
-        attention: deprecated name of cross_attention (DeprecationWarning).
 
         Returns dict:
             pred_logits (B, Q, num_classes + 1) raw logits, the last class is "no object";
@@ -204,10 +202,6 @@ class DETR(nn.Module):
             aux_outputs: list of L_dec - 1 dicts {pred_logits, pred_boxes}, decoder layers 0..L-2;
             attention: AttentionRecord or None. decoder_cross (L_dec, B, heads, Q, h, w) float32.
         """
-        if attention is not None:
-            warnings.warn("DETR.forward(attention=...) is deprecated; use cross_attention=...",
-                          DeprecationWarning, stacklevel=2)
-            cross_attention = cross_attention or attention
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         if padding_mask is None:

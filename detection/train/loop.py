@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from tqdm import tqdm
 
 from detection.data.coco import CocoDetection, TrainCollate
 from detection.data.transforms import AugmentConfig, EvalTransform, build_transform
-from detection.deprecation import forward_moved_names
 from detection.io import write_text_atomic
 from detection.models import digest
 from detection.runtime.device import autocast, resolve_device
@@ -29,7 +27,7 @@ from detection.runtime.distributed import DistContext, init_distributed
 from detection.train import export, model_setup, optim, precision, run_log
 from detection.train.checkpoint import code_version, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from detection.train.dense import DenseSupervision, dense_losses
-from detection.train.distributed import EpochSampler, sync_buffers
+from detection.train.sampler import EpochSampler, sync_buffers
 from detection.train.ema import ModelEma
 from detection.train.evaluation import evaluate_during_training
 from detection.train.losses import SetCriterion
@@ -376,29 +374,3 @@ class Trainer:
 
 def _floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: round(float(v.detach()), 6) for k, v in terms.items()}
-
-
-def autocast_context(device: torch.device, precision: str):
-    """Deprecated: use `detection.runtime.device.autocast(device, precision, training=True)`."""
-    warnings.warn("detection.train.loop.autocast_context is deprecated; use "
-                  "detection.runtime.device.autocast(device, precision, training=True)",
-                  DeprecationWarning, stacklevel=2)
-    return autocast(device, precision, training=True)
-
-
-__getattr__ = forward_moved_names(__name__, {
-    "evaluate": "detection.train.evaluation:evaluate_during_training",
-    "weights_digest": "detection.models.digest:weights_digest",
-    "DEFAULTS": "detection.train.config:DEFAULTS",
-    "FREE_FORM_SECTIONS": "detection.train.config:FREE_FORM_SECTIONS",
-    "PREPROCESSING_FIELDS": "detection.train.config:PREPROCESSING_FIELDS",
-    "apply_override": "detection.train.config:apply_override",
-    "load_train_config": "detection.train.config:load_train_config",
-    "unfreeze_batch_norm": "detection.train.model_setup:unfreeze_batch_norm",
-    "build_training_model": "detection.train.model_setup:build_training_model",
-    "inference_copy": "detection.train.export:inference_copy",
-    "export_model": "detection.train.export:export_model",
-    "build_optimizer": "detection.train.optim:build_optimizer",
-    "lr_factor": "detection.train.optim:lr_factor",
-    "JsonLog": "detection.train.run_log:JsonLog",
-})

@@ -2,51 +2,10 @@
 any number of ranks, and the buffer sync after each epoch (the process group: runtime.distributed)."""
 from __future__ import annotations
 
-import warnings
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
-
-from detection.runtime.distributed import DistContext, init_distributed
-
-
-def init_from_env(device_type: str) -> tuple[int, int, int]:
-    """Deprecated: use `detection.runtime.distributed.init_distributed(backend)` (nccl for
-    CUDA, gloo for CPU) and `detection.runtime.device.resolve_device(device, local_rank)`.
-
-    Returns (rank, world_size, local_rank); (0, 1, 0) without torchrun.
-    """
-    warnings.warn("detection.train.distributed.init_from_env is deprecated; use "
-                  "detection.runtime.distributed.init_distributed", DeprecationWarning, stacklevel=2)
-    context = init_distributed(backend="nccl" if device_type == "cuda" else "gloo")
-    return context.rank, context.world_size, context.local_rank
-
-
-def _process_group_context() -> DistContext:
-    """The DistContext of an already joined process group (a single process otherwise)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return DistContext()
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
-
-
-def _deprecated_query(name: str, answer):
-    def query():
-        warnings.warn(f"detection.train.distributed.{name} is deprecated; use the DistContext of "
-                      "detection.runtime.distributed.init_distributed", DeprecationWarning, stacklevel=2)
-        return answer(_process_group_context())
-
-    query.__name__ = name
-    query.__doc__ = f"Deprecated: `{name}` of the DistContext from `init_distributed()`."
-    return query
-
-
-is_distributed = _deprecated_query("is_distributed", lambda context: context.enabled)
-rank = _deprecated_query("rank", lambda context: context.rank)
-world_size = _deprecated_query("world_size", lambda context: context.world_size)
-is_main = _deprecated_query("is_main", lambda context: context.is_main)
-barrier = _deprecated_query("barrier", lambda context: context.barrier())
-cleanup = _deprecated_query("cleanup", lambda context: dist.destroy_process_group() if context.enabled else None)
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
