@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from detection.attention.drise import DriseOptions
-from detection.attention.maps import detection_maps, map_metadata, maps_from_cells, query_cell_maps, save_maps_npz
+from detection.attention.maps import detection_maps, maps_from_cells, query_cell_maps
+from detection.runfolder.maps_npz import map_metadata, save_maps_npz
 from detection.attention.methods import MethodMaps, MethodNotApplicable, Targets
 from detection.data.images import pil_to_rgb
 from detection.boxes import coco_xywh
@@ -26,7 +27,8 @@ from detection.engine.predictor import Predictor
 from detection.evaluation.fiftyone_export import image_fields
 from detection.models.outputs import AttentionRecord
 from detection.models.registry import load_model
-from detection.render.overlay import encode_image, render_overlay, write_image
+from detection.data.image_codec import encode_image, write_image
+from detection.render.overlay import render_overlay
 from detection.render.panel import render_panel
 from detection.structures import Detections
 
@@ -110,7 +112,7 @@ class Explanation:
 
     def save(self, path: str | os.PathLike, kind: str = "overlay") -> Path:
         """Write the overlay (kind="overlay") or panel (kind="panel") as .png/.jpg, or the maps
-        as an .npz of per-detection cell maps (`detection.attention.maps.save_maps_npz`, with
+        as an .npz of per-detection cell maps (`detection.runfolder.maps_npz.save_maps_npz`, with
         `map_metadata`; `load_maps_npz(path)` gives back `maps`)."""
         self._check()
         path = Path(path)

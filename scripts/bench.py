@@ -257,7 +257,8 @@ def agreement(reference: dict, other: dict, top_k: int) -> dict[str, Any]:
 
 
 def bench_overlay(top_k: int, repeats: int) -> dict[str, float]:
-    from detection.render.overlay import encode_image, render_detection_overlay, render_overlay
+    from detection.data.image_codec import encode_image
+    from detection.render.overlay import render_detection_overlay, render_overlay
     from detection.structures import Detections
 
     rng = np.random.default_rng(0)

@@ -117,7 +117,7 @@ def random_r50(folder: Path, images: Path, per_image: int) -> float:
 
     from bench import build_pair
     from detection.engine.predictor import Predictor
-    from detection.engine.sources import expand_sources
+    from detection.data.sources import expand_sources
     from detection.models.native import save_model
 
     _, model = build_pair(seed=0)

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     from detection.attention.maps import detection_maps
     from detection.engine.predictor import Predictor
     from detection.models.registry import load_model
-    from detection.render.overlay import render_overlay, write_image
+    from detection.render.overlay import render_overlay
+    from detection.data.image_codec import write_image
     from detection.render.panel import render_panel
 
     first = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})[0]

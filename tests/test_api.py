@@ -12,10 +12,12 @@ from PIL import Image
 import detection
 from detection import api
 from detection.api import Explanation, ExplanationError, explain
-from detection.attention.maps import detection_maps, load_maps_npz
+from detection.attention.maps import detection_maps
+from detection.runfolder.maps_npz import load_maps_npz
 from detection.engine.predictor import Predictor
 from detection.models.registry import load_model
-from detection.render.overlay import decode_image, render_overlay
+from detection.data.image_codec import decode_image
+from detection.render.overlay import render_overlay
 from detection.render.panel import render_panel
 
 IMAGES = sorted((Path(__file__).resolve().parents[1] / "demo" / "images").glob("*.png"))

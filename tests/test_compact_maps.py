@@ -11,28 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
-from detection.attention.maps import (
-    NPZ_FORMAT,
-    NPZ_FORMAT_V1,
-    cells_to_image,
-    detection_maps,
-    load_maps_npz,
-    map_metadata,
-    maps_from_cells,
-    query_cell_maps,
-    save_maps_npz,
-)
+from detection.runfolder.versions import MAPS_NPZ_FORMAT, MAPS_NPZ_FORMAT_V1
+from detection.attention.maps import cells_to_image, detection_maps, maps_from_cells, query_cell_maps
+from detection.runfolder.maps_npz import load_maps_npz, map_metadata, save_maps_npz
 from detection.cli import main as cli_main
-from detection.engine.journal import read_journal
+from detection.runfolder.journal import read_journal
 from detection.engine.outputs import OutputOptions, write_image_outputs
 from detection.engine import overlays
 from detection.engine.overlays import render_overlays
 from detection.engine.predictor import Predictor
-from detection.engine.run_folder import RunFolder
-from detection.engine.sources import expand_sources
+from detection.runfolder.folder import RunFolder
+from detection.data.sources import expand_sources
 from detection.models.registry import build_model
 from detection.models.native import save_model
-from detection.render.overlay import decode_image, render_detection_overlay, render_overlay, strongest_map
+from detection.data.image_codec import decode_image
+from detection.render.overlay import render_detection_overlay, render_overlay, strongest_map
 from detection.render.panel import display_size, resize_image
 from detection.structures import Detections
 from tests.test_maps import make_detections, make_record
@@ -69,7 +62,7 @@ def test_original_size_reproduces_detection_maps_of_a_padded_dense_batch(tmp_pat
     stored, _ = load_maps_npz(path, size=None)
     np.testing.assert_array_equal(stored, cells.numpy())
     assert stored.shape == (3, 3, 4)  # the valid block of image 1: ceil(40 / 16) x ceil(56 / 16)
-    assert meta["format"] == NPZ_FORMAT
+    assert meta["format"] == MAPS_NPZ_FORMAT
 
 
 def test_stored_geometry_is_the_records(tmp_path):
@@ -122,7 +115,7 @@ def test_other_sizes_resample_the_cells_once(tmp_path):
 # -- format 1 ------------------------------------------------------------------------------------
 def _write_v1(path: Path, maps: np.ndarray, detections: Detections) -> None:
     """A format-1 file as the previous version wrote it (float16 full-resolution maps)."""
-    document = {"format": NPZ_FORMAT_V1, "num_maps": len(maps), "image_size": list(detections.image_size),
+    document = {"format": MAPS_NPZ_FORMAT_V1, "num_maps": len(maps), "image_size": list(detections.image_size),
                 "boxes": detections.boxes.tolist(), "scores": detections.scores.tolist(),
                 "labels": detections.labels.tolist(), "query_index": detections.query_index.tolist(),
                 "class_names": list(detections.class_names), "normalize": "minmax", "feature_stride": 16}
@@ -139,7 +132,7 @@ def test_format_1_files_stay_readable(tmp_path):
     for size in (None, "original", (40, 60)):
         loaded, meta = load_maps_npz(path, size=size)
         np.testing.assert_array_equal(loaded, stored)
-        assert meta["format"] == NPZ_FORMAT_V1 and meta["query_index"] == [0, 7]
+        assert meta["format"] == MAPS_NPZ_FORMAT_V1 and meta["query_index"] == [0, 7]
     resized, _ = load_maps_npz(path, size=(20, 30))
     np.testing.assert_array_equal(resized, cells_to_image(stored, 1, (40, 60), (20, 30)))
     np.testing.assert_allclose(resized[:, 3, 5], stored[:, 6:8, 10:12].mean(axis=(1, 2)), atol=1e-6)
@@ -153,7 +146,7 @@ def test_unknown_or_inconsistent_files_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"future\.npz: unknown maps format 'detr-attn-maps/9'"):
         load_maps_npz(path)
     mixed = tmp_path / "mixed.npz"  # format 1 says full-resolution maps, the file holds cells
-    payload = np.frombuffer(json.dumps({"format": NPZ_FORMAT_V1, "num_maps": 1}).encode(), dtype=np.uint8)
+    payload = np.frombuffer(json.dumps({"format": MAPS_NPZ_FORMAT_V1, "num_maps": 1}).encode(), dtype=np.uint8)
     np.savez_compressed(mixed, cells=np.zeros((1, 3, 4), np.float32), meta_json=payload)
     with pytest.raises(ValueError, match="mixed.npz: unknown maps format"):
         load_maps_npz(mixed)
@@ -278,13 +271,13 @@ def test_a_folder_of_format_1_maps_is_refused_on_resume(tmp_path, tiny_dir, caps
     out = tmp_path / "run"
     assert _predict(tiny_dir, out, "--save-attention") == 0
     run = json.loads((out / "run.json").read_text())
-    assert run["fingerprint"]["maps_format"] == NPZ_FORMAT
+    assert run["fingerprint"]["maps_format"] == MAPS_NPZ_FORMAT
     del run["fingerprint"]["maps_format"]  # as the previous version wrote it
     (out / "run.json").write_text(json.dumps(run))
     capsys.readouterr()
     assert _predict(tiny_dir, out, "--save-attention") == 2
     message = capsys.readouterr().err
-    assert "detr-attn-maps/1" in message and NPZ_FORMAT in message and "--overwrite" in message
+    assert "detr-attn-maps/1" in message and MAPS_NPZ_FORMAT in message and "--overwrite" in message
     assert _predict(tiny_dir, out, "--save-attention", "--overwrite") == 0
     record = read_journal(out / "predictions.jsonl")[0]
     maps, _ = load_maps_npz(out / record["attention"])

@@ -10,15 +10,15 @@ import torch
 from PIL import Image
 
 from detection.engine.display import DisplaySpec, make_display_images, viewer_image_jpeg
-from detection.engine.grids import load_grids_npz
+from detection.runfolder.grids import load_grids_npz
 from detection.engine.outputs import OutputOptions, write_image_outputs
 from detection.engine.overlays import overlay_base, render_overlays
 from detection.engine.pending import held_arrays
 from detection.engine.predictor import Predictor
-from detection.engine.run_folder import RunFolder
-from detection.engine.sources import expand_sources
+from detection.runfolder.folder import RunFolder
+from detection.data.sources import expand_sources
 from detection.models.registry import build_model
-from detection.render.overlay import decode_image
+from detection.data.image_codec import decode_image
 from detection.render.panel import resize_image
 
 SIZES = [(150, 200), (1000, 1300), (60, 80)]  # shrunk for the overlays; for the viewer too; neither

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from detection.attention.maps import load_maps_npz
+from detection.runfolder.maps_npz import load_maps_npz
 from detection.attention.metrics import explanation_mask
 from detection.cli import main as cli_main
 from detection.attention.mask_ap import mask_ap

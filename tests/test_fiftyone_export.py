@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from detection.attention.maps import load_maps_npz
+from detection.runfolder.maps_npz import load_maps_npz
 from detection.attention.metrics import explanation_mask
 from detection.cli import main
-from detection.engine.journal import read_journal
+from detection.runfolder.journal import read_journal
 from detection.evaluation.fiftyone_export import decode_array, encode_array, image_fields, pixel_box
 
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "images"

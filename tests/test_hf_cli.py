@@ -14,11 +14,12 @@ transformers = pytest.importorskip("transformers")
 
 from test_hf_equivalence import CASES, hf_folder  # noqa: E402
 
-from detection.attention.maps import detection_maps, load_maps_npz  # noqa: E402
+from detection.attention.maps import detection_maps  # noqa: E402
+from detection.runfolder.maps_npz import load_maps_npz  # noqa: E402
 from detection.cli import main  # noqa: E402
 from detection.data.images import load_image  # noqa: E402
 from detection.data.preprocess import image_to_input, pad_batch  # noqa: E402
-from detection.engine.journal import read_journal  # noqa: E402
+from detection.runfolder.journal import read_journal  # noqa: E402
 from detection.models.registry import load_model  # noqa: E402
 from detection.postprocess import postprocess  # noqa: E402
 

@@ -45,7 +45,7 @@ def test_other_errors_pass_unchanged(tmp_path: Path) -> None:
 
 
 def test_journal_append_on_a_full_disk_leaves_no_partial_line(tmp_path: Path, monkeypatch) -> None:
-    from detection.engine.journal import Journal, read_journal
+    from detection.runfolder.journal import Journal, read_journal
 
     journal = Journal(tmp_path / "predictions.jsonl")
     journal.append({"key": "a"})

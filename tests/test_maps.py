@@ -9,17 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from detection.attention.aggregate import decoder_rollout
-from detection.attention.maps import (
-    cells_to_image,
-    detection_maps,
-    encoder_point_maps,
-    image_points_to_cells,
-    load_maps_npz,
-    map_metadata,
-    query_cell_maps,
-    save_maps_npz,
-    valid_feature_size,
-)
+from detection.attention.maps import (cells_to_image, detection_maps, encoder_point_maps, image_points_to_cells, query_cell_maps, valid_feature_size)
+from detection.runfolder.maps_npz import load_maps_npz, map_metadata, save_maps_npz
 from detection.models.outputs import AttentionRecord
 from detection.structures import Detections
 

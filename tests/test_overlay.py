@@ -10,21 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from detection.render.colors import DEFAULT_COLORMAP, apply_colormap, class_color, swap_red_blue, text_color_on
-from detection.render.overlay import (
-    check_saliency,
-    decode_image,
-    draw_detections,
-    encode_image,
-    label_size,
-    mass_contours,
-    mass_region,
-    render_detection_overlay,
-    render_overlay,
-    render_saliency,
-    text_style,
-    write_image,
-)
+from detection.render.colors import DEFAULT_COLORMAP, apply_colormap, class_color, text_color_on
+from detection.data.image_codec import swap_red_blue
+from detection.render.overlay import (check_saliency, draw_detections, label_size, mass_contours, mass_region, render_detection_overlay, render_overlay, render_saliency, text_style)
+from detection.data.image_codec import decode_image, encode_image, write_image
 from detection.structures import Detections
 
 

@@ -18,11 +18,11 @@ from PIL import Image
 from detection.cli import main as cli_main
 from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch
-from detection.engine.journal import read_journal, repair_journal
+from detection.runfolder.journal import read_journal, repair_journal
 from detection.engine.planning import plan_batches, probe_sizes, shard_plan
-from detection.engine.outputs import detection_record
+from detection.runfolder.records import detection_record
 from detection.engine.predictor import Predictor
-from detection.engine.sources import expand_sources
+from detection.data.sources import expand_sources
 from detection.models.contract import PreprocessSpec
 from detection.models.registry import build_model, save_model
 from detection.postprocess import postprocess
@@ -316,7 +316,7 @@ def test_cli_usage_errors(tmp_path: Path, tiny_model_dir: Path) -> None:
 
 
 def test_cli_overlays_and_attention_files(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from detection.attention.maps import load_maps_npz
+    from detection.runfolder.maps_npz import load_maps_npz
 
     _write_images(tmp_path / "in" / "sub", [(120, 160)], seed=6)
     out = tmp_path / "out"

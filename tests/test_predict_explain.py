@@ -14,11 +14,12 @@ import torch
 from detection.attention.aggregate import normalize_maps
 from detection.attention.drise import DriseOptions, downsample_factor, drise_saliency, pool_saliency
 from detection.attention.gradients import attn_grad_maps, relevance_maps
-from detection.attention.maps import cells_to_image, detection_maps, load_maps_npz
+from detection.attention.maps import cells_to_image, detection_maps
+from detection.runfolder.maps_npz import load_maps_npz
 from detection.cli import main
 from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch
-from detection.engine.journal import read_journal
+from detection.runfolder.journal import read_journal
 from detection.models.registry import load_model
 from detection.render.overlay import render_detection_overlay
 from detection.structures import Detections

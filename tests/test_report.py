@@ -11,8 +11,10 @@ import torch
 from PIL import PdfParser
 
 from detection.cli import main as cli_main
-from detection.render.overlay import render_detection_overlay, render_overlay, write_image
-from detection.render.report import read_run, stem_candidates, write_report
+from detection.render.overlay import render_detection_overlay, render_overlay
+from detection.data.image_codec import write_image
+from detection.render.report import read_run, write_report
+from detection.runfolder.reader import stem_candidates
 from detection.structures import Detections
 
 EVIL = '<b>cat</b> & "co"'
@@ -222,9 +224,9 @@ def test_cli_report_verb(tmp_path, capsys):
 
 
 def test_report_reads_the_run_folder_through_the_layout_owner(tmp_path, monkeypatch):
-    """No reader of its own: every file the report finds comes from engine.run_folder.RunReader."""
+    """No reader of its own: every file the report finds comes from runfolder.reader.RunReader."""
     import detection.render.report as report
-    from detection.engine.run_folder import RunReader
+    from detection.runfolder.reader import RunReader
 
     calls: list[str] = []
 

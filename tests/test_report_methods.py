@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detection.render.overlay import write_image
+from detection.data.image_codec import write_image
 from detection.render.report import read_run, render_html, write_report
 from test_report import make_run, pdf_page_count
 

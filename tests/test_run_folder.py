@@ -10,14 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from detection.attention.maps import detection_maps, load_maps_npz
-from detection.engine.outputs import OutputOptions, detection_record, write_image_outputs
+from detection.attention.maps import detection_maps
+from detection.runfolder.maps_npz import load_maps_npz
+from detection.engine.outputs import OutputOptions, write_image_outputs
+from detection.runfolder.records import detection_record
 from detection.engine.predictor import Predictor
-from detection.engine.run_folder import (OWN_OUTPUTS, RunFolder, RunReader, attention_name, coco_results,
-                                         detection_overlay_name, error_record, overlay_name)
-from detection.engine.sources import SourceItem, expand_sources
+from detection.runfolder.layout import OWN_OUTPUTS, attention_name, detection_overlay_name, overlay_name
+from detection.runfolder.folder import RunFolder
+from detection.runfolder.reader import RunReader
+from detection.runfolder.records import coco_results, error_record
+from detection.data.sources import SourceItem, expand_sources
 from detection.models.registry import build_model
-from detection.render.overlay import decode_image, render_detection_overlay, render_overlay
+from detection.data.image_codec import decode_image
+from detection.render.overlay import render_detection_overlay, render_overlay
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""One live predict run per folder: the lock file (engine.run_lock, named by engine.run_folder),
+"""One live predict run per folder: the lock file (runfolder.lock, named by runfolder),
 its refusal message, the take-over of a dead process's lock, and `--out` naming a file."""
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from detection.cli import main as cli_main
-from detection.engine.run_folder import LOCK_FILE, OWN_OUTPUTS, RunFolder
-from detection.engine.run_lock import RunFolderLocked, RunLock, process_alive
+from detection.runfolder.layout import LOCK_FILE, OWN_OUTPUTS
+from detection.runfolder.folder import RunFolder
+from detection.runfolder.lock import RunFolderLocked, RunLock, process_alive
 from detection.models.registry import build_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def test_dead_owner_is_taken_over_with_a_log_line(tmp_path: Path, caplog) -> Non
     assert not process_alive(pid) and process_alive(os.getpid())
     _write_lock(tmp_path / LOCK_FILE, pid)
     lock = RunLock(tmp_path / LOCK_FILE)
-    with caplog.at_level(logging.WARNING, logger="detection.engine.run_lock"):
+    with caplog.at_level(logging.WARNING, logger="detection.runfolder.lock"):
         lock.acquire()
     assert f"taking over the lock of process {pid}" in caplog.text
     assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == lock.token
@@ -118,7 +119,7 @@ def test_second_predict_into_a_live_runs_folder_is_refused_then_a_dead_lock_is_t
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from detection.engine.run_lock import RunLock; "
+        [sys.executable, "-c", "import sys, time; from detection.runfolder.lock import RunLock; "
          f"RunLock({str(out / LOCK_FILE)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
         env=env, stdout=subprocess.PIPE, text=True)
     try:
@@ -131,7 +132,7 @@ def test_second_predict_into_a_live_runs_folder_is_refused_then_a_dead_lock_is_t
         holder.kill()
         holder.wait()
     # the holder died without releasing: the next run takes the lock over and completes
-    with caplog.at_level(logging.WARNING, logger="detection.engine.run_lock"):
+    with caplog.at_level(logging.WARNING, logger="detection.runfolder.lock"):
         assert _predict(job, out) == 0
     assert f"taking over the lock of process {holder.pid}" in caplog.text
     assert not (out / LOCK_FILE).exists()  # released at the end of the run

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detection.attention.maps import detection_maps, encoder_point_maps, map_metadata, query_cell_maps
+from detection.attention.maps import detection_maps, encoder_point_maps, query_cell_maps
+from detection.runfolder.maps_npz import map_metadata
 from detection.attention.sampled import splat_points, target_coordinates
 from detection.models.outputs import AttentionRecord, SampledAttention
 

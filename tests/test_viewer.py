@@ -1,4 +1,4 @@
-"""The viewer's saved data (engine.grids) and page (render.viewer), without a browser: grids equal
+"""The viewer's saved data (runfolder.grids) and page (render.viewer), without a browser: grids equal
 `query_cell_maps` of the record, the byte budget, the npz round trip, old run folders, the CLI."""
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from detection.cli import main as cli_main
-from detection.attention.maps import cells_to_image, encoder_point_maps, load_maps_npz, query_cell_maps
+from detection.attention.maps import cells_to_image, encoder_point_maps, query_cell_maps
+from detection.runfolder.maps_npz import load_maps_npz
 from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch
-from detection.engine.grids import (GRIDS_FORMAT, build_grids, choose_detail, load_grids_npz, raw_grids,
-                                    save_grids_npz, slice_plan)
-from detection.engine.run_folder import RunReader, grids_name
+from detection.runfolder.versions import GRIDS_NPZ_FORMAT
+from detection.runfolder.grids import (build_grids, choose_detail, load_grids_npz, raw_grids, save_grids_npz, slice_plan)
+from detection.runfolder.reader import RunReader
+from detection.runfolder.layout import grids_name
 from detection.models.registry import load_model
 from detection.render.colors import apply_colormap
 from detection.render.viewer import NoSavedAttention, colormap_table, viewer_payload, write_viewer
@@ -116,7 +118,7 @@ def test_sampled_records_offer_no_rollout_and_no_encoder() -> None:
 def test_unknown_grid_format_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "g.npz"
     np.savez(path, meta_json=np.frombuffer(json.dumps({"format": "detr-attn-grids/9"}).encode(), np.uint8))
-    with pytest.raises(ValueError, match=r"g\.npz.*detr-attn-grids/9.*" + re.escape(GRIDS_FORMAT)):
+    with pytest.raises(ValueError, match=r"g\.npz.*detr-attn-grids/9.*" + re.escape(GRIDS_NPZ_FORMAT)):
         load_grids_npz(path)
 
 
@@ -152,7 +154,7 @@ def test_predict_writes_grids_and_keeps_the_maps_npz(runs: Path) -> None:
         low, high = image.min(axis=(1, 2), keepdims=True), image.max(axis=(1, 2), keepdims=True)
         np.testing.assert_allclose((image - low) / (high - low), maps, atol=3e-3)
     fingerprint = json.loads((runs / "new" / "run.json").read_text())["fingerprint"]
-    assert fingerprint["grids"] == {"format": GRIDS_FORMAT, "budget_bytes": 4 * 2**20, "encoder_attention": True}
+    assert fingerprint["grids"] == {"format": GRIDS_NPZ_FORMAT, "budget_bytes": 4 * 2**20, "encoder_attention": True}
     assert "grids" not in json.loads((runs / "old" / "run.json").read_text())["fingerprint"]
 
 
@@ -215,7 +217,7 @@ def test_viewer_offers_the_explain_methods_saved_on_the_same_cells(tmp_path: Pat
 
 
 def test_write_npz_holds_what_savez_compressed_holds(tmp_path: Path) -> None:
-    from detection.engine.grids import write_npz
+    from detection.runfolder.grids import write_npz
 
     rng = np.random.default_rng(2)
     arrays = {"grid_raw": rng.random((3, 5, 4, 6)).astype(np.float16), "image_jpeg": rng.integers(0, 256, 999, np.uint8),

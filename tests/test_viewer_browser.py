@@ -16,9 +16,11 @@ from PIL import Image
 from detection.attention.aggregate import normalize_maps
 from detection.attention.maps import cells_to_image
 from detection.cli import main as cli_main
-from detection.engine.grids import AttentionGrids, MethodGrids, load_grids_npz, save_grids_npz
-from detection.engine.run_folder import RunReader, grids_name
-from detection.render.overlay import encode_image, render_saliency
+from detection.runfolder.grids import AttentionGrids, MethodGrids, load_grids_npz, save_grids_npz
+from detection.runfolder.reader import RunReader
+from detection.runfolder.layout import grids_name
+from detection.data.image_codec import encode_image
+from detection.render.overlay import render_saliency
 from detection.render.viewer import write_viewer
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")

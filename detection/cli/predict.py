@@ -16,12 +16,12 @@ import traceback
 from detection.data.images import DEFAULT_MAX_PIXELS
 from detection.attention.methods import METHODS, parse_methods
 from detection.cli.drise_options import add_drise_arguments, drise_options
-from detection.engine.grids import DEFAULT_GRID_BUDGET
+from detection.runfolder.grids import DEFAULT_GRID_BUDGET
 from detection.engine.method_outputs import ExplainOptions
 from detection.engine.outputs import OutputOptions
 from detection.engine.overlays import DEFAULT_OVERLAY_SIZE
 from detection.engine.predict_run import PredictInterrupted, PredictSettings, PredictUsageError, run_predict
-from detection.engine.run_folder import LOCK_FILE
+from detection.runfolder.layout import LOCK_FILE
 from detection.runtime.distributed import init_distributed
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 3

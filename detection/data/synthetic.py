@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from detection.data.ground_truth import coco_split_paths
 from detection.io import write_bytes_atomic, write_text_atomic
-from detection.render.overlay import encode_image
+from detection.data.image_codec import encode_image
 
 logger = logging.getLogger(__name__)
 

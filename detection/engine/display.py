@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detection.engine.grids import VIEWER_IMAGE_SIDE
+from detection.runfolder.grids import VIEWER_IMAGE_SIDE
 from detection.engine.overlays import DEFAULT_OVERLAY_SIZE, overlay_base
-from detection.render.overlay import encode_image
+from detection.data.image_codec import encode_image
 from detection.render.panel import fit_image
 
 

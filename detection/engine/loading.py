@@ -16,8 +16,8 @@ from detection.data.preprocess import image_to_input
 from detection.models.contract import PreprocessSpec
 from detection.engine.display import DisplayImages, DisplaySpec, make_display_images
 from detection.engine.planning import PlannedBatch
-from detection.engine.sources import SourceItem
-from detection.render.colors import swap_red_blue
+from detection.data.sources import SourceItem
+from detection.data.image_codec import swap_red_blue
 
 
 @dataclass

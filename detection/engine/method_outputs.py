@@ -11,13 +11,14 @@ from typing import Any
 import torch
 
 from detection.attention.drise import DriseOptions
-from detection.attention.maps import save_maps_npz
+from detection.runfolder.maps_npz import save_maps_npz
 from detection.attention.methods import MethodMaps, Targets, check_methods
 from detection.engine.explain import MethodRunner, build_methods
 from detection.engine.outputs import OutputOptions, overlay_source
 from detection.engine.overlays import encode_overlay, render_overlays
 from detection.engine.predictor import PredictionResult
-from detection.engine.run_folder import RunFolder, method_attention_name
+from detection.runfolder.folder import RunFolder
+from detection.runfolder.layout import method_attention_name
 from detection.io import write_bytes_atomic
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def write_method_outputs(folder: RunFolder, result: PredictionResult, method_map
     """Write each method's npz (and per-detection overlays with `options.overlays`) of one image,
     each atomically, and name the npz files in `record["methods"]` ({method: npz path}).
 
-    Every method is stored as raw maps are (`attention.maps.save_maps_npz`: its cells,
+    Every method is stored as raw maps are (`runfolder.maps_npz.save_maps_npz`: its cells,
     un-normalised float32, with their geometry; D-RISE's cells are its saliency pooled to a long
     side of at most `DriseOptions.max_side`); the metadata adds "method", "normalize" and `meta`.
     Overlays are drawn from the cells at the run's overlay size (`engine.overlays`), heat maps

@@ -8,16 +8,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from detection.attention.maps import map_metadata, query_cell_maps, save_maps_npz
-from detection.boxes import coco_xywh
+from detection.runfolder.maps_npz import map_metadata, save_maps_npz
+from detection.attention.maps import query_cell_maps
 from detection.engine.display import viewer_image_jpeg
-from detection.engine.grids import DEFAULT_GRID_BUDGET, build_grids, save_grids_npz
+from detection.runfolder.grids import DEFAULT_GRID_BUDGET, build_grids, save_grids_npz
 from detection.engine.predictor import PredictionResult
-from detection.engine.run_folder import RunFolder, attention_name, overlay_name
-from detection.engine.sources import SourceItem
+from detection.runfolder.folder import RunFolder
+from detection.runfolder.layout import attention_name, overlay_name
+from detection.runfolder.records import detection_record
 from detection.engine.overlays import DEFAULT_OVERLAY_SIZE, encode_overlay, render_overlays
 from detection.io import write_bytes_atomic
-from detection.structures import Detections
 
 
 @dataclass
@@ -25,9 +25,9 @@ class OutputOptions:
     """What a predict run writes beside predictions.jsonl.
 
     overlays: overlays/<key>.<image_format> and overlays/<key>/det_<k>.<image_format>.
-    save_attention: attention/<key>.npz (per-detection cell maps, see attention.maps.save_maps_npz) and
+    save_attention: attention/<key>.npz (per-detection cell maps, see runfolder.maps_npz.save_maps_npz) and
         attention/grids/<key>.npz (what the viewer needs: per-detection grids within `grid_budget` bytes,
-        see engine.grids).
+        see runfolder.grids).
     save_encoder_attention: attention/grids/<key>.npz also keeps the last encoder layer's head-mean
         self-attention (needs a model run with encoder attention).
     heads / layers / normalize: how the maps are made (see attention.maps.detection_maps).
@@ -52,30 +52,6 @@ class OutputOptions:
     @property
     def needs_maps(self) -> bool:
         return self.overlays or self.save_attention
-
-
-def detection_record(item: SourceItem, detections: Detections, category_ids: Sequence[int]) -> dict[str, Any]:
-    """One predictions.jsonl line: bbox [x, y, w, h] original pixels (3 decimals), score (6)."""
-    height, width = detections.image_size
-    entries = []
-    bboxes = coco_xywh(detections.boxes, decimals=3)
-    scores = detections.scores.tolist()
-    labels = detections.labels.tolist()
-    queries = detections.query_index.tolist()
-    for k in range(len(detections)):
-        entries.append({
-            "bbox": bboxes[k],
-            "score": round(float(scores[k]), 6),
-            "category_id": int(category_ids[int(labels[k])]),
-            "label": int(labels[k]),
-            "class_name": detections.class_names[k],
-            "query_index": int(queries[k]),
-        })
-    record: dict[str, Any] = {"file": item.file, "image_id": item.image_id, "key": item.key}
-    if item.frame_index is not None:
-        record["frame_index"] = item.frame_index
-    record.update({"width": int(width), "height": int(height), "detections": entries})
-    return record
 
 
 def write_image_outputs(folder: RunFolder, result: PredictionResult, options: OutputOptions,

@@ -5,15 +5,15 @@ size is "original" (None).
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from detection.attention.maps import DEFAULT_PERCENTILES, maps_from_cells
 from detection.attention.sampled import query_points
-from detection.render.overlay import (check_saliency, encode_image, render_detection_overlay,
-                                      render_overlay_from_max, strongest_map)
+from detection.render.overlay import check_saliency, render_detection_overlay, render_overlay_from_max, strongest_map
+from detection.data.image_codec import encode_image
 from detection.render.panel import display_size, resize_image
 from detection.render.points import render_points
 from detection.structures import Detections
@@ -56,7 +56,7 @@ def render_overlays(
     detection k) for k = 0, 1, ..., then (None, the combined overlay).
 
     image: uint8 RGB, the original image (`detections.image_size`) or its `overlay_base`;
-    geometry: `attention.maps.map_metadata` of the image (feature_stride, input_size,
+    geometry: `runfolder.maps_npz.map_metadata` of the image (feature_stride, input_size,
     interpolation, percentiles); options: `engine.outputs.OutputOptions` (overlay_size,
     normalize, overlay_style; "points" draws detection overlays from `attention`, a sampled
     record). The maps are made MAP_PIXELS_PER_CHUNK pixels at a time; the combined overlay

@@ -10,7 +10,7 @@ from typing import Literal, Sequence
 from detection.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, read_header
 from detection.data.preprocess import resized_size
 from detection.models.contract import PreprocessSpec
-from detection.engine.sources import SourceItem
+from detection.data.sources import SourceItem
 
 BatchingMode = Literal["exact", "padded"]
 

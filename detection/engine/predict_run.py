@@ -19,19 +19,20 @@ import torch
 from tqdm import tqdm
 
 from detection import __version__
-from detection.attention.maps import NPZ_FORMAT
+from detection.runfolder.versions import MAPS_NPZ_FORMAT
 from detection.data.images import DEFAULT_MAX_PIXELS
 from detection.engine.display import DisplaySpec
 from detection.engine.explain import MethodRunner
-from detection.engine.grids import GRIDS_FORMAT
+from detection.runfolder.versions import GRIDS_NPZ_FORMAT
 from detection.engine.method_outputs import ExplainOptions, build_predict_methods, explain_result, write_method_outputs
 from detection.engine.outputs import OutputOptions, write_image_outputs
 from detection.engine.pending import PendingWrites
 from detection.engine.planning import shard_plan
 from detection.engine.predictor import PredictionResult, Predictor
-from detection.engine.run_folder import MAPS_FORMAT_KEY, RunFolder, RunFolderMismatch
-from detection.engine.run_lock import RunFolderLocked
-from detection.engine.sources import expand_sources
+from detection.runfolder.versions import MAPS_FORMAT_KEY
+from detection.runfolder.folder import RunFolder, RunFolderMismatch
+from detection.runfolder.lock import RunFolderLocked
+from detection.data.sources import expand_sources
 from detection.models.digest import weights_digest
 from detection.attention.methods import MethodMaps, attention_kind
 from detection.models.registry import load_model
@@ -110,12 +111,12 @@ def run_fingerprint(settings: PredictSettings, model: torch.nn.Module, precision
         "normalize": out.normalize,
         # the point view changes the per-detection overlays only: default runs resume as before
         **({"overlay_style": out.overlay_style} if out.overlay_style != "heatmap" else {}),
-        # the viewer's grids (engine.grids): only with --save-attention, so runs without it resume
+        # the viewer's grids (runfolder.grids): only with --save-attention, so runs without it resume
         # as before
-        **({"grids": {"format": GRIDS_FORMAT, "budget_bytes": out.grid_budget,
+        **({"grids": {"format": GRIDS_NPZ_FORMAT, "budget_bytes": out.grid_budget,
                       "encoder_attention": out.save_encoder_attention}} if out.save_attention else {}),
         # the maps npz format (attention.maps): a folder of format-1 npz is not resumed into
-        **({MAPS_FORMAT_KEY: NPZ_FORMAT} if out.save_attention else {}),
+        **({MAPS_FORMAT_KEY: MAPS_NPZ_FORMAT} if out.save_attention else {}),
         # overlays' long side (None = original): only with --overlays
         **({"overlay_size": out.overlay_size} if out.overlays else {}),
         # the explanation methods: only with --explain, so runs without it resume as before

@@ -17,7 +17,7 @@ from detection.engine.display import DisplayImages, DisplaySpec
 from detection.engine.fast import InferenceModel
 from detection.engine.loading import BatchLoadingDataset, LoadedBatch, Sample, make_loader
 from detection.engine.planning import PlannedBatch, plan_batches, probe_sizes
-from detection.engine.sources import SourceItem, expand_sources
+from detection.data.sources import SourceItem, expand_sources
 from detection.models.outputs import AttentionRecord
 from detection.postprocess import postprocess
 from detection.runtime.device import resolve_device, resolve_precision

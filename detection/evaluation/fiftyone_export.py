@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 
 from detection.attention.metrics import explanation_mask
-from detection.engine.run_folder import RunReader
+from detection.runfolder.reader import RunReader
 from detection.evaluation.mask_export import record_maps
 from detection.io import write_bytes_atomic, write_json_atomic
 

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from detection.attention.maps import load_maps_npz
+from detection.runfolder.maps_npz import load_maps_npz
 from detection.attention.metrics import encode_mask, explanation_mask
-from detection.engine.run_folder import ATTENTION_DIR, RunReader
+from detection.runfolder.layout import ATTENTION_DIR
+from detection.runfolder.reader import RunReader
 from detection.evaluation.results import image_ids_from_file_names
 from detection.io import read_json, write_json_atomic
 

@@ -23,7 +23,7 @@ from detection.boxes import coco_xywh, cxcywh_to_xyxy
 from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch
 from detection.engine.predictor import Predictor
-from detection.engine.sources import SourceItem
+from detection.data.sources import SourceItem
 from detection.engine.explain import build_methods, method_names
 from detection.evaluation.subsets import Subset
 from detection.models.contract import Detector

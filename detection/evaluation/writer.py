@@ -13,7 +13,7 @@ from detection.attention.metrics import FaithfulnessAccumulator
 from detection.evaluation.bbox import BBOX_STAT_NAMES, BboxEvaluation, evaluate_bbox, mean_valid, per_category_table
 from detection.evaluation.subsets import Subset
 from detection.io import write_json_atomic, write_text_atomic
-from detection.render.overlay import write_image
+from detection.data.image_codec import write_image
 from detection.render.plot import draw_pr_plot
 
 

@@ -1,12 +1,11 @@
-"""Colours for rendering: stable class colours, colormaps, and the package's ONE RGB<->BGR swap.
-
-The package is RGB throughout; every crossing into OpenCV's BGR (colormaps, encoders, video
-frames) goes through `swap_red_blue`, and nowhere else.
-"""
+"""Colours for rendering: stable class colours and colormaps (RGB out; OpenCV's BGR crossed
+through `data.image_codec.swap_red_blue`, the package's one swap)."""
 from __future__ import annotations
 
 import cv2
 import numpy as np
+
+from detection.data.image_codec import swap_red_blue
 
 # Default colormap: viridis is perceptually uniform (equal steps in saliency look like equal
 # steps in colour), its lightness rises monotonically (order survives grey-scale printing) and it
@@ -20,14 +19,6 @@ _PALETTE: tuple[tuple[int, int, int], ...] = (
     (0, 72, 186), (255, 191, 0), (0, 128, 128), (128, 0, 64), (95, 158, 60),
     (220, 20, 140), (70, 50, 160), (180, 120, 0), (0, 160, 100), (200, 70, 70),
 )
-
-
-def swap_red_blue(image: np.ndarray) -> np.ndarray:
-    """RGB (H, W, 3) <-> BGR (a contiguous copy): the only channel-order conversion in the package."""
-    if image.ndim == 3 and image.shape[2] == 3 and image.size and image.dtype in (np.uint8, np.float32):
-        # the same permutation, vectorised: about 40x faster than numpy's copy of a reversed axis
-        return cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    return np.ascontiguousarray(image[..., ::-1])
 
 
 def class_color(label: int) -> tuple[int, int, int]:

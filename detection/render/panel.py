@@ -8,19 +8,8 @@ import cv2
 import numpy as np
 
 from detection.render.colors import DEFAULT_COLORMAP
-from detection.render.overlay import (
-    ascii_text,
-    check_detections,
-    check_image,
-    check_saliency,
-    detection_label,
-    draw_detections,
-    draw_label,
-    label_size,
-    render_detection_overlay,
-    render_saliency,
-    text_style,
-)
+from detection.render.overlay import (ascii_text, check_detections, check_saliency, detection_label, draw_detections, draw_label, label_size, render_detection_overlay, render_saliency, text_style)
+from detection.data.image_codec import check_image
 from detection.structures import Detections
 
 # All images are uint8 RGB. Tiles are rendered at full resolution first and only then scaled

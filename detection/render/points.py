@@ -15,7 +15,8 @@ import numpy as np
 
 from detection.attention.sampled import QueryPoints
 from detection.render.colors import class_color
-from detection.render.overlay import check_detections, check_image, draw_detections
+from detection.render.overlay import check_detections, draw_detections
+from detection.data.image_codec import check_image
 from detection.structures import Detections
 
 # sub-pixel dot centres: OpenCV takes fixed-point coordinates with this many fractional bits

@@ -1,5 +1,5 @@
 """A self-contained HTML page and a multi-page PDF of a predict run folder, read through
-`engine.run_folder.RunReader` (the layout's one owner); never runs a model.
+`runfolder.reader.RunReader` (the layout's one owner); never runs a model.
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from detection.engine.run_folder import RunReader, stem_candidates  # noqa: F401 - stem_candidates re-exported
+from detection.runfolder.reader import RunReader
 from detection.io import write_bytes_atomic, write_text_atomic
-from detection.render.overlay import ascii_text, decode_image, encode_image
+from detection.render.overlay import ascii_text
+from detection.data.image_codec import decode_image, encode_image
 from detection.render.panel import compose_grid, fit_image
 
 THUMB_WIDTH = 240
@@ -30,7 +31,7 @@ PDF_PAGE = (1169, 827)  # A4 portrait (height, width) at 100 dpi
 PDF_DETECTIONS_PER_PAGE = 9
 
 
-# -- reading the run folder (through engine.run_folder, the layout's one owner) ----------------------
+# -- reading the run folder (through runfolder, the layout's one owner) ----------------------
 @dataclass
 class ImageEntry:
     """One line of predictions.jsonl plus the files the run folder holds for it."""

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from detection.attention.maps import load_maps_npz
-from detection.engine.grids import AttentionGrids, MethodGrids, load_grids_npz
-from detection.engine.run_folder import RunReader
+from detection.runfolder.maps_npz import load_maps_npz
+from detection.runfolder.grids import AttentionGrids, MethodGrids, load_grids_npz
+from detection.runfolder.reader import RunReader
 from detection.io import write_text_atomic
 from detection.render.colors import DEFAULT_COLORMAP, apply_colormap, class_color
-from detection.render.overlay import decode_image
+from detection.data.image_codec import decode_image
 from detection.render.viewer_page import viewer_html
 
 logger = logging.getLogger(__name__)

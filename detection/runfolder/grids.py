@@ -1,7 +1,7 @@
 """What the interactive viewer needs from a predict run, at feature-grid resolution: per-detection
 attention grids (per method, per layer x head within a byte budget), encoder self-attention, the image.
 
-File `attention/grids/<key>.npz` (format GRIDS_FORMAT; see docs/ARCHITECTURE.md "Predict run folder"):
+File `attention/grids/<key>.npz` (format GRIDS_NPZ_FORMAT; see docs/ARCHITECTURE.md "Predict run folder"):
 
     "meta_json"     uint8 UTF-8 JSON: format, image_size [H, W], input_size [h_in, w_in],
                     feature_stride, valid_size [hv, wv], kind "dense"|"sampled", layers L, heads,
@@ -32,10 +32,10 @@ from detection.attention.aggregate import reduce_heads
 from detection.attention.maps import query_cell_maps, valid_feature_size, valid_flat_indices
 from detection.io import atomic_path
 from detection.models.outputs import AttentionRecord
+from detection.runfolder.versions import GRIDS_NPZ_FORMAT
 
 logger = logging.getLogger(__name__)
 
-GRIDS_FORMAT = "detr-attn-grids/1"
 #: Default bytes of float16 grids per image (all methods together; the encoder matrix and the
 #: image are not counted: their sizes are fixed by the grid and the image).
 DEFAULT_GRID_BUDGET = 4 * 2**20
@@ -185,7 +185,7 @@ def save_grids_npz(path: str | os.PathLike, grids: AttentionGrids) -> None:
         methods[name] = {"slices": [list(s) for s in method.slices], "detections": list(method.detections)}
         arrays[f"grid_{name}"] = np.asarray(method.grids).astype(np.float16)
     meta = {
-        "format": GRIDS_FORMAT, "image_size": list(grids.image_size), "input_size": list(grids.input_size),
+        "format": GRIDS_NPZ_FORMAT, "image_size": list(grids.image_size), "input_size": list(grids.input_size),
         "feature_stride": grids.feature_stride, "valid_size": list(grids.valid_size), "kind": grids.kind,
         "layers": grids.layers, "heads": grids.heads, "detail": grids.detail, "budget_bytes": grids.budget_bytes,
         "rollout": grids.rollout, "methods": methods, "encoder_self": grids.encoder_self is not None, **grids.extra,
@@ -229,9 +229,9 @@ def load_grids_npz(path: str | os.PathLike) -> AttentionGrids:
     with archive:
         try:
             meta = json.loads(archive["meta_json"].tobytes().decode("utf-8"))
-            if not isinstance(meta, dict) or meta.get("format") != GRIDS_FORMAT:
+            if not isinstance(meta, dict) or meta.get("format") != GRIDS_NPZ_FORMAT:
                 found = meta.get("format") if isinstance(meta, dict) else meta
-                raise ValueError(f"unknown format {found!r} (this version reads {GRIDS_FORMAT})")
+                raise ValueError(f"unknown format {found!r} (this version reads {GRIDS_NPZ_FORMAT})")
             methods = {}
             for name, info in meta["methods"].items():
                 grids = archive[f"grid_{name}"].astype(np.float32)

@@ -1,0 +1,65 @@
+"""The run folder's layout: every file name and path of a predict run folder, in one place.
+
+Layout (docs/ARCHITECTURE.md "Predict run folder"):
+
+    OUT/run.json            settings + fingerprint, status "running" -> "complete", timing
+    OUT/predictions.jsonl   one line per image; during the run an append-only journal
+    OUT/errors.jsonl        {"file", "reason", "key", "image_id"[, "frame_index"]} per failed input
+    OUT/detections.json     COCO results list, written at the end
+    OUT/overlays/<key>.<fmt>, OUT/overlays/<key>/det_<k>.<fmt>, OUT/attention/<key>.npz
+    OUT/attention/<method>/<key>.npz, OUT/overlays/<key>/<method>/det_<k>.<fmt>  with --explain, per
+                            method other than raw (runfolder.layout)
+    OUT/attention/grids/<key>.npz  the viewer's data (runfolder.grids), with --save-attention
+    OUT/.parts/             per-rank journals of a torchrun run (merged by rank 0, then removed)
+    OUT/.lock               pid + host of the live run writing OUT (removed when it ends; not an output)
+"""
+from __future__ import annotations
+
+RUN_FILE = "run.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+ERRORS_FILE = "errors.jsonl"
+DETECTIONS_FILE = "detections.json"
+PARTS_DIR = ".parts"
+OVERLAYS_DIR = "overlays"
+ATTENTION_DIR = "attention"
+#: Inside ATTENTION_DIR (a key holds no '/', so no image's npz can be named like it).
+GRIDS_DIR = f"{ATTENTION_DIR}/grids"
+#: The live run's lock (runfolder.lock): not an output, so `--overwrite` (run under the lock)
+#: keeps it; the run removes it when it ends.
+LOCK_FILE = ".lock"
+#: Everything a predict run writes; `--overwrite` removes these and nothing else.
+OWN_OUTPUTS = (RUN_FILE, PREDICTIONS_FILE, ERRORS_FILE, DETECTIONS_FILE, PARTS_DIR, OVERLAYS_DIR, ATTENTION_DIR)
+#: Overlay formats predict writes (and the report finds).
+OVERLAY_FORMATS = ("png", "jpg", "jpeg")
+
+
+# -- names inside the folder (relative, '/'-separated: as predictions.jsonl records them) ---------
+def overlay_name(key: str, image_format: str) -> str:
+    """The combined overlay of image `key`."""
+    return f"{OVERLAYS_DIR}/{key}.{image_format}"
+
+
+def detection_overlay_name(key: str, index: int, image_format: str) -> str:
+    """The overlay of detection `index` (0-based, predictions.jsonl order) of image `key`."""
+    return f"{OVERLAYS_DIR}/{key}/det_{index}.{image_format}"
+
+
+def attention_name(key: str) -> str:
+    """The npz of per-detection maps of image `key` (runfolder.maps_npz)."""
+    return f"{ATTENTION_DIR}/{key}.npz"
+
+
+def method_attention_name(key: str, method: str) -> str:
+    """The npz of explanation method `method`'s maps of image `key` . A
+    folder per method, not "<key>.<method>.npz": a key may itself end in ".<method>"."""
+    return f"{ATTENTION_DIR}/{method}/{key}.npz"
+
+
+def method_overlay_name(key: str, method: str, index: int, image_format: str) -> str:
+    """The overlay of detection `index` of image `key` drawn with method `method`'s map."""
+    return f"{OVERLAYS_DIR}/{key}/{method}/det_{index}.{image_format}"
+
+
+def grids_name(key: str) -> str:
+    """The viewer's data of image `key`: attention grids, encoder attention, image (runfolder.grids)."""
+    return f"{GRIDS_DIR}/{key}.npz"
