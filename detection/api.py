@@ -1,7 +1,7 @@
-"""`explain`: detections and their attention maps in one call, one `Explanation` per image.
+"""`explain`: detections and their saliency maps in one call, one `Explanation` per image.
 
-Runs the engine's `Predictor`; maps come from `detection.attention.maps.detection_maps` on first
-use, pictures from `detection.render`.
+Runs the engine's `Predictor` and the method's runner (built from the one method table), both on
+one prepared copy of the model; pictures from `detection.render`.
 """
 from __future__ import annotations
 
@@ -16,31 +16,32 @@ import numpy as np
 import torch
 from PIL import Image
 
+from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.attention.drise import DriseOptions
-from detection.attention.maps import detection_maps, maps_from_cells, query_cell_maps
-from detection.runfolder.maps_npz import map_metadata, save_maps_npz
-from detection.attention.methods import MethodMaps, MethodNotApplicable, Targets
-from detection.data.images import pil_to_rgb
+from detection.attention.maps import maps_from_cells
+from detection.attention.methods import (DEFAULT_METHOD, METHODS, AttentionRollout, ImageInput, MethodMaps,
+                                         MethodOptions, Targets, check_names)
+from detection.attention.methods.raw import record_maps
 from detection.boxes import coco_xywh
+from detection.data.image_codec import encode_image, write_image
+from detection.data.images import pil_to_rgb
 from detection.engine.explain import MethodRunner, build_methods
-from detection.engine.predictor import Predictor
+from detection.engine.fast import PreparedModels
+from detection.engine.predictor import Predictor, PredictorSettings
 from detection.evaluation.fiftyone_export import image_fields
 from detection.models.outputs import AttentionRecord
 from detection.models.registry import load_model
-from detection.data.image_codec import encode_image, write_image
 from detection.render.overlay import render_overlay
 from detection.render.panel import render_panel
+from detection.runfolder.maps_npz import map_metadata, save_maps_npz
+from detection.runtime.device import resolve_device
 from detection.structures import Detections
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("raw", "rollout", "attn-grad", "relevance", "drise")
-# methods computed beside the inference pass (`engine.explain.MethodRunner`), not from its record
-_RUNNER_METHODS = ("attn-grad", "relevance", "drise")
-# models loaded by name, and their prepared Predictors, kept for the next call
+# models loaded by name, and their prepared Predictors and method runners, kept for the next call
 _MODELS: dict[str, torch.nn.Module] = {}
-_PREDICTORS: dict[tuple, Predictor] = {}
-_RUNNERS: dict[tuple, MethodRunner] = {}
+_PREPARED: dict[tuple, tuple[Predictor, MethodRunner]] = {}
 
 
 class ExplanationError(ValueError):
@@ -57,10 +58,10 @@ class Explanation:
     attention: the image's AttentionRecord (batch dimension 1) the maps are computed from.
     error: why the image could not be explained, naming it; every accessor below then raises
         ExplanationError with this message.
-    heads / layers / normalize: how `maps` are made (see `detection_maps`).
-    method / method_maps: the explanation method; for attn-grad, relevance and drise its maps on
-        their own grid with their geometry (`attention.methods.MethodMaps`), which `maps` resizes
-        through the one resize path and normalises.
+    heads / layers / normalize: how `maps` are made (see `detection.attention.maps.detection_maps`).
+    method / method_maps: the explanation method (a name of `attention.methods.METHODS`) and its
+        maps on their own grid with their geometry (`attention.methods.MethodMaps`), which `maps`
+        resizes through the one resize path and normalises.
     """
 
     source: str
@@ -71,7 +72,7 @@ class Explanation:
     heads: Any = "mean"
     layers: Any = "last"
     normalize: str | None = "minmax"
-    method: str = "raw"
+    method: str = DEFAULT_METHOD
     method_maps: MethodMaps | None = field(default=None, repr=False)
     _maps: np.ndarray | None = field(default=None, repr=False)
 
@@ -85,14 +86,15 @@ class Explanation:
         self._check()
         if self._maps is None:
             detections = self.detections
+            if self.method_maps is None and len(detections) and METHODS[self.method].needs_attention:
+                # made here when the Explanation was built from a record alone: the record's maps
+                self.method_maps = record_maps(ImageInput(detections.image_size, self.attention),
+                                               Targets.from_detections(detections), self.layers, self.heads)
             if self.method_maps is not None:
                 method_maps = self.method_maps
                 self._maps = maps_from_cells(method_maps.values, method_maps.stride, method_maps.input_size,
                                              detections.image_size, self.normalize)
-            elif len(detections):
-                self._maps = detection_maps(self.attention, 0, detections.query_index, detections.image_size,
-                                            heads=self.heads, layers=self.layers, normalize=self.normalize)
-            else:
+            else:  # no detection: the method had nothing to explain
                 self._maps = np.zeros((0, *detections.image_size), dtype=np.float32)
         return self._maps
 
@@ -112,20 +114,22 @@ class Explanation:
 
     def save(self, path: str | os.PathLike, kind: str = "overlay") -> Path:
         """Write the overlay (kind="overlay") or panel (kind="panel") as .png/.jpg, or the maps
-        as an .npz of per-detection cell maps (`detection.runfolder.maps_npz.save_maps_npz`, with
-        `map_metadata`; `load_maps_npz(path)` gives back `maps`)."""
+        as an .npz of per-detection cell maps (`detection.runfolder.maps_npz.save_maps_npz`; maps
+        made from the attention record carry its `map_metadata`; `load_maps_npz(path)` gives
+        back `maps`)."""
         self._check()
         path = Path(path)
-        if path.suffix.lower() == ".npz" and self.method_maps is not None:
+        if path.suffix.lower() == ".npz":
             maps = self.method_maps
-            save_maps_npz(path, maps.values, self.detections, maps.stride, maps.input_size,
-                          {"file": self.source, "method": self.method, "normalize": self.normalize})
-        elif path.suffix.lower() == ".npz":
-            meta = map_metadata(self.attention, 0, heads=self.heads, layers=self.layers, normalize=self.normalize)
-            meta["file"] = self.source
-            cells = query_cell_maps(self.attention, 0, self.detections.query_index, heads=self.heads,
-                                    layers=self.layers)
-            save_maps_npz(path, cells, self.detections, meta["feature_stride"], meta["input_size"], meta)
+            if METHODS[self.method].needs_attention:  # maps of the record: its geometry and choices
+                meta = map_metadata(self.attention, 0, heads=self.heads, layers=self.layers, normalize=self.normalize)
+                meta["file"] = self.source
+            else:
+                meta = {"file": self.source, "method": self.method, "normalize": self.normalize}
+            if maps is None:  # no detection (a method that needs no record always has its maps then)
+                maps = MethodMaps(np.zeros((0, *meta["valid_feature_size"]), np.float32), meta["feature_stride"],
+                                  meta["input_size"])
+            save_maps_npz(path, maps.values, self.detections, maps.stride, maps.input_size, meta)
         elif kind in ("overlay", "panel"):
             write_image(path, self.overlay() if kind == "overlay" else self.panel())
         else:
@@ -189,57 +193,48 @@ def _model_and_key(model: str | os.PathLike | torch.nn.Module) -> tuple[torch.nn
     return _MODELS[key], key
 
 
-def _predictor(model: str | os.PathLike | torch.nn.Module, score_threshold: float, layers: Any,
-               device: str, precision: str) -> Predictor:
+def _prepared(model: str | os.PathLike | torch.nn.Module, method: str, score_threshold: float, heads: Any,
+              layers: Any, device: str, precision: str) -> tuple[Predictor, MethodRunner]:
+    """The predictor and the method's runner for the model, on one prepared copy (kept for later
+    calls when the model came by name). The method is checked against the family first: a
+    refusal names the family and the methods that apply, before any work."""
     module, key = _model_and_key(model)
-    settings = (float(score_threshold), layers == "rollout", layers == "last", str(device), precision)
-    if key is not None and (key, *settings) in _PREDICTORS:
-        return _PREDICTORS[(key, *settings)]
-    predictor = Predictor(module, device=device, precision=precision, score_threshold=score_threshold,
-                          cross_attention=True, keep_images=True, rollout=layers == "rollout",
-                          last_layer_only=layers == "last")
+    settings = (method, float(score_threshold), repr(heads), repr(layers), str(device), precision)
+    if key is not None and (key, *settings) in _PREPARED:
+        return _PREPARED[(key, *settings)]
+    prepared = PreparedModels(module)
+    runner = build_methods(module, [method], resolve_device(device),
+                           MethodOptions(layers=[layers], heads=[heads], attn_grad_layers=[layers],
+                                         drise=DriseOptions(), drise_precision=precision), prepared)
+    predictor = Predictor(module, PredictorSettings(
+        device=device, precision=precision, score_threshold=score_threshold, cross_attention=True,
+        keep_images=True, rollout=runner.needs_self_attention, last_layer_only=layers == "last"), prepared)
     if key is not None:
-        _PREDICTORS[(key, *settings)] = predictor
-    return predictor
+        _PREPARED[(key, *settings)] = (predictor, runner)
+    return predictor, runner
 
 
-def _runner(model: str | os.PathLike | torch.nn.Module, method: str, predictor: Predictor, heads: Any, layers: Any,
-            precision: str) -> MethodRunner:
-    """The method's runner for the model (kept for later calls when the model came by name)."""
-    module, key = _model_and_key(model)
-    settings = (method, str(predictor.device), repr(heads), repr(layers), precision)
-    if key is not None and (key, *settings) in _RUNNERS:
-        return _RUNNERS[(key, *settings)]
-    try:
-        runner = build_methods(module, [method], predictor.device, layers=[layers], heads=[heads],
-                               attn_grad_layers=[layers], drise=DriseOptions(), drise_precision=precision)
-    except MethodNotApplicable as err:
-        raise ValueError(str(err)) from None
-    if key is not None:
-        _RUNNERS[(key, *settings)] = runner
-    return runner
-
-
-def _with_method(explanations: Iterator[Explanation], runner: MethodRunner | None) -> Iterator[Explanation]:
-    """Each explanation with its method's maps (when the method runs beside inference)."""
+def _with_method(explanations: Iterator[Explanation], runner: MethodRunner) -> Iterator[Explanation]:
+    """Each explanation with its method's maps (maps of the attention record also for an image
+    without detections: their geometry is the record's)."""
     for explanation in explanations:
-        if runner is not None and explanation.error is None and len(explanation.detections):
+        if explanation.error is None:
             detections = explanation.detections
+            empty = [runner.methods[0].name] if runner.needs_attention else []
             try:
-                cells = runner.image_cell_maps(explanation.image, detections.image_size, explanation.attention,
-                                               Targets.from_detections(detections))
+                maps = runner.method_maps(explanation.image, detections.image_size, explanation.attention,
+                                          Targets.from_detections(detections), empty_keys=empty)
             except (RuntimeError, ValueError) as err:
                 explanation.error = f"{explanation.source}: {explanation.method} failed: {err}"
             else:
-                (explanation.method_maps,) = cells.values()
+                explanation.method_maps = maps.get(explanation.method)
         yield explanation
 
 
 def clear_model_cache() -> None:
     """Forget the models `explain` loaded by name (and their prepared copies and method runners)."""
     _MODELS.clear()
-    _PREDICTORS.clear()
-    _RUNNERS.clear()
+    _PREPARED.clear()
 
 
 def _array_input(image: Any, position: int) -> tuple[str, np.ndarray]:
@@ -290,7 +285,7 @@ def _explain_many(predictor: Predictor, images: Iterable[Any], settings: dict) -
             yield explanation
 
 
-def explain(images: Any, model: str | os.PathLike | torch.nn.Module = "demo", method: str = "raw",
+def explain(images: Any, model: str | os.PathLike | torch.nn.Module = "demo", method: str = DEFAULT_METHOD,
             score_threshold: float = 0.7, heads: Any = "mean", layers: Any = "last", device: str = "auto",
             precision: str = "fp32", normalize: str | None = "minmax") -> Explanation | Iterator[Explanation]:
     """Detect and explain: one `Explanation` per image.
@@ -310,13 +305,11 @@ def explain(images: Any, model: str | os.PathLike | torch.nn.Module = "demo", me
     heads / layers / normalize: see `detection.attention.maps.detection_maps`.
     device / precision: see `detection.runtime.device`.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "rollout":
-        layers = "rollout"
-    predictor = _predictor(model, score_threshold, layers, device, precision)
+    check_names([method])
+    if method == AttentionRollout.name:
+        layers = ROLLOUT_LAYERS
+    predictor, runner = _prepared(model, method, score_threshold, heads, layers, device, precision)
     settings = {"heads": heads, "layers": layers, "normalize": normalize, "method": method}
-    runner = _runner(model, method, predictor, heads, layers, precision) if method in _RUNNER_METHODS else None
     if not _is_single(images):
         return _with_method(_explain_many(predictor, images, settings), runner)
     explained = list(itertools.islice(_with_method(_explain_one(predictor, images, 0, settings), runner), 2))

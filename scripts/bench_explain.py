@@ -36,7 +36,7 @@ from detection.attention.methods import (AttentionRollout, AttnGrad, Drise, Imag
 from detection.data.images import load_image  # noqa: E402
 from detection.data.preprocess import image_to_input, pad_batch  # noqa: E402
 from detection.engine.fast import InferenceModel  # noqa: E402
-from detection.engine.predictor import Predictor  # noqa: E402
+from detection.engine.predictor import Predictor, PredictorSettings  # noqa: E402
 from detection.models.registry import build_model, load_config, load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def bench_model(name: str, model: torch.nn.Module, masks: int, detections: int, 
                 precisions: list[str]) -> None:
     rgb = test_image(name)
     original = (int(rgb.shape[0]), int(rgb.shape[1]))
-    predictor = Predictor(model, precision="fp32", score_threshold=0.0, rollout=True)
+    predictor = Predictor(model, PredictorSettings(precision="fp32", score_threshold=0.0, rollout=True))
     predictor.predict_arrays([rgb])  # warm-up
     inference, (dets, record) = timed(lambda: predictor.predict_arrays([rgb]), repeats)
     det = dets[0]

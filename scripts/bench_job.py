@@ -116,14 +116,14 @@ def random_r50(folder: Path, images: Path, per_image: int) -> float:
     import torch
 
     from bench import build_pair
-    from detection.engine.predictor import Predictor
+    from detection.engine.predictor import Predictor, PredictorSettings
     from detection.data.sources import expand_sources
     from detection.models.native import save_model
 
     _, model = build_pair(seed=0)
     save_model(model, folder, source="random weights (scripts/bench_job.py)")
     with torch.no_grad():
-        results = list(Predictor(model, precision="auto", score_threshold=0.0, num_workers=0)  # as the CLI runs it
+        results = list(Predictor(model, PredictorSettings(precision="auto", score_threshold=0.0, num_workers=0))  # as the CLI runs it
                        .run(expand_sources([str(images)])))
     scores = np.sort(np.concatenate([r.detections.scores.numpy() for r in results]))[::-1]
     wanted = per_image * len(results)

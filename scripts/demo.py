@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The Python API, end to end, for one image: model -> detections + attention -> maps -> panel.
     from detection.attention.maps import detection_maps
-    from detection.engine.predictor import Predictor
+    from detection.engine.predictor import Predictor, PredictorSettings
     from detection.models.registry import load_model
     from detection.render.overlay import render_overlay
     from detection.data.image_codec import write_image
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     first = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})[0]
     model = load_model(args.model)
-    predictor = Predictor(model, cross_attention=True, keep_images=True, score_threshold=0.7)
+    predictor = Predictor(model, PredictorSettings(cross_attention=True, keep_images=True, score_threshold=0.7))
     result = next(iter(predictor.run([first])))
     if result.error is not None:
         print(f"demo: {first}: {result.error}", file=sys.stderr)

@@ -14,7 +14,7 @@ from detection import api
 from detection.api import Explanation, ExplanationError, explain
 from detection.attention.maps import detection_maps
 from detection.runfolder.maps_npz import load_maps_npz
-from detection.engine.predictor import Predictor
+from detection.engine.predictor import Predictor, PredictorSettings
 from detection.models.registry import load_model
 from detection.data.image_codec import decode_image
 from detection.render.overlay import render_overlay
@@ -26,8 +26,7 @@ IMAGES = sorted((Path(__file__).resolve().parents[1] / "demo" / "images").glob("
 @pytest.fixture(scope="module")
 def reference() -> list[tuple]:
     """(rgb, detections, maps) of each demo image through Predictor + detection_maps."""
-    predictor = Predictor(load_model("demo"), device="cpu", cross_attention=True, keep_images=True,
-                          last_layer_only=True)
+    predictor = Predictor(load_model("demo"), PredictorSettings(device="cpu", cross_attention=True, keep_images=True, last_layer_only=True))
     out = []
     for result in predictor.run([str(p) for p in IMAGES]):
         det = result.detections
@@ -138,7 +137,7 @@ def test_rollout_method_and_lazy_exports() -> None:
     assert detection.explain is explain and detection.Explanation is Explanation
     with pytest.raises(ValueError, match="method must be one of"):
         explain(IMAGES[0], method="gradcam")
-    predictor = Predictor(load_model("demo"), device="cpu", cross_attention=True, rollout=True)
+    predictor = Predictor(load_model("demo"), PredictorSettings(device="cpu", cross_attention=True, rollout=True))
     (result,) = predictor.run([str(IMAGES[3])])
     det = result.detections
     expected = detection_maps(result.attention, 0, det.query_index, det.image_size, layers="rollout")

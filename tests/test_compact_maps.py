@@ -16,10 +16,11 @@ from detection.attention.maps import cells_to_image, detection_maps, maps_from_c
 from detection.runfolder.maps_npz import load_maps_npz, map_metadata, save_maps_npz
 from detection.cli import main as cli_main
 from detection.runfolder.journal import read_journal
-from detection.engine.outputs import OutputOptions, write_image_outputs
+from detection.engine.image_files import OutputOptions
+from tests.image_writing import write_like_predict
 from detection.engine import overlays
 from detection.engine.overlays import render_overlays
-from detection.engine.predictor import Predictor
+from detection.engine.predictor import Predictor, PredictorSettings
 from detection.runfolder.folder import RunFolder
 from detection.data.sources import expand_sources
 from detection.models.registry import build_model
@@ -222,7 +223,7 @@ def predicted(tmp_path_factory):
     Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(folder / "im.png")
     torch.manual_seed(0)
     model = build_model("detr-tiny").eval()
-    predictor = Predictor(model, score_threshold=0.0, cross_attention=True, keep_images=True)
+    predictor = Predictor(model, PredictorSettings(score_threshold=0.0, cross_attention=True, keep_images=True))
     return model, list(predictor.run(expand_sources([str(folder)])))[0]
 
 
@@ -231,7 +232,7 @@ def test_written_overlays_at_a_display_size(tmp_path, predicted):
     folder = RunFolder(tmp_path / "out")
     folder.open()
     options = OutputOptions(overlays=True, save_attention=True, overlay_size=120)
-    write_image_outputs(folder, result, options, model.config.category_ids)
+    write_like_predict(folder, result, options, model)
     folder.close()
     key, detections = result.item.key, result.detections
     size = (90, 120)  # long side 120 of 150 x 200

@@ -11,10 +11,11 @@ from PIL import Image
 
 from detection.engine.display import DisplaySpec, make_display_images, viewer_image_jpeg
 from detection.runfolder.grids import load_grids_npz
-from detection.engine.outputs import OutputOptions, write_image_outputs
+from detection.engine.image_files import OutputOptions
+from tests.image_writing import write_like_predict
 from detection.engine.overlays import overlay_base, render_overlays
 from detection.engine.pending import held_arrays
-from detection.engine.predictor import Predictor
+from detection.engine.predictor import Predictor, PredictorSettings
 from detection.runfolder.folder import RunFolder
 from detection.data.sources import expand_sources
 from detection.models.registry import build_model
@@ -43,7 +44,7 @@ def _written(folder: Path, results, options: OutputOptions, model) -> dict[str, 
     run = RunFolder(folder)
     run.open()
     for result in results:
-        write_image_outputs(run, result, options, model.config.category_ids)
+        write_like_predict(run, result, options, model)
     run.close()
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
             and p.suffix in (".png", ".jpg")}
@@ -53,9 +54,9 @@ def _written(folder: Path, results, options: OutputOptions, model) -> dict[str, 
 def test_worker_display_images_give_the_same_files(tmp_path, images, model, overlay_size):
     options = OutputOptions(overlays=True, save_attention=True, overlay_size=overlay_size)
     common = dict(score_threshold=0.0, cross_attention=True, batch_size=2)
-    full = {r.item.key: r for r in Predictor(model, keep_images=True, **common).run([str(images)])}
+    full = {r.item.key: r for r in Predictor(model, PredictorSettings(keep_images=True, **common)).run([str(images)])}
     spec = DisplaySpec(overlays=True, overlay_size=overlay_size, viewer_jpeg=True)
-    shown = {r.item.key: r for r in Predictor(model, num_workers=1, display=spec, **common).run([str(images)])}
+    shown = {r.item.key: r for r in Predictor(model, PredictorSettings(num_workers=1, display=spec, **common)).run([str(images)])}
     assert sorted(full) == sorted(shown) and len(full) == len(SIZES)
     for key, result in shown.items():
         assert result.image is None  # the main process never got the full-resolution pixels
@@ -91,7 +92,7 @@ def test_display_images_are_what_was_asked_for():
 
 
 def test_render_overlays_refuses_an_image_of_another_size(images, model):
-    result = next(iter(Predictor(model, score_threshold=0.0, cross_attention=True, keep_images=True)
+    result = next(iter(Predictor(model, PredictorSettings(score_threshold=0.0, cross_attention=True, keep_images=True))
                        .run([str(images / "im0.png")])))
     cells = torch.rand(len(result.detections), 2, 3)
     geometry = {"feature_stride": 32, "input_size": (64, 96)}

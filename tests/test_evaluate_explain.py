@@ -15,7 +15,7 @@ from detection.cli import main
 from detection.data.ground_truth import load_coco_gt
 from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch
-from detection.engine.predictor import Predictor
+from detection.engine.predictor import Predictor, PredictorSettings
 from detection.evaluation.classes import map_classes
 from detection.engine.explain import method_names
 from detection.evaluation.model_run import ModelRunOptions, run_model
@@ -74,7 +74,7 @@ def test_scored_relevance_masks_are_the_relevance_maps_of_the_detections(setup):
     # the same detections, explained directly with the library function
     info = gt["images"][0]
     rgb = load_image(root / "images" / info["file_name"]).rgb
-    det = next(Predictor(model, score_threshold=0.0).run([str(root / "images" / info["file_name"])])).detections
+    det = next(Predictor(model, PredictorSettings(score_threshold=0.0)).run([str(root / "images" / info["file_name"])])).detections
     keep = [k for k in range(len(det)) if det.scores[k] >= 0.3 and int(det.labels[k]) in mapping]
     images, mask = pad_batch([image_to_input(rgb, model.preprocess_spec)])
     cells = relevance_maps(model.eval(), images, mask, 0, det.query_index[keep], det.labels[keep])

@@ -116,15 +116,15 @@ def test_demo_model_bf16_keeps_detections(tmp_path: Path) -> None:
     0.7 - flip_tol. Lower scores move more than confident ones (measured up to 0.025 at fp32
     score 0.34 on the current weights), so only detections within flip_tol = 0.07 of the
     threshold may flip."""
-    from detection.engine.predictor import Predictor
+    from detection.engine.predictor import Predictor, PredictorSettings
     from detection.models.registry import load_model
 
     score_tol, flip_tol, threshold = 0.03, 0.07, 0.7
     model = load_model("demo")
     images = _demo_images(model, tmp_path)
     # fp32 at a low threshold, so a bf16 detection can be looked up whatever its fp32 score
-    fp32 = {r.item.key: r.detections for r in Predictor(model, "cpu", "fp32", score_threshold=0.05).run(images)}
-    bf16 = {r.item.key: r.detections for r in Predictor(model, "cpu", "bf16", score_threshold=threshold).run(images)}
+    fp32 = {r.item.key: r.detections for r in Predictor(model, PredictorSettings(device="cpu", precision="fp32", score_threshold=0.05)).run(images)}
+    bf16 = {r.item.key: r.detections for r in Predictor(model, PredictorSettings(device="cpu", precision="bf16", score_threshold=threshold)).run(images)}
     confident = 0
     for key, reference in fp32.items():
         got = bf16[key]

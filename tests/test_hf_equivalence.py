@@ -17,7 +17,7 @@ import hf_dense_models  # noqa: E402
 import hf_sampled_models  # noqa: E402
 
 from detection.cli import main  # noqa: E402
-from detection.engine.predictor import Predictor  # noqa: E402
+from detection.engine.predictor import Predictor, PredictorSettings  # noqa: E402
 from detection.models.registry import load_model  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -132,7 +132,7 @@ def test_padded_batches_match_the_hf_batched_pipeline(tmp_path, variant: str) ->
     model = load_model(folder)
     assert model.supports_padding
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in write_images(tmp_path / "images")]
-    predictor = Predictor(model, score_threshold=0.0, batching="padded", batch_size=2)
+    predictor = Predictor(model, PredictorSettings(score_threshold=0.0, batching="padded", batch_size=2))
     ours, _ = predictor.predict_arrays(arrays)
     config = transformers.AutoConfig.from_pretrained(folder)
     hf = transformers.AutoModelForObjectDetection._model_mapping[type(config)].from_pretrained(
@@ -154,4 +154,4 @@ def test_families_without_padding_refuse_padded_batching(tmp_path) -> None:
     model = load_model(hf_folder("rt_detr", tmp_path / "model"))
     assert not model.supports_padding
     with pytest.raises(ValueError, match="batching 'exact'"):
-        Predictor(model, batching="padded")
+        Predictor(model, PredictorSettings(batching="padded"))

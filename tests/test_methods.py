@@ -68,10 +68,13 @@ def test_attn_grad_refuses_rollout():
 
 
 class _HFStandIn:
-    """A wrapped Hugging Face detector as the methods see it: its `family` row."""
+    """A wrapped Hugging Face detector as the methods see it: what the contract declares of its family."""
+
+    gradient_capture = "graph"
 
     def __init__(self, model_type: str) -> None:
         self.family = FAMILIES[model_type]
+        self.family_name, self.attention_kind = self.family.title, self.family.attention
 
 
 def test_every_method_applies_to_the_native_detr(setup):

@@ -75,7 +75,7 @@ def test_writer_threads_run_torch_alone_and_the_setting_ends_with_the_run(tmp_pa
     from PIL import Image
 
     import detection.engine.predict_run as predict_run
-    from detection.engine.outputs import OutputOptions
+    from detection.engine.image_files import OutputOptions
     from detection.models.registry import build_model
 
     rng = np.random.default_rng(3)
@@ -83,13 +83,13 @@ def test_writer_threads_run_torch_alone_and_the_setting_ends_with_the_run(tmp_pa
     for index in range(3):
         Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(tmp_path / "in" / f"im{index}.png")
     seen: list[tuple[str, int]] = []
-    original = predict_run.write_image_outputs
+    original = predict_run.write_image_files
 
     def recording(*args, **kwargs):
         seen.append((threading.current_thread().name, torch.get_num_threads()))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(predict_run, "write_image_outputs", recording)
+    monkeypatch.setattr(predict_run, "write_image_files", recording)
     from detection.engine.predictor import Predictor
 
     model_threads: list[int] = []

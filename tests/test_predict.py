@@ -21,7 +21,7 @@ from detection.data.preprocess import image_to_input, pad_batch
 from detection.runfolder.journal import read_journal, repair_journal
 from detection.engine.planning import plan_batches, probe_sizes, shard_plan
 from detection.runfolder.records import detection_record
-from detection.engine.predictor import Predictor
+from detection.engine.predictor import Predictor, PredictorSettings
 from detection.data.sources import expand_sources
 from detection.models.contract import PreprocessSpec
 from detection.models.registry import build_model, save_model
@@ -104,8 +104,7 @@ def test_plan_exact_groups_equal_shapes_and_shards(tmp_path: Path) -> None:
 def test_predictor_matches_reference_pipeline(tmp_path: Path, tiny_model) -> None:
     """Engine output == load_image -> image_to_input -> model -> postprocess by hand."""
     paths = _write_images(tmp_path, [(120, 160), (90, 200)], seed=3)
-    predictor = Predictor(tiny_model, "cpu", "fp32", batch_size=1, score_threshold=0.0, fold_bn=False,
-                          channels_last=False)
+    predictor = Predictor(tiny_model, PredictorSettings(device="cpu", precision="fp32", batch_size=1, score_threshold=0.0, fold_bn=False, channels_last=False))
     results = {r.item.file: r for r in predictor.run([str(p) for p in paths])}
     config = tiny_model.config
     for path in paths:
@@ -126,8 +125,8 @@ def test_exact_batching_equals_single(tmp_path: Path, tiny_model) -> None:
     from detection.attention.maps import detection_maps
 
     paths = [str(p) for p in _write_images(tmp_path, [(120, 160)] * 4 + [(100, 150)] * 2, seed=5)]
-    single = {r.item.key: r for r in Predictor(tiny_model, batch_size=1, score_threshold=0.0, cross_attention=True).run(paths)}
-    batched = {r.item.key: r for r in Predictor(tiny_model, batch_size=4, score_threshold=0.0, cross_attention=True).run(paths)}
+    single = {r.item.key: r for r in Predictor(tiny_model, PredictorSettings(batch_size=1, score_threshold=0.0, cross_attention=True)).run(paths)}
+    batched = {r.item.key: r for r in Predictor(tiny_model, PredictorSettings(batch_size=4, score_threshold=0.0, cross_attention=True)).run(paths)}
     assert single.keys() == batched.keys() and len(single) == 6
     for key, one in single.items():
         many = batched[key]
@@ -148,8 +147,8 @@ def test_padded_batching_close_to_single(tmp_path: Path, tiny_model) -> None:
 
     sizes = [(120, 160), (120, 170), (118, 160), (100, 150), (120, 180), (90, 160)]
     paths = [str(p) for p in _write_images(tmp_path, sizes, seed=7)]
-    single = {r.item.key: r for r in Predictor(tiny_model, batch_size=1, score_threshold=0.0, cross_attention=True).run(paths)}
-    padded_predictor = Predictor(tiny_model, batch_size=6, batching="padded", score_threshold=0.0, cross_attention=True)
+    single = {r.item.key: r for r in Predictor(tiny_model, PredictorSettings(batch_size=1, score_threshold=0.0, cross_attention=True)).run(paths)}
+    padded_predictor = Predictor(tiny_model, PredictorSettings(batch_size=6, batching="padded", score_threshold=0.0, cross_attention=True))
     padded = {r.item.key: r for r in padded_predictor.run(paths)}
     padded_inputs = {tuple(r.attention.input_size) for r in padded.values()}
     assert len(padded_inputs) == 1  # one padded batch
@@ -177,7 +176,7 @@ def test_exif_rotated_file_gives_the_upright_detections(tmp_path: Path, tiny_mod
     exif[0x0112] = 6
     Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "rotated.png", exif=exif.tobytes())
     assert Image.open(tmp_path / "rotated.png").size == (100, 150)  # stored W x H is swapped
-    results = {r.item.key: r for r in Predictor(tiny_model, score_threshold=0.0).run(
+    results = {r.item.key: r for r in Predictor(tiny_model, PredictorSettings(score_threshold=0.0)).run(
         [str(tmp_path / "upright.png"), str(tmp_path / "rotated.png")])}
     a, b = results["upright"].detections, results["rotated"].detections
     assert a.image_size == b.image_size == (100, 150)
@@ -187,8 +186,8 @@ def test_exif_rotated_file_gives_the_upright_detections(tmp_path: Path, tiny_mod
 
 def test_workers_do_not_change_results(tmp_path: Path, tiny_model) -> None:
     paths = [str(p) for p in _write_images(tmp_path, [(120, 160), (150, 100), (120, 160), (64, 64)], seed=2)]
-    inline = {r.item.key: r for r in Predictor(tiny_model, batch_size=2, num_workers=0, score_threshold=0.0).run(paths)}
-    pooled = {r.item.key: r for r in Predictor(tiny_model, batch_size=2, num_workers=2, score_threshold=0.0).run(paths)}
+    inline = {r.item.key: r for r in Predictor(tiny_model, PredictorSettings(batch_size=2, num_workers=0, score_threshold=0.0)).run(paths)}
+    pooled = {r.item.key: r for r in Predictor(tiny_model, PredictorSettings(batch_size=2, num_workers=2, score_threshold=0.0)).run(paths)}
     assert inline.keys() == pooled.keys()
     for key in inline:
         assert torch.equal(inline[key].detections.boxes, pooled[key].detections.boxes)
@@ -226,7 +225,7 @@ def test_video_frames_sampled_and_identified(tmp_path: Path, tiny_model) -> None
             cv2.imwrite(str(path), frame)
             decoded.append(str(path))
     capture.release()
-    predictor = Predictor(tiny_model, batch_size=2, num_workers=1, score_threshold=0.0)
+    predictor = Predictor(tiny_model, PredictorSettings(batch_size=2, num_workers=1, score_threshold=0.0))
     video_results = sorted((r for r in predictor.run(items)), key=lambda r: r.item.frame_index)
     frame_results = {r.item.file: r for r in predictor.run(decoded)}
     assert [r.error for r in video_results] == [None] * 4

@@ -12,9 +12,10 @@ from PIL import Image
 
 from detection.attention.maps import detection_maps
 from detection.runfolder.maps_npz import load_maps_npz
-from detection.engine.outputs import OutputOptions, write_image_outputs
+from detection.engine.image_files import OutputOptions
+from tests.image_writing import write_like_predict
 from detection.runfolder.records import detection_record
-from detection.engine.predictor import Predictor
+from detection.engine.predictor import Predictor, PredictorSettings
 from detection.runfolder.layout import OWN_OUTPUTS, attention_name, detection_overlay_name, overlay_name
 from detection.runfolder.folder import RunFolder
 from detection.runfolder.reader import RunReader
@@ -34,7 +35,7 @@ def results(tmp_path_factory):
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"im{index}.png")
     torch.manual_seed(0)
     model = build_model("detr-tiny").eval()
-    predictor = Predictor(model, score_threshold=0.0, cross_attention=True, keep_images=True)
+    predictor = Predictor(model, PredictorSettings(score_threshold=0.0, cross_attention=True, keep_images=True))
     return model, list(predictor.run(expand_sources([str(folder)])))
 
 
@@ -54,7 +55,7 @@ def test_reader_round_trips_what_the_writer_wrote(tmp_path: Path, results) -> No
     info = {"status": "complete", "model": "detr-tiny", "settings": {"batch_size": 1}}
     folder.write_run_info(info)
     assert folder.open() == set()
-    records = [write_image_outputs(folder, r, options, category_ids) for r in predicted]
+    records = [write_like_predict(folder, r, options, model) for r in predicted]
     for record in records:
         folder.append_prediction(record)
     bad = SourceItem(key="broken", file="/x/broken.png", image_id=9, unit=9)

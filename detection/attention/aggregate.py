@@ -40,6 +40,9 @@ import torch
 
 HeadChoice = Union[Literal["mean", "max"], int]
 LayerChoice = Union[Literal["last", "mean", "rollout"], int]
+#: The layer choice that propagates through the layers instead of reducing them (the maps of the
+#: rollout method: `decoder_rollout`); the one spelling of that choice.
+ROLLOUT_LAYERS = "rollout"
 NormalizeChoice = Union[Literal["minmax", "percentile"], None]
 
 

@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from detection.attention.aggregate import (LayerChoice, decoder_rollout, reduce_layers, self_relevance,
+from detection.attention.aggregate import (ROLLOUT_LAYERS, LayerChoice, decoder_rollout, reduce_layers, self_relevance,
                                            self_relevance_rows)
 from detection.attention.cell_maps import MethodMaps
 from detection.attention.maps import valid_feature_size, valid_flat_indices
@@ -83,10 +83,6 @@ def _as_index_tensor(values: torch.Tensor | Sequence[int], name: str) -> torch.T
     if index.numel() == 0:
         raise ValueError(f"{name} is empty: no detection to explain")
     return index
-
-
-def _is_native(model: nn.Module) -> bool:
-    return hasattr(getattr(getattr(model, "transformer", None), "decoder", None), "layers")
 
 
 def _native_graph(model: nn.Module, images: torch.Tensor, padding_mask: torch.Tensor | None,
@@ -237,9 +233,10 @@ def _gradient_weighted(
         raise ValueError(f"image_index {image_index} out of range for a batch of {images.shape[0]}")
     image_index = int(image_index)
     detections = 0
-    if _is_native(model):
+    capture = getattr(model, "gradient_capture", None)
+    if capture == "hooks":
         out, names, tensors = _native_graph(model, images, padding_mask, with_self_attention)
-    elif getattr(model, "family", None) is not None:
+    elif capture == "graph":
         out, names, tensors, detections = _hf_graph(model, images, padding_mask, with_self_attention)
     else:
         raise ValueError("gradient explanations need the native DETR (a model with .transformer) or a wrapped "
@@ -300,7 +297,7 @@ def attn_grad(
     ("last", "mean" over layers, or an index), ∇ of the class logit labels[n] at that query.
     Sampled (deformable) attention: the per-point products of that query, splatted (module docstring).
     """
-    if layers == "rollout":
+    if layers == ROLLOUT_LAYERS:
         raise ValueError("layers='rollout' is relevance_maps; attn_grad_maps takes 'last', 'mean' or an index")
     weighted, record, queries = _gradient_weighted(
         model, images, padding_mask, image_index, query_index, labels, with_self_attention=False, cross_layer=layers)

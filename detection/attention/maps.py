@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from detection.attention.aggregate import (
+    ROLLOUT_LAYERS,
     HeadChoice,
     LayerChoice,
     NormalizeChoice,
@@ -208,7 +209,7 @@ def query_cell_maps(
     if cross.ndim != 5:
         raise ValueError(f"decoder_cross must be (L, B, heads, Q, h, w), got {tuple(attention.decoder_cross.shape)}")
     index = _check_queries(query_index, int(cross.shape[2]))
-    if layers != "rollout":  # only the chosen queries' maps are needed: select before copying to float32
+    if layers != ROLLOUT_LAYERS:  # only the chosen queries' maps are needed: select before copying to float32
         selected = cross[:, :, index.to(cross.device)][..., :valid_h, :valid_w].float().cpu()  # (L, heads, N, hv, wv)
         return reduce_layers(reduce_heads(selected, heads, dim=1), layers, dim=0).float()
     cross = cross[..., :valid_h, :valid_w].float().cpu()
@@ -313,7 +314,7 @@ def encoder_point_maps(
     """
     valid_h, valid_w, input_h, input_w = image_geometry(attention, image_index)
     encoder = _valid_encoder_attention(attention, image_index, heads, valid_h, valid_w)  # (L, K, K)
-    matrix = encoder_rollout(encoder) if layers == "rollout" else reduce_layers(encoder, layers, dim=0)
+    matrix = encoder_rollout(encoder) if layers == ROLLOUT_LAYERS else reduce_layers(encoder, layers, dim=0)
     cells = image_points_to_cells(points, original_size, (input_h, input_w), attention.feature_stride, (valid_h, valid_w))
     flat = torch.as_tensor(cells[:, 0] * valid_w + cells[:, 1])
     if direction == "outgoing":

@@ -49,7 +49,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from detection.attention.aggregate import HeadChoice, LayerChoice, reduce_heads, reduce_layers
+from detection.attention.aggregate import ROLLOUT_LAYERS, HeadChoice, LayerChoice, reduce_heads, reduce_layers
 from detection.models.outputs import AttentionRecord, SampledAttention, Sampler
 
 # Splat at most about this many float64 grid values at once (queries are chunked to fit).
@@ -216,7 +216,7 @@ def sampled_cell_maps(
     layers are reduced, like the dense path). Levels combine as `sampled.level_combination`
     says (module docstring). Returns float32.
     """
-    if layers == "rollout":
+    if layers == ROLLOUT_LAYERS:
         raise ValueError(
             "layers='rollout' is not defined for sampled (deformable) attention: use 'last', "
             "'mean' or a layer index"

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from detection.attention.methods import AttentionRollout
+from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.cli.drise_options import add_drise_arguments, drise_options
 from detection.attention.methods import METHODS, MethodNotApplicable, applicable_methods, parse_methods
 from detection.data.ground_truth import GroundTruthError, load_coco_gt
@@ -153,7 +155,7 @@ def _layer_choices(text: str | None, model: Any) -> list[Any]:
     """--layers as given, or the defaults without rollout where the family refuses it."""
     if text is not None:
         return _parse_choice_list(text)
-    return [layer for layer in DEFAULT_LAYERS if layer != "rollout" or "rollout" in applicable_methods(model)]
+    return [layer for layer in DEFAULT_LAYERS if layer != ROLLOUT_LAYERS or AttentionRollout.name in applicable_methods(model)]
 
 
 def _run_model(args: argparse.Namespace, gt_dataset: dict[str, Any], subset: Subset,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from detection.attention.methods import DEFAULT_METHOD
 
 FORMATS = ("coco-masks", "fiftyone")
 
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "dataset_type=fo.types.FiftyOneDataset) (masks + per-detection heatmaps)")
     parser.add_argument("--out", required=True, metavar="FILE|DIR",
                         help="results JSON to write (coco-masks) or dataset folder (fiftyone)")
-    parser.add_argument("--method", default="raw",
+    parser.add_argument("--method", default=DEFAULT_METHOD,
                         help="whose maps: raw (--save-attention, default) or a method saved by predict --explain "
                              "(rollout, attn-grad, relevance, drise)")
     parser.add_argument("--ann", default=None, metavar="GT.json",

@@ -13,12 +13,13 @@ import errno
 import sys
 import traceback
 
+from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.data.images import DEFAULT_MAX_PIXELS
 from detection.attention.methods import METHODS, parse_methods
 from detection.cli.drise_options import add_drise_arguments, drise_options
 from detection.runfolder.grids import DEFAULT_GRID_BUDGET
-from detection.engine.method_outputs import ExplainOptions
-from detection.engine.outputs import OutputOptions
+from detection.engine.predict_methods import ExplainOptions
+from detection.engine.image_files import OutputOptions
 from detection.engine.overlays import DEFAULT_OVERLAY_SIZE
 from detection.engine.predict_run import PredictInterrupted, PredictSettings, PredictUsageError, run_predict
 from detection.runfolder.layout import LOCK_FILE
@@ -51,7 +52,7 @@ def _head_choice(text: str):
 
 
 def _layer_choice(text: str):
-    if text in ("last", "mean", "rollout"):
+    if text in ("last", "mean", ROLLOUT_LAYERS):
         return text
     try:
         return int(text)

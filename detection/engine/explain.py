@@ -1,8 +1,8 @@
-"""The explanation methods of a run (eval and predict `--explain`, or eval's legacy --layers
-choice), built for the model, and each image's maps (on their grids or in original pixels), timed per method."""
+"""The explanation methods of a run, built from the one table (`attention.methods.registry`) for
+the run's model and prepared copies, and each image's maps (on their grids or in original pixels),
+timed per method."""
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -10,33 +10,31 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from detection.attention.drise import DriseOptions
-from detection.attention.methods import (METHODS, AttentionRollout, AttnGrad, Drise, ExplanationMethod, ImageInput,
-                                         MethodMaps, RawAttention, Relevance, Targets, check_methods)
+from detection.attention.aggregate import ROLLOUT_LAYERS
+from detection.attention.methods import (DEFAULT_METHOD, METHODS, AttentionRollout, ExplanationMethod, ImageInput,
+                                         MethodContext, MethodMaps, MethodOptions, Targets, check_methods, check_names)
 from detection.data.preprocess import image_to_input, pad_batch
-from detection.engine.fast import InferenceModel
-from detection.runtime.device import resolve_precision
+from detection.engine.fast import PreparedModels
 
 
 def method_names(explain: Sequence[str] | None, layers: Sequence[Any]) -> list[str]:
-    """The methods to run: `explain` as given, or (None) the pre-#13 set: raw for the layer
-    choices, plus rollout when "rollout" is one of them."""
+    """The methods to run: `explain` as given, or (None) eval's layer-choice set: the default
+    method for the layer choices, plus rollout when the rollout layer choice is one of them."""
     if explain is not None:
-        unknown = [name for name in explain if name not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown explanation method(s) {unknown}; choose from {', '.join(METHODS)}")
-        return list(dict.fromkeys(explain))
-    names = ["raw"] if any(layer != "rollout" for layer in layers) else []
-    return names + (["rollout"] if "rollout" in layers else [])
+        return check_names(explain)
+    names = [DEFAULT_METHOD] if any(layer != ROLLOUT_LAYERS for layer in layers) else []
+    return names + ([AttentionRollout.name] if ROLLOUT_LAYERS in layers else [])
 
 
 @dataclass
 class MethodRunner:
-    """The built methods of a run, and the seconds each has spent (`seconds`, per method name)."""
+    """The built methods of a run, and the seconds each has spent (`seconds`, per method name).
+    keys: the name each method's maps go by in `method_maps` (default: the method's name)."""
 
     methods: list[ExplanationMethod]
     preprocess: Any
     seconds: dict[str, float] = field(default_factory=dict)
+    keys: list[str] | None = None
 
     @property
     def needs_attention(self) -> bool:
@@ -80,42 +78,29 @@ class MethodRunner:
             self.seconds[method.name] = self.seconds.get(method.name, 0.0) + time.perf_counter() - started
         return maps
 
+    def method_maps(self, rgb: np.ndarray | None, original_size: tuple[int, int], attention: Any,
+                    targets: Targets, empty_keys: Sequence[str] = ()) -> dict[str, MethodMaps]:
+        """key -> its method's maps, for runners whose methods each make exactly one choice (predict's
+        and the API's). An image without targets gets maps (empty, with their geometry) only for
+        the keys in `empty_keys`, whose methods must read the attention record alone."""
+        keys = self.keys or [method.name for method in self.methods]
+        chosen = [(key, method) for key, method in zip(keys, self.methods) if len(targets) or key in empty_keys]
+        if not chosen:
+            return {}
+        runner = MethodRunner([method for _, method in chosen], self.preprocess, self.seconds)
+        cells = runner.image_cell_maps(rgb, original_size, attention, targets)
+        return {key: cells[method.choices()[0]] for key, method in chosen}
 
-def build_methods(
-    model: Any,
-    names: Sequence[str],
-    device: str | torch.device,
-    layers: Sequence[Any] = ("last", "mean"),
-    heads: Sequence[Any] = ("mean", "max"),
-    attn_grad_layers: Sequence[Any] = ("last",),
-    drise: DriseOptions = DriseOptions(),
-    drise_precision: str = "fp32",
-) -> MethodRunner:
-    """Build the named methods for `model` (refused with MethodNotApplicable, naming the family
-    and the methods that apply, when one does not apply). Gradient methods run a float32 copy of
-    the model on `device`; D-RISE its own prepared copy (the engine's fast path) at `drise_precision`
-    ("auto": bf16 where the device runs it natively)."""
+
+def build_methods(model: Any, names: Sequence[str], device: str | torch.device,
+                  options: MethodOptions = MethodOptions(), prepared: PreparedModels | None = None) -> MethodRunner:
+    """Build the named methods for `model` from the one table (refused with MethodNotApplicable,
+    naming the family and the methods that apply, when one does not apply). Methods that run the
+    model take its prepared copy at their precision from `prepared` (the run's, shared with the
+    predictor; None: a new set); the gradient methods share one graph-recording float32 copy."""
     names = list(names)
     check_methods(names, model)
     device = torch.device(device)
-    gradient_model = None
-    if "attn-grad" in names or "relevance" in names:
-        # a copy on `device`; attention.gradients puts frozen parameters in the graph itself
-        gradient_model = copy.deepcopy(model).to(device).eval()
-    built: list[ExplanationMethod] = []
-    for name in names:
-        if name == "raw":
-            built.append(RawAttention(layers, heads))
-        elif name == "rollout":
-            built.append(AttentionRollout(heads))
-        elif name == "attn-grad":
-            built.append(AttnGrad(gradient_model, attn_grad_layers))
-        elif name == "relevance":
-            built.append(Relevance(gradient_model))
-        elif name == "drise":
-            precision = resolve_precision(drise_precision, device)
-            if drise_precision == "auto" and not model.precision_allowed(precision, device):
-                precision = "fp32"  # as the Predictor does: auto never picks a precision the family refuses
-            engine = InferenceModel(model, device, precision)
-            built.append(Drise(model, engine, drise))
-    return MethodRunner(built, model.preprocess_spec)
+    prepared = prepared or PreparedModels(model)
+    context = MethodContext(model, device, lambda precision: prepared.get(device, precision))
+    return MethodRunner([METHODS[name].build(context, options) for name in names], model.preprocess_spec)

@@ -50,3 +50,27 @@ class InferenceModel:
         outputs["pred_boxes"] = outputs["pred_boxes"].float()
         outputs["aux_outputs"] = [{k: v.float() for k, v in aux.items()} for aux in outputs["aux_outputs"]]
         return outputs
+
+
+class PreparedModels:
+    """A run's prepared copies of one detector: one `InferenceModel` per (device, precision), made
+    on first use and shared by the predictor and every method that runs at that precision."""
+
+    def __init__(self, model: Detector, fold_bn: bool = True, channels_last: bool = True,
+                 compile: bool = False) -> None:
+        self.model = model
+        self.fold_bn, self.channels_last, self.compile = fold_bn, channels_last, compile
+        self._prepared: dict[tuple[str, str], InferenceModel] = {}
+
+    def get(self, device: str | torch.device, precision: Precision) -> InferenceModel:
+        """The prepared model on `device` at `precision` (made once)."""
+        key = (str(resolve_device(device)), precision)
+        if key not in self._prepared:
+            self._prepared[key] = InferenceModel(self.model, device, precision, fold_bn=self.fold_bn,
+                                                 channels_last=self.channels_last, compile=self.compile)
+        return self._prepared[key]
+
+    def release_source(self) -> None:
+        """Drop the reference to the unprepared model (its copies stay): a run that loaded the
+        model itself frees its weights once every copy it needs is made."""
+        self.model = None  # type: ignore[assignment]

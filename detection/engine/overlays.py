@@ -57,7 +57,7 @@ def render_overlays(
 
     image: uint8 RGB, the original image (`detections.image_size`) or its `overlay_base`;
     geometry: `runfolder.maps_npz.map_metadata` of the image (feature_stride, input_size,
-    interpolation, percentiles); options: `engine.outputs.OutputOptions` (overlay_size,
+    interpolation, percentiles); options: `engine.image_files.OutputOptions` (overlay_size,
     normalize, overlay_style; "points" draws detection overlays from `attention`, a sampled
     record). The maps are made MAP_PIXELS_PER_CHUNK pixels at a time; the combined overlay
     folds their per-pixel maximum (`strongest_map`), so it equals `render_overlay` of all maps.

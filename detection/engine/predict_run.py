@@ -19,23 +19,22 @@ import torch
 from tqdm import tqdm
 
 from detection import __version__
-from detection.runfolder.versions import MAPS_NPZ_FORMAT
+from detection.attention.methods import DEFAULT_METHOD, MethodMaps, attention_kind
 from detection.data.images import DEFAULT_MAX_PIXELS
+from detection.data.sources import expand_sources
 from detection.engine.display import DisplaySpec
 from detection.engine.explain import MethodRunner
-from detection.runfolder.versions import GRIDS_NPZ_FORMAT
-from detection.engine.method_outputs import ExplainOptions, build_predict_methods, explain_result, write_method_outputs
-from detection.engine.outputs import OutputOptions, write_image_outputs
+from detection.engine.fast import PreparedModels
+from detection.engine.image_files import OutputOptions, write_image_files
 from detection.engine.pending import PendingWrites
 from detection.engine.planning import shard_plan
-from detection.engine.predictor import PredictionResult, Predictor
-from detection.runfolder.versions import MAPS_FORMAT_KEY
+from detection.engine.predict_methods import ExplainOptions, build_predict_methods, image_maps
+from detection.engine.predictor import PredictionResult, Predictor, PredictorSettings
+from detection.models.digest import weights_digest
+from detection.models.registry import load_model
 from detection.runfolder.folder import RunFolder, RunFolderMismatch
 from detection.runfolder.lock import RunFolderLocked
-from detection.data.sources import expand_sources
-from detection.models.digest import weights_digest
-from detection.attention.methods import MethodMaps, attention_kind
-from detection.models.registry import load_model
+from detection.runfolder.versions import GRIDS_NPZ_FORMAT, MAPS_FORMAT_KEY, MAPS_NPZ_FORMAT
 from detection.runtime.device import resolve_device
 from detection.runtime.distributed import DistContext, init_distributed
 
@@ -75,7 +74,7 @@ class PredictSettings:
     writer_threads: int = 2
     overwrite: bool = False
     progress: bool = True
-    #: --explain (None: not given, raw maps only, as before; see engine.method_outputs)
+    #: --explain (None: not given, the attention maps only; see engine.predict_methods)
     explain: ExplainOptions | None = None
 
 
@@ -158,14 +157,14 @@ def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
         if settings.outputs.overlay_style == "points" and attention_kind(model) != "sampled":
             raise PredictUsageError("--overlay-style points draws deformable sampling points; this model's "
                                     "attention is dense (use the default heatmap style)")
-        runner = None
-        if settings.explain is not None:
-            try:
-                runner = build_predict_methods(model, settings.explain, device, settings.outputs.layers,
-                                               settings.outputs.heads)
-            except ValueError as err:  # MethodNotApplicable names the family and the methods that apply
-                raise PredictUsageError(f"--explain: {err}") from err
-        predictor = _make_predictor(settings, model, device, runner)
+        # one prepared copy per (device, precision), shared by the predictor and the methods
+        prepared = PreparedModels(model, fold_bn=settings.fold_bn, channels_last=settings.channels_last,
+                                  compile=settings.compile)
+        try:
+            runner = build_predict_methods(model, settings.explain, settings.outputs, device, prepared)
+        except ValueError as err:  # MethodNotApplicable names the family and the methods that apply
+            raise PredictUsageError(f"--explain: {err}" if settings.explain is not None else str(err)) from err
+        predictor = _make_predictor(settings, model, device, runner, prepared)
         items = expand_sources(settings.inputs, settings.list_files, video_stride=settings.video_stride)
         if not items:
             raise PredictUsageError("no inputs given")
@@ -173,6 +172,7 @@ def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
         config, source = model.config, getattr(model, "source", "")
         # the predictor runs its own prepared copy: a model loaded here is freed now (DETR-R50: 166 MB
         # of float32 weights), and its memory serves the run; a caller's model stays the caller's
+        prepared.release_source()
         del model
 
         folder = RunFolder(out, context.rank, context.world_size)
@@ -253,7 +253,7 @@ def _run_locked(settings: PredictSettings, config: Any, source: str, context: Di
             "timing": {"wall_seconds": round(time.time() - started, 3),
                        "model_seconds_rank0": round(predictor.model_seconds, 3),
                        **({"explain_seconds_rank0": {name: round(seconds, 3) for name, seconds in runner.seconds.items()}}
-                          if runner is not None else {}),
+                          if settings.explain is not None and runner is not None else {}),
                        "images_this_run_rank0": processed},
         })
         folder.write_run_info(run_info)
@@ -266,24 +266,26 @@ def _run_locked(settings: PredictSettings, config: Any, source: str, context: Di
 
 
 def _make_predictor(settings: PredictSettings, model: torch.nn.Module, device: torch.device,
-                    runner: MethodRunner | None = None) -> Predictor:
+                    runner: MethodRunner | None, prepared: PreparedModels) -> Predictor:
     options = settings.outputs
-    method_attention = runner is not None and runner.needs_attention
-    return Predictor(model, device=device, precision=settings.precision, batch_size=settings.batch_size,
-                     num_workers=settings.workers, score_threshold=settings.score_threshold,
-                     cross_attention=options.needs_maps or method_attention, batching=settings.batching,
-                     # the full-resolution image only for methods that run the model on it: the writers
-                     # draw on display images the decoding workers make (engine.display)
-                     keep_images=runner is not None and runner.needs_input,
-                     display=DisplaySpec(overlays=options.overlays, overlay_size=options.overlay_size,
-                                         viewer_jpeg=options.save_attention) if options.needs_maps else None,
-                     rollout=options.layers == "rollout" or options.save_encoder_attention
-                     or (runner is not None and runner.needs_self_attention),
-                     fold_bn=settings.fold_bn, channels_last=settings.channels_last,
-                     compile=settings.compile, max_pixels=settings.max_pixels,
-                     video_stride=settings.video_stride,
-                     # the viewer's grids keep every layer
-                     last_layer_only=options.layers == "last" and not options.save_attention and not method_attention)
+    # an --explain method that reads the record (the attention maps of --layers last need only the last layer)
+    method_attention = runner is not None and any(method.needs_attention for key, method in zip(runner.keys, runner.methods)
+                                                  if key != DEFAULT_METHOD)
+    return Predictor(model, PredictorSettings(
+        device=device, precision=settings.precision, batch_size=settings.batch_size, num_workers=settings.workers,
+        score_threshold=settings.score_threshold, cross_attention=options.needs_maps or method_attention,
+        batching=settings.batching,
+        # the full-resolution image only for methods that run the model on it: the writers
+        # draw on display images the decoding workers make (engine.display)
+        keep_images=runner is not None and runner.needs_input,
+        display=DisplaySpec(overlays=options.overlays, overlay_size=options.overlay_size,
+                            viewer_jpeg=options.save_attention) if options.needs_maps else None,
+        rollout=options.save_encoder_attention or (runner is not None and runner.needs_self_attention),
+        fold_bn=settings.fold_bn, channels_last=settings.channels_last, compile=settings.compile,
+        max_pixels=settings.max_pixels, video_stride=settings.video_stride,
+        # the viewer's grids keep every layer
+        last_layer_only=options.layers == "last" and not options.save_attention and not method_attention),
+        prepared=prepared)
 
 
 def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: MethodRunner | None, folder: RunFolder,
@@ -303,11 +305,11 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: Meth
     torch_threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(max_workers=max(1, settings.writer_threads), initializer=_single_threaded_torch)
 
-    def write(result: PredictionResult, method_maps: dict[str, MethodMaps] | None) -> None:
+    explain = settings.explain.extra_methods if settings.explain is not None else None
+
+    def write(result: PredictionResult, maps: dict[str, MethodMaps]) -> None:
         try:
-            record = write_image_outputs(folder, result, settings.outputs, category_ids)
-            if method_maps is not None:
-                _write_methods(folder, result, method_maps, settings.outputs, record)
+            record = write_image_files(folder, result, maps, settings.outputs, category_ids, explain)
         except OSError:
             raise  # disk full / permissions: stop, a rerun resumes
         except Exception as err:  # noqa: BLE001 - one image's output must not stop the run
@@ -328,11 +330,11 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: Meth
                 folder.append_error(result.item, result.error)
             else:
                 try:
-                    method_maps = None if runner is None else explain_result(runner, result)
+                    maps = image_maps(runner, result)
                 except Exception as err:  # noqa: BLE001 - one image's explanation must not stop the run
                     folder.append_error(result.item, f"explanation methods failed: {type(err).__name__}: {err}")
                 else:
-                    pending.add(pool.submit(write, result, method_maps), result, method_maps)
+                    pending.add(pool.submit(write, result, maps), result, maps)
                 processed += 1
             progress.update(1)
             if stop.requested:
@@ -358,15 +360,6 @@ def _single_threaded_torch() -> None:
     model, their spinning took about as much CPU as the writing itself (figures: README). OpenMP's
     thread count is per calling thread, so the model's thread keeps its own."""
     torch.set_num_threads(1)
-
-
-def _write_methods(folder: RunFolder, result: PredictionResult, method_maps: dict[str, MethodMaps],
-                   options: OutputOptions, record: dict[str, Any]) -> None:
-    item = result.item
-    meta: dict[str, Any] = {"file": item.file, "key": item.key}
-    if item.frame_index is not None:
-        meta["frame_index"] = item.frame_index
-    write_method_outputs(folder, result, method_maps, options, meta, record)
 
 
 def _shut_down(pool: ThreadPoolExecutor) -> None:

@@ -14,7 +14,7 @@ import torch
 from detection.data.images import DEFAULT_MAX_PIXELS
 from detection.data.preprocess import image_to_input, pad_batch
 from detection.engine.display import DisplayImages, DisplaySpec
-from detection.engine.fast import InferenceModel
+from detection.engine.fast import PreparedModels
 from detection.engine.loading import BatchLoadingDataset, LoadedBatch, Sample, make_loader
 from detection.engine.planning import PlannedBatch, plan_batches, probe_sizes
 from detection.data.sources import SourceItem, expand_sources
@@ -49,14 +49,12 @@ class PredictionResult:
         return self.item.file
 
 
-class Predictor:
-    """Run a DETR over many images in planned batches with worker-process decoding.
+@dataclass(frozen=True)
+class PredictorSettings:
+    """How a `Predictor` runs (defaults: one image at a time on the CPU in fp32, threshold 0.7).
 
-    model: a detector implementing `detection.models.contract.Detector` (its `config` gives
-        class names and category ids; `preprocess_spec` and `postprocess_rule` its input and
-        output rules).
     device: "cpu" | "cuda" | "cuda:N" | "auto". precision: "fp32" | "bf16" | "fp16" | "auto"
-        (see `detection.runtime.device`).
+        (see `detection.runtime.device`; "auto" falls back to fp32 where the family refuses it).
     batch_size / batching: see `detection.engine.planning` ("exact" keeps every result equal
         to running the image alone; "padded" groups by aspect ratio and pads).
     num_workers: DataLoader processes decoding + resizing (0 = in this process).
@@ -66,42 +64,69 @@ class Predictor:
     display: also return the display images (`engine.display.DisplaySpec`: the overlay base, the
         viewer's JPEG), made in the decoding workers.
     last_layer_only: keep only the last decoder layer in the returned records (L = 1).
+    fold_bn / channels_last / compile: the model's preparation (`Detector.prepare_for_inference`).
+    max_pixels / video_stride: the loader's image-size guard and the frame step of videos.
     """
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", precision: str = "fp32",
-                 batch_size: int = 1, num_workers: int = 0, score_threshold: float = 0.7,
-                 cross_attention: bool = False, batching: str = "exact", keep_images: bool = False,
-                 rollout: bool = False, fold_bn: bool = True, channels_last: bool = True,
-                 compile: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 video_stride: int = 1, last_layer_only: bool = False,
-                 display: DisplaySpec | None = None) -> None:
-        if batching not in ("exact", "padded"):
-            raise ValueError(f"batching must be 'exact' or 'padded', got {batching!r}")
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        if precision == "auto" and not model.precision_allowed(self.precision, self.device):
+    device: str | torch.device = "cpu"
+    precision: str = "fp32"
+    batch_size: int = 1
+    num_workers: int = 0
+    score_threshold: float = 0.7
+    cross_attention: bool = False
+    batching: str = "exact"
+    keep_images: bool = False
+    rollout: bool = False
+    fold_bn: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    video_stride: int = 1
+    last_layer_only: bool = False
+    display: DisplaySpec | None = None
+
+
+class Predictor:
+    """Run a detector over many images in planned batches with worker-process decoding.
+
+    model: a detector implementing `detection.models.contract.Detector` (its `config` gives
+        class names and category ids; `preprocess_spec` and `postprocess_rule` its input and
+        output rules). settings: a `PredictorSettings`.
+    prepared: the run's `PreparedModels` of `model` (the predictor takes its copy at its device
+        and precision from there, so methods at the same precision share it); None: its own.
+    """
+
+    def __init__(self, model: torch.nn.Module, settings: PredictorSettings = PredictorSettings(),
+                 prepared: PreparedModels | None = None) -> None:
+        if settings.batching not in ("exact", "padded"):
+            raise ValueError(f"batching must be 'exact' or 'padded', got {settings.batching!r}")
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.precision = resolve_precision(settings.precision, self.device)
+        if settings.precision == "auto" and not model.precision_allowed(self.precision, self.device):
             self.precision = "fp32"
-        if batching == "padded" and not model.supports_padding:
+        if settings.batching == "padded" and not model.supports_padding:
             raise ValueError("this detector takes no padding mask, so padded batches would change its "
                              "detections: use batching 'exact'")
         self.config = model.config
         self.preprocess = model.preprocess_spec
         self.postprocess_rule = model.postprocess_rule
-        self.engine = InferenceModel(model, self.device, self.precision, fold_bn=fold_bn,
-                                     channels_last=channels_last, compile=compile)
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
-        self.score_threshold = float(score_threshold)
-        self.cross_attention = bool(cross_attention or rollout)
-        self.rollout = bool(rollout)
-        self.batching = batching
-        self.keep_images = keep_images
-        self.display = display
-        self.max_pixels = max_pixels
-        self.video_stride = video_stride
+        prepared = prepared or PreparedModels(model, fold_bn=settings.fold_bn, channels_last=settings.channels_last,
+                                              compile=settings.compile)
+        self.engine = prepared.get(self.device, self.precision)
+        self.batch_size = int(settings.batch_size)
+        self.num_workers = int(settings.num_workers)
+        self.score_threshold = float(settings.score_threshold)
+        self.cross_attention = bool(settings.cross_attention or settings.rollout)
+        self.rollout = bool(settings.rollout)
+        self.batching = settings.batching
+        self.keep_images = settings.keep_images
+        self.display = settings.display
+        self.max_pixels = settings.max_pixels
+        self.video_stride = settings.video_stride
         # keep only the last decoder layer's cross-attention (what layers="last" maps use):
         # 1/L of the memory and of the device -> host copy on GPU
-        self.last_layer_only = bool(last_layer_only) and not self.rollout
+        self.last_layer_only = bool(settings.last_layer_only) and not self.rollout
         self.model_seconds = 0.0
 
     # -- planning -----------------------------------------------------------------------

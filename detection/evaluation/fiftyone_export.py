@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from detection.attention.methods import DEFAULT_METHOD
 from detection.attention.metrics import explanation_mask
 from detection.runfolder.reader import RunReader
 from detection.evaluation.mask_export import record_maps
@@ -143,7 +144,7 @@ def _image_path(file: str) -> str:
     return str(path if path.is_absolute() else (Path.cwd() / path).resolve())
 
 
-def export_fiftyone(run_dir: str | os.PathLike, out_dir: str | os.PathLike, method: str = "raw") -> int:
+def export_fiftyone(run_dir: str | os.PathLike, out_dir: str | os.PathLike, method: str = DEFAULT_METHOD) -> int:
     """Write a run folder's detections and saved maps (of `method`: "raw" or a method saved by
     `predict --explain`) as a FiftyOne dataset folder; returns the number of samples. Needs the
     maps saved (MissingAttentionError otherwise, as the coco-masks export)."""

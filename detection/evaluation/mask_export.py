@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from detection.attention.methods import DEFAULT_METHOD
 from detection.runfolder.maps_npz import load_maps_npz
 from detection.attention.metrics import encode_mask, explanation_mask
 from detection.runfolder.layout import ATTENTION_DIR
@@ -42,13 +43,13 @@ def _check_maps(path: Path, maps_shape: tuple[int, ...], meta: dict[str, Any], r
         raise ValueError(f"{path}: map size {list(maps_shape[1:])} differs from the image size {size} of {record['file']}")
 
 
-def record_maps(reader: RunReader, record: dict[str, Any], method: str = "raw") -> np.ndarray:
+def record_maps(reader: RunReader, record: dict[str, Any], method: str = DEFAULT_METHOD) -> np.ndarray:
     """The saved saliency maps (N, H, W) float32 of one predictions.jsonl record, checked against
     it (one per detection, same order and image size). method: "raw" (attention/<key>.npz,
     `--save-attention`) or an `--explain` method (attention/<method>/<key>.npz).
     MissingAttentionError, naming the folder and the predict option, when the npz is absent."""
     key = reader.image_key(record)
-    if method == "raw":
+    if method == DEFAULT_METHOD:
         path = reader.attention(key) if key is not None else None
         expected, option = f"{ATTENTION_DIR}/{key or '<key>'}.npz", "--save-attention"
     else:
@@ -63,7 +64,7 @@ def record_maps(reader: RunReader, record: dict[str, Any], method: str = "raw") 
     return maps
 
 
-def coco_mask_results(run_dir: str | os.PathLike, method: str = "raw") -> list[dict[str, Any]]:
+def coco_mask_results(run_dir: str | os.PathLike, method: str = DEFAULT_METHOD) -> list[dict[str, Any]]:
     """COCO segm results (one per detection, predictions.jsonl order) of a predict run folder,
     from the maps of `method` ("raw" or a method saved by `predict --explain`).
 
@@ -96,7 +97,7 @@ def coco_mask_results(run_dir: str | os.PathLike, method: str = "raw") -> list[d
 
 def export_coco_masks(
     run_dir: str | os.PathLike, out_file: str | os.PathLike, ann_file: str | os.PathLike | None = None,
-    method: str = "raw",
+    method: str = DEFAULT_METHOD,
 ) -> list[dict[str, Any]]:
     """Write `coco_mask_results(run_dir)` to `out_file` atomically and return them.
 

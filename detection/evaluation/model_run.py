@@ -14,23 +14,26 @@ import torch
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
+from detection.attention.methods import AttnGrad, Drise
+from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.attention.drise import DriseOptions
-from detection.attention.methods import Targets
+from detection.attention.methods import MethodOptions, Targets
 from detection.attention.methods import choice_name as _choice_name
 from detection.attention.metrics import (GAUSSIAN_BASELINE, FaithfulnessAccumulator, gaussian_box_map,
                                          perturbation_curve)
 from detection.boxes import coco_xywh, cxcywh_to_xyxy
 from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch
-from detection.engine.predictor import Predictor
+from detection.engine.predictor import Predictor, PredictorSettings
 from detection.data.sources import SourceItem
 from detection.engine.explain import build_methods, method_names
+from detection.engine.fast import PreparedModels
 from detection.evaluation.subsets import Subset
 from detection.models.contract import Detector
 from detection.runtime.device import resolve_device
 from detection.runtime.distributed import DistContext
 
-DEFAULT_LAYERS = ("last", "mean", "rollout")
+DEFAULT_LAYERS = ("last", "mean", ROLLOUT_LAYERS)
 DEFAULT_HEADS = ("mean", "max")
 
 
@@ -122,26 +125,24 @@ def run_model(
         for unit, image_id in enumerate(my_ids)
     ]
     runner = None
+    prepared = PreparedModels(model)  # one prepared copy per precision: the predictor's, and D-RISE's
     if options.attention:
-        runner = build_methods(model, method_names(options.explain, options.layers), options.device, options.layers,
-                               options.heads, options.attn_grad_layers, options.drise,
-                               options.drise_precision or options.precision)
+        method_options = MethodOptions(layers=options.layers, heads=options.heads,
+                                       attn_grad_layers=options.attn_grad_layers, drise=options.drise,
+                                       drise_precision=options.drise_precision or options.precision)
+        runner = build_methods(model, method_names(options.explain, options.layers), options.device, method_options,
+                               prepared)
     accumulator = (
         FaithfulnessAccumulator(runner.choices(), gaussian_sigma_fraction=options.gaussian_sigma)
         if runner is not None
         else None
     )
-    predictor = Predictor(
-        model,
-        device=options.device,
-        precision=options.precision,
-        batch_size=options.batch_size,
-        num_workers=options.num_workers,
-        score_threshold=options.score_threshold,
+    predictor = Predictor(model, PredictorSettings(
+        device=options.device, precision=options.precision, batch_size=options.batch_size,
+        num_workers=options.num_workers, score_threshold=options.score_threshold,
         cross_attention=runner is not None and runner.needs_attention,
         rollout=runner is not None and runner.needs_self_attention,
-        keep_images=options.deletion_insertion or (runner is not None and runner.needs_input),
-    )
+        keep_images=options.deletion_insertion or (runner is not None and runner.needs_input)), prepared)
     results: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     warnings: list[str] = []
@@ -311,10 +312,10 @@ def run_model_on_ranks(
 
 def _explain_settings(options: ModelRunOptions) -> dict[str, Any]:
     settings: dict[str, Any] = {"explain": list(options.explain or ())}
-    if "attn-grad" in settings["explain"]:
+    if AttnGrad.name in settings["explain"]:
         settings["attn_grad_layers"] = list(options.attn_grad_layers)
-    if "drise" in settings["explain"]:
-        settings["drise"] = dict(vars(options.drise), precision=options.drise_precision or options.precision)
+    if Drise.name in settings["explain"]:
+        settings[Drise.name] = dict(vars(options.drise), precision=options.drise_precision or options.precision)
     return settings
 
 

@@ -191,9 +191,18 @@ class Detector(Protocol):
         for inference only (self unchanged), on `device`, eval mode, no gradients, with the
         detector's own fast-path changes; called like forward. It carries
         `folded_batch_norms` (int): batch norms folded into convolutions.
+    family_name: the family as messages name it ("DETR (native)", "RT-DETR", ...).
+    attention_kind: "dense" (cross-attention weights over one feature grid) or "sampled"
+        (deformable sampling points): the kind of `AttentionRecord` forward returns.
+    gradient_capture: how the gradient methods reach the attention tensors the forward used:
+        "hooks" (forward hooks on torch attention modules), "graph" (forward(..., keep_graph=True)
+        returns them) or None (no gradient methods).
     """
 
     config: Any
+    family_name: str
+    attention_kind: str
+    gradient_capture: str | None
 
     @property
     def preprocess_spec(self) -> PreprocessSpec: ...

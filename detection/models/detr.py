@@ -134,6 +134,10 @@ class DETR(nn.Module):
     `query_embed`, `input_proj`, `transformer`) except `backbone.body` (authors:
     `backbone.0.body`)."""
 
+    family_name = "DETR (native)"
+    attention_kind = "dense"
+    gradient_capture = "hooks"
+
     def __init__(self, config: DetrConfig) -> None:
         super().__init__()
         self.config = config

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from detection.attention.methods import DEFAULT_METHOD
 from detection.runfolder.reader import RunReader
 from detection.io import write_bytes_atomic, write_text_atomic
 from detection.render.overlay import ascii_text
@@ -236,7 +237,7 @@ def _image_section(number: int, entry: ImageEntry, source: _ImageSource, classes
 
 def _method_columns(entry: ImageEntry) -> list[tuple[str, list[Path | None]]]:
     """(method, per-detection overlays) for raw (when saved) and each saved method, in order."""
-    columns = [("raw", entry.detection_overlays)] if any(p is not None for p in entry.detection_overlays) else []
+    columns = [(DEFAULT_METHOD, entry.detection_overlays)] if any(p is not None for p in entry.detection_overlays) else []
     return columns + list(entry.method_overlays.items())
 
 
@@ -300,7 +301,7 @@ def render_html(run: RunContents, out_dir: Path, link_images: bool = False, titl
     parts.append("</div></section>")
     classes: dict[str, str] = {}
     if run.methods:
-        picker, classes = _method_picker(["raw", *run.methods])
+        picker, classes = _method_picker([DEFAULT_METHOD, *run.methods])
         parts.append(picker)
     parts.extend(_image_section(number, entry, source, classes) for number, entry in enumerate(run.images, start=1))
     if run.errors:

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from detection.attention.methods import DEFAULT_METHOD
+from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.attention.aggregate import reduce_heads
 from detection.attention.maps import query_cell_maps, valid_feature_size, valid_flat_indices
 from detection.io import atomic_path
@@ -96,7 +98,7 @@ def slice_plan(detail: str, layers: int, heads: int, rollout: bool) -> list[Slic
     else:
         raise ValueError(f"detail must be one of {DETAILS}, got {detail!r}")
     # rollout over head means only: each rollout costs the encoder's K x K products again
-    return plan + ([("rollout", "mean")] if rollout else [])
+    return plan + ([(ROLLOUT_LAYERS, "mean")] if rollout else [])
 
 
 def choose_detail(count: int, cells: int, layers: int, heads: int, rollout: bool,
@@ -167,7 +169,7 @@ def build_grids(record: AttentionRecord, image_index: int, query_index: Sequence
     return AttentionGrids(
         image_size=(int(original_size[0]), int(original_size[1])), input_size=(input_h, input_w),
         feature_stride=int(record.feature_stride), valid_size=(valid_h, valid_w), kind=record.kind,
-        layers=layers, heads=heads, methods={"raw": MethodGrids(grids, slices, chosen)}, detail=detail,
+        layers=layers, heads=heads, methods={DEFAULT_METHOD: MethodGrids(grids, slices, chosen)}, detail=detail,
         budget_bytes=budget_bytes, rollout=variant,
         encoder_self=encoder_self_grid(record, image_index) if encoder_attention else None, image_jpeg=image_jpeg)
 

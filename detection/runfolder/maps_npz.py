@@ -9,6 +9,7 @@ from typing import Any, Literal, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.attention.aggregate import HeadChoice, LayerChoice, NormalizeChoice
 from detection.attention.maps import (DEFAULT_PERCENTILES, Interpolation, cells_to_image, check_size, image_geometry, maps_from_cells)
 from detection.io import atomic_path
@@ -48,7 +49,7 @@ def map_metadata(
     if attention.kind == "sampled":
         meta["attention_kind"] = "sampled"
         meta["level_strides"] = list(attention.decoder_cross_sampled.level_strides)
-    if layers == "rollout":
+    if layers == ROLLOUT_LAYERS:
         meta["rollout"] = "chefer2021-raw" + (
             "+decoder_self" if attention.decoder_self is not None else ""
         ) + ("+encoder_self" if attention.encoder_self is not None else "")

@@ -1,13 +1,15 @@
 """The explanation-method interface: a target ("detection k" = its query, its class, its box),
-one image as the methods see it, the maps a method returns, and the base every method extends."""
+one image as the methods see it, what a method is built from, and the base every method extends."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
 from detection.attention.cell_maps import MethodMaps  # noqa: F401 (re-exported: the methods' return type)
+from detection.attention.drise import DriseOptions, ForwardFn
 from detection.models.outputs import AttentionRecord
 
 
@@ -64,52 +66,80 @@ class ImageInput:
         raise ValueError("the image input has neither a model input nor an attention record")
 
 
-def native_detr(model: Any) -> bool:
-    """True for the native DETR (decoder layers with hookable torch attention modules)."""
-    decoder = getattr(getattr(model, "transformer", None), "decoder", None)
-    return decoder is not None and hasattr(decoder, "layers")
-
-
 def model_family(model: Any) -> str:
-    """The detector family's name as messages give it: the title of the model's `family`
-    (Hugging Face wrappers), else the family or its config's `model_type`, "DETR (native)" for
-    the native DETR, else the class name."""
-    family = getattr(model, "family", None)
-    if family is not None:
-        return str(getattr(family, "title", family))
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type:
-        return str(model_type)
-    return "DETR (native)" if native_detr(model) else type(model).__name__
+    """The detector family's name as messages give it (the contract's `family_name`; the class
+    name for an object that does not declare one)."""
+    return str(getattr(model, "family_name", None) or type(model).__name__)
 
 
 def attention_kind(model: Any) -> str | None:
-    """"dense" or "sampled": the kind of attention record the model returns (its
-    `attention_kind` or its family's `attention`; "dense" for the native DETR); None when it
-    does not say."""
-    kind = getattr(model, "attention_kind", None) or getattr(getattr(model, "family", None), "attention", None)
-    if kind is None and native_detr(model):
-        return "dense"
-    return kind
+    """"dense" or "sampled": the kind of attention record the detector returns, as it declares it
+    (the contract's `attention_kind`; HF families: `Family.attention`); None when it declares none."""
+    return getattr(model, "attention_kind", None)
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """The options a run gives its methods; each method reads the fields it names in `options`.
+
+    layers / heads: raw and rollout choices (`attention.aggregate`); attn_grad_layers: attn-grad's
+    layer choices; drise: D-RISE's masks; drise_precision: the precision of D-RISE's forwards
+    ("auto": bf16 where the device runs it natively and the family allows it).
+    """
+
+    layers: Sequence[Any] = ("last", "mean")
+    heads: Sequence[Any] = ("mean", "max")
+    attn_grad_layers: Sequence[Any] = ("last",)
+    drise: DriseOptions = DriseOptions()
+    drise_precision: str = "fp32"
+
+
+@dataclass
+class MethodContext:
+    """What a method is built for: the detector, the device, the run's prepared inference model at
+    a precision (`forward_at(precision)`, shared with the predictor: prepared once per run), and
+    one graph-recording float32 copy shared by every gradient method (`gradient_model()`)."""
+
+    model: Any
+    device: torch.device
+    forward_at: Callable[[str], ForwardFn]
+    _gradient_model: torch.nn.Module | None = field(default=None, repr=False)
+
+    def gradient_model(self) -> torch.nn.Module:
+        """A float32 copy on `device` in eval mode, made on first use (`attention.gradients` puts
+        frozen parameters in the graph itself)."""
+        if self._gradient_model is None:
+            self._gradient_model = copy.deepcopy(self.model).to(self.device).eval()
+        return self._gradient_model
 
 
 class ExplanationMethod:
-    """One explanation method. Subclasses set `name`, override `refusal` when the method does
-    not apply to every detector, `choices` and `explain`; the run asks `needs_*` what to prepare.
+    """One explanation method. Subclasses set `name` and `options` (the `MethodOptions` fields
+    they read), override `refusal` when the method does not apply to every family, and implement
+    `build` (how the method makes itself for a run), `choices` and `explain`; the run asks
+    `needs_*` what to prepare. A new method is one such class plus its entry in
+    `attention.methods.registry`.
 
     needs_attention: the inference pass must return an attention record (self-attention too
-    with needs_self_attention); needs_input: `ImageInput.images` / `padding_mask` must be set.
+    with needs_self_attention); the maps are then made from the record, whose geometry describes
+    them. needs_input: `ImageInput.images` / `padding_mask` must be set.
     """
 
     name: ClassVar[str] = ""
+    options: ClassVar[tuple[str, ...]] = ()
     needs_attention: ClassVar[bool] = False
     needs_self_attention: ClassVar[bool] = False
     needs_input: ClassVar[bool] = False
 
     @classmethod
     def refusal(cls, model: Any) -> str | None:
-        """Why the method does not apply to `model` (None: it applies)."""
+        """Why the method does not apply to `model`'s family (None: it applies)."""
         return None
+
+    @classmethod
+    def build(cls, context: MethodContext, options: MethodOptions) -> "ExplanationMethod":
+        """The method made for `context`'s model with the run's options."""
+        raise NotImplementedError
 
     def choices(self) -> list[str]:
         """The names of the maps `explain` returns (keys of metrics.json's `attention`)."""

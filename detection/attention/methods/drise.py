@@ -7,7 +7,9 @@ from typing import Any
 import torch
 
 from detection.attention.drise import DriseOptions, ForwardFn, downsample_factor, drise_saliency, pool_saliency
-from detection.attention.methods.base import ExplanationMethod, ImageInput, MethodMaps, Targets
+from detection.attention.methods.base import (ExplanationMethod, ImageInput, MethodContext, MethodMaps,
+                                              MethodOptions, Targets)
+from detection.runtime.device import resolve_precision
 
 
 class Drise(ExplanationMethod):
@@ -15,7 +17,17 @@ class Drise(ExplanationMethod):
     inputs are run ((n, 3, h, w), (n, h, w)) -> outputs, e.g. the engine's prepared model."""
 
     name = "drise"
+    options = ("drise", "drise_precision")
     needs_input = True
+
+    @classmethod
+    def build(cls, context: MethodContext, options: MethodOptions) -> "Drise":
+        """D-RISE's forwards run the run's prepared model at `options.drise_precision` ("auto" never
+        picks a precision the family refuses, as the Predictor does)."""
+        precision = resolve_precision(options.drise_precision, context.device)
+        if options.drise_precision == "auto" and not context.model.precision_allowed(precision, context.device):
+            precision = "fp32"
+        return cls(context.model, context.forward_at(precision), options.drise)
 
     def __init__(self, model: Any, forward: ForwardFn, options: DriseOptions = DriseOptions()) -> None:
         self.spec = model.preprocess_spec

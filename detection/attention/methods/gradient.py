@@ -8,8 +8,9 @@ from typing import Any, Sequence
 import torch
 
 from detection.attention.gradients import attn_grad, relevance
-from detection.attention.methods.base import (ExplanationMethod, ImageInput, MethodMaps, Targets, attention_kind,
-                                              model_family, native_detr)
+from detection.attention.aggregate import ROLLOUT_LAYERS
+from detection.attention.methods.base import (ExplanationMethod, ImageInput, MethodContext, MethodMaps,
+                                              MethodOptions, Targets, attention_kind, model_family)
 
 
 def _model_inputs(model: torch.nn.Module, image: ImageInput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,10 +29,8 @@ class _GradientMethod(ExplanationMethod):
 
     @classmethod
     def refusal(cls, model: Any) -> str | None:
-        if native_detr(model):
-            return None
         kind = attention_kind(model)
-        if getattr(model, "family", None) is None or kind not in ("dense", "sampled"):
+        if not getattr(model, "gradient_capture", False) or kind not in ("dense", "sampled"):
             return f"{cls.name} needs the native DETR or a wrapped Hugging Face detector to take gradients through"
         if kind == "sampled" and cls.dense_only:
             return (f"{cls.name} needs dense attention throughout (encoder self-, decoder self- and "
@@ -45,12 +44,18 @@ class AttnGrad(_GradientMethod):
     points' weights), per layer choice."""
 
     name = "attn-grad"
+    options = ("attn_grad_layers",)
 
     def __init__(self, model: torch.nn.Module, layers: Sequence[Any] = ("last",)) -> None:
         super().__init__(model)
         self.layers = list(layers)
-        if "rollout" in self.layers:
-            raise ValueError("attn-grad takes layers last, mean or an index (the rollout of Ā is 'relevance')")
+        if ROLLOUT_LAYERS in self.layers:
+            raise ValueError(f"{self.name} takes layers last, mean or an index (the rollout of Ā is "
+                             f"{Relevance.name!r})")
+
+    @classmethod
+    def build(cls, context: MethodContext, options: MethodOptions) -> "AttnGrad":
+        return cls(context.gradient_model(), options.attn_grad_layers)
 
     def choices(self) -> list[str]:
         return [f"{self.name}/{layers}" for layers in self.layers]
@@ -68,6 +73,10 @@ class Relevance(_GradientMethod):
 
     name = "relevance"
     dense_only = True
+
+    @classmethod
+    def build(cls, context: MethodContext, options: MethodOptions) -> "Relevance":
+        return cls(context.gradient_model())
 
     def explain(self, image: ImageInput, targets: Targets) -> dict[str, MethodMaps]:
         images, mask = _model_inputs(self.model, image)

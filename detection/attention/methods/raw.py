@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from detection.attention.maps import query_cell_maps
-from detection.attention.methods.base import ExplanationMethod, ImageInput, MethodMaps, Targets
+from detection.attention.aggregate import ROLLOUT_LAYERS
+from detection.attention.methods.base import (ExplanationMethod, ImageInput, MethodContext, MethodMaps,
+                                              MethodOptions, Targets)
 
 
 def choice_name(layers: Any, heads: Any) -> str:
@@ -27,11 +29,16 @@ class RawAttention(ExplanationMethod):
     """Every layers x heads choice (`layers` without "rollout": that is `AttentionRollout`)."""
 
     name = "raw"
+    options = ("layers", "heads")
     needs_attention = True
 
     def __init__(self, layers: Sequence[Any] = ("last", "mean"), heads: Sequence[Any] = ("mean", "max")) -> None:
-        self.layers = [layer for layer in layers if layer != "rollout"]
+        self.layers = [layer for layer in layers if layer != ROLLOUT_LAYERS]
         self.heads = list(heads)
+
+    @classmethod
+    def build(cls, context: MethodContext, options: MethodOptions) -> "RawAttention":
+        return cls(options.layers, options.heads)
 
     def choices(self) -> list[str]:
         return [choice_name(layers, heads) for layers in self.layers for heads in self.heads]

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from detection.attention.methods.base import ExplanationMethod, ImageInput, MethodMaps, Targets, attention_kind
+from detection.attention.aggregate import ROLLOUT_LAYERS
+from detection.attention.methods.base import (ExplanationMethod, ImageInput, MethodContext, MethodMaps,
+                                              MethodOptions, Targets, attention_kind)
 from detection.attention.methods.raw import choice_name, record_maps
 
 
 class AttentionRollout(ExplanationMethod):
     name = "rollout"
+    options = ("heads",)
     needs_attention = True
     needs_self_attention = True
 
     def __init__(self, heads: Sequence[Any] = ("mean", "max")) -> None:
         self.heads = list(heads)
+
+    @classmethod
+    def build(cls, context: MethodContext, options: MethodOptions) -> "AttentionRollout":
+        return cls(options.heads)
 
     @classmethod
     def refusal(cls, model: Any) -> str | None:
@@ -23,7 +30,7 @@ class AttentionRollout(ExplanationMethod):
         return None
 
     def choices(self) -> list[str]:
-        return [choice_name("rollout", heads) for heads in self.heads]
+        return [choice_name(ROLLOUT_LAYERS, heads) for heads in self.heads]
 
     def explain(self, image: ImageInput, targets: Targets) -> dict[str, MethodMaps]:
-        return {choice_name("rollout", heads): record_maps(image, targets, "rollout", heads) for heads in self.heads}
+        return {choice_name(ROLLOUT_LAYERS, heads): record_maps(image, targets, ROLLOUT_LAYERS, heads) for heads in self.heads}

@@ -79,6 +79,17 @@ class HFDetector(nn.Module):
                              else PostprocessRule.sigmoid_topk(top_k))
         self.folded_batch_norms = 0
 
+    gradient_capture = "graph"
+
+    @property
+    def family_name(self) -> str:
+        return self.family.title
+
+    @property
+    def attention_kind(self) -> str:
+        """The family's declared kind ("dense" | "sampled"), the one `capture_class` reads too."""
+        return self.family.attention
+
     @property
     def preprocess_spec(self) -> PreprocessSpec:
         """The image processor's rule: resize with torchvision on uint8, / 255, mean/std."""
