@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from detection.version import __version__  # noqa: F401 (the package version)
 
 _LAZY = {
     "Detections": "detection.structures",

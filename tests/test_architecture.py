@@ -1,12 +1,28 @@
-"""The package's shape: an import graph without circles, function-local imports only for heavy
-or optional dependencies, no argparse / print outside the CLI, modules of a readable size."""
+"""The package's shape: packages in layers that import downward only, an import graph without
+circles, function-local imports only for heavy or optional dependencies, no argparse / print
+outside the CLI, modules of a readable size, method names spelled only where the method lives."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "detection"
-MAX_MODULE_LINES = 500
+MAX_MODULE_LINES = 500  # 400 once the large modules are split (this series)
+#: The package layers, lowest first (docs/ARCHITECTURE.md "Layers" is this table): a unit (a
+#: package, or a top-level module) may import its own modules and units of LOWER layers only;
+#: two units of one layer do not import each other.
+PACKAGE_LAYERS: list[tuple[str, ...]] = [
+    ("structures", "boxes", "io", "resources", "runtime", "version", "models.contract"),  # base
+    ("models", "data", "postprocess"),
+    ("attention",),
+    ("runfolder",),    # the run folder's formats: above attention, whose geometry the npz store
+    ("render",),
+    ("engine",),
+    ("evaluation",),
+    ("train",),
+    ("api",),
+    ("cli", "detection"),  # the shell, and the root package's lazy exports
+]
 # What a function may import locally: heavy or optional third-party packages, and the lazy
 # parts of the CLI (verb modules load only when their verb runs).
 LOCAL_IMPORT_ALLOWED = ("transformers", "huggingface_hub", "supervision", "fiftyone", "matplotlib", "tqdm", "selenium",
@@ -141,6 +157,59 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return components
 
 
+def unit_of(module: str) -> str:
+    """The layer unit of a module: "models.contract", a package under detection/, a top-level
+    module, or "detection" (the root package)."""
+    parts = module.split(".")
+    if module == "detection.models.contract":
+        return "models.contract"
+    return parts[1] if len(parts) > 1 else "detection"
+
+
+def layer_of(unit: str) -> int:
+    for rank, units in enumerate(PACKAGE_LAYERS):
+        if unit in units:
+            return rank
+    raise AssertionError(f"unit {unit!r} is in no layer of PACKAGE_LAYERS: add it to the table")
+
+
+def layer_violations(edges: list[tuple[str, str, int]]) -> list[str]:
+    """Every (module, target, line) edge between two units that does not point to a lower layer."""
+    found = []
+    for module, target, line in edges:
+        source, goal = unit_of(module), unit_of(target)
+        if source != goal and layer_of(source) <= layer_of(goal):
+            found.append(f"{module}:{line} imports {target} ({source}, layer {layer_of(source)} -> "
+                         f"{goal}, layer {layer_of(goal)})")
+    return found
+
+
+def _all_edges() -> list[tuple[str, str, int]]:
+    return [(name, target, line) for name, s in scan().items() for target, _, line in s.edges]
+
+
+def test_every_module_belongs_to_a_layer():
+    assert sorted({unit_of(name) for name in all_modules()} - {u for units in PACKAGE_LAYERS for u in units}) == []
+
+
+def test_packages_import_downward_only():
+    """Top-level and function-local imports and lookups by name (lazy exports, the verb table) alike."""
+    edges = _all_edges()
+    assert len(edges) > 200
+    assert layer_violations(edges) == []
+
+
+def test_the_layer_check_fails_on_a_planted_upward_import():
+    edges = _all_edges()
+    planted = [("detection.data.images", "detection.engine.predictor", 1),  # a lower layer importing a higher one
+               ("detection.models.registry", "detection.data.images", 2),  # two units of one layer
+               ("detection.attention.maps", "detection.runfolder.maps_npz", 3)]  # the formats sit above attention
+    assert layer_violations(edges + planted) == [
+        "detection.data.images:1 imports detection.engine.predictor (data, layer 1 -> engine, layer 5)",
+        "detection.models.registry:2 imports detection.data.images (models, layer 1 -> data, layer 1)",
+        "detection.attention.maps:3 imports detection.runfolder.maps_npz (attention, layer 2 -> runfolder, layer 3)"]
+
+
 def test_scan_counts_lookups_by_name_as_edges():
     edges = {target for target, _, _ in scan()["detection.cli"].edges}
     assert "detection.cli.predict" in edges  # "detection.cli.predict" in the verb table
@@ -192,3 +261,66 @@ def test_no_argparse_or_print_outside_the_cli():
 def test_modules_stay_readable():
     sizes = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in all_modules().items()}
     assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}
+
+
+#: Where a method's name may be spelled besides the registry and the method's own module: the
+#: rollout LAYER choice of `attention.aggregate` (ROLLOUT_LAYERS) is named like the rollout method.
+NAME_OWNERS_BESIDES_THE_METHOD = {"rollout": {"detection.attention.aggregate"}}
+
+
+def _exempt_string_nodes(tree: ast.AST) -> set[int]:
+    """Strings that are not method names though they may equal one: help texts (`help=`), the
+    field names of file formats (dict keys, subscripts, `.get(name)`, members of set literals) and
+    the members of `Literal[...]` types."""
+    exempt: set[int] = set()
+
+    def strings(node: ast.AST | None) -> None:
+        for inner in ast.walk(node) if node is not None else ():
+            if isinstance(inner, ast.Constant) and isinstance(inner.value, str):
+                exempt.add(id(inner))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "help":
+            strings(node.value)
+        elif isinstance(node, ast.Dict):
+            for key in node.keys:
+                strings(key)
+        elif isinstance(node, ast.Subscript):
+            strings(node.slice)
+        elif isinstance(node, ast.Set):
+            for element in node.elts:
+                strings(element)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+              and node.args):
+            strings(node.args[0])
+    return exempt
+
+
+def method_name_literals(modules: dict[str, Path]) -> list[str]:
+    """Every string literal equal to a registered method's name outside the registry and that
+    method's own module (docstrings and the exemptions above aside)."""
+    from detection.attention.methods import METHODS
+
+    owners = {name: {"detection.attention.methods.registry", method.__module__,
+                     *NAME_OWNERS_BESIDES_THE_METHOD.get(name, ())} for name, method in METHODS.items()}
+    found = []
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skip = _docstring_nodes(tree) | _exempt_string_nodes(tree)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in owners
+                    and id(node) not in skip and module not in owners[node.value]):
+                found.append(f"{module}:{node.lineno} spells {node.value!r}")
+    return found
+
+
+def test_method_names_are_spelled_only_where_the_method_lives():
+    assert method_name_literals(all_modules()) == []
+
+
+def test_the_method_name_check_finds_a_planted_literal(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text('"""Docstring naming raw is fine."""\nMETHOD = "relevance"\n'
+                       'parser.add_argument("--x", help="attn-grad in help is fine")\nfields = {"drise": 1}\n')
+    assert method_name_literals({"detection.engine.planted": planted}) == [
+        "detection.engine.planted:2 spells 'relevance'"]

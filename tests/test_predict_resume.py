@@ -18,7 +18,7 @@ from PIL import Image
 
 import detection.io
 from detection.cli import main as cli_main
-from detection.engine.predict_run import StopOnSignals
+from detection.engine.stop_signals import StopOnSignals
 from detection.models.registry import build_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,8 +7,6 @@ import dataclasses
 import errno
 import logging
 import platform
-import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +16,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from detection import __version__
 from detection.attention.methods import DEFAULT_METHOD, MethodMaps, attention_kind
 from detection.data.images import DEFAULT_MAX_PIXELS
 from detection.data.sources import expand_sources
@@ -30,6 +27,7 @@ from detection.engine.pending import PendingWrites
 from detection.engine.planning import shard_plan
 from detection.engine.predict_methods import ExplainOptions, build_predict_methods, image_maps
 from detection.engine.predictor import PredictionResult, Predictor, PredictorSettings
+from detection.engine.stop_signals import StopOnSignals
 from detection.models.digest import weights_digest
 from detection.models.registry import load_model
 from detection.runfolder.folder import RunFolder, RunFolderMismatch
@@ -37,6 +35,7 @@ from detection.runfolder.lock import RunFolderLocked
 from detection.runfolder.versions import GRIDS_NPZ_FORMAT, MAPS_FORMAT_KEY, MAPS_NPZ_FORMAT
 from detection.runtime.device import resolve_device
 from detection.runtime.distributed import DistContext, init_distributed
+from detection.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -370,39 +369,3 @@ def _shut_down(pool: ThreadPoolExecutor) -> None:
             return
         except Exception:  # noqa: BLE001 - wait again: writer threads must not outlive their journal
             continue
-
-
-class StopOnSignals:
-    """While active (in the main thread), SIGTERM and SIGINT request a stop instead of killing:
-    the run finishes the images in flight, journals them, and stops taking new work. A second
-    SIGINT raises KeyboardInterrupt (stop now). Previous handlers are restored on exit."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
-    def __enter__(self) -> StopOnSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
-        self.signal_name = signal.Signals(signum).name
-        logger.warning("%s received: finishing the images in flight, then stopping (rerun to resume)",
-                       self.signal_name)
