@@ -1,5 +1,5 @@
-"""The README's Python API example runs as written (from the repository root) and gives the
-demo image's detections and maps."""
+"""The documented Python examples run as written (from the repository root) and give the demo
+image's detections and maps: the README's "One call" and docs/python-api.md's "Python API"."""
 from __future__ import annotations
 
 import re
@@ -8,25 +8,34 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+README = "README.md"
+PYTHON_API_PAGE = "docs/python-api.md"
+
+
+def doc_example(page: str, heading: str) -> str:
+    """The first python block under the line `heading` (the whole heading line) of `page`."""
+    text = (REPO / page).read_text(encoding="utf-8")
+    parts = re.split(rf"^{re.escape(heading)}[ \t]*$", text, maxsplit=1, flags=re.M)
+    assert len(parts) == 2, f"{page} has no heading {heading!r}"
+    match = re.search(r"```python\n(.*?)```", parts[1], flags=re.S)
+    assert match, f"{page}'s {heading!r} section has no python code block"
+    return match.group(1)
 
 
 def readme_example(heading: str) -> str:
     """The first python block under `heading` in the README."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split(heading, 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, flags=re.S)
-    assert match, f"README's {heading!r} section has no python code block"
-    return match.group(1)
+    return doc_example(README, heading)
 
 
 def readme_api_example() -> str:
-    return readme_example("## Python API")
+    """The Python API example (moved from the README to docs/python-api.md)."""
+    return doc_example(PYTHON_API_PAGE, "## Python API")
 
 
 def test_readme_api_example_runs_as_written(monkeypatch):
     monkeypatch.chdir(REPO)
     namespace: dict = {}
-    exec(compile(readme_api_example(), "README.md:Python API", "exec"), namespace)
+    exec(compile(readme_api_example(), f"{PYTHON_API_PAGE}:Python API", "exec"), namespace)
     dets, maps, record = namespace["dets"], namespace["maps"], namespace["att"]
     height, width = namespace["img"].original_size
     assert len(dets) >= 1 and record.kind == "dense"
@@ -56,3 +65,8 @@ def test_readme_one_call_example_runs_as_written(monkeypatch, tmp_path):
     assert explanation.maps.shape == (len(explanation.detections), *image.shape[:2])
     saved = np.asarray(Image.open(tmp_path / "shapes_1_overlay.png").convert("RGB"))
     assert np.array_equal(saved, render_overlay(image, explanation.detections, explanation.maps))
+
+
+def test_python_api_page_shows_the_readme_one_call_example():
+    # the page repeats the README's example (tested above) rather than a copy that could drift
+    assert doc_example(PYTHON_API_PAGE, "## One call: `detection.explain`") == readme_example("## One call")
