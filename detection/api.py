@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from detection.attention.aggregate import ROLLOUT_LAYERS
-from detection.attention.drise import DriseOptions
+from detection.attention.drise_saliency import DriseOptions
 from detection.attention.maps import maps_from_cells
 from detection.attention.methods import (DEFAULT_METHOD, METHODS, AttentionRollout, ImageInput, MethodMaps,
                                          MethodOptions, Targets, check_names)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import cpu_name  # noqa: E402  (scripts/bench.py)
-from detection.attention.drise import DriseOptions  # noqa: E402
+from detection.attention.drise_saliency import DriseOptions  # noqa: E402
 from detection.attention.methods import (AttentionRollout, AttnGrad, Drise, ImageInput, RawAttention,  # noqa: E402
                                          Relevance, Targets)
 from detection.data.images import load_image  # noqa: E402

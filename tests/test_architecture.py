@@ -301,7 +301,7 @@ def method_name_literals(modules: dict[str, Path]) -> list[str]:
     method's own module (docstrings and the exemptions above aside)."""
     from detection.attention.methods import METHODS
 
-    owners = {name: {"detection.attention.methods.registry", method.__module__,
+    owners = {name: {"detection.attention.methods.table", method.__module__,
                      *NAME_OWNERS_BESIDES_THE_METHOD.get(name, ())} for name, method in METHODS.items()}
     found = []
     for module, path in modules.items():

@@ -21,7 +21,7 @@ from tests.image_writing import write_like_predict
 from detection.engine import overlays
 from detection.engine.overlays import render_overlays
 from detection.engine.predictor import Predictor, PredictorSettings
-from detection.runfolder.folder import RunFolder
+from detection.runfolder.run_folder import RunFolder
 from detection.data.sources import expand_sources
 from detection.models.registry import build_model
 from detection.models.native import save_model

@@ -16,7 +16,7 @@ from tests.image_writing import write_like_predict
 from detection.engine.overlays import overlay_base, render_overlays
 from detection.engine.pending import held_arrays
 from detection.engine.predictor import Predictor, PredictorSettings
-from detection.runfolder.folder import RunFolder
+from detection.runfolder.run_folder import RunFolder
 from detection.data.sources import expand_sources
 from detection.models.registry import build_model
 from detection.data.image_codec import decode_image

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from detection.attention.drise import (DriseOptions, detection_similarity, downsample_factor, drise_saliency,
+from detection.attention.drise_saliency import (DriseOptions, detection_similarity, downsample_factor, drise_saliency,
                                        objectness, pool_saliency, random_masks)
 from detection.attention.methods import Drise, ImageInput, MethodMaps, Targets
 from detection.data.preprocess import pad_batch

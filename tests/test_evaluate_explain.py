@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from detection.attention.drise import DriseOptions
+from detection.attention.drise_saliency import DriseOptions
 from detection.attention.gradients import relevance_maps
 from detection.attention.maps import cells_to_image
 from detection.attention.metrics import encode_mask, explanation_mask

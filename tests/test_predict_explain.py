@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from detection.attention.aggregate import normalize_maps
-from detection.attention.drise import DriseOptions, downsample_factor, drise_saliency, pool_saliency
+from detection.attention.drise_saliency import DriseOptions, downsample_factor, drise_saliency, pool_saliency
 from detection.attention.gradients import attn_grad_maps, relevance_maps
 from detection.attention.maps import cells_to_image, detection_maps
 from detection.runfolder.maps_npz import load_maps_npz

@@ -17,7 +17,7 @@ from tests.image_writing import write_like_predict
 from detection.runfolder.records import detection_record
 from detection.engine.predictor import Predictor, PredictorSettings
 from detection.runfolder.layout import OWN_OUTPUTS, attention_name, detection_overlay_name, overlay_name
-from detection.runfolder.folder import RunFolder
+from detection.runfolder.run_folder import RunFolder
 from detection.runfolder.reader import RunReader
 from detection.runfolder.records import coco_results, error_record
 from detection.data.sources import SourceItem, expand_sources

@@ -17,7 +17,7 @@ from PIL import Image
 
 from detection.cli import main as cli_main
 from detection.runfolder.layout import LOCK_FILE, OWN_OUTPUTS
-from detection.runfolder.folder import RunFolder
+from detection.runfolder.run_folder import RunFolder
 from detection.runfolder.lock import RunFolderLocked, RunLock, process_alive
 from detection.models.registry import build_model, save_model
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from detection.attention.drise import DriseOptions
+from detection.attention.drise_saliency import DriseOptions
 
 
 def add_drise_arguments(group: argparse._ArgumentGroup | argparse.ArgumentParser, default_precision: str) -> None:

@@ -1,4 +1,4 @@
-"""The explanation methods of a run, built from the one table (`attention.methods.registry`) for
+"""The explanation methods of a run, built from the one table (`attention.methods.table`) for
 the run's model and prepared copies, and each image's maps (on their grids or in original pixels),
 timed per method."""
 from __future__ import annotations

@@ -15,7 +15,7 @@ from detection.engine.display import viewer_image_jpeg
 from detection.engine.overlays import DEFAULT_OVERLAY_SIZE, encode_overlay, render_overlays
 from detection.engine.predictor import PredictionResult
 from detection.io import write_bytes_atomic
-from detection.runfolder.folder import RunFolder
+from detection.runfolder.run_folder import RunFolder
 from detection.runfolder.grids import DEFAULT_GRID_BUDGET, build_grids, save_grids_npz
 from detection.runfolder.layout import attention_name, method_attention_name, overlay_name
 from detection.runfolder.maps_npz import map_metadata, save_maps_npz

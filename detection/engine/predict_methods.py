@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from detection.attention.aggregate import ROLLOUT_LAYERS
-from detection.attention.drise import DriseOptions
+from detection.attention.drise_saliency import DriseOptions
 from detection.attention.methods import (DEFAULT_METHOD, AttentionRollout, Drise, MethodMaps, MethodOptions, Targets,
                                          check_methods)
 from detection.engine.explain import MethodRunner, build_methods

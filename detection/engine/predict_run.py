@@ -30,7 +30,7 @@ from detection.engine.predictor import PredictionResult, Predictor, PredictorSet
 from detection.engine.stop_signals import StopOnSignals
 from detection.models.digest import weights_digest
 from detection.models.registry import load_model
-from detection.runfolder.folder import RunFolder, RunFolderMismatch
+from detection.runfolder.run_folder import RunFolder, RunFolderMismatch
 from detection.runfolder.lock import RunFolderLocked
 from detection.runfolder.versions import GRIDS_NPZ_FORMAT, MAPS_FORMAT_KEY, MAPS_NPZ_FORMAT
 from detection.runtime.device import resolve_device

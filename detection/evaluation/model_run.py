@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from detection.attention.methods import AttnGrad, Drise
 from detection.attention.aggregate import ROLLOUT_LAYERS
-from detection.attention.drise import DriseOptions
+from detection.attention.drise_saliency import DriseOptions
 from detection.attention.methods import MethodOptions, Targets
 from detection.attention.methods import choice_name as _choice_name
 from detection.attention.metrics import (GAUSSIAN_BASELINE, FaithfulnessAccumulator, gaussian_box_map,

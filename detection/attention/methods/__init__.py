@@ -8,7 +8,7 @@ from detection.attention.methods.base import (ExplanationMethod, ImageInput, Met
 from detection.attention.methods.drise import Drise
 from detection.attention.methods.gradient import AttnGrad, Relevance
 from detection.attention.methods.raw import RawAttention, choice_name
-from detection.attention.methods.registry import (DEFAULT_METHOD, METHODS, applicable_methods, check_methods,
+from detection.attention.methods.table import (DEFAULT_METHOD, METHODS, applicable_methods, check_methods,
                                                   check_names, parse_methods)
 from detection.attention.methods.rollout import AttentionRollout
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 
 from detection.attention.cell_maps import MethodMaps  # noqa: F401 (re-exported: the methods' return type)
-from detection.attention.drise import DriseOptions, ForwardFn
+from detection.attention.drise_saliency import DriseOptions, ForwardFn
 from detection.models.outputs import AttentionRecord
 
 
@@ -118,7 +118,7 @@ class ExplanationMethod:
     they read), override `refusal` when the method does not apply to every family, and implement
     `build` (how the method makes itself for a run), `choices` and `explain`; the run asks
     `needs_*` what to prepare. A new method is one such class plus its entry in
-    `attention.methods.registry`.
+    `attention.methods.table`.
 
     needs_attention: the inference pass must return an attention record (self-attention too
     with needs_self_attention); the maps are then made from the record, whose geometry describes

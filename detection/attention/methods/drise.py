@@ -1,4 +1,4 @@
-"""drise: D-RISE saliency (`attention.drise`) for any detector; the maps are pooled to a long
+"""drise: D-RISE saliency (`attention.drise_saliency`) for any detector; the maps are pooled to a long
 side of at most `options.max_side` cells and keep their geometry (stride, input size)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from detection.attention.drise import DriseOptions, ForwardFn, downsample_factor, drise_saliency, pool_saliency
+from detection.attention.drise_saliency import DriseOptions, ForwardFn, downsample_factor, drise_saliency, pool_saliency
 from detection.attention.methods.base import (ExplanationMethod, ImageInput, MethodContext, MethodMaps,
                                               MethodOptions, Targets)
 from detection.runtime.device import resolve_precision
