@@ -27,11 +27,12 @@ from detection.data.image_codec import encode_image, write_image
 from detection.data.images import pil_to_rgb
 from detection.engine.explain import MethodRunner, build_methods
 from detection.engine.fast import PreparedModels
+from detection.engine.image_files import OutputOptions
 from detection.engine.predictor import Predictor, PredictorSettings
 from detection.evaluation.fiftyone_export import image_fields
 from detection.models.outputs import AttentionRecord
 from detection.models.registry import load_model
-from detection.render.overlay import render_overlay
+from detection.render.cell_overlays import render_overlays
 from detection.render.panel import render_panel
 from detection.runfolder.maps_npz import map_metadata, save_maps_npz
 from detection.runtime.device import resolve_device
@@ -86,26 +87,41 @@ class Explanation:
         self._check()
         if self._maps is None:
             detections = self.detections
-            if self.method_maps is None and len(detections) and METHODS[self.method].needs_attention:
-                # made here when the Explanation was built from a record alone: the record's maps
-                self.method_maps = record_maps(ImageInput(detections.image_size, self.attention),
-                                               Targets.from_detections(detections), self.layers, self.heads)
-            if self.method_maps is not None:
-                method_maps = self.method_maps
+            method_maps = self._cell_maps()
+            if method_maps is not None:
                 self._maps = maps_from_cells(method_maps.values, method_maps.stride, method_maps.input_size,
                                              detections.image_size, self.normalize)
             else:  # no detection: the method had nothing to explain
                 self._maps = np.zeros((0, *detections.image_size), dtype=np.float32)
         return self._maps
 
+    def _cell_maps(self) -> MethodMaps | None:
+        """The method's maps on their grid (made here from the record when the Explanation was
+        built from a record alone); None when there is no detection to explain."""
+        detections = self.detections
+        if self.method_maps is None and len(detections) and METHODS[self.method].needs_attention:
+            self.method_maps = record_maps(ImageInput(detections.image_size, self.attention),
+                                           Targets.from_detections(detections), self.layers, self.heads)
+        return self.method_maps
+
     def map(self, k: int) -> np.ndarray:
         """(H, W) saliency of detection k."""
         return self.maps[k]
 
     def overlay(self, **options: Any) -> np.ndarray:
-        """All detections over the image (`detection.render.overlay.render_overlay` options)."""
+        """All detections over the image at its size, drawn by predict's renderer from the maps'
+        cells (`render.cell_overlays.render_overlays`); options: alpha, contour_mass, show_boxes,
+        show_labels, display_width (`render.overlay.draw_combined`). Equal to
+        `render.overlay.render_overlay(image, detections, maps, **options)`."""
         self._check()
-        return render_overlay(self.image, self.detections, self.maps, **options)
+        maps = self._cell_maps()
+        if maps is None:
+            maps = MethodMaps(np.zeros((0, 1, 1), np.float32), 1, self.detections.image_size)
+        geometry = {"feature_stride": maps.stride, "input_size": maps.input_size}
+        view = OutputOptions(overlay_size=None, normalize=self.normalize)
+        ((_, image),) = render_overlays(self.image, self.detections, maps.values, geometry, view,
+                                        per_detection=False, style=options)
+        return image
 
     def panel(self, **options: Any) -> np.ndarray:
         """The image with its boxes, then one overlay per detection (`render_panel` options)."""

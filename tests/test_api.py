@@ -26,7 +26,8 @@ IMAGES = sorted((Path(__file__).resolve().parents[1] / "demo" / "images").glob("
 @pytest.fixture(scope="module")
 def reference() -> list[tuple]:
     """(rgb, detections, maps) of each demo image through Predictor + detection_maps."""
-    predictor = Predictor(load_model("demo"), PredictorSettings(device="cpu", cross_attention=True, keep_images=True, last_layer_only=True))
+    predictor = Predictor(load_model("demo"), PredictorSettings(device="cpu", cross_attention=True, keep_images=True,
+                                                                last_layer_only=True))
     out = []
     for result in predictor.run([str(p) for p in IMAGES]):
         det = result.detections
@@ -205,3 +206,14 @@ def test_a_method_the_family_lacks_is_refused_by_name(tmp_path: Path) -> None:
     model = load_model(hf_folder("rt_detr", tmp_path / "model"))
     with pytest.raises(ValueError, match="'relevance' does not apply to the RT-DETR family.*raw, attn-grad, drise"):
         explain(IMAGES[0], model=model, method="relevance", device="cpu")
+
+
+def test_overlay_options_draw_through_predicts_renderer_as_render_overlay_does(explained) -> None:
+    """`Explanation.overlay` draws from the cells with predict's renderer; with every drawing
+    option it equals `render_overlay` of the full-resolution maps, pixel for pixel."""
+    options = {"alpha": 0.35, "contour_mass": 0.5, "show_labels": False, "display_width": 400}
+    for explanation in explained:
+        drawn = explanation.overlay(**options)
+        expected = render_overlay(explanation.image, explanation.detections, explanation.maps, **options)
+        np.testing.assert_array_equal(drawn, expected)
+        assert not np.array_equal(drawn, explanation.overlay())  # the options changed the picture

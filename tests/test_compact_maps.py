@@ -18,8 +18,8 @@ from detection.cli import main as cli_main
 from detection.runfolder.journal import read_journal
 from detection.engine.image_files import OutputOptions
 from tests.image_writing import write_like_predict
-from detection.engine import overlays
-from detection.engine.overlays import render_overlays
+from detection.render import cell_overlays as overlays
+from detection.render.cell_overlays import render_overlays
 from detection.engine.predictor import Predictor, PredictorSettings
 from detection.runfolder.run_folder import RunFolder
 from detection.data.sources import expand_sources

@@ -13,7 +13,7 @@ from detection.engine.display import DisplaySpec, make_display_images, viewer_im
 from detection.runfolder.grids import load_grids_npz
 from detection.engine.image_files import OutputOptions
 from tests.image_writing import write_like_predict
-from detection.engine.overlays import overlay_base, render_overlays
+from detection.render.cell_overlays import overlay_base, render_overlays
 from detection.engine.pending import held_arrays
 from detection.engine.predictor import Predictor, PredictorSettings
 from detection.runfolder.run_folder import RunFolder

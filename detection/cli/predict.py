@@ -20,7 +20,7 @@ from detection.cli.drise_options import add_drise_arguments, drise_options
 from detection.runfolder.grids import DEFAULT_GRID_BUDGET
 from detection.engine.predict_methods import ExplainOptions
 from detection.engine.image_files import OutputOptions
-from detection.engine.overlays import DEFAULT_OVERLAY_SIZE
+from detection.render.cell_overlays import DEFAULT_OVERLAY_SIZE
 from detection.engine.predict_run import PredictInterrupted, PredictSettings, PredictUsageError, run_predict
 from detection.runfolder.layout import LOCK_FILE
 from detection.runtime.distributed import init_distributed

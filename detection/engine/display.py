@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from detection.runfolder.grids import VIEWER_IMAGE_SIDE
-from detection.engine.overlays import DEFAULT_OVERLAY_SIZE, overlay_base
+from detection.render.cell_overlays import DEFAULT_OVERLAY_SIZE, overlay_base
 from detection.data.image_codec import encode_image
 from detection.render.panel import fit_image
 
@@ -18,7 +18,7 @@ class DisplaySpec:
     """What to make from each decoded image for the writers.
 
     overlays: the overlay base, the image with its long side scaled down to `overlay_size`
-        pixels (None: the original image; `engine.overlays.overlay_base`).
+        pixels (None: the original image; `render.cell_overlays.overlay_base`).
     viewer_jpeg: the viewer's image (`viewer_image_jpeg`).
     """
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from detection.attention.methods import DEFAULT_METHOD, MethodMaps
 from detection.engine.display import viewer_image_jpeg
-from detection.engine.overlays import DEFAULT_OVERLAY_SIZE, encode_overlay, render_overlays
+from detection.render.cell_overlays import DEFAULT_OVERLAY_SIZE, encode_overlay, render_overlays
 from detection.engine.predictor import PredictionResult
 from detection.io import write_bytes_atomic
 from detection.runfolder.run_folder import RunFolder
@@ -37,7 +37,7 @@ class OutputOptions:
         shows the detection's sampling points as dots, see render.points; the combined overlay
         stays the heatmap).
     overlay_size: long side of the overlays in pixels (only ever scaled down; None = original size;
-        see engine.overlays).
+        see render.cell_overlays).
     """
 
     overlays: bool = False

@@ -317,18 +317,38 @@ def render_overlay(
     """
     image = check_image(image_rgb)
     check_detections(detections, image.shape)
-    strongest = owner = None
+    strongest = None
+    contours: list[list[np.ndarray]] = []
     if maps is not None:
         maps = check_saliency(maps, image.shape, "maps")
         if maps.ndim != 3 or len(maps) != len(detections):
             raise ValueError(f"maps must be (N={len(detections)}, H, W), got {maps.shape}")
         if len(maps):
-            strongest, owner = maps.max(axis=0), maps.argmax(axis=0)
-    out = render_overlay_from_max(image, detections, strongest, owner, alpha, show_boxes=False)
-    if maps is not None and len(maps) and contour_mass is not None:
+            strongest = strongest_map(maps)
+        if contour_mass is not None:
+            contours = [mass_contours(saliency, contour_mass) for saliency in maps]
+    return draw_combined(image, detections, strongest, contours, alpha, show_boxes, show_labels, display_width)
+
+
+def draw_combined(
+    image: np.ndarray,
+    detections: Detections,
+    strongest: tuple[np.ndarray, np.ndarray] | None,
+    contours: Sequence[list[np.ndarray]] = (),
+    alpha: float = 0.6,
+    show_boxes: bool = True,
+    show_labels: bool = True,
+    display_width: int | None = None,
+) -> np.ndarray:
+    """The one drawing of a combined overlay (`render_overlay` from full maps, and
+    `render.cell_overlays.render_overlays` from cells chunk by chunk): the blend of the per-pixel
+    strongest map (`strongest_map`: (strongest, owner) or None), then each detection's mass
+    contours (`contours[k]`, in its class colour), then boxes and labels."""
+    out = render_overlay_from_max(image, detections, *(strongest or (None, None)), alpha, show_boxes=False)
+    if contours:
         style = text_style(*image.shape[:2], display_width)
-        for saliency, label in zip(maps, np.asarray(detections.labels).reshape(-1)):
-            _draw_contours(out, mass_contours(saliency, contour_mass), class_color(int(label)), style)
+        for outline, label in zip(contours, np.asarray(detections.labels).reshape(-1)):
+            _draw_contours(out, outline, class_color(int(label)), style)
     if show_boxes:
         _draw_boxes_and_labels(out, detections, text_style(*image.shape[:2], display_width), show_labels, True)
     return out

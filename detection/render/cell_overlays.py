@@ -1,8 +1,5 @@
-"""The overlays of one predicted image, drawn at a display size: the image scaled down so its long
-side is at most `OutputOptions.overlay_size`, each detection's map resampled straight from its cells
-to that size (`attention.maps.maps_from_cells`), boxes scaled; no full-resolution map unless the
-size is "original" (None).
-"""
+"""The overlay renderer of predict and the API: an image's overlays drawn from its detections'
+cell maps at a display size, chunk by chunk (memory independent of the number of detections)."""
 from __future__ import annotations
 
 from typing import Any, Iterator
@@ -12,7 +9,8 @@ import torch
 
 from detection.attention.maps import DEFAULT_PERCENTILES, maps_from_cells
 from detection.attention.sampled import query_points
-from detection.render.overlay import check_saliency, render_detection_overlay, render_overlay_from_max, strongest_map
+from detection.render.overlay import (check_saliency, draw_combined, mass_contours, render_detection_overlay,
+                                      strongest_map)
 from detection.data.image_codec import encode_image
 from detection.render.panel import display_size, resize_image
 from detection.render.points import render_points
@@ -51,16 +49,21 @@ def render_overlays(
     geometry: dict[str, Any],
     options: Any,
     attention: Any = None,
+    per_detection: bool = True,
+    style: dict[str, Any] | None = None,
 ) -> Iterator[tuple[int | None, np.ndarray]]:
     """The overlays of one image at `options.overlay_size`, one at a time: (k, overlay of
-    detection k) for k = 0, 1, ..., then (None, the combined overlay).
+    detection k) for k = 0, 1, ... (unless per_detection is False), then (None, the combined overlay).
 
     image: uint8 RGB, the original image (`detections.image_size`) or its `overlay_base`;
-    geometry: `runfolder.maps_npz.map_metadata` of the image (feature_stride, input_size,
-    interpolation, percentiles); options: `engine.image_files.OutputOptions` (overlay_size,
-    normalize, overlay_style; "points" draws detection overlays from `attention`, a sampled
-    record). The maps are made MAP_PIXELS_PER_CHUNK pixels at a time; the combined overlay
-    folds their per-pixel maximum (`strongest_map`), so it equals `render_overlay` of all maps.
+    geometry: how the cells map to pixels (feature_stride, input_size; interpolation and
+    percentiles when not the defaults, as `runfolder.maps_npz.map_metadata` gives them); options:
+    overlay_size, normalize, overlay_style ("points" draws detection overlays from `attention`, a
+    sampled record), layers / heads (`engine.image_files.OutputOptions`); style: the combined
+    overlay's drawing options (`render.overlay.draw_combined`: alpha, contour_mass, show_boxes,
+    show_labels, display_width). The maps are made MAP_PIXELS_PER_CHUNK pixels at a time; the
+    combined overlay folds their per-pixel maximum (`strongest_map`), so it equals `render_overlay`
+    of all maps.
     """
     size = display_size(detections.image_size, options.overlay_size)
     if tuple(image.shape[:2]) == size:
@@ -70,6 +73,9 @@ def render_overlays(
     else:
         raise ValueError(f"the image is {tuple(image.shape[:2])}: neither the detections' image size "
                          f"{tuple(detections.image_size)} nor the overlay size {size}")
+    style = dict(style or {})
+    contour_mass = style.pop("contour_mass", None)
+    contours: list[list[np.ndarray]] = []
     shown_detections = detections.resized(size)
     chunk = max(1, MAP_PIXELS_PER_CHUNK // (size[0] * size[1]))
     strongest = None
@@ -79,14 +85,16 @@ def render_overlays(
                                geometry.get("percentiles", DEFAULT_PERCENTILES))
         maps = check_saliency(maps, size, "maps")
         strongest = strongest_map(maps, strongest, offset=start)
-        for offset, saliency in enumerate(maps):
+        if contour_mass is not None:
+            contours += [mass_contours(saliency, contour_mass) for saliency in maps]
+        for offset, saliency in enumerate(maps if per_detection else ()):
             k = start + offset
             if options.overlay_style == "points":
                 yield k, _points_overlay(shown, shown_detections, k, attention, options)
             else:
                 yield k, render_detection_overlay(shown, shown_detections[k], saliency)
         del maps
-    yield None, render_overlay_from_max(shown, shown_detections, *(strongest or (None, None)))
+    yield None, draw_combined(shown, shown_detections, strongest, contours, **style)
 
 
 def encode_overlay(rgb: np.ndarray, image_format: str) -> bytes:
