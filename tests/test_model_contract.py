@@ -120,6 +120,7 @@ class _ConstantDetector(nn.Module):
         return PostprocessRule.sigmoid_topk(top_k=5)
 
     supports_padding = True
+    family_name, attention_kind, gradient_capture = "constant", "dense", None
 
     def precision_allowed(self, precision, device):
         return True
