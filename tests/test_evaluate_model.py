@@ -15,6 +15,7 @@ from pycocotools.cocoeval import COCOeval
 
 from detection.attention import metrics as M
 from detection.attention.maps import detection_maps
+from detection.attention.matching import annotation_region, match_detections
 from detection.cli import main
 from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch
@@ -120,11 +121,11 @@ def test_model_eval_parity_engine_and_attention(setup, tmp_path):
             maps = detection_maps(outputs["attention"], 0, det.query_index[keep], loaded.original_size, heads="mean", layers="last", normalize=None)
             anns = [a for a in gt["annotations"] if a["image_id"] == image["id"]]
             gt_boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns])
-            matched = M.match_detections(boxes[keep.numpy()], det.scores[keep].numpy(), np.array(model.config.category_ids)[det.labels[keep].numpy()],
-                                         gt_boxes, np.array([a["category_id"] for a in anns]))
+            matched = match_detections(boxes[keep.numpy()], det.scores[keep].numpy(), np.array(model.config.category_ids)[det.labels[keep].numpy()],
+                                       gt_boxes, np.array([a["category_id"] for a in anns]))
             for j, g in enumerate(matched):
                 if g >= 0:
-                    region = M.annotation_region(anns[g], loaded.original_size)
+                    region = annotation_region(anns[g], loaded.original_size)
                     pointing.append(M.pointing_game(maps[j], region))
                     energy.append(M.energy_pointing_game(maps[j], region))
     attention = metrics["attention"]

@@ -6,6 +6,8 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from detection.attention import metrics as M
+from detection.attention.matching import annotation_region, box_mask, match_detections
+from detection.attention.perturbation import perturbation_curve
 
 
 def _gt_dataset(size=(60, 80), objects=()):
@@ -25,17 +27,17 @@ def _gt_dataset(size=(60, 80), objects=()):
 
 
 def test_box_mask_pixel_centres():
-    region = M.box_mask((2, 1, 5, 3), (6, 8))
+    region = box_mask((2, 1, 5, 3), (6, 8))
     expected = np.zeros((6, 8), bool)
     expected[1:3, 2:5] = True  # centres 1.5, 2.5 in y; 2.5, 3.5, 4.5 in x
     np.testing.assert_array_equal(region, expected)
     # a sliver with no pixel centre keeps the pixel under its centre
-    sliver = M.box_mask((3.1, 2.1, 3.3, 2.2), (6, 8))
+    sliver = box_mask((3.1, 2.1, 3.3, 2.2), (6, 8))
     assert sliver.sum() == 1 and sliver[2, 3]
 
 
 def test_pointing_game_delta_inside_and_outside():
-    region = M.box_mask((10, 10, 30, 20), (40, 50))
+    region = box_mask((10, 10, 30, 20), (40, 50))
     delta = np.zeros((40, 50), np.float32)
     delta[15, 20] = 1.0
     assert M.pointing_game(delta, region) == 1.0
@@ -63,14 +65,14 @@ def test_pointing_game_plateau_majority():
 
 def test_energy_uniform_map_equals_area_ratio():
     size = (40, 50)
-    region = M.box_mask((10, 10, 30, 20), size)
+    region = box_mask((10, 10, 30, 20), size)
     assert M.energy_pointing_game(np.full(size, 0.3), region) == pytest.approx(region.sum() / (40 * 50))
     assert region.sum() == 20 * 10
 
 
 def test_energy_concentrated_and_negative_parts():
     size = (20, 20)
-    region = M.box_mask((0, 0, 10, 10), size)
+    region = box_mask((0, 0, 10, 10), size)
     saliency = np.zeros(size)
     saliency[:10, :10] = 3.0
     saliency[15, 15] = 100.0
@@ -118,7 +120,7 @@ def test_mask_ap_empty_results_and_box_only_gt():
     dataset = _gt_dataset((30, 30), [(1, [5, 5, 10, 10], None)])
     assert M.mask_ap(dataset, [], [1], [1]) == {"mask_ap": 0.0, "mask_ap_standard": 0.0, "mask_ap50": 0.0}
     # GT without segmentation: the box is the mask, so a box-shaped explanation scores 1
-    exact = [{"image_id": 1, "category_id": 1, "segmentation": M.encode_mask(M.box_mask((5, 5, 15, 15), (30, 30))), "score": 1.0}]
+    exact = [{"image_id": 1, "category_id": 1, "segmentation": M.encode_mask(box_mask((5, 5, 15, 15), (30, 30))), "score": 1.0}]
     assert M.mask_ap(dataset, exact, [1], [1])["mask_ap"] == pytest.approx(1.0)
     # no GT in the evaluated categories: -1 (COCO's "undefined")
     assert M.mask_ap(dataset, exact, [1], [2])["mask_ap"] == -1.0
@@ -138,11 +140,11 @@ def test_encode_mask_round_trip():
 
 def test_annotation_region_polygon_and_box():
     ann = {"bbox": [2, 2, 4, 4], "segmentation": [[2, 2, 6, 2, 6, 6, 2, 6]]}
-    polygon = M.annotation_region(ann, (10, 10))
+    polygon = annotation_region(ann, (10, 10))
     expected = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], 10, 10))).astype(bool)
     np.testing.assert_array_equal(polygon, expected)
-    box_only = M.annotation_region({"bbox": [2, 2, 4, 4]}, (10, 10))
-    np.testing.assert_array_equal(box_only, M.box_mask((2, 2, 6, 6), (10, 10)))
+    box_only = annotation_region({"bbox": [2, 2, 4, 4]}, (10, 10))
+    np.testing.assert_array_equal(box_only, box_mask((2, 2, 6, 6), (10, 10)))
 
 
 def test_gaussian_baseline_peaks_at_box_centre_and_is_zero_outside():
@@ -150,7 +152,7 @@ def test_gaussian_baseline_peaks_at_box_centre_and_is_zero_outside():
     assert gauss.dtype == np.float32
     y, x = np.unravel_index(np.argmax(gauss), gauss.shape)
     assert (y, x) in {(29, 19), (29, 20), (30, 19), (30, 20)}
-    assert gauss[~M.box_mask((10, 20, 30, 40), (50, 60))].max() == 0.0
+    assert gauss[~box_mask((10, 20, 30, 40), (50, 60))].max() == 0.0
     # one sigma (5 px) right of the centre: exp(-1/2) of the peak value at that row
     centre_row = gauss[29]
     assert centre_row[24] / centre_row[19] == pytest.approx(np.exp(-0.5 * ((24.5 - 20) / 5) ** 2) / np.exp(-0.5 * ((19.5 - 20) / 5) ** 2), rel=1e-5)
@@ -170,13 +172,13 @@ def test_match_detections_greedy_by_score_same_class():
     )
     scores = np.array([0.3, 0.9, 0.8, 0.5])
     cats = np.array([1, 1, 2, 2])
-    matched = M.match_detections(det_boxes, scores, cats, gt_boxes, gt_cats)
+    matched = match_detections(det_boxes, scores, cats, gt_boxes, gt_cats)
     np.testing.assert_array_equal(matched, [-1, 0, -1, 2])
     # crowd GT is never matched; IoU below the threshold is not a match
-    matched = M.match_detections(det_boxes[:1], scores[:1], cats[:1], gt_boxes[:1], gt_cats[:1], np.array([True]))
+    matched = match_detections(det_boxes[:1], scores[:1], cats[:1], gt_boxes[:1], gt_cats[:1], np.array([True]))
     np.testing.assert_array_equal(matched, [-1])
     far = np.array([[5, 5, 15, 15]], float)  # IoU with GT 0 = 25/175
-    assert M.match_detections(far, [1.0], [1], gt_boxes, gt_cats)[0] == -1
+    assert match_detections(far, [1.0], [1], gt_boxes, gt_cats)[0] == -1
 
 
 def _box_score_fn(region):
@@ -196,8 +198,8 @@ def test_deletion_and_insertion_closed_form():
     a = region.mean()
     fill = np.round(255 * a) / 255  # mean-colour substrate, as a score
     good = region.astype(np.float64) + np.linspace(0, 1e-3, 400).reshape(size)  # region first
-    deletion = M.perturbation_curve(image, good, _box_score_fn(region), "deletion", steps=16, batch_size=5)
-    insertion = M.perturbation_curve(image, good, _box_score_fn(region), "insertion", steps=16, batch_size=5)
+    deletion = perturbation_curve(image, good, _box_score_fn(region), "deletion", steps=16, batch_size=5)
+    insertion = perturbation_curve(image, good, _box_score_fn(region), "insertion", steps=16, batch_size=5)
     # steps of 1/16 = 25 pixels: the whole region is removed / inserted after the first step
     np.testing.assert_allclose(deletion.scores, [1.0] + [fill] * 16)
     np.testing.assert_allclose(insertion.scores, [fill] + [1.0] * 16)
@@ -206,18 +208,18 @@ def test_deletion_and_insertion_closed_form():
     assert insertion.auc == pytest.approx(step * (1 + fill) / 2 + 1.0 * (1 - step))
     # a map that ranks the object last deletes it last: worse (higher) deletion AUC
     bad = 1.0 - good
-    assert M.perturbation_curve(image, bad, _box_score_fn(region), "deletion", steps=16).auc > deletion.auc + 0.5
+    assert perturbation_curve(image, bad, _box_score_fn(region), "deletion", steps=16).auc > deletion.auc + 0.5
 
 
 def test_perturbation_curve_blur_and_errors():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    curve = M.perturbation_curve(image, rng.uniform(size=(16, 16)), lambda b: b.mean(axis=(1, 2, 3)), "insertion", steps=4, substrate="blur")
+    curve = perturbation_curve(image, rng.uniform(size=(16, 16)), lambda b: b.mean(axis=(1, 2, 3)), "insertion", steps=4, substrate="blur")
     assert curve.scores[-1] == pytest.approx(image.mean())
     with pytest.raises(ValueError, match="mode"):
-        M.perturbation_curve(image, np.zeros((16, 16)), lambda b: b[:, 0, 0, 0], "sideways")
+        perturbation_curve(image, np.zeros((16, 16)), lambda b: b[:, 0, 0, 0], "sideways")
     with pytest.raises(ValueError, match="does not match"):
-        M.perturbation_curve(image, np.zeros((8, 8)), lambda b: b[:, 0, 0, 0])
+        perturbation_curve(image, np.zeros((8, 8)), lambda b: b[:, 0, 0, 0])
 
 
 def test_accumulator_hand_made_image():

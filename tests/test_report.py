@@ -13,7 +13,8 @@ from PIL import PdfParser
 from detection.cli import main as cli_main
 from detection.render.overlay import render_detection_overlay, render_overlay
 from detection.data.image_codec import write_image
-from detection.render.report import read_run, write_report
+from detection.render.report import write_report
+from detection.render.report_contents import read_run
 from detection.runfolder.reader import stem_candidates
 from detection.structures import Detections
 
@@ -225,7 +226,7 @@ def test_cli_report_verb(tmp_path, capsys):
 
 def test_report_reads_the_run_folder_through_the_layout_owner(tmp_path, monkeypatch):
     """No reader of its own: every file the report finds comes from runfolder.reader.RunReader."""
-    import detection.render.report as report
+    import detection.render.report_contents as report
     from detection.runfolder.reader import RunReader
 
     calls: list[str] = []

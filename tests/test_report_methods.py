@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from detection.data.image_codec import write_image
-from detection.render.report import read_run, render_html, write_report
+from detection.render.report import write_report
+from detection.render.report_contents import read_run
+from detection.render.report_html import render_html
 from test_report import make_run, pdf_page_count
 
 METHODS = ("relevance", "drise")

@@ -19,8 +19,8 @@ from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.attention.drise_saliency import DriseOptions
 from detection.attention.methods import MethodOptions, Targets
 from detection.attention.methods import choice_name as _choice_name
-from detection.attention.metrics import (GAUSSIAN_BASELINE, FaithfulnessAccumulator, gaussian_box_map,
-                                         perturbation_curve)
+from detection.attention.metrics import GAUSSIAN_BASELINE, FaithfulnessAccumulator, gaussian_box_map
+from detection.attention.perturbation import perturbation_curve
 from detection.boxes import coco_xywh, cxcywh_to_xyxy
 from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch

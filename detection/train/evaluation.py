@@ -10,7 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from detection.attention.maps import detection_maps
-from detection.attention.metrics import annotation_region, match_detections
+from detection.attention.matching import annotation_region, match_detections
 from detection.attention.metrics import pointing_game as pointing_hit
 from detection.boxes import coco_xywh
 from detection.data.coco import CocoDetection, collate

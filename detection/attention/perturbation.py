@@ -1,0 +1,81 @@
+"""Deletion and insertion curves: a detection's score as its most salient pixels are replaced by
+a substrate (mean colour or blur) or copied onto it (`perturbation_curve`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from detection.attention.metrics import check_map
+
+
+@dataclass
+class Curve:
+    """Score of one detection against the fraction of pixels removed (deletion) or added."""
+
+    fractions: np.ndarray  # (S + 1,) in [0, 1]
+    scores: np.ndarray  # (S + 1,)
+    auc: float
+
+
+def _substrate(image_rgb: np.ndarray, kind: str, blur_sigma: float) -> np.ndarray:
+    if kind == "mean":
+        mean = image_rgb.reshape(-1, 3).mean(axis=0)
+        return np.broadcast_to(np.round(mean).astype(np.uint8), image_rgb.shape).copy()
+    if kind == "blur":
+        return cv2.GaussianBlur(image_rgb, (0, 0), sigmaX=blur_sigma, sigmaY=blur_sigma)
+    raise ValueError(f"unknown substrate {kind!r}; use 'mean' or 'blur'")
+
+
+def perturbation_curve(
+    image_rgb: np.ndarray,
+    saliency: np.ndarray,
+    score_fn: Callable[[np.ndarray], np.ndarray],
+    mode: str = "deletion",
+    steps: int = 16,
+    substrate: str = "mean",
+    blur_sigma: float = 5.0,
+    batch_size: int = 8,
+) -> Curve:
+    """Deletion or insertion curve of one detection.
+
+    image_rgb: uint8 (H, W, 3); saliency: (H, W) in the same pixels.
+    score_fn: uint8 (K, H, W, 3) -> (K,) detection score for each perturbed image; called in
+        chunks of `batch_size` images (that is the batching: one forward pass per chunk).
+    Pixels are ranked by saliency (ties by raster order). At step k of `steps`, the top
+    round(k / steps * H * W) pixels are replaced by the substrate (deletion: mean colour or a
+    blurred copy) or copied from the image onto the substrate (insertion).
+    AUC is the trapezoidal area under score vs fraction, fraction in [0, 1].
+    """
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+    if image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+        raise ValueError(f"expected uint8 (H, W, 3) image, got {image_rgb.dtype} {image_rgb.shape}")
+    values = check_map(saliency)
+    if values.shape != image_rgb.shape[:2]:
+        raise ValueError(f"saliency {values.shape} does not match image {image_rgb.shape[:2]}")
+    height, width = values.shape
+    order = np.argsort(-values.reshape(-1), kind="stable")
+    fill = _substrate(image_rgb, substrate, blur_sigma)
+    fractions = np.linspace(0.0, 1.0, steps + 1)
+    counts = np.round(fractions * height * width).astype(np.int64)
+
+    def perturbed(count: int) -> np.ndarray:
+        chosen = np.zeros(height * width, dtype=bool)
+        chosen[order[:count]] = True
+        chosen = chosen.reshape(height, width)
+        if mode == "deletion":
+            return np.where(chosen[..., None], fill, image_rgb)
+        return np.where(chosen[..., None], image_rgb, fill)
+
+    scores: list[float] = []
+    for start in range(0, len(counts), batch_size):
+        batch = np.stack([perturbed(int(c)) for c in counts[start : start + batch_size]])
+        out = np.asarray(score_fn(batch), dtype=np.float64).reshape(-1)
+        if len(out) != len(batch):
+            raise ValueError(f"score_fn returned {len(out)} scores for {len(batch)} images")
+        scores.extend(out.tolist())
+    scores_arr = np.asarray(scores)
+    return Curve(fractions=fractions, scores=scores_arr, auc=float(np.trapezoid(scores_arr, fractions)))

@@ -1,0 +1,151 @@
+"""The report's multi-page PDF: a cover page with the settings, then pages per image composed
+with OpenCV and written by Pillow (the same run folder gives the same bytes)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Iterable
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from detection.data.image_codec import decode_image
+from detection.io import write_bytes_atomic
+from detection.render.overlay import ascii_text
+from detection.render.panel import compose_grid, fit_image
+from detection.render.report_contents import (ImageEntry, RunContents, detection_caption, detection_cells,
+                                              method_columns, settings_rows)
+
+PDF_DPI = 100
+PDF_PAGE = (1169, 827)  # A4 portrait (height, width) at 100 dpi
+PDF_DETECTIONS_PER_PAGE = 9
+
+_PAGE_MARGIN = 40
+_TEXT_SCALE = 0.5  # Hershey simplex: ~11 px capitals at 100 dpi (about 8 pt)
+_LINE_HEIGHT = 18
+
+
+def _blank_page() -> np.ndarray:
+    return np.full((*PDF_PAGE, 3), 255, np.uint8)
+
+
+def _write_lines(page: np.ndarray, lines: Iterable[str], top: int, scale: float = _TEXT_SCALE) -> int:
+    """Draw text lines (cut to the page width) from `top`; returns the y below the last line."""
+    width = page.shape[1] - 2 * _PAGE_MARGIN
+    line_height = int(round(_LINE_HEIGHT * scale / _TEXT_SCALE))
+    for line in lines:
+        text = ascii_text(line)
+        while text and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width:
+            text = text[:-4] + "..."
+        top += line_height
+        cv2.putText(page, text, (_PAGE_MARGIN, top), cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), 1, cv2.LINE_AA)
+    return top + line_height // 2
+
+
+_TABLE_COLUMNS = (0, 40, 300, 380, 620)  # x offsets of the detection table's columns
+
+
+def _write_table(page: np.ndarray, header: list[str], rows: list[list[str]], top: int) -> int:
+    """Draw a table with fixed column offsets (Hershey fonts are proportional, so no padding)."""
+    for line in [header, *rows]:
+        top += _LINE_HEIGHT
+        for offset, cell in zip(_TABLE_COLUMNS, line):
+            text = ascii_text(cell)[:32]
+            origin = (_PAGE_MARGIN + offset, top)
+            cv2.putText(page, text, origin, cv2.FONT_HERSHEY_SIMPLEX, _TEXT_SCALE, (20, 20, 20), 1, cv2.LINE_AA)
+    return top + _LINE_HEIGHT // 2
+
+
+def _paste(page: np.ndarray, image: np.ndarray, top: int, max_height: int) -> int:
+    """Paste `image` scaled to fit the page width and `max_height` (enlarged at most 2x) at `top`;
+    returns its bottom."""
+    max_width = min(page.shape[1] - 2 * _PAGE_MARGIN, 2 * image.shape[1])
+    fitted = fit_image(image, max_width, max(1, min(max_height, 2 * image.shape[0])))
+    page[top : top + fitted.shape[0], _PAGE_MARGIN : _PAGE_MARGIN + fitted.shape[1]] = fitted
+    return top + fitted.shape[0]
+
+
+def _fit_scale(image: np.ndarray, max_height: int) -> float:
+    return min((PDF_PAGE[1] - 2 * _PAGE_MARGIN) / image.shape[1], max_height / image.shape[0])
+
+
+def _cover_page(run: RunContents, title: str, shown: int) -> np.ndarray:
+    page = _blank_page()
+    top = _write_lines(page, [title], _PAGE_MARGIN, scale=0.9)
+    summary = [
+        f"{len(run.images)} image(s), {run.detection_count} detection(s), {len(run.errors)} error(s)",
+        f"this PDF shows {shown} of {len(run.images)} image(s); the HTML report shows all" if shown < len(run.images) else "",
+        *run.notes,
+        "",
+        "Model and settings:",
+    ]
+    top = _write_lines(page, [line for line in summary if line is not None], top)
+    top = _write_lines(page, [f"  {k}: {v}" for k, v in settings_rows(run.info)][:40], top)
+    if run.errors:
+        lines = ["Errors:", *(f"  {e.get('file', '')}: {e.get('reason', '')}" for e in run.errors[:10])]
+        if len(run.errors) > 10:
+            lines.append(f"  ... and {len(run.errors) - 10} more (see the HTML report)")
+        _write_lines(page, lines, top)
+    return page
+
+
+def _image_pages(entry: ImageEntry) -> list[np.ndarray]:
+    page = _blank_page()
+    header = f"{entry.file}  ({entry.width} x {entry.height} px, {len(entry.detections)} detection(s))"
+    top = _write_lines(page, [header], _PAGE_MARGIN, scale=0.6)
+    usable = PDF_PAGE[0] - _PAGE_MARGIN
+    if entry.overlay is not None:
+        top = _paste(page, decode_image(entry.overlay.read_bytes(), str(entry.overlay)), top, int(PDF_PAGE[0] * 0.38)) + 8
+    else:
+        top = _write_lines(page, ["(no combined overlay in this run folder)"], top)
+    if entry.detections:
+        shown = [detection_cells(i, d) for i, d in enumerate(entry.detections[:12])]
+        top = _write_table(page, ["#", "class", "score", "box x, y, w, h", "query"], shown, top)
+    if len(entry.detections) > 12:
+        top = _write_lines(page, [f"... and {len(entry.detections) - 12} more (see the HTML report)"], top - _LINE_HEIGHT // 2)
+    pages = [page]
+    # with explanation methods: a row per detection, a tile per method (as the HTML compares them)
+    columns = method_columns(entry) if entry.method_overlays else [("", entry.detection_overlays)]
+    tiles = [
+        (decode_image(path.read_bytes(), str(path)), f"{detection_caption(k, entry.detections[k])} {method}".strip())
+        for k in range(len(entry.detections))
+        for method, paths in columns
+        if (path := paths[k] if k < len(paths) else None) is not None
+    ]
+    per_row = 3 if not entry.method_overlays else len(columns)
+    per_page = PDF_DETECTIONS_PER_PAGE if not entry.method_overlays else 3 * per_row
+    for start in range(0, len(tiles), per_page):
+        chunk = tiles[start : start + per_page]
+        # 3 x 240 px tiles + gaps ~ the page's usable width, so titles are not shrunk
+        grid = compose_grid([t for t, _ in chunk], [c for _, c in chunk], columns=per_row,
+                            tile_width=720 // max(3, per_row))
+        # a grid shrunk much below its drawn size has unreadable titles: give it a fresh page
+        if start > 0 or _fit_scale(grid, usable - top) < 0.8:
+            pages.append(_blank_page())
+            top = _write_lines(pages[-1], [f"{entry.file} (continued)"], _PAGE_MARGIN, scale=0.6)
+        _paste(pages[-1], grid, top, usable - top)
+    return pages
+
+
+def write_pdf(run: RunContents, path: Path, title: str, max_images: int | None = 50) -> int:
+    """Write the PDF; returns its page count. max_images None or 0: every image."""
+    shown = run.images if not max_images else run.images[:max_images]
+    pages = [_cover_page(run, title, len(shown))]
+    for entry in shown:
+        pages.extend(_image_pages(entry))
+    pil_pages = [Image.fromarray(page) for page in pages]
+    buffer = io.BytesIO()
+    # no creation/modification dates: the same run folder gives the same bytes
+    pil_pages[0].save(
+        buffer,
+        "PDF",
+        save_all=True,
+        append_images=pil_pages[1:],
+        resolution=float(PDF_DPI),
+        title=ascii_text(title),
+        creationDate=None,
+        modDate=None,
+    )
+    write_bytes_atomic(path, buffer.getvalue())
+    return len(pages)
