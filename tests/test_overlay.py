@@ -12,7 +12,8 @@ from PIL import Image
 
 from detection.render.colors import DEFAULT_COLORMAP, apply_colormap, class_color, text_color_on
 from detection.data.image_codec import swap_red_blue
-from detection.render.overlay import (check_saliency, draw_detections, label_size, mass_contours, mass_region, render_detection_overlay, render_overlay, render_saliency, text_style)
+from detection.render.overlay import (check_saliency, mass_contours, mass_region, render_detection_overlay, render_overlay, render_saliency)
+from detection.render.labels import draw_detections, label_size, text_style
 from detection.data.image_codec import decode_image, encode_image, write_image
 from detection.structures import Detections
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from detection.render.colors import apply_colormap
-from detection.render.overlay import draw_detections, label_size, render_detection_overlay, text_style
+from detection.render.labels import draw_detections, label_size, text_style
+from detection.render.overlay import render_detection_overlay
 from detection.render.panel import (
     compose_grid,
     draw_points,

@@ -9,8 +9,7 @@ import torch
 
 from detection.attention.maps import DEFAULT_PERCENTILES, maps_from_cells
 from detection.attention.sampled import query_points
-from detection.render.overlay import (check_saliency, draw_combined, mass_contours, render_detection_overlay,
-                                      strongest_map)
+from detection.render.overlay import (check_saliency, draw_combined, mass_contours, render_detection_overlay, strongest_map)
 from detection.data.image_codec import encode_image
 from detection.render.panel import display_size, resize_image
 from detection.render.points import render_points

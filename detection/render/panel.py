@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 
 from detection.render.colors import DEFAULT_COLORMAP
-from detection.render.overlay import (ascii_text, check_detections, check_saliency, detection_label, draw_detections, draw_label, label_size, render_detection_overlay, render_saliency, text_style)
+from detection.render.labels import (ascii_text, check_detections, detection_label, draw_detections, draw_label, label_size, text_style)
+from detection.render.overlay import check_saliency, render_detection_overlay, render_saliency
 from detection.data.image_codec import check_image
 from detection.structures import Detections
 

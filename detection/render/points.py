@@ -15,7 +15,7 @@ import numpy as np
 
 from detection.attention.sampled import QueryPoints
 from detection.render.colors import class_color
-from detection.render.overlay import check_detections, draw_detections
+from detection.render.labels import check_detections, draw_detections
 from detection.data.image_codec import check_image
 from detection.structures import Detections
 

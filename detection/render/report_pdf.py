@@ -12,7 +12,7 @@ from PIL import Image
 
 from detection.data.image_codec import decode_image
 from detection.io import write_bytes_atomic
-from detection.render.overlay import ascii_text
+from detection.render.labels import ascii_text
 from detection.render.panel import compose_grid, fit_image
 from detection.render.report_contents import (ImageEntry, RunContents, detection_caption, detection_cells,
                                               method_columns, settings_rows)
