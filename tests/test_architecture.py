@@ -324,3 +324,16 @@ def test_the_method_name_check_finds_a_planted_literal(tmp_path):
                        'parser.add_argument("--x", help="attn-grad in help is fine")\nfields = {"drise": 1}\n')
     assert method_name_literals({"detection.engine.planted": planted}) == [
         "detection.engine.planted:2 spells 'relevance'"]
+
+
+#: Base names two modules may share: the same concept at two layers (docs/ARCHITECTURE.md says so).
+SHARED_BASE_NAMES = {"report": {"detection.cli.report", "detection.render.report"}}
+
+
+def test_no_two_modules_share_a_base_name_unless_one_concept_at_two_layers():
+    by_name: dict[str, set[str]] = {}
+    for name, path in all_modules().items():
+        if path.name not in ("__init__.py", "__main__.py"):
+            by_name.setdefault(path.stem, set()).add(name)
+    shared = {stem: modules for stem, modules in by_name.items() if len(modules) > 1}
+    assert shared == SHARED_BASE_NAMES

@@ -12,7 +12,7 @@ from detection.data.coco import LabelMap
 from detection.data.synthetic import SynthConfig, generate_dataset
 from detection.models.registry import build_model, load_config, load_model, save_model
 from detection.train.config import apply_override, load_train_config
-from detection.train.export import inference_copy
+from detection.train.model_export import inference_copy
 from detection.train.loop import train
 from detection.train.model_setup import build_training_model, unfreeze_batch_norm
 from detection.train.optim import lr_factor

@@ -21,7 +21,7 @@ from detection.io import write_text_atomic
 from detection.models import digest
 from detection.runtime.device import autocast, resolve_device
 from detection.runtime.distributed import init_distributed
-from detection.train import export, model_setup, precision, run_log
+from detection.train import model_export, model_setup, precision, run_log
 from detection.train.checkpoint import code_version, save_checkpoint
 from detection.train.dense import dense_losses
 from detection.train.evaluation import evaluate_during_training
@@ -94,14 +94,14 @@ class Trainer(TrainingParts):
             self.progress.close()
         final = self.ema.module if self.ema is not None else self.model
         if self.context.is_main:
-            export.export_model(final, self.out_dir / "model", source=f"training run {self.out_dir}")
+            model_export.export_model(final, self.out_dir / "model", source=f"training run {self.out_dir}")
             self.json_log.write({"type": "end", "step": self.position.step, "epoch": self.position.epoch,
                                  "elapsed_s": round(time.time() - self.start_time, 2)})
         self.context.barrier()
         return {"steps": self.position.step, "epochs": self.position.epoch, "best_metric": self.position.best_metric,
                 "metrics": self.last_metrics, "elapsed_s": time.time() - self.start_time, "rank": self.context.rank,
                 "world_size": self.context.world_size,
-                "weights_sha256": digest.weights_digest(export.inference_copy(self.model))}
+                "weights_sha256": digest.weights_digest(model_export.inference_copy(self.model))}
 
     def _start_run_folder(self, resumed: dict[str, Any] | None) -> None:
         """config.yaml and the first log.jsonl record (start or resume), rank 0 only."""
@@ -239,7 +239,7 @@ class Trainer(TrainingParts):
         if position.best_metric is None or metric > position.best_metric:
             position.best_metric = metric
             save_checkpoint(self.checkpoint_dir / "best.pt", self.checkpoint_state(position.epoch, 0))
-            export.export_model(eval_model, self.out_dir / "best_model",
+            model_export.export_model(eval_model, self.out_dir / "best_model",
                          source=f"training run {self.out_dir} epoch {position.epoch}")
 
 

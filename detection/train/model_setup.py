@@ -15,7 +15,7 @@ from detection.models.detr import DetrConfig
 from detection.models.registry import build_model, load_config, load_model, replace_class_head
 from detection.train.checkpoint import load_checkpoint
 from detection.train.config import PREPROCESSING_FIELDS
-from detection.train.export import inference_copy
+from detection.train.model_export import inference_copy
 
 log = logging.getLogger(__name__)
 
