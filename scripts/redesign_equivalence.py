@@ -1,18 +1,33 @@
-"""Check that the redesign (issue #11) changed no output: old code vs this tree, same machine, fp32.
+"""Check that a refactor changed no output: revision 7e1dc41 (or --old) vs a working tree; same machine, fp32, CPU.
 
-Runs, once with the package as of OLD_REV (extracted with `git archive`) and once with this
-working tree, each in its own folder with the same relative output paths:
-  * `detr-attn predict` over demo/images plus one corrupt file (so errors.jsonl is not empty),
-    with --overlays --save-attention --precision fp32;
-  * `detr-attn synth` (a small synthetic set) then `detr-attn eval --precision fp32` on it,
-    with --deletion-insertion.
-Then compares predictions.jsonl, detections.json, errors.jsonl (bytes), every npz array and
-its metadata (exact), every overlay PNG (decoded pixels, exact) and metrics.json (exact, less
-its "timing" entries). run.json timing and report files are left out, as the issue says.
+Only the public surfaces are driven (each in a subprocess with PYTHONPATH set to the tree under
+test): the CLI `python -m detection.cli` and the one-call API `detection.explain`. The old revision
+is extracted with `git archive`; each tree writes into its own folder with the same relative
+output paths, from the same input files (the old revision's demo/images plus one corrupt file):
+  * predict: `detr-attn predict` with --overlays --save-attention --save-encoder-attention
+    --explain raw,rollout,attn-grad,relevance,drise (D-RISE with 16 masks), fp32, CPU;
+  * export: `detr-attn export` of that run as coco-masks (raw and drise maps) and fiftyone (the
+    dataset folder is written without the fiftyone package; it is compared, not imported);
+  * api: `detection.explain(path, method=m, precision="fp32", device="cpu").maps` per demo image
+    and method, saved as npz; drise (1000 masks: the API does not take a mask count) on the first
+    image only;
+  * synth + eval: `detr-attn synth` (6 images), then `detr-attn eval --deletion-insertion` on them
+    (2 steps, 1 detection per image: deletion/insertion is steps+1 forward passes per map);
+  * resume: the old revision predicts the first two images into a folder, then the new tree
+    resumes it with the full inputs; the finished folder must equal the new tree's fresh run.
+Compared exactly: JSON Lines and predict's JSON files as bytes; export JSON parsed; every npz
+array (dtype, shape, bytes) and its metadata; every PNG as decoded pixels; predict's run.json by
+its "fingerprint" only (old vs new) or everything but "timing" (resumed vs fresh); eval's
+metrics.json and detections.json less their "timing" entries. Files only on one side are reported.
 
-    .venv/bin/python scripts/redesign_equivalence.py [--old f3e0ff6] [--work /tmp/redesign_eq]
+    .venv/bin/python scripts/redesign_equivalence.py [--old 7e1dc41] [--new TREE] [--work /tmp/redesign_eq]
+        [--plant {overlay,npz}]
 
-Exit status 0 when everything is equal; 1 with the list of differences otherwise.
+--plant changes one output of the new tree's fresh predict run once everything is written (one
+pixel of a per-method overlay, or one value of a per-method npz, by one ulp) and checks that
+exactly that file is reported (in the old-vs-new and resumed-vs-fresh comparisons).
+Exit status: 0 everything equal; 1 differences (listed), or with --plant the planted one reported
+exactly; 2 with --plant when the report is not exactly the planted change.
 """
 from __future__ import annotations
 
@@ -20,17 +35,50 @@ import argparse
 import io
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-PRE_REDESIGN = "f3e0ff6"  # main before issue #11
+BASELINE = "7e1dc41"
+METHODS = ("raw", "rollout", "attn-grad", "relevance", "drise")
+PREDICT_OPTIONS = ("--model", "demo", "--precision", "fp32", "--device", "cpu", "--overlays", "--save-attention",
+                   "--save-encoder-attention", "--explain", ",".join(METHODS), "--drise-masks", "16",
+                   "--workers", "0", "--quiet")
+RESUME_SUBSET = 2  # images the old revision writes before the new tree resumes
+Problem = tuple[str, str, str]  # (comparison, file, what differs)
+
+IMPORT_CHECK = ("import sys; from pathlib import Path; import detection; "
+                "sys.exit(None if Path(detection.__file__).resolve().is_relative_to(Path(sys.argv[1]).resolve()) "
+                "else f'imported {detection.__file__}, not the tree under test {sys.argv[1]}')")
+# Run inside each tree (PYTHONPATH = the tree): detection.explain(...).maps per method and image.
+API_SCRIPT = """
+import json, sys
+from pathlib import Path
+import numpy as np
+import detection
+source, out, plan = Path(sys.argv[1]).resolve(), Path(sys.argv[2]), json.loads(sys.argv[3])
+if not Path(detection.__file__).resolve().is_relative_to(source):
+    sys.exit(f"imported {detection.__file__}, not the tree under test {source}")
+for method, images in plan.items():
+    for image in images:
+        maps = detection.explain(image, method=method, precision="fp32", device="cpu").maps
+        target = out / method / (Path(image).stem + ".npz")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(target, maps=maps)
+"""
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def extract_revision(rev: str, target: Path) -> None:
@@ -39,27 +87,72 @@ def extract_revision(rev: str, target: Path) -> None:
         tar.extractall(target, filter="data")
 
 
-def run_cli(source: Path, cwd: Path, *args: str) -> None:
-    env = dict(os.environ, PYTHONPATH=str(source))
-    command = [sys.executable, "-m", "detection.cli", *args]
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    if done.returncode not in (0, 1):  # predict exits 1 when some inputs failed (the corrupt file)
-        raise SystemExit(f"{' '.join(command)} (in {cwd}) exited {done.returncode}:\n{done.stderr[-3000:]}")
+class Tree:
+    """One source tree under test, driven only through `python -m detection.cli` and `python -c`."""
+
+    def __init__(self, source: Path, name: str):
+        self.source, self.name = source, name
+        self.env = dict(os.environ, PYTHONPATH=str(source))
+        self._help: dict[str, str] = {}
+
+    def python(self, cwd: Path, *args: str, ok: tuple[int, ...] = (0,)) -> None:
+        command = [sys.executable, *args]
+        started, cpu = time.perf_counter(), _children_cpu()
+        done = subprocess.run(command, cwd=cwd, env=self.env, capture_output=True, text=True)
+        step = "python -c" if args[0] == "-c" else " ".join(args[2:5])
+        print(f"  {self.name[:12]}: {step}: {time.perf_counter() - started:.1f} s, "
+              f"{_children_cpu() - cpu:.1f} s CPU", file=sys.stderr)
+        if done.returncode not in ok:
+            shown = " ".join(a if len(a) < 200 else a[:60] + "..." for a in command)
+            raise SystemExit(f"{self.name}: {shown} (in {cwd}) exited {done.returncode}:\n{done.stderr[-3000:]}")
+
+    def check_import(self, cwd: Path) -> None:
+        self.python(cwd, "-c", IMPORT_CHECK, str(self.source))
+
+    def cli(self, cwd: Path, verb: str, *args: str, ok: tuple[int, ...] = (0,)) -> None:
+        if verb not in self._help:
+            done = subprocess.run([sys.executable, "-m", "detection.cli", verb, "--help"], cwd=cwd, env=self.env,
+                                  capture_output=True, text=True)
+            self._help[verb] = done.stdout
+        missing = [a for a in args if a.startswith("--") and a not in self._help[verb]]
+        if missing:
+            raise SystemExit(f"{self.name}: `detr-attn {verb} --help` does not list {missing}")
+        self.python(cwd, "-m", "detection.cli", verb, *args, ok=ok)
 
 
-def produce(source: Path, folder: Path, images: Path) -> None:
+def produce(tree: Tree, folder: Path, images: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    run_cli(source, folder, "predict", str(images), "--model", "demo", "--out", "predict",
-            "--precision", "fp32", "--device", "cpu", "--overlays", "--save-attention", "--workers", "0",
-            "--quiet")
-    run_cli(source, folder, "synth", "--out", "synth", "--train", "0", "--val", "12", "--seed", "3",
-            "--image-size", "160", "--no-progress")
+    tree.check_import(folder)
+    tree.cli(folder, "predict", str(images), "--out", "predict", *PREDICT_OPTIONS, ok=(1,))  # 1: the corrupt file
+    tree.cli(folder, "export", "predict", "--format", "coco-masks", "--out", "export/coco_masks.json")
+    tree.cli(folder, "export", "predict", "--format", "coco-masks", "--method", "drise",
+             "--out", "export/coco_masks_drise.json")
+    tree.cli(folder, "export", "predict", "--format", "fiftyone", "--out", "export/fiftyone")
+    demo = sorted(str(p) for p in images.glob("shapes_*.png"))
+    plan = {method: demo[:1] if method == "drise" else demo for method in METHODS}
+    tree.python(folder, "-c", API_SCRIPT, str(tree.source), "api", json.dumps(plan))
+    tree.cli(folder, "synth", "--out", "synth", "--train", "0", "--val", "6", "--seed", "3",
+             "--image-size", "160", "--no-progress")
     annotations = next((folder / "synth").rglob("*val*.json"))
     image_dir = annotations.parent.parent / "val"
-    run_cli(source, folder, "eval", "--model", "demo", "--ann", str(annotations.relative_to(folder)),
-            "--images", str(image_dir.relative_to(folder)), "--out", "eval", "--precision", "fp32",
-            "--device", "cpu", "--deletion-insertion", "--di-steps", "4", "--di-max-detections", "2",
-            "--no-progress")
+    tree.cli(folder, "eval", "--model", "demo", "--ann", str(annotations.relative_to(folder)),
+             "--images", str(image_dir.relative_to(folder)), "--out", "eval", "--precision", "fp32",
+             "--device", "cpu", "--deletion-insertion", "--di-steps", "2", "--di-max-detections", "1",
+             "--no-progress")
+
+
+def produce_resumed(old: Tree, new: Tree, folder: Path, images: Path) -> str:
+    """The old revision writes part of a run (the first images); the new tree finishes it.
+    Returns how many of the old revision's image files (npz, png) the new tree left untouched:
+    all of them when it resumed rather than redoing the images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subset = sorted(str(p) for p in images.glob("shapes_*.png"))[:RESUME_SUBSET]
+    old.cli(folder, "predict", *subset, "--out", "resumed", *PREDICT_OPTIONS)
+    run = folder / "resumed"
+    written = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.suffix in (".npz", ".png")}
+    new.cli(folder, "predict", str(images), "--out", "resumed", *PREDICT_OPTIONS, ok=(1,))
+    kept = sum(p.exists() and p.stat().st_mtime_ns == mtime for p, mtime in written.items())
+    return f"resume: the new tree kept {kept} of the {len(written)} npz/png files the old revision wrote"
 
 
 def _without_timing(value):
@@ -70,68 +163,175 @@ def _without_timing(value):
     return value
 
 
-def compare(old: Path, new: Path) -> tuple[list[str], int]:
-    problems: list[str] = []
+def json_difference(a, b, path: str = "") -> str | None:
+    """Where two parsed JSON values first differ (None when equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b:
+                return f"{path}/{key} only in {'new' if key in b else 'old'}"
+            found = json_difference(a[key], b[key], f"{path}/{key}")
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{path}: {len(a)} vs {len(b)} items"
+        for index, (x, y) in enumerate(zip(a, b)):
+            found = json_difference(x, y, f"{path}/{index}")
+            if found:
+                return found
+        return None
+    return None if type(a) is type(b) and a == b else f"{path or '/'}: {a!r:.80} vs {b!r:.80}"
+
+
+def compare_arrays(key: str, a: np.ndarray, b: np.ndarray) -> str | None:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return f"[{key}] {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+    if a.tobytes() == b.tobytes():  # exact: NaN payloads and -0.0 count
+        return None
+    if key == "meta_json":
+        return f"[meta_json] {json_difference(json.loads(a.tobytes()), json.loads(b.tobytes()))}"
+    unequal = np.argwhere(a != b)
+    if not len(unequal):
+        return f"[{key}] same values, different bytes (NaN or -0.0)"
+    first = tuple(int(i) for i in unequal[0])
+    return f"[{key}] {len(unequal)} of {a.size} values differ, first at {first}: {a[first]!r} vs {b[first]!r}"
+
+
+def compare_npz(a: Path, b: Path) -> list[str]:
+    with np.load(a, allow_pickle=False) as za, np.load(b, allow_pickle=False) as zb:
+        if sorted(za.files) != sorted(zb.files):
+            return [f"keys {sorted(za.files)} vs {sorted(zb.files)}"]
+        return [d for d in (compare_arrays(k, za[k], zb[k]) for k in sorted(za.files)) if d]
+
+
+def compare_pixels(a: Path, b: Path) -> list[str]:
+    with Image.open(a) as ia, Image.open(b) as ib:
+        if ia.mode != ib.mode:
+            return [f"mode {ia.mode} vs {ib.mode}"]
+        pa, pb = np.asarray(ia), np.asarray(ib)
+    if pa.shape != pb.shape:
+        return [f"size {pa.shape} vs {pb.shape}"]
+    unequal = np.argwhere((pa != pb).reshape(pa.shape[0], pa.shape[1], -1).any(axis=2))
+    if not len(unequal):
+        return []
+    y, x = (int(v) for v in unequal[0])
+    return [f"{len(unequal)} of {pa.shape[0] * pa.shape[1]} pixels differ, first at (y={y}, x={x})"]
+
+
+def compare_file(a: Path, b: Path, *, json_parsed: bool, run_json: str) -> list[str]:
+    suffix = a.suffix.lower()
+    if suffix == ".npz":
+        return compare_npz(a, b)
+    if suffix in (".png", ".jpg", ".jpeg"):
+        return compare_pixels(a, b)
+    if a.name == "run.json":
+        ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
+        if run_json == "fingerprint":
+            ja, jb = ja.get("fingerprint"), jb.get("fingerprint")
+        else:
+            ja, jb = _without_timing(ja), _without_timing(jb)
+        found = json_difference(ja, jb, "/fingerprint" if run_json == "fingerprint" else "")
+        return [found] if found else []
+    if suffix == ".json" and json_parsed:
+        found = json_difference(_without_timing(json.loads(a.read_text())), _without_timing(json.loads(b.read_text())))
+        return [found] if found else []
+    return [] if a.read_bytes() == b.read_bytes() else ["bytes differ"]
+
+
+def compare_folders(label: str, old: Path, new: Path, *, json_parsed: bool = False, run_json: str = "fingerprint",
+                    only: tuple[str, ...] | None = None) -> tuple[list[Problem], int]:
+    """Every file of two folders (or only the relative paths `only`), matched by relative path."""
+    def listing(root: Path) -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
+
+    names = set(only) if only is not None else listing(old) | listing(new)
+    problems: list[Problem] = []
     checked = 0
-    for name in ("predict/predictions.jsonl", "predict/detections.json", "predict/errors.jsonl",
-                 "synth/annotations/instances_val.json"):
+    for name in sorted(names):
         a, b = old / name, new / name
-        if not a.exists():
+        if not a.exists() or not b.exists():
+            problems.append((label, name, f"only in {'new' if b.exists() else 'old' if a.exists() else 'neither'}"))
             continue
         checked += 1
-        if not b.exists() or a.read_bytes() != b.read_bytes():
-            problems.append(f"{name}: bytes differ")
-    for a in sorted((old / "predict" / "attention").glob("*.npz")):
-        b = new / a.relative_to(old)
-        checked += 1
-        if not b.exists():
-            problems.append(f"{b.relative_to(new)} missing")
-            continue
-        with np.load(a, allow_pickle=False) as za, np.load(b, allow_pickle=False) as zb:
-            if sorted(za.files) != sorted(zb.files):
-                problems.append(f"{a.name}: keys {sorted(za.files)} vs {sorted(zb.files)}")
-                continue
-            for key in za.files:
-                if za[key].dtype != zb[key].dtype or not np.array_equal(za[key], zb[key]):
-                    problems.append(f"{a.name}[{key}] differs")
-    overlays = sorted((old / "predict" / "overlays").rglob("*.png"))
-    for a in overlays + sorted((old / "synth").rglob("*.png")):
-        b = new / a.relative_to(old)
-        checked += 1
-        if not b.exists() or not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))):
-            problems.append(f"{a.relative_to(old)}: pixels differ or missing")
-    for name in ("eval/metrics.json", "eval/detections.json"):
-        checked += 1
-        ma = _without_timing(json.loads((old / name).read_text()))
-        mb = _without_timing(json.loads((new / name).read_text()))
-        if ma != mb:
-            problems.append(f"{name} differs")
-    extra = sorted(str(p.relative_to(new)) for p in (new / "predict").rglob("*")
-                   if p.is_file() and not (old / p.relative_to(new)).exists())
-    if extra:
-        problems.append(f"files only in the new run: {extra[:10]}")
+        problems.extend((label, name, d) for d in compare_file(a, b, json_parsed=json_parsed, run_json=run_json))
     return problems, checked
+
+
+def compare_all(work: Path) -> tuple[list[Problem], int]:
+    old, new = work / "old", work / "new"
+    comparisons = [
+        compare_folders("predict", old / "predict", new / "predict"),
+        compare_folders("export", old / "export", new / "export", json_parsed=True),
+        compare_folders("api", old / "api", new / "api"),
+        compare_folders("synth", old / "synth", new / "synth"),
+        compare_folders("eval", old / "eval", new / "eval", json_parsed=True, only=("metrics.json", "detections.json")),
+        compare_folders("resumed vs fresh", new / "predict", work / "resume" / "resumed", run_json="untimed"),
+    ]
+    return [p for found, _ in comparisons for p in found], sum(n for _, n in comparisons)
+
+
+def plant(run: Path, kind: str) -> tuple[str, str]:
+    """Change one output of a finished predict run; returns (its relative path, what the report must say)."""
+    if kind == "overlay":
+        target = sorted(run.glob("overlays/*/relevance/det_*.png"))[0]
+        with Image.open(target) as image:
+            pixels = np.array(image)
+        y, x = pixels.shape[0] // 2, pixels.shape[1] // 2
+        pixels[y, x] = 255 - pixels[y, x]
+        Image.fromarray(pixels).save(target)
+        expected = f"1 of {pixels.shape[0] * pixels.shape[1]} pixels differ, first at (y={y}, x={x})"
+    else:
+        target = sorted(run.glob("attention/drise/*.npz"))[0]
+        with np.load(target, allow_pickle=False) as stored:
+            arrays = {key: stored[key] for key in stored.files}
+        first = (0,) * arrays["cells"].ndim
+        arrays["cells"][first] = np.nextafter(arrays["cells"][first], np.float32(np.inf))  # one ulp
+        np.savez_compressed(target, **arrays)
+        expected = f"[cells] 1 of {arrays['cells'].size} values differ, first at {first}:"
+    return str(target.relative_to(run)), expected
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--old", default=PRE_REDESIGN, help="git revision of the old code")
+    parser.add_argument("--old", default=BASELINE, help=f"git revision of the old code (default {BASELINE})")
+    parser.add_argument("--new", default=str(REPO), help="source tree under test (default: this working tree)")
     parser.add_argument("--work", default="/tmp/redesign_eq", help="scratch folder (replaced)")
+    parser.add_argument("--plant", nargs="?", const="overlay", choices=("overlay", "npz"),
+                        help="change one output of the new run and check exactly that is reported")
     args = parser.parse_args()
-    work = Path(args.work)
+    started = time.perf_counter()
+    new_source = Path(args.new).resolve()
+    if not (new_source / "detection" / "__init__.py").is_file():
+        parser.error(f"--new {new_source}: no detection/ package there")
+    work = Path(args.work).resolve()
     shutil.rmtree(work, ignore_errors=True)
-    old_source = work / "old_source"
-    extract_revision(args.old, old_source)
+    extract_revision(args.old, work / "old_source")
+    old, new = Tree(work / "old_source", f"old {args.old}"), Tree(new_source, f"new {new_source}")
     images = work / "images"
-    shutil.copytree(REPO / "demo" / "images", images)
+    images.mkdir()
+    for image in sorted((work / "old_source" / "demo" / "images").glob("*.png")):
+        shutil.copy2(image, images / image.name)
     (images / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
-    produce(old_source, work / "old", images)
-    produce(REPO, work / "new", images)
-    problems, checked = compare(work / "old", work / "new")
-    for problem in problems:
-        print("DIFFERENT:", problem)
-    print(f"{checked} outputs compared, {len(problems)} differences (old {args.old} vs this tree)")
-    return 1 if problems else 0
+    produce(old, work / "old", images)
+    produce(new, work / "new", images)
+    resumed = produce_resumed(old, new, work / "resume", images)
+    planted = plant(work / "new" / "predict", args.plant) if args.plant else None
+    problems, checked = compare_all(work)
+    for label, name, detail in problems:
+        print(f"DIFFERENT: {label}: {name}: {detail}")
+    print(resumed)
+    print(f"{checked} outputs compared, {len(problems)} differences (old {args.old} vs {new_source}) "
+          f"in {time.perf_counter() - started:.0f} s")
+    if planted is None:
+        return 1 if problems else 0
+    name, expected = planted
+    reported = {(label, file) for label, file, detail in problems if detail.startswith(expected)}
+    if len(problems) == 2 and reported == {("predict", name), ("resumed vs fresh", name)}:
+        print(f"planted change reported exactly: {name}: {expected}")
+        return 1
+    print(f"PLANTED CHANGE NOT REPORTED EXACTLY: expected only {name}: {expected}")
+    return 2
 
 
 if __name__ == "__main__":
