@@ -23,6 +23,11 @@ _LAZY = {
 }
 
 
+def __dir__() -> list[str]:
+    """The lazy exports too, so that `dir(detection)` and tab completion find `explain`."""
+    return sorted({*globals(), *_LAZY})
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)

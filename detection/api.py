@@ -75,7 +75,18 @@ class Explanation:
     normalize: str | None = "minmax"
     method: str = DEFAULT_METHOD
     method_maps: MethodMaps | None = field(default=None, repr=False)
+    model: str = ""
     _maps: np.ndarray | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        """The image, its size, the model and method, then a short table of its detections
+        (class, score, box xyxy in pixels, query index); the error when it failed."""
+        if self.error is not None:
+            return f"Explanation({self.source}: not explained: {self.error})"
+        height, width = self.detections.image_size
+        head = (f"Explanation({self.source}: {width}x{height}, model {self.model or '?'}, method {self.method}, "
+                f"{len(self.detections)} detection{'' if len(self.detections) == 1 else 's'})")
+        return "\n".join([head, *self.detections.table_rows(10)])
 
     def _check(self) -> None:
         if self.error is not None:
@@ -325,7 +336,8 @@ def explain(images: Any, model: str | os.PathLike | torch.nn.Module = "demo", me
     if method == AttentionRollout.name:
         layers = ROLLOUT_LAYERS
     predictor, runner = _prepared(model, method, score_threshold, heads, layers, device, precision)
-    settings = {"heads": heads, "layers": layers, "normalize": normalize, "method": method}
+    model_name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    settings = {"heads": heads, "layers": layers, "normalize": normalize, "method": method, "model": model_name}
     if not _is_single(images):
         return _with_method(_explain_many(predictor, images, settings), runner)
     explained = list(itertools.islice(_with_method(_explain_one(predictor, images, 0, settings), runner), 2))

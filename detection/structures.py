@@ -33,6 +33,10 @@ def _index(value: Any, item: Any) -> Any:
     return [value[int(i)] for i in index]
 
 
+#: Rows `repr(Detections)` shows.
+REPR_ROWS = 10
+
+
 class Detections:
     """Detections of one image, detectron2-`Instances` style.
 
@@ -122,8 +126,26 @@ class Detections:
         return Detections((height, width), **fields)
 
     def __repr__(self) -> str:
-        names = ", ".join(self._fields)
-        return f"Detections(num={len(self)}, image_size={self.image_size}, fields=[{names}])"
+        """The count, the image size and the fields, then up to REPR_ROWS rows of class, score,
+        box (xyxy pixels) and query index: what an HF pipeline user reads off a result."""
+        height, width = self.image_size
+        head = (f"Detections({len(self)} in a {width}x{height} image; fields: {', '.join(self._fields)})")
+        return "\n".join([head, *self.table_rows(REPR_ROWS)])
+
+    def table_rows(self, limit: int | None = None) -> list[str]:
+        """Up to `limit` lines "  k  class  score  [x0, y0, x1, y1]  query q" (then "  ... N more")."""
+        count = len(self) if limit is None else min(limit, len(self))
+        names = list(self.get("class_names")) if self.has("class_names") else None
+        rows = []
+        for k in range(count):
+            label = names[k] if names is not None else (f"label {int(self.labels[k])}" if self.has("labels") else "")
+            score = f"{float(self.scores[k]):.3f}" if self.has("scores") else "-"
+            box = ", ".join(f"{float(v):.1f}" for v in self.boxes[k]) if self.has("boxes") else ""
+            query = f"  query {int(self.query_index[k])}" if self.has("query_index") else ""
+            rows.append(f"  {k:>3}  {label:<16} {score}  [{box}]{query}")
+        if count < len(self):
+            rows.append(f"  ... {len(self) - count} more")
+        return rows
 
     @staticmethod
     def empty(image_size: tuple[int, int]) -> "Detections":

@@ -12,7 +12,7 @@ MAX_MODULE_LINES = 400
 #: package, or a top-level module) may import its own modules and units of LOWER layers only;
 #: two units of one layer do not import each other.
 PACKAGE_LAYERS: list[tuple[str, ...]] = [
-    ("structures", "boxes", "io", "resources", "runtime", "version", "models.contract"),  # base
+    ("structures", "boxes", "io", "resources", "runtime", "text", "version", "models.contract"),  # base
     ("models", "data", "postprocess"),
     ("attention",),
     ("runfolder",),    # the run folder's formats: above attention, whose geometry the npz store

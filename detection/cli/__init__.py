@@ -1,4 +1,6 @@
-"""`detr-attn` command line: one module per verb, a thin shell around a library call.
+"""detr-attn: run DETR-family detectors on images and see where each detection looks (saliency maps, overlays, reports).
+
+The command line: one module per verb, each a thin shell around one library call.
 
 `detection.cli.<verb>` holds the verb's options, messages and exit statuses and nothing else.
 
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from detection.version import __version__
 
 VERBS: dict[str, tuple[str, str]] = {
     "predict": ("detection.cli.predict", "detect objects and save detections, attention maps, overlays"),
@@ -24,6 +28,7 @@ VERBS: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detr-attn", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"detr-attn {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for verb, (module_name, help_text) in VERBS.items():

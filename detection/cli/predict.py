@@ -24,6 +24,7 @@ from detection.render.cell_overlays import DEFAULT_OVERLAY_SIZE
 from detection.engine.predict_run import PredictInterrupted, PredictSettings, PredictUsageError, run_predict
 from detection.runfolder.layout import LOCK_FILE
 from detection.runtime.distributed import init_distributed
+from detection.text import plural
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 3
 
@@ -195,6 +196,6 @@ def run(args: argparse.Namespace) -> int:
             context.close()
     if not summary.is_main:
         return EXIT_OK
-    print(f"detr-attn predict: {summary.images} images, {summary.detections} detections, "
-          f"{summary.errors} errors -> {summary.out}", file=sys.stderr)
+    print(f"detr-attn predict: {plural(summary.images, 'image')}, {plural(summary.detections, 'detection')}, "
+          f"{plural(summary.errors, 'error')} -> {summary.out}", file=sys.stderr)
     return EXIT_SOME_FAILED if summary.errors else EXIT_OK

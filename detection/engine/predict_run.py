@@ -35,6 +35,7 @@ from detection.runfolder.lock import RunFolderLocked
 from detection.runfolder.versions import GRIDS_NPZ_FORMAT, MAPS_FORMAT_KEY, MAPS_NPZ_FORMAT
 from detection.runtime.device import resolve_device
 from detection.runtime.distributed import DistContext, init_distributed
+from detection.text import plural
 from detection.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -258,8 +259,8 @@ def _run_locked(settings: PredictSettings, config: Any, source: str, context: Di
         folder.write_run_info(run_info)
         summary = PredictSummary(out=out, images=counts["images"], errors=counts["errors"],
                                  detections=counts["detections"])
-        logger.info("%d images, %d detections, %d errors -> %s", summary.images, summary.detections,
-                    summary.errors, out)
+        logger.info("%s, %s, %s -> %s", plural(summary.images, "image"), plural(summary.detections, "detection"),
+                    plural(summary.errors, "error"), out)
     context.barrier()
     return summary
 

@@ -1,0 +1,67 @@
+"""What a newcomer reads first: readable reprs, `dir(detection)`, `detr-attn --version`, and
+counts in the right number in the summary line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import detection
+from detection.api import Explanation
+from detection.cli import main
+from detection.structures import Detections
+from detection.text import plural
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _detections(count: int) -> Detections:
+    return Detections((165, 206), boxes=torch.tensor([[10.0 + k, 20.0, 50.25, 60.0] for k in range(count)]),
+                      scores=torch.linspace(0.99, 0.5, count), labels=torch.zeros(count, dtype=torch.int64),
+                      query_index=torch.arange(count) + 3, class_names=["circle"] * count)
+
+
+def test_detections_repr_is_a_short_table():
+    lines = repr(_detections(2)).splitlines()
+    assert lines == ["Detections(2 in a 206x165 image; fields: boxes, scores, labels, query_index, class_names)",
+                     "    0  circle           0.990  [10.0, 20.0, 50.2, 60.0]  query 3",
+                     "    1  circle           0.500  [11.0, 20.0, 50.2, 60.0]  query 4"]
+    many = repr(_detections(13)).splitlines()
+    assert len(many) == 12 and many[-1] == "  ... 3 more"
+    assert repr(Detections.empty((10, 20))) == (
+        "Detections(0 in a 20x10 image; fields: boxes, scores, labels, query_index, class_names)")
+
+
+def test_explanation_repr_names_image_model_method_and_lists_detections():
+    explanation = Explanation("a.png", image=None, detections=_detections(1), method="raw", model="demo")
+    assert repr(explanation).splitlines() == [
+        "Explanation(a.png: 206x165, model demo, method raw, 1 detection)",
+        "    0  circle           0.990  [10.0, 20.0, 50.2, 60.0]  query 3"]
+    failed = Explanation("b.png", error="b.png: not a decodable image")
+    assert repr(failed) == "Explanation(b.png: not explained: b.png: not a decodable image)"
+
+
+def test_explain_is_visible_to_dir_and_tab_completion():
+    names = dir(detection)
+    assert {"explain", "Explanation", "load_model", "Detections", "__version__"} <= set(names)
+
+
+def test_version_flag():
+    done = subprocess.run([sys.executable, "-m", "detection.cli", "--version"], capture_output=True, text=True,
+                          cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip() == f"detr-attn {detection.__version__}"
+
+
+def test_counts_in_the_right_number():
+    assert [plural(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]
+    assert plural(1, "error") == "1 error" and plural(3, "query", "queries") == "3 queries"
+
+
+def test_predict_summary_line_says_one_image(tmp_path, capsys):
+    status = main(["predict", str(REPO / "demo" / "images" / "shapes_1.png"), "--model", "demo", "--out",
+                   str(tmp_path / "run"), "--device", "cpu", "--workers", "0", "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 0
+    assert f"detr-attn predict: 1 image, 2 detections, 0 errors -> {tmp_path / 'run'}" in err
