@@ -65,3 +65,27 @@ def test_predict_summary_line_says_one_image(tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 0
     assert f"detr-attn predict: 1 image, 2 detections, 0 errors -> {tmp_path / 'run'}" in err
+
+
+def test_no_image_to_run_on_is_a_usage_error_that_writes_nothing(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "run"
+    for source, reason in ((tmp_path / "empty", "folder contains no image or video files"),
+                           (tmp_path / "nothing.png", "file not found"),
+                           (tmp_path / "*.jpg", "glob pattern matched no image or video files")):
+        status = main(["predict", str(source), "--model", "demo", "--out", str(out), "--device", "cpu", "--quiet"])
+        err = " ".join(capsys.readouterr().err.split())
+        assert status == 2 and not out.exists()
+        assert f"no image to run on: {source}: {reason}" in err
+
+
+def test_synth_refuses_a_folder_with_files_and_overwrite_replaces_its_data(tmp_path, capsys):
+    out = tmp_path / "data"
+    common = ["synth", "--out", str(out), "--val", "0", "--image-size", "48", "--no-progress"]
+    assert main(common + ["--train", "3"]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(common + ["--train", "1"]) == 2
+    assert "is not an empty folder" in capsys.readouterr().out
+    assert len(list((out / "train").glob("*.png"))) == 3  # untouched
+    assert main(common + ["--train", "1", "--overwrite"]) == 0
+    assert len(list((out / "train").glob("*.png"))) == 1 and (out / "notes.txt").read_text() == "mine"

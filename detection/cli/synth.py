@@ -1,10 +1,12 @@
 """`detr-attn synth`: options, messages and exit statuses around `data.synthetic.generate_dataset`.
 
-Exit status: 0 written; 2 bad option.
+Exit status: 0 written; 2 bad option, or --out holds files and --overwrite was not given.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
 
 from detection.data.synthetic import SynthConfig, generate_dataset
 
@@ -24,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-object-size", type=float, default=None, help="min object extent (px)")
     parser.add_argument("--max-object-size", type=float, default=None, help="max object extent (px)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the train/, val/ and annotations/ folders an earlier synth wrote in --out "
+                             "(without it, a non-empty --out is refused)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +41,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"detr-attn synth: {error}")
         return 2
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not args.overwrite or not out.is_dir():
+            print(f"detr-attn synth: --out {out} is not an empty folder: its old images would stay beside the new "
+                  f"annotations; give an empty or new folder, or --overwrite to replace an earlier synth's data")
+            return 2
+        for name in ("train", "val", "annotations"):  # what synth writes; nothing else is touched
+            shutil.rmtree(out / name, ignore_errors=True)
     generate_dataset(args.out, args.train, args.val, args.seed, config, progress=not args.no_progress)
     print(f"wrote {args.train} train + {args.val} val images to {args.out}")
     return 0

@@ -168,6 +168,8 @@ def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
         items = expand_sources(settings.inputs, settings.list_files, video_stride=settings.video_stride)
         if not items:
             raise PredictUsageError("no inputs given")
+        if all(item.error is not None for item in items):  # nothing to run: say why, write nothing
+            raise PredictUsageError("no image to run on: " + "; ".join(f"{item.file}: {item.error}" for item in items))
         fingerprint = run_fingerprint(settings, model, predictor.precision)
         config, source = model.config, getattr(model, "source", "")
         # the predictor runs its own prepared copy: a model loaded here is freed now (DETR-R50: 166 MB
