@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """`make demo`: the main job on the shipped demo model, offline.
 
-1. `detr-attn predict demo/images --model demo --overlays --save-attention` -> OUT/
-2. `detr-attn report OUT`                                    -> OUT/report/index.html, report.pdf
+1. `detr-attn predict demo/images --model demo --overlays --save-attention --save-encoder-attention` -> OUT/
+2. `detr-attn report OUT` and `detr-attn report OUT --viewer` -> OUT/report/index.html, report.pdf, viewer.html
 3. Python API: a DETR-paper style panel and a combined overlay of the first demo image
    -> OUT/panel.png, OUT/overlay.png (with --docs-images DIR also copied there for the README).
+Ends by printing the files to open.
 """
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     out = Path(args.out)
     status = cli(["predict", args.images, "--model", args.model, "--out", str(out), "--overwrite",
-                  "--overlays", "--save-attention", "--workers", "0", "--quiet"])
+                  "--overlays", "--save-attention", "--save-encoder-attention", "--workers", "0", "--quiet"])
     if status not in (0, 1):
         return status
-    report_status = cli(["report", str(out)])
-    if report_status != 0:
-        return report_status
+    for report in (["report", str(out)], ["report", str(out), "--viewer"]):
+        report_status = cli(report)
+        if report_status != 0:
+            return report_status
 
     # The Python API, end to end, for one image: model -> detections + attention -> maps -> panel.
     from detection.attention.maps import detection_maps
@@ -65,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(out / "overlay.png", docs / "demo_overlay.png")
 
     elapsed = time.perf_counter() - started
-    print(f"demo: {len(dets)} detections in {first.name}; outputs in {out}/ "
-          f"(predictions.jsonl, detections.json, overlays/, attention/, report/index.html, "
-          f"report/report.pdf, panel.png, overlay.png) in {elapsed:.1f} s")
+    print(f"demo: {len(dets)} detections in {first.name}; outputs in {out}/ in {elapsed:.1f} s. Open:\n"
+          f"  {out / 'report' / 'index.html'}   the report (also {out / 'report' / 'report.pdf'})\n"
+          f"  {out / 'report' / 'viewer.html'}   the interactive viewer (layers, heads, encoder attention)\n"
+          f"  {out / 'panel.png'}   a DETR-paper panel of {first.name}\n"
+          f"  {out / 'predictions.jsonl'}   every detection with its query index (maps: {out / 'attention'}/)")
     return status
 
 
