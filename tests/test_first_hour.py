@@ -89,3 +89,36 @@ def test_synth_refuses_a_folder_with_files_and_overwrite_replaces_its_data(tmp_p
     assert len(list((out / "train").glob("*.png"))) == 3  # untouched
     assert main(common + ["--train", "1", "--overwrite"]) == 0
     assert len(list((out / "train").glob("*.png"))) == 1 and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_method_the_family_lacks_is_refused_before_any_work_with_one_message(tmp_path, monkeypatch, capsys):
+    """API and CLI alike: refused when asked, naming the family and the methods that apply; the
+    model never runs."""
+    import numpy as np
+    import pytest
+
+    pytest.importorskip("transformers")
+    from test_hf_equivalence import hf_folder
+
+    from detection.attention.methods import MethodNotApplicable
+    from detection.engine.predictor import Predictor
+
+    folder = hf_folder("rt_detr", tmp_path / "rt_detr")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model ran before the refusal")
+
+    monkeypatch.setattr(Predictor, "predict_tensors", never)
+    expected = ("explanation method 'rollout' does not apply to the RT-DETR family: rollout needs dense attention "
+                "(this family's cross-attention is sampled points); methods that apply: raw, attn-grad, drise")
+    with pytest.raises(MethodNotApplicable) as error:
+        detection.explain(np.zeros((64, 64, 3), np.uint8), model=str(folder), method="rollout", device="cpu")
+    assert str(error.value) == expected
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+    status = main(["predict", str(image), "--model", str(folder), "--out", str(tmp_path / "run"), "--device", "cpu",
+                   "--explain", "raw,rollout", "--quiet"])
+    assert status == 2 and not (tmp_path / "run").exists()
+    assert expected in " ".join(capsys.readouterr().err.split())
