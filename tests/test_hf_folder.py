@@ -198,3 +198,40 @@ def test_weights_download_cli_uses_the_hub_cache(yolos_folder, tmp_path, monkeyp
     assert f"hf:tiny-org/yolos-tiny@{commit}" in capsys.readouterr().out
     assert main(["weights", "download", "hf:tiny-org/absent"]) == 1
     assert "--model /path/to/folder" in capsys.readouterr().err
+
+
+def test_an_unreachable_hub_is_asked_once_and_the_cache_read_without_retries(yolos_folder, tmp_path, monkeypatch):
+    """No network: the endpoint (a closed port on this machine) refuses one connection; from then on
+    only the cache is read (local_files_only), so there is no retry loop, and the message says how
+    to pass a local folder."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from detection.models.hf import hub
+
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    snapshot = _hub_cache(tmp_path / "hub", "tiny-org/yolos-tiny", yolos_folder, commit)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    hub.hub_reachable.cache_clear()
+    calls = []
+    for function in ("hf_hub_download", "snapshot_download"):
+        original = getattr(huggingface_hub, function)
+
+        def spy(*args, _original=original, _name=function, **kwargs):
+            calls.append((_name, kwargs.get("local_files_only")))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(huggingface_hub, function, spy)
+    assert hub.hub_offline()
+    folder, source = fetch_hub_folder("hf:tiny-org/yolos-tiny")
+    assert folder == snapshot and source == f"hf:tiny-org/yolos-tiny@{commit}"
+    with pytest.raises(ValueError) as error:
+        fetch_hub_folder("hf:tiny-org/absent")
+    assert "the Hugging Face Hub cannot be reached (offline) and it is not in the cache" in str(error.value)
+    assert "--model /path/to/folder" in str(error.value)
+    assert calls == [("hf_hub_download", True), ("snapshot_download", True), ("hf_hub_download", True)]
+    assert hub.hub_reachable.cache_info().misses == 1  # the Hub was asked once
+    hub.hub_reachable.cache_clear()
