@@ -122,3 +122,33 @@ def test_a_method_the_family_lacks_is_refused_before_any_work_with_one_message(t
                    "--explain", "raw,rollout", "--quiet"])
     assert status == 2 and not (tmp_path / "run").exists()
     assert expected in " ".join(capsys.readouterr().err.split())
+
+
+def test_every_help_shows_defaults_and_examples_and_what_model_accepts():
+    from detection.cli import VERBS, verb_parser
+
+    for verb in VERBS:
+        _, parser = verb_parser(verb)
+        text = " ".join(parser.format_help().split())
+        assert "examples: detr-attn " + verb in text, verb
+    predict = " ".join(verb_parser("predict")[1].format_help().split())
+    for shown in ("--score-threshold SCORE_THRESHOLD (default: 0.7)", "--batch-size BATCH_SIZE (default: 4)",
+                  "(default: demo)", "hf:ORG/NAME[@REVISION]", "a Hugging Face folder", "--format {png,jpg} (default: png)"):
+        assert shown in predict, shown
+    assert "hf:ORG/NAME[@REVISION]" in " ".join(verb_parser("eval")[1].format_help().split())
+
+
+def test_one_flag_vocabulary_with_the_old_spellings_hidden():
+    from detection.cli import verb_parser
+
+    evaluation_args = ["--model", "demo", "--ann", "a.json", "--images", "i", "--out", "o"]
+    for verb, old in (("synth", ["--out", "x", "--no-progress"]), ("eval", evaluation_args + ["--no-progress"]),
+                      ("predict", ["x.png", "--out", "o", "--no-progress"])):
+        parser = verb_parser(verb)[1]
+        assert parser.parse_args(old).quiet is True
+        assert "--no-progress" not in parser.format_help() and "--quiet" in parser.format_help()
+    evaluation = verb_parser("eval")[1]
+    assert evaluation.parse_args(evaluation_args + ["--num-workers", "3"]).workers == 3
+    assert evaluation.parse_args(evaluation_args + ["--workers", "2"]).workers == 2
+    assert "--num-workers" not in evaluation.format_help()
+    assert verb_parser("predict")[1].parse_args(["x.png", "--out", "o", "--num-workers", "1"]).workers == 1

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import sys
 
+from detection.cli.vocabulary import HelpFormatter, show_defaults
 from detection.version import __version__
 
 VERBS: dict[str, tuple[str, str]] = {
@@ -27,7 +28,8 @@ VERBS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="detr-attn", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="detr-attn", description=__doc__.splitlines()[0],
+                                     epilog="`detr-attn VERB --help` shows a verb's options, defaults and examples")
     parser.add_argument("--version", action="version", version=f"detr-attn {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
@@ -42,9 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().parse_args(argv)  # prints usage / help and exits
         return 2
     verb, rest = argv[0], argv[1:]
-    module = importlib.import_module(VERBS[verb][0])
-    parser = argparse.ArgumentParser(prog=f"detr-attn {verb}", description=VERBS[verb][1])
-    module.add_arguments(parser)
+    module, parser = verb_parser(verb)
     args = parser.parse_args(rest)
     return int(module.run(args) or 0)
+
+
+def verb_parser(verb: str) -> tuple[object, argparse.ArgumentParser]:
+    """The verb's module (imported now) and its parser: options, defaults shown, examples."""
+    module = importlib.import_module(VERBS[verb][0])
+    parser = argparse.ArgumentParser(prog=f"detr-attn {verb}", description=VERBS[verb][1],
+                                     formatter_class=HelpFormatter, epilog=getattr(module, "EXAMPLES", None))
+    module.add_arguments(parser)
+    show_defaults(parser)
+    return module, parser
 

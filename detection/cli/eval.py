@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from detection.cli.vocabulary import MODEL_HELP, add_quiet, add_workers, examples
 from detection.attention.methods import AttentionRollout
 from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.cli.drise_options import add_drise_arguments, drise_options
@@ -38,9 +39,16 @@ from detection.models.registry import load_model
 from detection.runtime.distributed import DistContext, init_distributed
 
 
+EXAMPLES = examples(
+    'detr-attn eval --model demo --ann data/val.json --images data/val --out runs/eval',
+    'detr-attn eval --model detr-r50 --ann instances_val2017.json --images val2017 --random 500 --out runs/coco500',
+    'detr-attn eval --detections results.json --ann data/val.json --images data/val --out runs/scored',
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="model name (e.g. demo, detr-r50) or native model folder")
+    source.add_argument("--model", help=MODEL_HELP)
     source.add_argument("--detections", help="score an existing COCO results JSON (any detector) instead of running a model")
     parser.add_argument("--match-file-names", action="store_true",
                         help="with --detections: take image ids from each result's file_name (e.g. detr-attn predict output)")
@@ -63,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
                        help="auto = bf16 where the hardware runs it natively (CUDA, CPU with AMX/AVX512-BF16)")
     model.add_argument("--batch-size", type=int, default=2)
-    model.add_argument("--num-workers", type=int, default=0)
+    add_workers(model, 0)
     model.add_argument("--score-threshold", type=float, default=0.0, help="keep detections above this score for AP (default 0: all queries, as DETR's COCO eval)")
     attention = parser.add_argument_group("attention faithfulness (--model)")
     attention.add_argument("--no-attention", action="store_true", help="skip the attention metrics")
@@ -86,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     attention.add_argument("--export-masks", metavar="FILE",
                            help="also write the explanation masks eval scored (COCO results, RLE "
                                 "segmentation, a 'choice' field per entry) to FILE")
-    parser.add_argument("--no-progress", action="store_true")
+    add_quiet(parser)
 
 
 def _parse_choice_list(text: str) -> list[Any]:
@@ -174,13 +182,13 @@ def _run_model(args: argparse.Namespace, gt_dataset: dict[str, Any], subset: Sub
     except ValueError as error:
         raise EvaluationError(str(error)) from error
     options = ModelRunOptions(
-        device=args.device, precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers,
+        device=args.device, precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
         score_threshold=args.score_threshold, attention=not args.no_attention,
         attention_threshold=args.attention_threshold, layers=_layer_choices(args.layers, model),
         heads=_parse_choice_list(args.heads), explain=explain, attn_grad_layers=_parse_choice_list(args.attn_grad_layers),
         drise=drise, drise_precision=args.drise_precision, gaussian_sigma=args.gaussian_sigma,
         deletion_insertion=args.deletion_insertion, di_steps=args.di_steps, di_substrate=args.di_substrate,
-        di_max_detections=args.di_max_detections, progress=not args.no_progress and context.is_main,
+        di_max_detections=args.di_max_detections, progress=not args.quiet and context.is_main,
     )
     run = run_model_on_ranks(model, gt_dataset, subset, Path(args.images), label_to_category, options, context)
     context.barrier()

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from detection.cli.vocabulary import examples
 from detection.attention.methods import DEFAULT_METHOD
+
+
+EXAMPLES = examples(
+    'detr-attn export runs/photos --format coco-masks --out masks.json',
+    'detr-attn export runs/photos --format fiftyone --out runs/photos_fo --method attn-grad',
+)
 
 FORMATS = ("coco-masks", "fiftyone")
 

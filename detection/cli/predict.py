@@ -13,6 +13,7 @@ import errno
 import sys
 import traceback
 
+from detection.cli.vocabulary import MODEL_HELP, add_quiet, add_workers, examples
 from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.data.images import DEFAULT_MAX_PIXELS
 from detection.attention.methods import METHODS, parse_methods
@@ -25,6 +26,13 @@ from detection.engine.predict_run import PredictInterrupted, PredictSettings, Pr
 from detection.runfolder.layout import LOCK_FILE
 from detection.runtime.distributed import init_distributed
 from detection.text import plural
+
+
+EXAMPLES = examples(
+    'detr-attn predict photos/ --model demo --out runs/photos --overlays --save-attention',
+    'detr-attn predict photos/ --model detr-r50 --out runs/r50 --explain raw,attn-grad --overlays',
+    'detr-attn predict clip.mp4 --model hf:PekingU/rtdetr_r50vd --video-stride 10 --out runs/clip',
+)
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 3
 
@@ -62,13 +70,12 @@ def _layer_choice(text: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = EPILOG
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXAMPLES + "\n\n" + EPILOG
     parser.add_argument("inputs", nargs="*", metavar="IMAGES",
                         help="image files, folders (recursive), glob patterns, @list.txt files, videos")
     parser.add_argument("--list", action="append", default=[], metavar="FILE",
                         help="text file with one path (or folder / glob) per line; repeatable")
-    parser.add_argument("--model", default="demo", help="model name (demo, detr-r50, ...) or native model folder")
+    parser.add_argument("--model", default="demo", help=MODEL_HELP)
     parser.add_argument("--out", required=True,
                         help="output run folder (created; rerun to resume; one live run per folder)")
     parser.add_argument("--score-threshold", type=float, default=0.7)
@@ -76,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto = bf16 where the hardware supports it natively, else fp32")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=2, help="decoding worker processes (0 = none)")
+    add_workers(parser, 2)
     parser.add_argument("--batching", choices=["exact", "padded"], default="exact",
                         help="exact: only equal input shapes share a batch (results equal to one image at a "
                              "time); padded: group by aspect ratio and pad (faster on varied sizes)")
@@ -120,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--writer-threads", type=int, default=2)
     parser.add_argument("--overwrite", action="store_true",
                         help="discard a previous run in --out (only files predict writes)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(parser)
 
 
 def _overlay_size(text: str) -> int | None:

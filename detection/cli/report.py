@@ -7,8 +7,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from detection.cli.vocabulary import examples
 from detection.render.report import write_report
 from detection.render.viewer import write_viewer
+
+
+EXAMPLES = examples(
+    'detr-attn report runs/photos',
+    'detr-attn report runs/photos --viewer',
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,14 @@ import argparse
 import shutil
 from pathlib import Path
 
+from detection.cli.vocabulary import add_quiet, examples
 from detection.data.synthetic import SynthConfig, generate_dataset
+
+
+EXAMPLES = examples(
+    'detr-attn synth --out data/shapes --train 1000 --val 200 --seed 1',
+    'detr-attn synth --out data/shapes --train 10 --val 5 --overwrite',
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="0 (plain backgrounds, large shapes) .. 1 (clutter, occlusion, small shapes)")
     parser.add_argument("--min-object-size", type=float, default=None, help="min object extent (px)")
     parser.add_argument("--max-object-size", type=float, default=None, help="max object extent (px)")
-    parser.add_argument("--no-progress", action="store_true")
+    add_quiet(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the train/, val/ and annotations/ folders an earlier synth wrote in --out "
                              "(without it, a non-empty --out is refused)")
@@ -49,6 +56,6 @@ def run(args: argparse.Namespace) -> int:
             return 2
         for name in ("train", "val", "annotations"):  # what synth writes; nothing else is touched
             shutil.rmtree(out / name, ignore_errors=True)
-    generate_dataset(args.out, args.train, args.val, args.seed, config, progress=not args.no_progress)
+    generate_dataset(args.out, args.train, args.val, args.seed, config, progress=not args.quiet)
     print(f"wrote {args.train} train + {args.val} val images to {args.out}")
     return 0

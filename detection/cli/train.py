@@ -20,8 +20,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from detection.cli.vocabulary import examples
 from detection.train.config import coco_folder_data, load_train_config
 from detection.train.loop import train
+
+
+EXAMPLES = examples(
+    'detr-attn train --data data/shapes --out runs/tiny',
+    'detr-attn train --data data/mine --init detr-r50 --out runs/finetune --epochs 20',
+    'detr-attn train --config configs/train/demo.yaml --out runs/demo --resume',
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from detection.cli.vocabulary import add_quiet, examples
 from detection.models.convert import convert_to_native, detect_format, load_foreign
 from detection.models.checkpoint_io import CheckpointError, sha256_file
 from detection.models.native import read_model_meta
@@ -13,6 +14,13 @@ from detection.models.published import (DownloadError, cache_dir, check_hash, do
                                         published_native_dir)
 from detection.models.hf.hub import fetch_hub_folder, is_hub_name
 from detection.models.registry import ensure_published_native, load_model
+
+
+EXAMPLES = examples(
+    'detr-attn weights list',
+    'detr-attn weights download detr-r50',
+    'detr-attn weights convert detr-r50-e632da11.pth --out models/r50',
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "Hugging Face Hub detector (into huggingface_hub's cache)")
     download.add_argument("--cache-dir", default=None, help="cache folder (default $DETECTION_CACHE "
                                                             "or ~/.cache/detection)")
-    download.add_argument("--no-progress", action="store_true")
+    add_quiet(download)
     convert = sub.add_parser("convert", help="authors' .pth or HF folder -> native model folder")
     convert.add_argument("src", help="authors' checkpoint file or HF folder (config.json + weights)")
     convert.add_argument("--out", required=True, help="native model folder to write")
@@ -63,9 +71,9 @@ def _download(args: argparse.Namespace) -> int:
         print(f"{source}: {folder} loads ({type(model).__name__}, {len(model.config.class_names)} classes); "
               f"use --model {args.name} or --model {folder}")
         return 0
-    checkpoint = download_checkpoint(args.name, args.cache_dir, progress=not args.no_progress)
+    checkpoint = download_checkpoint(args.name, args.cache_dir, progress=not args.quiet)
     print(f"checkpoint: {checkpoint} (hash verified)")
-    folder = ensure_published_native(args.name, args.cache_dir, progress=not args.no_progress)
+    folder = ensure_published_native(args.name, args.cache_dir, progress=not args.quiet)
     print(f"native model: {folder}  (use --model {folder} or --model {args.name})")
     return 0
 
