@@ -110,7 +110,7 @@ def test_html_contents_and_escaping(tmp_path):
     assert html_path == run_dir / "report" / "index.html" and pdf_path == run_dir / "report" / "report.pdf"
     text = html_path.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>")
-    assert "3 image(s), 14 detection(s), 1 error(s)" in text
+    assert "3 images, 14 detections, 1 error" in text  # counts in the right number (issue 25)
     assert text.count('<section class="image"') == 3
     # detections table: header row + one row per detection
     sections = re.findall(r'<section class="image".*?</section>', text, flags=re.S)
@@ -129,6 +129,11 @@ def test_html_contents_and_escaping(tmp_path):
     # the index links to the sections in image id order
     assert re.findall(r'href="#img-(\d)"', text) == ["1", "2", "3"]
     assert text.index("/data/in/a/one.jpg") < text.index("/data/in/b/two.png")
+    # the images first; the run's settings folded at the end (issue 25: no settings dump on the first screen)
+    assert text.index('<section id="index">') < text.index('<section class="image"') < text.index(
+        '<details id="settings"><summary>Model and run settings</summary>')
+    assert "score_threshold" not in text[:text.index('<section id="index">')]
+    assert text.rstrip().endswith("</table></details>\n</body></html>")
 
 
 def test_pdf_pages_and_header(tmp_path):
@@ -137,9 +142,10 @@ def test_pdf_pages_and_header(tmp_path):
     data = pdf_path.read_bytes()
     assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF")
     # cover + image 1 (2 dets) + image 2 (0 dets) + image 3 (12 dets: 9 + 3 on a continuation page)
-    assert pdf_page_count(pdf_path) == 5
+    # + the settings appendix (issue 25: the cover no longer lists the settings)
+    assert pdf_page_count(pdf_path) == 6
     _, limited = write_report(run_dir, tmp_path / "limited", pdf_max_images=1)
-    assert pdf_page_count(limited) == 2
+    assert pdf_page_count(limited) == 3
 
 
 def test_report_is_deterministic(tmp_path):

@@ -14,6 +14,7 @@ from detection.data.image_codec import decode_image, encode_image
 from detection.render.panel import fit_image
 from detection.render.report_contents import (ImageEntry, RunContents, detection_caption, detection_cells,
                                               method_columns, settings_rows)
+from detection.text import plural
 
 THUMB_WIDTH = 240
 COMBINED_WIDTH = 960
@@ -61,7 +62,7 @@ class _ImageSource:
 def _image_section(number: int, entry: ImageEntry, source: _ImageSource, classes: dict[str, str]) -> str:
     parts = [f'<section class="image" id="img-{number}">', f"<h2>{_escape(entry.file)}</h2>"]
     parts.append(
-        f"<p>{entry.width} &times; {entry.height} px &middot; {len(entry.detections)} detection(s)"
+        f"<p>{entry.width} &times; {entry.height} px &middot; {plural(len(entry.detections), 'detection')}"
         + (f" &middot; image id {_escape(entry.image_id)}" if entry.image_id is not None else "")
         + "</p>"
     )
@@ -140,12 +141,11 @@ def render_html(run: RunContents, out_dir: Path, link_images: bool = False, titl
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<header><h1>{_escape(title)}</h1>",
-        f"<p>{len(run.images)} image(s), {run.detection_count} detection(s), {len(run.errors)} error(s)</p>",
+        f"<p>{plural(len(run.images), 'image')}, {plural(run.detection_count, 'detection')}, "
+        f"{plural(len(run.errors), 'error')}</p>",
     ]
     parts.extend(f'<p class="note">{_escape(note)}</p>' for note in run.notes)
-    parts.append('</header><section id="settings"><h2>Model and settings</h2><table>')
-    parts.extend(f"<tr><th>{_escape(k)}</th><td>{_escape(v)}</td></tr>" for k, v in settings_rows(run.info))
-    parts.append('</table></section><section id="index"><h2>Images</h2><div class="thumbs">')
+    parts.append('</header><section id="index"><h2>Images</h2><div class="thumbs">')
     for number, entry in enumerate(run.images, start=1):
         thumb_path = entry.overlay or next((p for p in entry.detection_overlays if p is not None), None)
         thumb = (
@@ -168,5 +168,9 @@ def render_html(run: RunContents, out_dir: Path, link_images: bool = False, titl
             f"<tr><td>{_escape(e.get('file', ''))}</td><td>{_escape(e.get('reason', ''))}</td></tr>" for e in run.errors
         )
         parts.append("</table></section>")
+    # the run's settings last, folded: the images come first
+    parts.append('<details id="settings"><summary>Model and run settings</summary><table>')
+    parts.extend(f"<tr><th>{_escape(k)}</th><td>{_escape(v)}</td></tr>" for k, v in settings_rows(run.info))
+    parts.append("</table></details>")
     parts.append("</body></html>\n")
     return "\n".join(parts)

@@ -1,4 +1,4 @@
-"""The report's multi-page PDF: a cover page with the settings, then pages per image composed
+"""The report's multi-page PDF: a cover page, then pages per image composed
 with OpenCV and written by Pillow (the same run folder gives the same bytes)."""
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from detection.render.labels import ascii_text
 from detection.render.panel import compose_grid, fit_image
 from detection.render.report_contents import (ImageEntry, RunContents, detection_caption, detection_cells,
                                               method_columns, settings_rows)
+from detection.text import plural
 
 PDF_DPI = 100
 PDF_PAGE = (1169, 827)  # A4 portrait (height, width) at 100 dpi
@@ -74,14 +75,15 @@ def _cover_page(run: RunContents, title: str, shown: int) -> np.ndarray:
     page = _blank_page()
     top = _write_lines(page, [title], _PAGE_MARGIN, scale=0.9)
     summary = [
-        f"{len(run.images)} image(s), {run.detection_count} detection(s), {len(run.errors)} error(s)",
-        f"this PDF shows {shown} of {len(run.images)} image(s); the HTML report shows all" if shown < len(run.images) else "",
+        f"{plural(len(run.images), 'image')}, {plural(run.detection_count, 'detection')}, "
+        f"{plural(len(run.errors), 'error')}",
+        f"this PDF shows {shown} of {plural(len(run.images), 'image')}; the HTML report shows all" if shown < len(run.images) else "",
         *run.notes,
         "",
-        "Model and settings:",
+        "The run's model and settings: the last page.",
+        "",
     ]
     top = _write_lines(page, [line for line in summary if line is not None], top)
-    top = _write_lines(page, [f"  {k}: {v}" for k, v in settings_rows(run.info)][:40], top)
     if run.errors:
         lines = ["Errors:", *(f"  {e.get('file', '')}: {e.get('reason', '')}" for e in run.errors[:10])]
         if len(run.errors) > 10:
@@ -92,7 +94,7 @@ def _cover_page(run: RunContents, title: str, shown: int) -> np.ndarray:
 
 def _image_pages(entry: ImageEntry) -> list[np.ndarray]:
     page = _blank_page()
-    header = f"{entry.file}  ({entry.width} x {entry.height} px, {len(entry.detections)} detection(s))"
+    header = f"{entry.file}  ({entry.width} x {entry.height} px, {plural(len(entry.detections), 'detection')})"
     top = _write_lines(page, [header], _PAGE_MARGIN, scale=0.6)
     usable = PDF_PAGE[0] - _PAGE_MARGIN
     if entry.overlay is not None:
@@ -128,12 +130,21 @@ def _image_pages(entry: ImageEntry) -> list[np.ndarray]:
     return pages
 
 
+def _settings_page(run: RunContents) -> np.ndarray:
+    """The appendix: the run's model and settings."""
+    page = _blank_page()
+    top = _write_lines(page, ["Model and run settings"], _PAGE_MARGIN, scale=0.9)
+    _write_lines(page, [f"  {k}: {v}" for k, v in settings_rows(run.info)][:60], top)
+    return page
+
+
 def write_pdf(run: RunContents, path: Path, title: str, max_images: int | None = 50) -> int:
     """Write the PDF; returns its page count. max_images None or 0: every image."""
     shown = run.images if not max_images else run.images[:max_images]
     pages = [_cover_page(run, title, len(shown))]
     for entry in shown:
         pages.extend(_image_pages(entry))
+    pages.append(_settings_page(run))
     pil_pages = [Image.fromarray(page) for page in pages]
     buffer = io.BytesIO()
     # no creation/modification dates: the same run folder gives the same bytes
