@@ -28,6 +28,7 @@ from detection.data.images import pil_to_rgb
 from detection.engine.explain import MethodRunner, build_methods
 from detection.engine.fast import PreparedModels
 from detection.engine.image_files import OutputOptions
+from detection.engine.model_failure import probe
 from detection.engine.predictor import Predictor, PredictorSettings
 from detection.evaluation.fiftyone_export import image_fields
 from detection.models.outputs import AttentionRecord
@@ -236,6 +237,7 @@ def _prepared(model: str | os.PathLike | torch.nn.Module, method: str, score_thr
     predictor = Predictor(module, PredictorSettings(
         device=device, precision=precision, score_threshold=score_threshold, cross_attention=True,
         keep_images=True, rollout=runner.needs_self_attention, last_layer_only=layers == "last"), prepared)
+    probe(predictor)  # a model that cannot run fails here, naming the module (ModelRunError)
     if key is not None:
         _PREPARED[(key, *settings)] = (predictor, runner)
     return predictor, runner

@@ -23,6 +23,7 @@ from detection.engine.display import DisplaySpec
 from detection.engine.explain import MethodRunner
 from detection.engine.fast import PreparedModels
 from detection.engine.image_files import OutputOptions, write_image_files
+from detection.engine.model_failure import ModelRunError, probe
 from detection.engine.pending import PendingWrites
 from detection.engine.planning import shard_plan
 from detection.engine.predict_methods import ExplainOptions, build_predict_methods, image_maps
@@ -165,6 +166,10 @@ def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
         except ValueError as err:  # MethodNotApplicable names the family and the methods that apply
             raise PredictUsageError(f"--explain: {err}" if settings.explain is not None else str(err)) from err
         predictor = _make_predictor(settings, model, device, runner, prepared)
+        try:  # before anything is written: a model that cannot run is a usage error about the model
+            probe(predictor)
+        except ModelRunError as err:
+            raise PredictUsageError(f"--model {settings.model}: {err}") from err
         items = expand_sources(settings.inputs, settings.list_files, video_stride=settings.video_stride)
         if not items:
             raise PredictUsageError("no inputs given")
@@ -236,8 +241,15 @@ def _run_locked(settings: PredictSettings, config: Any, source: str, context: Di
         folder.write_run_info(run_info)
     context.barrier()
 
-    processed = _predict_shard(settings, predictor, runner, folder, probed,
-                               shard_plan(plan, context.rank, context.world_size), context.is_main, stop)
+    try:
+        processed = _predict_shard(settings, predictor, runner, folder, probed,
+                                   shard_plan(plan, context.rank, context.world_size), context.is_main, stop)
+    except Exception as error:
+        if context.is_main and not (isinstance(error, OSError) and error.errno == errno.ENOSPC):
+            run_info["status"] = "failed"  # a crash of our own code: said so, and a rerun resumes
+            run_info["failure"] = f"{type(error).__name__}: {error}"
+            folder.write_run_info(run_info)
+        raise
     context.barrier()
     out = folder.out
     if context.any_true(stop.requested):

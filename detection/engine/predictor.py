@@ -15,6 +15,7 @@ from detection.data.images import DEFAULT_MAX_PIXELS
 from detection.data.preprocess import image_to_input, pad_batch
 from detection.engine.display import DisplayImages, DisplaySpec
 from detection.engine.fast import PreparedModels
+from detection.engine.model_failure import ModelRunError, describe_failure
 from detection.engine.loading import BatchLoadingDataset, LoadedBatch, Sample, make_loader
 from detection.engine.planning import PlannedBatch, plan_batches, probe_sizes
 from detection.data.sources import SourceItem, expand_sources
@@ -182,8 +183,11 @@ class Predictor:
         """
         batch, mask = pad_batch(images, self.preprocess.size_divisibility)
         start = time.perf_counter()
-        outputs = self.engine(batch, mask, cross_attention=self.cross_attention,
-                              decoder_self_attention=self.rollout, encoder_attention=self.rollout)
+        try:
+            outputs = self.engine(batch, mask, cross_attention=self.cross_attention,
+                                  decoder_self_attention=self.rollout, encoder_attention=self.rollout)
+        except Exception as error:  # noqa: BLE001 - the model's own code failed: say where, per image
+            raise ModelRunError(describe_failure(error, tuple(batch.shape[-2:]))) from error
         detections = postprocess(outputs, torch.tensor(original_sizes), self.config.class_names,
                                  self.score_threshold, rule=self.postprocess_rule)
         self.model_seconds += time.perf_counter() - start
@@ -206,7 +210,11 @@ class Predictor:
                 yield PredictionResult(sample.item, error=sample.error)
         good = [s for s in loaded.samples if s.error is None]
         for group in self._groups(good):
-            detections, record = self.predict_tensors([s.image for s in group], [s.original_size for s in group])
+            try:
+                detections, record = self.predict_tensors([s.image for s in group], [s.original_size for s in group])
+            except ModelRunError as error:  # this batch's images fail; the run goes on
+                yield from (PredictionResult(s.item, error=str(error)) for s in group if s.item.key not in skip_keys)
+                continue
             for index, sample in enumerate(group):
                 if sample.item.key in skip_keys:
                     continue

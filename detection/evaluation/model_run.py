@@ -28,6 +28,8 @@ from detection.engine.predictor import Predictor, PredictorSettings
 from detection.data.sources import SourceItem
 from detection.engine.explain import build_methods, method_names
 from detection.engine.fast import PreparedModels
+from detection.engine.model_failure import ModelRunError, probe
+from detection.evaluation.results import EvaluationError
 from detection.evaluation.subsets import Subset
 from detection.models.contract import Detector
 from detection.runtime.device import resolve_device
@@ -143,6 +145,10 @@ def run_model(
         cross_attention=runner is not None and runner.needs_attention,
         rollout=runner is not None and runner.needs_self_attention,
         keep_images=options.deletion_insertion or (runner is not None and runner.needs_input)), prepared)
+    try:  # before any output: a model that cannot run is an error about the model
+        probe(predictor)
+    except ModelRunError as error:
+        raise EvaluationError(f"--model: {error}") from error
     results: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     warnings: list[str] = []
