@@ -152,3 +152,10 @@ def test_one_flag_vocabulary_with_the_old_spellings_hidden():
     assert evaluation.parse_args(evaluation_args + ["--workers", "2"]).workers == 2
     assert "--num-workers" not in evaluation.format_help()
     assert verb_parser("predict")[1].parse_args(["x.png", "--out", "o", "--num-workers", "1"]).workers == 1
+
+
+def test_no_progress_bar_noise_when_stderr_is_not_a_terminal(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "detection.cli", "synth", "--out", str(tmp_path / "d"), "--train",
+                           "3", "--val", "1", "--image-size", "48"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0 and "\r" not in done.stderr and "synth train" not in done.stderr
+    assert done.stdout.strip() == f"wrote 3 train + 1 val images to {tmp_path / 'd'}"

@@ -342,7 +342,8 @@ def generate_split(out_dir: str | Path, split: str, count: int, seed: int, confi
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     next_ann_id = 1  # COCO: annotation id 0 breaks pycocotools matching
-    for index in tqdm(range(count), desc=f"synth {split}", unit="img", disable=not progress):
+    for index in tqdm(range(count), desc=f"synth {split}", unit="img",
+                      disable=None if progress else True):  # terminals only
         rng = image_rng(seed, split, index)
         image, objects = render_image(config, rng)
         file_name = f"{index:06d}.png"

@@ -156,7 +156,8 @@ def run_model(
     images_run = explained_images = 0
     stream = predictor.run(items) if items else iter(())
     if options.progress:
-        stream = tqdm(stream, total=len(items), desc=f"eval{f' rank {rank}' if world_size > 1 else ''}", unit="img")
+        stream = tqdm(stream, total=len(items), desc=f"eval{f' rank {rank}' if world_size > 1 else ''}", unit="img",
+                      disable=None)  # no bar (and no \r noise) when stderr is not a terminal
     for result in stream:
         image_id = result.item.image_id
         if result.error is not None:

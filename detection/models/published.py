@@ -115,7 +115,7 @@ def _fetch(url: str, dest: Path, progress: bool) -> None:
         total = int(response.headers.get("Content-Length") or 0) or None
         bar = None
         if progress:
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc=Path(url).name, leave=False)
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=Path(url).name, leave=False, disable=None)
         while True:
             chunk = response.read(1 << 20)
             if not chunk:

@@ -41,7 +41,7 @@ def evaluate_during_training(model: nn.Module, dataset: CocoDetection, device: t
     label_map = dataset.label_map
     results, hits = [], []
     if progress:
-        loader = tqdm(loader, desc="eval", unit="batch", leave=False)
+        loader = tqdm(loader, desc="eval", unit="batch", leave=False, disable=None)  # terminals only
     for images, mask, targets in loader:
         with autocast(device, precision, training=True):
             outputs = model(images.to(device), mask.to(device), cross_attention=pointing_game)

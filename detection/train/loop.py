@@ -86,7 +86,8 @@ class Trainer(TrainingParts):
             self.ddp_model = precision.compile_for_training(self.ddp_model, self.device)
         self._start_run_folder(resumed)
         if self.context.is_main and self.config["progress"]:
-            self.progress = tqdm(total=self.total_steps, initial=self.position.step, unit="step", dynamic_ncols=True)
+            self.progress = tqdm(total=self.total_steps, initial=self.position.step, unit="step", dynamic_ncols=True,
+                                 disable=None)  # terminals only: no \r noise in logs
         while self.position.epoch < self.epochs:
             self.train_epoch(kill_after_step)
             self.end_epoch()
