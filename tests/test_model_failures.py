@@ -43,7 +43,7 @@ class TableDetector(nn.Module):
 
     @property
     def preprocess_spec(self) -> PreprocessSpec:
-        # the shorter side becomes 60: the 60-pixel-tall test images keep their size, the probe is 60 x 60
+        # the shorter side becomes 60: the 60-pixel-tall test images keep their size, the 480 x 640 probe is 60 x 80
         return PreprocessSpec(resize="shortest_edge", min_size=60, max_size=1000, mean=None, std=None,
                               size_divisibility=1)
 
@@ -81,8 +81,8 @@ def test_a_model_that_cannot_run_is_a_usage_error_naming_the_module_and_writes_n
     with pytest.raises(PredictUsageError) as error:
         run_predict(_settings(tmp_path), model=TableDetector(max_width=10))
     message = str(error.value)
-    assert message.startswith("--model table-folder: the model failed on a 60x60 input in PositionTable (")
-    assert message.endswith("RuntimeError: position table holds 10 columns, the input has 60")
+    assert message.startswith("--model table-folder: the model failed on a 80x60 input in PositionTable (")
+    assert message.endswith("RuntimeError: position table holds 10 columns, the input has 80")
     assert "test_model_failures.py:" in message and not (tmp_path / "out").exists()
 
 
@@ -119,7 +119,7 @@ def test_the_cli_says_it_in_one_paragraph_with_exit_2(tmp_path, monkeypatch, cap
                    "--device", "cpu", "--workers", "0", "--quiet"])
     err = capsys.readouterr().err
     assert status == 2 and not (tmp_path / "out").exists()
-    assert "the model failed on a 60x60 input in PositionTable" in err and "Traceback" not in err
+    assert "the model failed on a 80x60 input in PositionTable" in err and "Traceback" not in err
 
 
 def test_explain_and_eval_probe_the_model_first(tmp_path, monkeypatch, capsys):
@@ -127,7 +127,7 @@ def test_explain_and_eval_probe_the_model_first(tmp_path, monkeypatch, capsys):
     from detection.cli import eval as eval_cli
     from detection.engine.model_failure import ModelRunError
 
-    with pytest.raises(ModelRunError, match=r"the model failed on a 60x60 input in PositionTable \("):
+    with pytest.raises(ModelRunError, match=r"the model failed on a 80x60 input in PositionTable \("):
         detection.explain(np.zeros((60, 80, 3), np.uint8), model=TableDetector(max_width=10), device="cpu")
     _images(tmp_path / "in", [40])
     annotations = {"images": [{"id": 1, "file_name": "im0.png", "width": 40, "height": 60}],
@@ -139,5 +139,5 @@ def test_explain_and_eval_probe_the_model_first(tmp_path, monkeypatch, capsys):
     status = main(["eval", "--model", "table-folder", "--ann", str(tmp_path / "gt.json"), "--images",
                    str(tmp_path / "in"), "--out", str(tmp_path / "eval"), "--device", "cpu", "--quiet"])
     err = capsys.readouterr().err
-    assert status == 2 and "the model failed on a 60x60 input in PositionTable" in err
+    assert status == 2 and "the model failed on a 80x60 input in PositionTable" in err
     assert not (tmp_path / "eval" / "metrics.json").exists()

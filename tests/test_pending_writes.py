@@ -108,7 +108,9 @@ def test_writer_threads_run_torch_alone_and_the_setting_ends_with_the_run(tmp_pa
     summary = predict_run.run_predict(settings, model=build_model("detr-tiny").eval())
     assert summary.images == 3 and len(seen) == 3
     assert all(name != threading.current_thread().name and threads == 1 for name, threads in seen)
-    assert model_threads == [2, 2, 2]  # the writers' setting never reaches the model's thread
+    # the probe (a model that cannot run is refused before the run), then 3 batches: the writers' setting
+    # never reaches the model's thread
+    assert model_threads == [2, 2, 2, 2]
     assert torch.get_num_threads() == 2  # this thread's, and the default of threads started now
     later: list[int] = []
     thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))

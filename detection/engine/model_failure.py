@@ -8,8 +8,9 @@ from types import TracebackType
 import numpy as np
 import torch
 
-#: The probe image: small, mid-grey, RGB (the model's own resize rule takes it to its input size).
-PROBE_SIZE = (64, 64)
+#: The probe image (height, width): mid-grey RGB of a common photo shape; the model's own resize
+#: rule takes it to the input size its real images get.
+PROBE_SIZE = (480, 640)
 
 
 class ModelRunError(RuntimeError):
@@ -41,7 +42,7 @@ def describe_failure(error: BaseException, input_size: tuple[int, int] | None = 
 
 
 def probe(predictor) -> None:
-    """Run the model once on a small probe image; ModelRunError (naming the module) when it fails."""
+    """Run the model once on the probe image (PROBE_SIZE); ModelRunError (naming the module) when it fails."""
     image = np.full((*PROBE_SIZE, 3), 128, dtype=np.uint8)
     try:
         predictor.predict_arrays([image])
