@@ -237,8 +237,10 @@ def _prepared(model: str | os.PathLike | torch.nn.Module, method: str, score_thr
     predictor = Predictor(module, PredictorSettings(
         device=device, precision=precision, score_threshold=score_threshold, cross_attention=True,
         keep_images=True, rollout=runner.needs_self_attention, last_layer_only=layers == "last"), prepared)
-    probe(predictor)  # a model that cannot run fails here, naming the module (ModelRunError)
     if key is not None:
+        # a model loaded by name is probed once, when it is prepared (a model object is prepared on every
+        # call: its first image's forward raises the same ModelRunError, so no extra forward per call)
+        probe(predictor)
         _PREPARED[(key, *settings)] = (predictor, runner)
     return predictor, runner
 
