@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 def verb_parser(verb: str) -> tuple[object, argparse.ArgumentParser]:
     """The verb's module (imported now) and its parser: options, defaults shown, examples."""
     module = importlib.import_module(VERBS[verb][0])
-    parser = argparse.ArgumentParser(prog=f"detr-attn {verb}", description=VERBS[verb][1],
+    parser = argparse.ArgumentParser(prog=f"detr-attn {verb}", description=getattr(module, "DESCRIPTION", VERBS[verb][1]),
                                      formatter_class=HelpFormatter, epilog=getattr(module, "EXAMPLES", None))
     module.add_arguments(parser)
     show_defaults(parser)

@@ -21,9 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from detection.cli.vocabulary import examples
-from detection.train.config import coco_folder_data, load_train_config
+from detection.train.config import FROM_SCRATCH_MODEL, SCHEDULES, coco_folder_data, load_train_config
 from detection.train.loop import train
 
+_SCRATCH, _FINE_TUNE = SCHEDULES["scratch"], SCHEDULES["fine-tune"]
+DESCRIPTION = f"""train or fine-tune a DETR model
+
+Which model trains:
+  with --init NAME|PATH   those weights are fine-tuned: lr {_FINE_TUNE['lr']:.0e}, backbone lr {_FINE_TUNE['lr_backbone']:.0e},
+                          {_FINE_TUNE['warmup_steps']} warm-up steps (unless --lr or --set optim.* say otherwise); with a
+                          validation set the weights are evaluated before the first step too, so the
+                          run ends by printing the AP before and after
+  without --init          {FROM_SCRATCH_MODEL} (configs/models/{FROM_SCRATCH_MODEL}.yaml) from random weights: lr {_SCRATCH['lr']:.0e},
+                          backbone lr {_SCRATCH['lr_backbone']:.0e}, no warm-up (--set model=NAME: another architecture)
+The first log line and RUN_DIR/config.yaml (model, init, optim) say which it was."""
 
 EXAMPLES = examples(
     'detr-attn train --data data/shapes --out runs/tiny',
@@ -43,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "data's categories differ")
     parser.add_argument("--epochs", type=int, help="number of epochs (optim.epochs)")
     parser.add_argument("--batch-size", type=int, help="images per optimiser step and rank (optim.batch_size)")
-    parser.add_argument("--lr", type=float, help="learning rate of the transformer and heads (optim.lr)")
+    parser.add_argument("--lr", type=float, help=f"learning rate of the transformer and heads (optim.lr; default "
+                                                 f"{_SCRATCH['lr']:.0e} from random weights, {_FINE_TUNE['lr']:.0e} with --init)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model for training (inductor: a C++ compiler on CPU, Triton "
                              "on CUDA); the first steps and each new input shape take longer")
@@ -85,9 +97,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"detr-attn train: {error}", file=sys.stderr)
         return 2
-    if args.data and values.get("data.val_images") is None:
-        print(f"detr-attn train: {args.data} has no val/ and annotations/instances_val.json: "
-              "training without evaluation", file=sys.stderr)
     try:
         summary = train(config, args.out, resume=args.resume, kill_after_step=args.kill_after_step)
     except (ValueError, FileNotFoundError) as error:  # bad init name, trainable_layers, annotations ...
@@ -95,4 +104,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if summary["rank"] == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "rank"}, default=float))
+        before, after = summary.get("initial_metrics"), summary.get("metrics")
+        if before and after:
+            print(f"AP {before['AP']:.3f} -> {after['AP']:.3f}, AP50 {before['AP50']:.3f} -> {after['AP50']:.3f} "
+                  f"(the --init weights before training -> the trained model, on {after['num_images']} "
+                  f"validation images)")
     return 0

@@ -14,7 +14,9 @@ from detection.data.ground_truth import coco_split_paths
 # Every key a train config may set; a YAML file or --set overrides these.
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
-    "model": "detr-tiny",          # configs/models/NAME.yaml or a YAML path (architecture)
+    "model": None,                 # architecture trained from random weights: configs/models/NAME.yaml
+                                   # or a YAML path; None = FROM_SCRATCH_MODEL without `init`. With
+                                   # `init` the weights define the architecture: resolved to None
     "model_overrides": {},         # DetrConfig fields changed on top of `model` (on top of `init`
                                    # weights: only PREPROCESSING_FIELDS)
     "init": None,                  # start from weights: a native folder, "demo", an authors' .pth,
@@ -36,8 +38,10 @@ DEFAULTS: dict[str, Any] = {
     },
     "augment": {},                 # see detection/data/transforms.py
     "optim": {
-        "batch_size": 8, "epochs": 10, "lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4,
-        "grad_clip": 0.1, "warmup_steps": 0, "schedule": "cosine",  # cosine | step | constant
+        # lr, lr_backbone, warmup_steps: None = the schedule of SCHEDULES["scratch"] without `init`,
+        # SCHEDULES["fine-tune"] with it (resolved by load_train_config, recorded in config.yaml)
+        "batch_size": 8, "epochs": 10, "lr": None, "lr_backbone": None, "weight_decay": 1e-4,
+        "grad_clip": 0.1, "warmup_steps": None, "schedule": "cosine",  # cosine | step | constant
         "min_lr_ratio": 0.01, "lr_drop_epochs": [], "lr_drop_factor": 0.1,
         "adamw": "fused",          # fused | foreach | for-loop: AdamW's implementation (same update)
     },
@@ -58,6 +62,16 @@ DEFAULTS: dict[str, Any] = {
     "progress": True,
 }
 
+# The architecture `detr-attn train --data DIR` trains from random weights when neither `model`
+# nor `init` is given.
+FROM_SCRATCH_MODEL = "detr-tiny"
+# The optimiser settings left unset (None) take one of these: training from random weights, or
+# fine-tuning `init` weights (ten times lower rates and a short warm-up, so that the first steps
+# on new data do not undo what the weights know).
+SCHEDULES: dict[str, dict[str, float]] = {
+    "scratch": {"lr": 1e-4, "lr_backbone": 1e-5, "warmup_steps": 0},
+    "fine-tune": {"lr": 1e-5, "lr_backbone": 1e-6, "warmup_steps": 50},
+}
 
 # Sections whose keys are not checked here (DetrConfig fields, augmentation options): a file or
 # `--set section={...}` replaces the whole mapping; `--set section.a.b=v` sets one entry in it.
@@ -141,7 +155,33 @@ def load_train_config(path: str | os.PathLike | None, overrides: Iterable[str] =
             raise ValueError(f"train config needs data.{key}")
     if config["precision"] not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {config['precision']!r}")
+    return resolve_model_and_schedule(config)
+
+
+def resolve_model_and_schedule(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with what training will really do written in: `model` FROM_SCRATCH_MODEL when
+    neither it nor `init` is set and None when `init` is (the weights define the architecture);
+    the unset optimiser settings from SCHEDULES. Idempotent (a resumed run's config.yaml is
+    already resolved)."""
+    config = copy.deepcopy(config)
+    if config.get("init"):
+        config["model"] = None
+    elif config.get("model") is None:
+        config["model"] = FROM_SCRATCH_MODEL
+    schedule = SCHEDULES["fine-tune" if config.get("init") else "scratch"]
+    for key, value in schedule.items():
+        if config["optim"].get(key) is None:
+            config["optim"][key] = value
     return config
+
+
+def describe_training_model(config: dict[str, Any]) -> str:
+    """One line a user reads first: which model trains, from what, with which learning rate."""
+    optim = config["optim"]
+    rates = f"lr {optim['lr']:g}, backbone lr {optim['lr_backbone']:g}, warm-up {optim['warmup_steps']} steps"
+    if config.get("init"):
+        return f"fine-tuning the weights of {config['init']} ({rates})"
+    return f"training {config['model']} from random weights ({rates})"
 
 
 def coco_folder_data(root: str | os.PathLike) -> dict[str, str]:

@@ -85,6 +85,7 @@ class Trainer(TrainingParts):
         if self.config.get("compile"):  # the bare modules keep the weights: checkpoints are unchanged
             self.ddp_model = precision.compile_for_training(self.ddp_model, self.device)
         self._start_run_folder(resumed)
+        initial_metrics = self.evaluate_init_weights() if resumed is None and not resume else None
         if self.context.is_main and self.config["progress"]:
             self.progress = tqdm(total=self.total_steps, initial=self.position.step, unit="step", dynamic_ncols=True,
                                  disable=None)  # terminals only: no \r noise in logs
@@ -100,7 +101,7 @@ class Trainer(TrainingParts):
                                  "elapsed_s": round(time.time() - self.start_time, 2)})
         self.context.barrier()
         return {"steps": self.position.step, "epochs": self.position.epoch, "best_metric": self.position.best_metric,
-                "metrics": self.last_metrics, "elapsed_s": time.time() - self.start_time, "rank": self.context.rank,
+                "initial_metrics": initial_metrics, "metrics": self.last_metrics, "elapsed_s": time.time() - self.start_time, "rank": self.context.rank,
                 "world_size": self.context.world_size,
                 "weights_sha256": digest.weights_digest(model_export.inference_copy(self.model))}
 
@@ -222,20 +223,38 @@ class Trainer(TrainingParts):
             save_checkpoint(self.checkpoint_dir / "last.pt", self.checkpoint_state(position.epoch, 0))
         self.context.barrier()
 
-    def evaluate_and_keep_best(self) -> None:
-        """Evaluate (the EMA weights when EMA is on), log, and keep best.pt / best_model/."""
+    def evaluate_init_weights(self) -> dict[str, Any] | None:
+        """Fine-tuning with a validation set: the `init` weights evaluated before the first step
+        (rank 0; logged as the epoch-0 eval record), so one run states the AP before and after.
+        None from random weights, without a validation set, or on other ranks."""
+        if not self.config.get("init") or self.val_set is None or not self.config["eval"].get("every_epochs"):
+            return None
+        metrics = self._evaluate(self.model) if self.context.is_main else None
+        self.context.barrier()
+        return metrics
+
+    def _evaluate(self, eval_model: nn.Module) -> dict[str, Any]:
+        """COCO metrics of `eval_model` on the validation set, written to log.jsonl and the log."""
         eval_cfg, position = self.config["eval"], self.position
-        eval_model = self.ema.module if self.ema is not None else self.model
         metrics = evaluate_during_training(
             eval_model, self.val_set, self.device, self.config["precision"], int(eval_cfg["batch_size"]),
             float(eval_cfg["score_threshold"]), float(eval_cfg["attention_threshold"]),
             bool(eval_cfg["pointing_game"]), eval_cfg.get("max_images"))
-        self.last_metrics = metrics
         self.json_log.write({"type": "eval", "epoch": position.epoch, "step": position.step,
                              "elapsed_s": round(time.time() - self.start_time, 2), **metrics})
+        line = f"epoch {position.epoch}: " + ", ".join(
+            f"{k} {metrics[k]:.3f}" for k in ("AP", "AP50", "pointing_game") if k in metrics)
         if self.progress is not None:
-            self.progress.write(f"epoch {position.epoch}: " + ", ".join(
-                f"{k} {metrics[k]:.3f}" for k in ("AP", "AP50", "pointing_game") if k in metrics))
+            self.progress.write(line)
+        else:
+            log.info("%s", line)
+        return metrics
+
+    def evaluate_and_keep_best(self) -> None:
+        """Evaluate (the EMA weights when EMA is on), log, and keep best.pt / best_model/."""
+        eval_cfg, position = self.config["eval"], self.position
+        eval_model = self.ema.module if self.ema is not None else self.model
+        metrics = self.last_metrics = self._evaluate(eval_model)
         metric = float(metrics[eval_cfg.get("best_metric", "AP")])
         if position.best_metric is None or metric > position.best_metric:
             position.best_metric = metric

@@ -19,6 +19,7 @@ from detection.data.transforms import EvalTransform, build_transform
 from detection.runtime.distributed import DistContext
 from detection.train import model_setup, optim, precision
 from detection.train.checkpoint import code_version, load_checkpoint, rng_state, set_rng_state
+from detection.train.config import describe_training_model
 from detection.train.dense import DenseSupervision
 from detection.train.ema import ModelEma
 from detection.train.losses import SetCriterion
@@ -67,9 +68,14 @@ class TrainingParts:
     def __init__(self, config: dict[str, Any], out_dir: Path, device: torch.device, context: DistContext) -> None:
         self.config, self.out_dir, self.device, self.context = config, out_dir, device, context
         self.checkpoint_dir = out_dir / "checkpoints"
+        if context.is_main:  # the first line a user reads: which model trains, and how
+            log.info("%s", describe_training_model(config))
         _configure_process(config)
         self.seed = int(config["seed"])
         self.train_set, self.val_set = _datasets(config)
+        if self.val_set is None and context.is_main:
+            log.warning("no validation data (data.val_images and data.val_annotations; with --data DIR: "
+                        "DIR/val/ and DIR/annotations/instances_val.json): training without evaluation")
         self.label_map = self.train_set.label_map
         self.model = model_setup.build_training_model(config, self.label_map).to(device)
         self.channels_last = precision.prepare_for_training(self.model, config)
