@@ -27,8 +27,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_hf_equivalence import CASES, hf_folder  # noqa: E402
 
+from detection.attention.methods import DEFAULT_METHOD  # noqa: E402
 from detection.cli import main  # noqa: E402
 from detection.render.panel import fit_image  # noqa: E402
+from detection.runfolder.layout import detection_overlay_name  # noqa: E402
 
 FAMILIES = ["yolos", "conditional_detr", "dab-detr", "table-transformer", "deformable_detr", "rt_detr",
             "rt_detr_v2", "d_fine", "rf_detr"]
@@ -63,7 +65,8 @@ def family_tiles(family: str, image: Path, work: Path) -> list[np.ndarray]:
             raise SystemExit(f"{family}: predict exited {code}")
         record = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
         best = max(range(len(record["detections"])), key=lambda k: record["detections"][k]["score"])
-        tiles.append(_label(_tile(out / "overlays" / record["key"] / f"det_{best}.png"), f"{family} ({style})"))
+        overlay = out / detection_overlay_name(record["key"], best, DEFAULT_METHOD, "png", style)
+        tiles.append(_label(_tile(overlay), f"{family} ({style})"))
     return tiles
 
 

@@ -35,6 +35,7 @@ import argparse
 import io
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -244,20 +245,48 @@ def compare_file(a: Path, b: Path, *, json_parsed: bool, run_json: str) -> list[
     if suffix == ".json" and json_parsed:
         found = json_difference(_without_timing(json.loads(a.read_text())), _without_timing(json.loads(b.read_text())))
         return [found] if found else []
+    if suffix == ".jsonl":  # the "overlay" fields in the old layout, every other byte as written
+        return [] if _OVERLAY_FIELD.sub(rb"\1\2", a.read_bytes()) == _OVERLAY_FIELD.sub(rb"\1\2", b.read_bytes()) \
+            else ["bytes differ"]
     return [] if a.read_bytes() == b.read_bytes() else ["bytes differ"]
+
+
+# Re-baselined when the overlays started to carry their method in the file name (issue 25): an
+# overlay of either layout is compared under its name in the old revision's layout
+# (overlays/<key>.raw.<fmt> -> overlays/<key>.<fmt>; overlays/<key>/det_<k>.raw[-points].<fmt> ->
+# overlays/<key>/det_<k>.<fmt>; overlays/<key>/det_<k>.<method>.<fmt> -> overlays/<key>/<method>/det_<k>.<fmt>),
+# and predictions.jsonl's "overlay" fields likewise; everything else is compared as before.
+_COMBINED = re.compile(r"^(?P<dir>(?:.*/)?overlays/)(?P<key>[^/]+?)\.raw\.(?P<fmt>png|jpg|jpeg)$")
+_PER_DETECTION = re.compile(r"^(?P<dir>(?:.*/)?overlays/)(?P<key>[^/]+)/det_(?P<k>\d+)\.(?P<method>[a-z-]+)"
+                            r"\.(?P<fmt>png|jpg|jpeg)$")
+_OVERLAY_FIELD = re.compile(rb'("overlay": "overlays/[^"]+?)\.raw(\.(?:png|jpg|jpeg)")')
+
+
+def old_layout_name(name: str) -> str:
+    """`name` (relative, '/'-separated) as the old revision's layout names that output."""
+    found = _PER_DETECTION.match(name)
+    if found:
+        method = found["method"].removesuffix("-points")
+        where = found["key"] if method == "raw" else f"{found['key']}/{method}"
+        return f"{found['dir']}{where}/det_{found['k']}.{found['fmt']}"
+    found = _COMBINED.match(name)
+    return f"{found['dir']}{found['key']}.{found['fmt']}" if found else name
 
 
 def compare_folders(label: str, old: Path, new: Path, *, json_parsed: bool = False, run_json: str = "fingerprint",
                     only: tuple[str, ...] | None = None) -> tuple[list[Problem], int]:
-    """Every file of two folders (or only the relative paths `only`), matched by relative path."""
-    def listing(root: Path) -> set[str]:
-        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
+    """Every file of two folders (or only the relative paths `only`), matched by relative path
+    in the old revision's layout (`old_layout_name`)."""
+    def listing(root: Path) -> dict[str, Path]:
+        files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+        return {old_layout_name(str(p.relative_to(root))): p for p in files}
 
-    names = set(only) if only is not None else listing(old) | listing(new)
+    in_old, in_new = listing(old), listing(new)
+    names = set(only) if only is not None else set(in_old) | set(in_new)
     problems: list[Problem] = []
     checked = 0
     for name in sorted(names):
-        a, b = old / name, new / name
+        a, b = in_old.get(name, old / name), in_new.get(name, new / name)
         if not a.exists() or not b.exists():
             problems.append((label, name, f"only in {'new' if b.exists() else 'old' if a.exists() else 'neither'}"))
             continue
@@ -282,7 +311,7 @@ def compare_all(work: Path) -> tuple[list[Problem], int]:
 def plant(run: Path, kind: str) -> tuple[str, str]:
     """Change one output of a finished predict run; returns (its relative path, what the report must say)."""
     if kind == "overlay":
-        target = sorted(run.glob("overlays/*/relevance/det_*.png"))[0]
+        target = sorted(run.glob("overlays/*/det_*.relevance.png"))[0]
         with Image.open(target) as image:
             pixels = np.array(image)
         y, x = pixels.shape[0] // 2, pixels.shape[1] // 2
@@ -297,7 +326,7 @@ def plant(run: Path, kind: str) -> tuple[str, str]:
         arrays["cells"][first] = np.nextafter(arrays["cells"][first], np.float32(np.inf))  # one ulp
         np.savez_compressed(target, **arrays)
         expected = f"[cells] 1 of {arrays['cells'].size} values differ, first at {first}:"
-    return str(target.relative_to(run)), expected
+    return old_layout_name(str(target.relative_to(run))), expected
 
 
 def main() -> int:

@@ -239,10 +239,10 @@ def test_written_overlays_at_a_display_size(tmp_path, predicted):
     shown = resize_image(result.image, size)
     shown_detections = detections.resized(size)
     maps = detection_maps(result.attention, 0, detections.query_index, size)
-    np.testing.assert_array_equal(decode_image(folder.overlay_path(key, "png").read_bytes()),
+    np.testing.assert_array_equal(decode_image(folder.overlay_path(key, "raw", "png").read_bytes()),
                                   render_overlay(shown, shown_detections, maps))
     for k in (0, len(detections) - 1):
-        np.testing.assert_array_equal(decode_image(folder.detection_overlay_path(key, k, "png").read_bytes()),
+        np.testing.assert_array_equal(decode_image(folder.detection_overlay_path(key, k, "raw", "png").read_bytes()),
                                       render_detection_overlay(shown, shown_detections[k], maps[k]))
     # the npz does not depend on the overlay size: cells, and the original-size maps from them
     stored, _ = load_maps_npz(folder.attention_path(key))

@@ -66,7 +66,7 @@ def test_predict_eval_report_round_trip(tmp_path, dataset: Path, variant: str) -
                 if queries[a] == queries[b]:
                     assert np.array_equal(stored[a], stored[b])
                     np.testing.assert_allclose(maps[a], maps[b], rtol=0, atol=1e-5)
-        combined = cv2.imread(str(out / "overlays" / f"{record['key']}.png"))
+        combined = cv2.imread(str(out / record["overlay"]))
         assert combined.shape[:2] == loaded.original_size
     evaluation = tmp_path / "eval"
     assert main(["eval", "--no-progress", "--model", str(folder), "--ann",
@@ -88,7 +88,7 @@ def test_predict_eval_report_round_trip(tmp_path, dataset: Path, variant: str) -
 
 @pytest.mark.parametrize("variant", ["deformable_detr", "rt_detr_v2_discrete"])
 def test_points_overlay_style(tmp_path, dataset: Path, variant: str) -> None:
-    """--overlay-style points: det_<k> is the detection's sampling points drawn over the image."""
+    """--overlay-style points: det_<k>.raw-points is the detection's sampling points drawn over the image."""
     from detection.attention.sampled import query_points
     from detection.render.points import render_points
     from detection.structures import Detections
@@ -113,7 +113,7 @@ def test_points_overlay_style(tmp_path, dataset: Path, variant: str) -> None:
                          labels=torch.tensor([detection["label"]]), class_names=[detection["class_name"]],
                          query_index=torch.tensor([detection["query_index"]]), image_size=loaded.original_size)
         expected = render_points(loaded.rgb, points, one)
-        written = cv2.cvtColor(cv2.imread(str(out / "overlays" / record["key"] / f"det_{k}.png")), cv2.COLOR_BGR2RGB)
+        written = cv2.cvtColor(cv2.imread(str(out / "overlays" / record["key"] / f"det_{k}.raw-points.png")), cv2.COLOR_BGR2RGB)
         # boxes come back from the journal rounded to 3 decimals: allow the anti-aliased edge to move
         assert np.mean(np.abs(written.astype(int) - expected.astype(int)) > 0) < 0.002
         assert np.abs(written.astype(int) - loaded.rgb.astype(int)).max() > 100  # the dots are there

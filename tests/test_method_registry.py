@@ -85,7 +85,7 @@ def test_a_toy_method_runs_through_predict_the_api_and_the_report(registered, tm
     cells, meta = load_maps_npz(out / "attention" / "toy" / "shapes_1.npz", size=None)
     assert meta["method"] == "toy" and len(cells) == summary.detections
     np.testing.assert_array_equal(cells, toy_cells(len(cells), *cells.shape[1:]).numpy())
-    assert [path.name for path in record.method_overlays["toy"]] == [f"det_{k}.png" for k in range(len(cells))]
+    assert [path.name for path in record.method_overlays["toy"]] == [f"det_{k}.toy.png" for k in range(len(cells))]
     # the report: a column for the toy method beside raw
     html, _ = write_report(out)
     page = Path(html).read_text(encoding="utf-8")

@@ -330,10 +330,10 @@ def test_cli_overlays_and_attention_files(tmp_path: Path, tiny_model_dir: Path) 
     assert maps.shape == (count, 120, 160)
     assert meta["query_index"] == [d["query_index"] for d in record["detections"]]
     assert meta["file"] == record["file"] and meta["layers"] == "last"
-    combined = cv2.imread(str(out / "overlays" / "sub__img00.jpg"))
+    combined = cv2.imread(str(out / "overlays" / "sub__img00.raw.jpg"))
     assert combined.shape == (120, 160, 3)
     for k in range(count):
-        assert cv2.imread(str(out / "overlays" / "sub__img00" / f"det_{k}.jpg")).shape == (120, 160, 3)
+        assert cv2.imread(str(out / "overlays" / "sub__img00" / f"det_{k}.raw.jpg")).shape == (120, 160, 3)
     assert not list(out.rglob("*.tmp"))
 
 

@@ -102,15 +102,16 @@ def test_per_method_overlays_draw_the_saved_maps(explained_run: Path) -> None:
                             scores=torch.tensor(meta["scores"]), labels=torch.tensor(meta["labels"]),
                             query_index=torch.tensor(meta["query_index"]), class_names=meta["class_names"])
     for k in range(len(detections)):
-        written = cv2.cvtColor(cv2.imread(str(explained_run / "overlays" / key / "relevance" / f"det_{k}.png")),
+        written = cv2.cvtColor(cv2.imread(str(explained_run / "overlays" / key / f"det_{k}.relevance.png")),
                                cv2.COLOR_BGR2RGB)
         expected = render_detection_overlay(rgb, detections[k], maps[k])
         # float16 storage moves a few colormap steps by one
         assert np.mean(np.abs(written.astype(int) - expected.astype(int)) > 2) < 0.01
-        assert (explained_run / "overlays" / key / f"det_{k}.png").is_file()  # raw's, as without --explain
-    for method in ("rollout", "attn-grad", "drise"):
-        assert sorted(p.name for p in (explained_run / "overlays" / key / method).iterdir()) == \
-            [f"det_{k}.png" for k in range(len(record["detections"]))]
+        assert (explained_run / "overlays" / key / f"det_{k}.raw.png").is_file()  # raw's, as without --explain
+    # one folder per image, each file named by its detection and the method that drew it
+    assert sorted(p.name for p in (explained_run / "overlays" / key).iterdir()) == sorted(
+        f"det_{k}.{method}.png" for k in range(len(record["detections"]))
+        for method in ("raw", "relevance", "rollout", "attn-grad", "drise"))
 
 
 def test_drise_is_stored_on_a_grid_of_long_side_at_most_max_side(tmp_path) -> None:

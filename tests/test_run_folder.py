@@ -40,8 +40,13 @@ def results(tmp_path_factory):
 
 
 def test_names_are_the_documented_layout():
-    assert overlay_name("a__b~2", "png") == "overlays/a__b~2.png"
-    assert detection_overlay_name("a__b~2", 3, "jpg") == "overlays/a__b~2/det_3.jpg"
+    # every overlay's file name says which method drew it (and the point view says so)
+    assert overlay_name("a__b~2", "raw", "png") == "overlays/a__b~2.raw.png"
+    assert detection_overlay_name("a__b~2", 3, "raw", "jpg") == "overlays/a__b~2/det_3.raw.jpg"
+    assert detection_overlay_name("a__b~2", 3, "raw", "jpg", "points") == "overlays/a__b~2/det_3.raw-points.jpg"
+    assert detection_overlay_name("a", 0, "drise", "png") == "overlays/a/det_0.drise.png"
+    # a key that ends like a method name still gets names of its own
+    assert overlay_name("a.raw", "raw", "png") != overlay_name("a", "raw", "png")
     assert attention_name("clip__frame000003") == "attention/clip__frame000003.npz"
     assert OWN_OUTPUTS == ("run.json", "predictions.jsonl", "errors.jsonl", "detections.json", ".parts",
                            "overlays", "attention")
@@ -74,26 +79,26 @@ def test_reader_round_trips_what_the_writer_wrote(tmp_path: Path, results) -> No
         key = reader.image_key(record)
         detections = result.detections
         assert key == result.item.key and len(detections) == len(record["detections"]) > 0
-        assert reader.overlay(record, key) == tmp_path / "out" / record["overlay"] == folder.overlay_path(key, "png")
+        assert reader.overlay(record, key) == tmp_path / "out" / record["overlay"] == folder.overlay_path(key, "raw", "png")
         maps = detection_maps(result.attention, 0, detections.query_index, detections.image_size)
         # PNG is lossless: the files hold exactly the rendered pixels
         np.testing.assert_array_equal(decode_image(reader.overlay(record, key).read_bytes()),
                                       render_overlay(result.image, detections, maps))
         per_detection = reader.detection_overlays(key, len(detections))
-        assert per_detection == [folder.detection_overlay_path(key, k, "png") for k in range(len(detections))]
+        assert per_detection == [folder.detection_overlay_path(key, k, "raw", "png") for k in range(len(detections))]
         np.testing.assert_array_equal(decode_image(per_detection[1].read_bytes()),
                                       render_detection_overlay(result.image, detections[1], maps[1]))
         stored, meta = load_maps_npz(reader.attention(key))
         np.testing.assert_array_equal(stored, maps)  # cells stored: exact at the original size
         assert meta["key"] == key and meta["query_index"] == detections.query_index.tolist()
         assert record == detection_record(result.item, detections, category_ids) | {
-            "attention": attention_name(key), "overlay": overlay_name(key, "png")}
+            "attention": attention_name(key), "overlay": overlay_name(key, "raw", "png")}
 
 
 def test_reader_finds_keys_of_records_without_a_key_field(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path)
-    folder.detection_overlay_path("a__one", 0, "jpg").parent.mkdir(parents=True)
-    folder.overlay_path("a__one", "jpg").write_bytes(b"jpg")
+    folder.detection_overlay_path("a__one", 0, "raw", "jpg").parent.mkdir(parents=True)
+    folder.overlay_path("a__one", "raw", "jpg").write_bytes(b"jpg")
     folder.attention_path("two").parent.mkdir(parents=True)
     folder.attention_path("two").write_bytes(b"npz")
     (tmp_path / "predictions.jsonl").write_text("")
@@ -102,9 +107,26 @@ def test_reader_finds_keys_of_records_without_a_key_field(tmp_path: Path) -> Non
     assert reader.image_key({"file": "/data/two.png"}) == "two"
     assert reader.image_key({"file": "/data/three.png"}) is None
     assert reader.image_key({"file": "/data/in/a/one.jpg", "stem": "older"}) == "older"
-    assert reader.overlay({"overlay": "../outside.png"}, "a__one") == folder.overlay_path("a__one", "jpg")
+    assert reader.overlay({"overlay": "../outside.png"}, "a__one") == folder.overlay_path("a__one", "raw", "jpg")
     assert reader.detection_overlays("a__one", 2) == [None, None]
     assert reader.attention("a__one") is None and reader.info() is None and reader.errors() == []
+
+
+def test_reader_finds_overlays_of_folders_written_before_the_method_names(tmp_path: Path) -> None:
+    (tmp_path / "predictions.jsonl").write_text("")
+    old = {"overlays/a.png": "combined", "overlays/a/det_0.png": "raw 0", "overlays/a/det_1.jpg": "raw 1",
+           "overlays/a/drise/det_0.png": "drise 0"}
+    for name, text in old.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    reader = RunReader(tmp_path)
+    assert reader.image_key({"file": "/in/a.png"}) == "a"
+    assert reader.overlay({}, "a").read_text() == "combined"
+    assert [p.read_text() for p in reader.detection_overlays("a", 2)] == ["raw 0", "raw 1"]
+    assert [p and p.read_text() for p in reader.detection_overlays("a", 2, "drise")] == ["drise 0", None]
+    new = RunFolder(tmp_path).detection_overlay_path("a", 1, "raw", "png", "points")
+    new.write_text("points 1")  # a resumed folder: the new name wins over the old one
+    assert [p.read_text() for p in reader.detection_overlays("a", 2)] == ["raw 0", "points 1"]
 
 
 def test_clear_removes_only_predicts_own_outputs(tmp_path: Path) -> None:

@@ -26,14 +26,15 @@ from detection.runfolder.records import detection_record
 class OutputOptions:
     """What a predict run writes beside predictions.jsonl.
 
-    overlays: overlays/<key>.<image_format> and overlays/<key>/det_<k>.<image_format>.
+    overlays: overlays/<key>.<method>.<image_format> (combined) and overlays/<key>/det_<k>.<method>.<image_format>
+        (`runfolder.layout`: the file names say which method drew them).
     save_attention: attention/<key>.npz (per-detection cell maps, see runfolder.maps_npz) and
         attention/grids/<key>.npz (what the viewer needs: per-detection grids within `grid_budget` bytes,
         see runfolder.grids).
     save_encoder_attention: attention/grids/<key>.npz also keeps the last encoder layer's head-mean
         self-attention (needs a model run with encoder attention).
     heads / layers / normalize: how the maps are made (see attention.maps.detection_maps).
-    overlay_style: "heatmap" (the maps) or "points" (deformable families: overlays/<key>/det_<k>
+    overlay_style: "heatmap" (the maps) or "points" (deformable families: overlays/<key>/det_<k>.<method>-points
         shows the detection's sampling points as dots, see render.points; the combined overlay
         stays the heatmap).
     overlay_size: long side of the overlays in pixels (only ever scaled down; None = original size;
@@ -69,7 +70,7 @@ def write_image_files(folder: RunFolder, result: PredictionResult, maps: dict[st
     In order: the record; with --save-attention the attention maps' npz (attention/<key>.npz) and
     the viewer's grids; with --overlays the combined and per-detection overlays of the attention
     maps; then each other method's npz (attention/<method>/<key>.npz) and, with --overlays, its
-    per-detection heat maps (overlays/<key>/<method>/det_<k>). Raises ValueError when maps are
+    per-detection heat maps (overlays/<key>/det_<k>.<method>). Raises ValueError when maps are
     requested but the result holds no attention (or no image for overlays).
     """
     item, detections = result.item, result.detections
@@ -89,10 +90,11 @@ def write_image_files(folder: RunFolder, result: PredictionResult, maps: dict[st
             overlays = render_overlays(overlay_source(result), detections, attention_maps.values, meta, options,
                                        result.attention)
             for k, image in overlays:
-                path = (folder.overlay_path(item.key, options.image_format) if k is None  # k None: the combined
-                        else folder.detection_overlay_path(item.key, k, options.image_format))
+                path = (folder.overlay_path(item.key, DEFAULT_METHOD, options.image_format) if k is None  # the combined
+                        else folder.detection_overlay_path(item.key, k, DEFAULT_METHOD, options.image_format,
+                                                           options.overlay_style))
                 write_bytes_atomic(path, encode_overlay(image, options.image_format))
-            record["overlay"] = overlay_name(item.key, options.image_format)
+            record["overlay"] = overlay_name(item.key, DEFAULT_METHOD, options.image_format)
     if explain is not None:
         record["methods"] = {method: _write_method(folder, result, method, maps[method], options)
                              for method in explain if method in maps}
@@ -121,7 +123,7 @@ def _write_method(folder: RunFolder, result: PredictionResult, method: str, maps
         geometry = {"feature_stride": maps.stride, "input_size": maps.input_size}
         overlays = render_overlays(overlay_source(result), detections, maps.values, geometry, heatmaps)
         for k, image in itertools.islice(overlays, len(detections)):  # the combined overlay is not drawn
-            write_bytes_atomic(folder.method_overlay_path(item.key, method, k, options.image_format),
+            write_bytes_atomic(folder.detection_overlay_path(item.key, k, method, options.image_format),
                                encode_overlay(image, options.image_format))
     return method_attention_name(item.key, method)
 

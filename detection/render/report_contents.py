@@ -57,7 +57,7 @@ def _image_entry(row: dict, reader: RunReader) -> ImageEntry:
         per_detection = reader.detection_overlays(stem, len(row["detections"]))
         methods = row.get("methods") if isinstance(row.get("methods"), dict) else {}
         for method in methods:
-            paths = reader.method_detection_overlays(stem, str(method), len(row["detections"]))
+            paths = reader.detection_overlays(stem, len(row["detections"]), str(method))
             if any(path is not None for path in paths):
                 per_method[str(method)] = paths
     return ImageEntry(

@@ -7,9 +7,10 @@ from pathlib import Path, PurePath
 from typing import Any, Callable
 
 from detection.io import read_json
-from detection.runfolder.layout import (ERRORS_FILE, OVERLAY_FORMATS, OVERLAYS_DIR, PREDICTIONS_FILE, RUN_FILE,
-                                        attention_name, detection_overlay_name, grids_name, method_attention_name,
-                                        method_overlay_name, overlay_name)
+from detection.attention.methods.table import DEFAULT_METHOD
+from detection.runfolder.layout import (ERRORS_FILE, OVERLAY_FORMATS, OVERLAYS_DIR, POINTS_VIEW, PREDICTIONS_FILE,
+                                        RUN_FILE, attention_name, detection_overlay_name, grids_name,
+                                        legacy_overlay_name, method_attention_name, overlay_name)
 from detection.runfolder.records import read_json_lines
 
 
@@ -71,7 +72,7 @@ class RunReader:
             if isinstance(record.get(field), str) and record[field]:
                 return record[field]
         for candidate in stem_candidates(str(record["file"])):
-            if self._find_image(lambda fmt: overlay_name(candidate, fmt)) or (self.root / OVERLAYS_DIR / candidate).is_dir():
+            if self._find_overlay(candidate, None, DEFAULT_METHOD) or (self.root / OVERLAYS_DIR / candidate).is_dir():
                 return candidate
             if (self.root / attention_name(candidate)).is_file():
                 return candidate
@@ -79,16 +80,14 @@ class RunReader:
 
     def overlay(self, record: dict[str, Any], key: str) -> Path | None:
         """The combined overlay: the record's "overlay" path when it names a file inside the
-        folder, else overlays/<key>.<png|jpg|jpeg>, else None."""
-        return self._inside(record.get("overlay")) or self._find_image(lambda fmt: overlay_name(key, fmt))
+        folder, else overlays/<key>.<default method>.<png|jpg|jpeg> (or an older folder's
+        overlays/<key>.<fmt>), else None."""
+        return self._inside(record.get("overlay")) or self._find_overlay(key, None, DEFAULT_METHOD)
 
-    def detection_overlays(self, key: str, count: int) -> list[Path | None]:
-        """Per-detection overlays of image `key` (None where a file is missing)."""
-        return [self._find_image(lambda fmt: detection_overlay_name(key, k, fmt)) for k in range(count)]
-
-    def method_detection_overlays(self, key: str, method: str, count: int) -> list[Path | None]:
-        """Per-detection overlays of image `key` drawn with explanation method `method` (None where missing)."""
-        return [self._find_image(lambda fmt: method_overlay_name(key, method, k, fmt)) for k in range(count)]
+    def detection_overlays(self, key: str, count: int, method: str = DEFAULT_METHOD) -> list[Path | None]:
+        """Per-detection overlays of image `key` drawn with explanation method `method` (heat map
+        or point view; None where a file is missing)."""
+        return [self._find_overlay(key, k, method) for k in range(count)]
 
     def method_attention(self, key: str, method: str) -> Path | None:
         """attention/<method>/<key>.npz, or None when the run did not save it."""
@@ -110,6 +109,21 @@ class RunReader:
             candidate = self.root / name(image_format)
             if candidate.is_file():
                 return candidate
+        return None
+
+    def _find_overlay(self, key: str, index: int | None, method: str) -> Path | None:
+        """Detection `index`'s overlay (None: the combined one) drawn from `method`: its heat map,
+        else its point view, else where an older folder put it (`layout.legacy_overlay_name`)."""
+        if index is None:
+            names = [lambda fmt: overlay_name(key, method, fmt)]
+        else:
+            names = [lambda fmt: detection_overlay_name(key, index, method, fmt),
+                     lambda fmt: detection_overlay_name(key, index, method, fmt, POINTS_VIEW)]
+        names.append(lambda fmt: legacy_overlay_name(key, index, method, DEFAULT_METHOD, fmt))
+        for name in names:
+            found = self._find_image(name)
+            if found is not None:
+                return found
         return None
 
     def _inside(self, relative: Any) -> Path | None:

@@ -13,8 +13,8 @@ from detection.io import write_json_atomic, write_text_atomic
 from detection.runfolder.journal import Journal, dumps_record, read_journal, repair_journal
 from detection.runfolder.layout import (ATTENTION_DIR, DETECTIONS_FILE, ERRORS_FILE, LOCK_FILE, OVERLAYS_DIR,
                                         OWN_OUTPUTS, PARTS_DIR, PREDICTIONS_FILE, RUN_FILE, attention_name,
-                                        detection_overlay_name, grids_name, method_attention_name,
-                                        method_overlay_name, overlay_name)
+                                        detection_overlay_name, grids_name, image_overlays_dir,
+                                        method_attention_name, overlay_name)
 from detection.runfolder.lock import RunLock
 from detection.runfolder.records import coco_results, error_record
 from detection.runfolder.versions import MAPS_FORMAT_KEY
@@ -67,11 +67,21 @@ class RunFolder:
             paths += sorted(parts.glob("predictions.rank*.jsonl"))
         return paths
 
-    def overlay_path(self, key: str, suffix: str) -> Path:
-        return self.out / overlay_name(key, suffix)
+    def overlay_path(self, key: str, method: str, suffix: str) -> Path:
+        return self.out / overlay_name(key, method, suffix)
 
-    def detection_overlay_path(self, key: str, index: int, suffix: str) -> Path:
-        return self.out / detection_overlay_name(key, index, suffix)
+    def detection_overlay_path(self, key: str, index: int, method: str, suffix: str, style: str = "heatmap") -> Path:
+        return self.out / detection_overlay_name(key, index, method, suffix, style)
+
+    def image_overlay_bytes(self, key: str, method: str, suffix: str) -> int:
+        """Bytes of image `key`'s overlays on disk: its combined overlay (`method`'s) and every
+        per-detection overlay of every method."""
+        combined = self.overlay_path(key, method, suffix)
+        total = combined.stat().st_size if combined.is_file() else 0
+        folder = self.out / image_overlays_dir(key)
+        if folder.is_dir():
+            total += sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+        return total
 
     def attention_path(self, key: str) -> Path:
         return self.out / attention_name(key)
@@ -81,9 +91,6 @@ class RunFolder:
 
     def method_attention_path(self, key: str, method: str) -> Path:
         return self.out / method_attention_name(key, method)
-
-    def method_overlay_path(self, key: str, method: str, index: int, suffix: str) -> Path:
-        return self.out / method_overlay_name(key, method, index, suffix)
 
     # -- lifecycle ------------------------------------------------------------------------
     def lock(self) -> RunLock:
