@@ -12,7 +12,11 @@ import detection
 from detection.api import Explanation
 from detection.cli import main
 from detection.structures import Detections
-from detection.text import plural
+from detection.engine.image_files import OutputOptions
+from detection.engine import output_size
+from detection.engine.output_size import OverlayProjection
+from detection.runfolder.run_folder import RunFolder
+from detection.text import plural, size
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +68,51 @@ def test_predict_summary_line_says_one_image(tmp_path, capsys):
                    str(tmp_path / "run"), "--device", "cpu", "--workers", "0", "--quiet"])
     err = capsys.readouterr().err
     assert status == 0
-    assert f"detr-attn predict: 1 image, 2 detections, 0 errors -> {tmp_path / 'run'}" in err
+    written = sum(p.stat().st_size for p in (tmp_path / "run").rglob("*") if p.is_file())
+    assert f"detr-attn predict: 1 image, 2 detections, 0 errors -> {tmp_path / 'run'} ({size(written)})" in err
+
+
+def test_sizes_read_as_people_read_them():
+    assert [size(n) for n in (0, 512, 1023, 1024, 2_500_000, 111_000_000, 1_300_000_000, 5 * 2**40)] == \
+        ["0 B", "512 B", "1023 B", "1.0 KB", "2.4 MB", "106 MB", "1.2 GB", "5.0 TB"]
+
+
+def test_a_run_projected_above_the_limit_says_so_and_how_to_shrink_it(tmp_path, caplog):
+    folder = RunFolder(tmp_path)
+    for key, sizes in (("a", (300, 200)), ("b", (500, 0))):  # combined + per-detection overlays
+        folder.overlay_path(key, "raw", "png").parent.mkdir(parents=True, exist_ok=True)
+        folder.overlay_path(key, "raw", "png").write_bytes(b"x" * sizes[0])
+        folder.detection_overlay_path(key, 0, "drise", "png").parent.mkdir(parents=True, exist_ok=True)
+        folder.detection_overlay_path(key, 0, "drise", "png").write_bytes(b"x" * sizes[1])
+    options = OutputOptions(overlays=True, overlay_size=1600)
+    quiet = OverlayProjection(folder, planned_images=4, options=options, limit=2000, sample=2)
+    loud = OverlayProjection(folder, planned_images=5, options=options, limit=2000, sample=2)
+    with caplog.at_level("WARNING"):
+        for projection in (quiet, loud):
+            projection.add("a")
+            assert projection.warning is None  # one image is not the sample yet
+            projection.add("b")
+    assert quiet.warning is None  # 500 B per image x 4 = 2000 B: not above the limit
+    assert loud.warning == ("the first 2 images wrote 500 B of overlays each: the 5 images of this run would "
+                            "write about 2.4 KB; to write less, rerun with --overlay-size 800 (now 1600) or "
+                            "--format jpg (and --overwrite)")
+    assert caplog.messages == [loud.warning]
+    without_overlays = OverlayProjection(folder, 5, OutputOptions(overlays=False), limit=0, sample=1)
+    without_overlays.add("a")
+    assert without_overlays.warning is None and without_overlays.measured == []
+
+
+def test_predict_warns_from_its_first_images(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(output_size, "OVERLAY_WARNING_BYTES", 1000)
+    with caplog.at_level("WARNING"):
+        status = main(["predict", str(REPO / "demo" / "images"), "--model", "demo", "--out", str(tmp_path / "run"),
+                       "--device", "cpu", "--workers", "0", "--quiet", "--overlays", "--format", "jpg"])
+    assert status == 0
+    warnings = [m for m in caplog.messages if "of overlays each" in m]
+    images = len((tmp_path / "run" / "predictions.jsonl").read_text().splitlines())
+    assert len(warnings) == 1 and warnings[0].startswith(f"the first {images} images wrote ")
+    assert f"the {images} images of this run would write about" in warnings[0]
+    assert warnings[0].endswith("rerun with --overlay-size 800 (now 1600) (and --overwrite)")  # already jpg
 
 
 def test_no_image_to_run_on_is_a_usage_error_that_writes_nothing(tmp_path, capsys):

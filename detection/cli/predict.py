@@ -25,7 +25,6 @@ from detection.render.cell_overlays import DEFAULT_OVERLAY_SIZE
 from detection.engine.predict_run import PredictInterrupted, PredictSettings, PredictUsageError, run_predict
 from detection.runfolder.layout import LOCK_FILE
 from detection.runtime.distributed import init_distributed
-from detection.text import plural
 
 
 EXAMPLES = examples(
@@ -87,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batching", choices=["exact", "padded"], default="exact",
                         help="exact: only equal input shapes share a batch (results equal to one image at a "
                              "time); padded: group by aspect ratio and pad (faster on varied sizes)")
-    parser.add_argument("--overlays", action="store_true", help="write overlays/<stem>.png and overlays/<stem>/det_<k>.png")
+    parser.add_argument("--overlays", action="store_true", help="write overlays/<key>.raw.png (all detections) and overlays/<key>/det_<k>.<method>.png (one per detection and method)")
     parser.add_argument("--overlay-style", choices=["heatmap", "points"], default="heatmap",
                         help="per-detection overlays: the attention map (heatmap) or, for deformable families, "
                              "the detection's sampling points as dots sized by weight, coloured by level "
@@ -203,6 +202,5 @@ def run(args: argparse.Namespace) -> int:
             context.close()
     if not summary.is_main:
         return EXIT_OK
-    print(f"detr-attn predict: {plural(summary.images, 'image')}, {plural(summary.detections, 'detection')}, "
-          f"{plural(summary.errors, 'error')} -> {summary.out}", file=sys.stderr)
+    print(f"detr-attn predict: {summary.text()}", file=sys.stderr)
     return EXIT_SOME_FAILED if summary.errors else EXIT_OK

@@ -23,6 +23,7 @@ from detection.engine.display import DisplaySpec
 from detection.engine.explain import MethodRunner
 from detection.engine.fast import PreparedModels
 from detection.engine.image_files import OutputOptions, write_image_files
+from detection.engine.output_size import OverlayProjection, folder_bytes
 from detection.engine.model_failure import ModelRunError, probe
 from detection.engine.pending import PendingWrites
 from detection.engine.planning import shard_plan
@@ -36,7 +37,7 @@ from detection.runfolder.lock import RunFolderLocked
 from detection.runfolder.versions import GRIDS_NPZ_FORMAT, MAPS_FORMAT_KEY, MAPS_NPZ_FORMAT
 from detection.runtime.device import resolve_device
 from detection.runtime.distributed import DistContext, init_distributed
-from detection.text import plural
+from detection.text import plural, size
 from detection.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,13 @@ class PredictSummary:
     errors: int = 0
     detections: int = 0
     is_main: bool = True
+    #: Bytes in the run folder when it finished (every output, this run's and a resumed one's).
+    bytes: int = 0
+
+    def text(self) -> str:
+        """The one-line summary a user reads: '6 images, 27 detections, 0 errors -> OUT (106 MB)'."""
+        return (f"{plural(self.images, 'image')}, {plural(self.detections, 'detection')}, "
+                f"{plural(self.errors, 'error')} -> {self.out} ({size(self.bytes)})")
 
 
 def run_fingerprint(settings: PredictSettings, model: torch.nn.Module, precision: str) -> dict[str, Any]:
@@ -242,8 +250,10 @@ def _run_locked(settings: PredictSettings, config: Any, source: str, context: Di
     context.barrier()
 
     try:
+        projection = OverlayProjection(folder, sum(len(batch.items) for batch in plan), settings.outputs)
         processed = _predict_shard(settings, predictor, runner, folder, probed,
-                                   shard_plan(plan, context.rank, context.world_size), context.is_main, stop)
+                                   shard_plan(plan, context.rank, context.world_size), context.is_main, stop,
+                                   projection if context.is_main else None)
     except Exception as error:
         if context.is_main and not (isinstance(error, OSError) and error.errno == errno.ENOSPC):
             run_info["status"] = "failed"  # a crash of our own code: said so, and a rerun resumes
@@ -272,9 +282,8 @@ def _run_locked(settings: PredictSettings, config: Any, source: str, context: Di
         })
         folder.write_run_info(run_info)
         summary = PredictSummary(out=out, images=counts["images"], errors=counts["errors"],
-                                 detections=counts["detections"])
-        logger.info("%s, %s, %s -> %s", plural(summary.images, "image"), plural(summary.detections, "detection"),
-                    plural(summary.errors, "error"), out)
+                                 detections=counts["detections"], bytes=folder_bytes(out))
+        logger.info("%s", summary.text())
     context.barrier()
     return summary
 
@@ -303,11 +312,13 @@ def _make_predictor(settings: PredictSettings, model: torch.nn.Module, device: t
 
 
 def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: MethodRunner | None, folder: RunFolder,
-                   probed, my_plan, is_main: bool, stop: StopOnSignals) -> int:
+                   probed, my_plan, is_main: bool, stop: StopOnSignals,
+                   projection: OverlayProjection | None = None) -> int:
     """This rank's share: journal every result (per-image files on writer threads); returns
     the number of images processed in this run. Once `stop` is requested no new result is
     taken; the writes in flight finish and are journalled. The explanation methods (`runner`)
-    run here, in this thread (they run models); their files are written on the writer threads."""
+    run here, in this thread (they run models); their files are written on the writer threads.
+    `projection` watches the first images' overlays (rank 0: one warning per run)."""
     done = folder.open()
     processed = 0
     # tqdm(disable=None): no bar when stderr is not a terminal
@@ -330,6 +341,8 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: Meth
             folder.append_error(result.item, f"writing outputs failed: {type(err).__name__}: {err}")
             return
         folder.append_prediction(record)
+        if projection is not None:
+            projection.add(result.item.key)
 
     try:
         if is_main:  # expansion / header errors: reported once, by rank 0
