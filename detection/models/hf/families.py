@@ -12,8 +12,9 @@ from typing import Literal
 from detection.models.contract import PostprocessKind
 
 # The first transformers release with every class named below: 5.9.0 (5.8.1 has no RF-DETR;
-# DEIMv2 came in 5.7.0, LW-DETR is in 5.0.0; checked in the PyPI wheels). pyproject's `hf` extra carries the same floor. The captures read
-# module internals and are tested on the version in .venv; on another they fail loudly.
+# DEIMv2 came in 5.7.0, LW-DETR is in 5.0.0; checked in the PyPI wheels). pyproject's `hf`
+# extra carries the same floor. The captures read module internals and are tested on the
+# version in .venv; on another they fail loudly.
 MIN_TRANSFORMERS = "5.9"
 
 
