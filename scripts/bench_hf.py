@@ -50,6 +50,9 @@ DEFAULTS = {
     "rt_detr_v2": ("RTDetrV2Config", {}, (640, 640)),
     "d_fine": ("DFineConfig", {}, (640, 640)),
     "rf_detr": ("RfDetrConfig", {}, (560, 560)),
+    "deimv2": ("Deimv2Config", {}, (640, 640)),  # HGNetV2 backbone, hybrid encoder
+    # LwDetrConfig has no projector level by default: one at the ViT's stride 16 (scale 1.0)
+    "lw_detr": ("LwDetrConfig", dict(projector_scale_factors=[1.0]), (640, 640)),
 }
 
 

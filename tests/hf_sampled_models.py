@@ -15,6 +15,7 @@ from hf_dense_models import liven, perturb
 FAMILIES = (
     "deformable_detr", "deformable_detr_box_refine", "deformable_detr_two_stage",
     "rt_detr", "rt_detr_v2", "rt_detr_v2_discrete", "d_fine", "rf_detr",
+    "deimv2", "deimv2_dinov3", "deimv2_lite", "lw_detr",
 )
 LABELS = {0: "circle", 1: "square", 2: "triangle"}
 
@@ -67,17 +68,63 @@ def rt_detr_v2(decoder_method: str = "default"):
     return _lively(transformers.RTDetrV2ForObjectDetection(config), 3)
 
 
-def d_fine(decoder_n_points=(3, 1, 2), decoder_method: str = "discrete"):
-    backbone = transformers.HGNetV2Config(
+def _hgnet(out_features=("stage2", "stage3", "stage4")):
+    return transformers.HGNetV2Config(
         embedding_size=8, depths=[1, 1, 1, 1], hidden_sizes=[16, 16, 16, 16], stem_channels=[3, 8, 8],
         stage_in_channels=[8, 16, 16, 16], stage_mid_channels=[8, 8, 8, 8], stage_out_channels=[16, 16, 16, 16],
-        stage_num_blocks=[1, 1, 1, 1], stage_numb_of_layers=[1, 1, 1, 1], out_features=["stage2", "stage3", "stage4"],
+        stage_num_blocks=[1, 1, 1, 1], stage_numb_of_layers=[1, 1, 1, 1], out_features=list(out_features),
     )
+
+
+def d_fine(decoder_n_points=(3, 1, 2), decoder_method: str = "discrete"):
     common = _rt_common(decoder_method=decoder_method)
     common["decoder_n_points"] = list(decoder_n_points)
-    config = transformers.DFineConfig(backbone_config=backbone, depth_mult=0.34, hidden_expansion=0.5, **common)
+    config = transformers.DFineConfig(backbone_config=_hgnet(), depth_mult=0.34, hidden_expansion=0.5, **common)
     torch.manual_seed(0)
     return _lively(transformers.DFineForObjectDetection(config), 4)
+
+
+def deimv2(backbone: str = "hgnet_v2"):
+    """DEIMv2 with each backbone transformers offers for it: HGNetV2 (hybrid encoder with AIFI, or
+    the "lite" encoder of the Atto / Femto / Pico sizes: two levels, no AIFI) or a DINOv3 ViT
+    (patch 16) fused with its spatial tuning adapter."""
+    common = _rt_common()
+    if backbone == "dinov3":
+        vit = transformers.DINOv3ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                           intermediate_size=64, patch_size=16, num_register_tokens=1,
+                                           out_features=["stage1", "stage2", "stage3"])
+        config = transformers.Deimv2Config(backbone_config=vit, depth_mult=0.34, hidden_expansion=0.5,
+                                           spatial_tuning_adapter_inplanes=8, encoder_has_trailing_conv=False,
+                                           **common)
+    elif backbone == "lite":
+        common.update(encoder_in_channels=[16, 16], feat_strides=[16, 32], decoder_in_channels=[32, 32],
+                      num_feature_levels=2, decoder_n_points=[3, 1])
+        config = transformers.Deimv2Config(backbone_config=_hgnet(("stage3", "stage4")), encoder_type="lite",
+                                           depth_mult=0.34, hidden_expansion=0.5, **common)
+    else:
+        config = transformers.Deimv2Config(backbone_config=_hgnet(), depth_mult=0.34, hidden_expansion=0.5, **common)
+    torch.manual_seed(0)
+    return _lively(transformers.Deimv2ForObjectDetection(config), 6)
+
+
+def lw_detr():
+    """LW-DETR: a windowed ViT (patch 8, 2 x 2 windows) and two projector levels (scale 2.0 and
+    0.5: strides 4 and 16)."""
+    from transformers.models.lw_detr.configuration_lw_detr import LwDetrViTConfig
+
+    backbone = LwDetrViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                               image_size=64, pretrain_image_size=64, patch_size=8, out_indices=[1, 2],
+                               num_windows=4, window_block_indices=[0])
+    config = transformers.LwDetrConfig(
+        backbone_config=backbone, projector_scale_factors=[2.0, 0.5], c2f_num_blocks=1, d_model=32,
+        decoder_ffn_dim=32, decoder_layers=2, decoder_self_attention_heads=2, decoder_cross_attention_heads=2,
+        decoder_n_points=2, num_queries=10, group_detr=1, id2label=LABELS, attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = transformers.LwDetrForObjectDetection(config)
+    with torch.no_grad():  # its prior (-log 99) keeps every random score near 0.01: spread them
+        model.class_embed.bias.zero_()
+    return _lively(model, 9)  # seed 9: both equivalence images keep detections above the gap threshold
 
 
 def rf_detr():
@@ -105,6 +152,10 @@ def build(family: str):
         "rt_detr_v2_discrete": lambda: rt_detr_v2("discrete"),
         "d_fine": lambda: d_fine(),
         "rf_detr": lambda: rf_detr(),
+        "deimv2": lambda: deimv2(),
+        "deimv2_dinov3": lambda: deimv2("dinov3"),
+        "deimv2_lite": lambda: deimv2("lite"),
+        "lw_detr": lambda: lw_detr(),
     }
     return builders[family]()
 

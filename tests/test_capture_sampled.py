@@ -1,7 +1,8 @@
 """SampledCapture on small random HF deformable detectors: the captured points ARE the attention used.
 
 Per family (Deformable DETR single-stage / box-refine / two-stage, RT-DETR, RT-DETR v2 with both
-samplers, D-FINE with a points list and the discrete sampler, RF-DETR): (a) the per-level splat
+samplers, D-FINE with a points list and the discrete sampler, RF-DETR, DEIMv2 with its HGNetV2
+(hybrid and lite encoders) and DINOv3 backbones, LW-DETR on two projector levels): (a) the per-level splat
 reproduces the sampling core's output, (b) every decoder layer is found and a model whose
 modules moved makes the capture fail loudly, (c) the capture changes no output, (d) planted
 points land in their own region of the image map with the padding cropped, (e) the AIFI
@@ -27,6 +28,8 @@ from detection.models.hf.capture_sampled import SampledCapture  # noqa: E402
 from detection.models.outputs import AttentionRecord, SampledAttention  # noqa: E402
 
 IMAGE_SIZES = torch.tensor([[64, 96], [48, 64]])
+LW_DETR_LIKE = ("rf_detr", "lw_detr")  # decoder layers' `cross_attn` (the others: `encoder_attn`)
+CORE_ATTRIBUTE = ("d_fine", "deimv2")  # the instance attribute `ms_deformable_attn_core`
 _BUILT: dict[str, nn.Module] = {}
 
 
@@ -42,7 +45,7 @@ def model_type(family: str) -> str:
 
 def cross_module(model: nn.Module, layer: int) -> nn.Module:
     decoder_layer = model.model.decoder.layers[layer]
-    return decoder_layer.cross_attn if model.config.model_type == "rf_detr" else decoder_layer.encoder_attn
+    return decoder_layer.cross_attn if model.config.model_type in LW_DETR_LIKE else decoder_layer.encoder_attn
 
 
 def hook_counts(model: nn.Module) -> list[tuple[int, int]]:
@@ -73,7 +76,8 @@ def runs_of(family: str) -> dict:
     result: dict = {"hooks": hook_counts(model)}
     result["plain"], _ = run(model)
     everything = model.config._attn_implementation == "eager"
-    aifi = everything and model_type(family) in ("rt_detr", "rt_detr_v2", "d_fine")
+    aifi = (everything and model_type(family) in ("rt_detr", "rt_detr_v2", "d_fine", "deimv2")
+            and getattr(model.config, "encoder_type", "hybrid") != "lite")
     seen, handles = {}, []
     if aifi:
         self_attn = model.model.encoder.aifi[-1].layers[0].self_attn
@@ -102,7 +106,7 @@ class Spy:
 
     def __enter__(self):
         family = self.model.config.model_type
-        if family in ("deformable_detr", "rt_detr", "rf_detr"):
+        if family in ("deformable_detr", "rt_detr", *LW_DETR_LIKE):
             handle = self.module.attn.register_forward_hook(
                 lambda _m, args, output: self.seen.update(value=args[0], output=output))
             self.undo = handle.remove
@@ -110,7 +114,7 @@ class Spy:
             owner = sys.modules[type(self.module).__module__] if family == "rt_detr_v2" else self.module
             name = "multi_scale_deformable_attention_v2" if family == "rt_detr_v2" else "ms_deformable_attn_core"
             original = getattr(owner, name)
-            active = {"on": family == "d_fine"}
+            active = {"on": family in CORE_ATTRIBUTE}
 
             def spy(*args, **kwargs):
                 output = original(*args, **kwargs)
@@ -127,7 +131,7 @@ class Spy:
             def undo():
                 for handle in handles:
                     handle.remove()
-                if family == "d_fine":
+                if family in CORE_ATTRIBUTE:
                     del self.module.ms_deformable_attn_core  # back to the instance attribute below
                     self.module.ms_deformable_attn_core = original
                 else:
@@ -203,7 +207,8 @@ def test_discrete_cells_are_read_in_the_model_dtype():
 
 
 # -- (b) every decoder layer, loud failure when nothing is found ------------------------------------
-@pytest.mark.parametrize("family", ["deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "rf_detr"])
+@pytest.mark.parametrize("family", ["deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "rf_detr", "deimv2",
+                                    "deimv2_dinov3", "deimv2_lite", "lw_detr"])
 def test_capture_finds_every_decoder_layer_and_fails_loudly_when_modules_moved(family):
     model = model_of(family)
     record = runs_of(family)["record"]
@@ -221,7 +226,7 @@ def test_capture_finds_every_decoder_layer_and_fails_loudly_when_modules_moved(f
         def forward(self, *args, **kwargs):
             return self.wrapped(*args, **kwargs)
 
-    name = "cross_attn" if family == "rf_detr" else "encoder_attn"
+    name = "cross_attn" if model_type(family) in LW_DETR_LIKE else "encoder_attn"
     layers = model.model.decoder.layers
     originals = [getattr(layer, name) for layer in layers]
     try:
@@ -231,7 +236,7 @@ def test_capture_finds_every_decoder_layer_and_fails_loudly_when_modules_moved(f
                 run(model, SampledCapture(model))
         for layer, original in zip(layers, originals):
             setattr(layer, name, Moved(original))
-        with pytest.raises(RuntimeError, match=rf"{family}: the capture found no decoder .*transformers {transformers.__version__}"):
+        with pytest.raises(RuntimeError, match=rf"{model_type(family)}: the capture found no decoder .*transformers {transformers.__version__}"):
             run(model, SampledCapture(model))
     finally:
         for layer, original in zip(layers, originals):
@@ -243,6 +248,21 @@ def test_unsupported_model_types_and_requests_are_refused():
         SampledCapture(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="no dense encoder self-attention"):
         SampledCapture(model_of("deformable_detr"), encoder=True)
+    with pytest.raises(ValueError, match="deimv2 with encoder_type 'lite' has no AIFI"):
+        SampledCapture(model_of("deimv2_lite"), encoder=True)
+
+
+@pytest.mark.parametrize("family, strides, sizes", [
+    ("deimv2", (8, 16, 32), ((8, 12), (4, 6), (2, 3))),  # HGNetV2: config.feat_strides
+    ("deimv2_dinov3", (8, 16, 32), ((8, 12), (4, 6), (2, 3))),  # DINOv3 patch 16 resized x2, x1, x0.5
+    ("deimv2_lite", (16, 32), ((4, 6), (2, 3))),  # lite encoder: two levels
+    ("lw_detr", (4, 16), ((16, 24), (4, 6))),  # patch 8 over projector scales 2.0 and 0.5
+])
+def test_level_strides_of_each_backbone_agree_with_the_levels_the_model_ran(family, strides, sizes):
+    sampled = runs_of(family)["record"].decoder_cross_sampled  # on the 64 x 96 batch
+    assert sampled.level_strides == strides and sampled.level_sizes == sizes
+    with pytest.raises(RuntimeError, match=rf"{model_type(family)}: level of .* disagrees with stride"):
+        SampledCapture(model_of(family))._check_strides(sizes, tuple(2 * s for s in strides), (64, 96))
 
 
 # -- (c) capture changes nothing; patches are undone -----------------------------------------------
@@ -257,17 +277,16 @@ def test_capture_changes_no_output_and_restores_the_model(family):
         torch.testing.assert_close(record.decoder_self.sum(-1), torch.ones(2, 2, 2, 10))
     assert hook_counts(model) == runs["hooks"]
     module = cross_module(model, 0)
-    if family == "d_fine":
-        from transformers.models.d_fine import modeling_d_fine
-
-        assert module.ms_deformable_attn_core is modeling_d_fine.multi_scale_deformable_attention_v2
+    if model_type(family) in CORE_ATTRIBUTE:  # d_fine / deimv2: their own modeling module's function
+        modeling = sys.modules[type(module).__module__]
+        assert module.ms_deformable_attn_core is modeling.multi_scale_deformable_attention_v2
     if family.startswith("rt_detr_v2"):
         from transformers.models.rt_detr_v2 import modeling_rt_detr_v2
 
         assert not hasattr(modeling_rt_detr_v2.multi_scale_deformable_attention_v2, "_detection_capture")
 
 
-@pytest.mark.parametrize("family", ["rt_detr_v2", "d_fine", "deformable_detr"])
+@pytest.mark.parametrize("family", ["rt_detr_v2", "d_fine", "deformable_detr", "deimv2"])
 def test_patches_and_hooks_are_removed_when_the_forward_raises(family):
     model = model_of(family)
     from transformers.models.rt_detr_v2 import modeling_rt_detr_v2
@@ -279,7 +298,7 @@ def test_patches_and_hooks_are_removed_when_the_forward_raises(family):
             raise RuntimeError("boom")
     assert modeling_rt_detr_v2.multi_scale_deformable_attention_v2 is before
     assert hook_counts(model) == hooks
-    assert "ms_deformable_attn_core" not in cross_module(model, 0).__dict__ or family == "d_fine"
+    assert "ms_deformable_attn_core" not in cross_module(model, 0).__dict__ or family in CORE_ATTRIBUTE
     if family == "deformable_detr":
         assert model.config._attn_implementation == "sdpa"  # switched to eager inside the block only
 
@@ -302,7 +321,7 @@ def planted(record: AttentionRecord, image: int, points: list[tuple[int, float, 
                            image_sizes=record.image_sizes)
 
 
-@pytest.mark.parametrize("family", ["deformable_detr", "rt_detr", "rf_detr"])
+@pytest.mark.parametrize("family", ["deformable_detr", "rt_detr", "rf_detr", "deimv2", "deimv2_dinov3"])
 def test_planted_points_light_their_own_region_of_the_image_and_padding_is_cropped(family):
     record = runs_of(family)["record"]
     # image 1: input 48 x 64 inside the 64 x 96 batch; its original image is twice as large
@@ -390,7 +409,7 @@ def test_ragged_levels_are_padded_slots_with_zero_weight():
 
 
 # -- (e) AIFI encoder self-attention ---------------------------------------------------------------
-@pytest.mark.parametrize("family", ["rt_detr", "rt_detr_v2", "d_fine"])
+@pytest.mark.parametrize("family", ["rt_detr", "rt_detr_v2", "d_fine", "deimv2", "deimv2_dinov3"])
 def test_aifi_attention_times_values_reproduces_the_attention_output(family):
     model, runs = model_of(family), runs_of(family)
     self_attn = model.model.encoder.aifi[-1].layers[0].self_attn

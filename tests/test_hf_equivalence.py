@@ -38,6 +38,10 @@ CASES = {
     "rt_detr_v2_discrete": (hf_sampled_models, "RTDetrImageProcessor", FIXED),
     "d_fine": (hf_sampled_models, "RTDetrImageProcessor", FIXED),
     "rf_detr": (hf_sampled_models, "RfDetrImageProcessor", FIXED),
+    "deimv2": (hf_sampled_models, "RTDetrImageProcessor", FIXED),
+    "deimv2_dinov3": (hf_sampled_models, "RTDetrImageProcessor", FIXED),
+    "deimv2_lite": (hf_sampled_models, "RTDetrImageProcessor", FIXED),
+    "lw_detr": (hf_sampled_models, "DeformableDetrImageProcessor", FIXED),
 }
 IMAGE_SIZES = [(70, 90), (100, 61)]
 

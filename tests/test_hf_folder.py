@@ -51,6 +51,7 @@ PROCESSORS = [
     ("RTDetrImageProcessor", {"size": {"height": 64, "width": 64}, "resample": 0, "do_normalize": True}),
     ("ConditionalDetrImageProcessor", {"size": {"shortest_edge": 64, "longest_edge": 100}}),
     ("DeformableDetrImageProcessor", {"size": {"shortest_edge": 64, "longest_edge": 100}}),
+    ("DeformableDetrImageProcessor", {"size": {"height": 64, "width": 96}}),  # LW-DETR's folders: fixed 640 x 640
     ("RfDetrImageProcessor", {"size": {"height": 56, "width": 56}}),
 ]
 

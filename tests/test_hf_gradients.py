@@ -223,7 +223,7 @@ def test_relevance_equals_transcribed_rules_yolos(models):
 
 
 # -- batching, chunking, keep_graph -------------------------------------------------------------
-@pytest.mark.parametrize("variant", ["table-transformer", "rt_detr_v2"])
+@pytest.mark.parametrize("variant", ["table-transformer", "rt_detr_v2", "lw_detr"])
 def test_batched_equals_one_detection_at_a_time(models, monkeypatch, variant):
     model = models(variant)
     images, mask = _padded_batch() if model.family.takes_padding else _single_image()
@@ -250,7 +250,7 @@ def test_batched_equals_one_detection_at_a_time(models, monkeypatch, variant):
 
 
 @pytest.mark.parametrize("variant", ["yolos", "conditional_detr", "table-transformer", "deformable_detr", "rt_detr_v2",
-                                     "d_fine"])
+                                     "d_fine", "deimv2", "deimv2_dinov3", "lw_detr"])
 def test_keep_graph_changes_no_output(models, variant):
     model = models(variant)
     images, mask = _padded_batch() if model.family.takes_padding else _single_image()

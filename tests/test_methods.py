@@ -86,7 +86,8 @@ def test_every_method_applies_to_the_native_detr(setup):
 def test_a_method_that_does_not_apply_is_refused_naming_the_family_and_what_applies():
     for family in ("yolos", "conditional_detr", "dab-detr", "table-transformer"):  # dense: every method
         assert applicable_methods(_HFStandIn(family)) == list(METHODS)
-    for family in ("deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "rf_detr"):  # sampled: no rollout, relevance
+    for family in ("deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "rf_detr", "deimv2",
+                   "lw_detr"):  # sampled: no rollout, relevance
         assert applicable_methods(_HFStandIn(family)) == ["raw", "attn-grad", "drise"]
     detector = _HFStandIn("deformable_detr")
     for name in ("relevance", "rollout"):

@@ -1,13 +1,14 @@
 """Exact capture of Hugging Face multi-scale deformable attention as a sampled `AttentionRecord`.
 
 Families (`config.model_type`): deformable_detr (single-stage, box refinement, two-stage),
-rt_detr, rt_detr_v2, d_fine, rf_detr, as implemented by transformers 5.x. The record holds
+rt_detr, rt_detr_v2, d_fine, deimv2 (HGNetV2 or DINOv3 backbone; hybrid or lite encoder),
+rf_detr, lw_detr, as implemented by transformers 5.x. The record holds
 the sampling locations and softmax weights each DECODER layer's deformable cross-attention
 really used (per layer, head, query, level and point), taken from the tensors handed to the
 sampling core -- nothing is recomputed.
 
 How each family is wrapped, and why:
-  * deformable_detr, rt_detr, rf_detr: the decoder module calls an nn.Module
+  * deformable_detr, rt_detr, rf_detr, lw_detr: the decoder module calls an nn.Module
     `self.attn(value, spatial_shapes, spatial_shapes_list, level_start_index,
     sampling_locations, attention_weights, im2col_step)`; a supported forward hook (with
     args and kwargs) on that module reads the arguments. Only the decoder layers' modules are
@@ -20,7 +21,7 @@ How each family is wrapped, and why:
     modules tell which layer is calling. While the block is open, other models of this
     family in the same process go through the wrapper too (it only records while one of OUR
     decoder modules is running, so they are not affected otherwise).
-  * d_fine: the decoder module calls its INSTANCE attribute `self.ms_deformable_attn_core`;
+  * d_fine, deimv2: the decoder module calls its INSTANCE attribute `self.ms_deformable_attn_core`;
     that attribute is replaced on each decoder module for the duration of the block (same
     restoring).
 The wrappers call the original and return its result unchanged: capture changes no output.
@@ -29,11 +30,12 @@ family and the transformers version rather than returning an empty record.
 
 Geometry: level strides come from the model (timm `feature_info`, the ResNet backbone's
 config, `config.feat_strides`, the backbone patch size, and the stride of the extra levels'
-convolutions), never from rounding input/level sizes (which only CHECK them). The record's
-padding mask is level 0's as the model computes it: Deformable DETR and RF-DETR downsample
-`pixel_mask` (nearest); RT-DETR, RT-DETR v2 and D-FINE take no mask (all cells valid; maps
-still crop to `image_sizes`). Encoder attention (`encoder=True`): the dense AIFI
-self-attention of rt_detr / rt_detr_v2 / d_fine over its own top-level grid
+convolutions, LW-DETR's patch size over its projector's scale factors), never from rounding
+input/level sizes (which only CHECK them). The record's padding mask is level 0's as the model
+computes it: Deformable DETR, RF-DETR and LW-DETR downsample `pixel_mask` (nearest); RT-DETR,
+RT-DETR v2, D-FINE and DEIMv2 take no mask (all cells valid; maps still crop to `image_sizes`).
+Encoder attention (`encoder=True`): the dense AIFI self-attention of rt_detr / rt_detr_v2 /
+d_fine / deimv2 (hybrid encoder; DEIMv2's lite encoder has none) over its own top-level grid
 (`AttentionRecord.encoder_self_size` / `encoder_self_stride`). Self-attention weights need
 HF's "eager" attention: when `encoder` or `decoder_self` is asked and the model uses another
 implementation, it is set to "eager" inside the block and restored on exit (results then
@@ -54,9 +56,12 @@ from detection.models.outputs import AttentionGraph, AttentionRecord, SampledAtt
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "rf_detr")
-_HOOKED_CORE = ("deformable_detr", "rt_detr", "rf_detr")  # nn.Module `attn` inside the decoder module
-_AIFI_FAMILIES = ("rt_detr", "rt_detr_v2", "d_fine")
+FAMILIES = ("deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "deimv2", "rf_detr", "lw_detr")
+_HOOKED_CORE = ("deformable_detr", "rt_detr", "rf_detr", "lw_detr")  # nn.Module `attn` inside the decoder module
+_CORE_ATTRIBUTE = ("d_fine", "deimv2")  # instance attribute `ms_deformable_attn_core` of the decoder module
+_LW_DETR_LIKE = ("rf_detr", "lw_detr")  # decoder layers' `cross_attn`; the others' `encoder_attn`
+_MASKED = ("deformable_detr", "rf_detr", "lw_detr")  # the models that downsample pixel_mask
+_AIFI_FAMILIES = ("rt_detr", "rt_detr_v2", "d_fine", "deimv2")
 _CORE_ARGS = ("value", "value_spatial_shapes", "value_spatial_shapes_list", "level_start_index",
               "sampling_locations", "attention_weights", "im2col_step")
 _V2_ARGS = ("value", "value_spatial_shapes", "sampling_locations", "attention_weights", "num_points_list", "method")
@@ -136,6 +141,8 @@ class SampledCapture:
                 f"{family} has no dense encoder self-attention to capture (its encoder, if any, is deformable); "
                 f"encoder attention is available for {_AIFI_FAMILIES}"
             )
+        if encoder and getattr(hf_model.config, "encoder_type", "hybrid") == "lite":
+            raise ValueError(f"{family} with encoder_type 'lite' has no AIFI encoder self-attention to capture")
         self.family = family
         self.model = hf_model
         self.cross = cross
@@ -188,7 +195,7 @@ class SampledCapture:
             config._attn_implementation_internal = "eager"
             self._undo.append(lambda: setattr(config, "_attn_implementation_internal", previous))
         for index, layer in enumerate(self._decoder_layers):
-            module = getattr(layer, "cross_attn" if self.family == "rf_detr" else "encoder_attn", None)
+            module = getattr(layer, "cross_attn" if self.family in _LW_DETR_LIKE else "encoder_attn", None)
             if module is not None:
                 self._install_cross(index, module)
             if self.decoder_self and isinstance(getattr(layer, "self_attn", None), nn.Module):
@@ -201,7 +208,7 @@ class SampledCapture:
             core = getattr(module, "attn", None)
             if isinstance(core, nn.Module):
                 self._hook(core, self._core_hook(index), with_kwargs=True)
-        elif self.family == "d_fine":
+        elif self.family in _CORE_ATTRIBUTE:
             original = module.__dict__.get("ms_deformable_attn_core")
             if callable(original):
                 module.ms_deformable_attn_core = self._v2_wrapper(original, index)
@@ -301,9 +308,16 @@ class SampledCapture:
     def level_strides(self, levels: int) -> tuple[int, ...]:
         """Input pixels per cell of each of the decoder's `levels` feature levels, from the model."""
         config, base = self.model.config, self.model.model
-        if self.family == "rf_detr":
+        if self.family in _LW_DETR_LIKE:
             patch = config.backbone_config.patch_size
-            strides = [int(patch if isinstance(patch, int) else patch[0])]
+            patch = int(patch if isinstance(patch, int) else patch[0])
+            # RF-DETR: one level at the patch size; LW-DETR: one level per projector scale
+            # factor (2.0 upsamples the patch grid by a transposed convolution, 0.5 halves it)
+            scales = config.projector_scale_factors if self.family == "lw_detr" else (1.0,)
+            strides = [patch / float(scale) for scale in scales]
+            if any(stride != int(stride) for stride in strides):
+                raise ValueError(f"{self.family}: patch size {patch} over scale factors {scales} gives no whole strides")
+            strides = [int(stride) for stride in strides]
             projections = []
         elif self.family == "deformable_detr":
             backbone = base.backbone.model
@@ -316,9 +330,10 @@ class SampledCapture:
         sources = len(strides)
         for level in range(sources, levels):
             # Deformable DETR chains its extra levels; the RT-DETR family feeds every extra
-            # level from the last encoder output
+            # level from the last encoder output (DEIMv2: through an identity when the widths agree)
             previous = strides[-1] if self.family == "deformable_detr" else strides[sources - 1]
-            strides.append(previous * _first_conv_stride(projections[level]))
+            projection = projections[level]
+            strides.append(previous * (1 if isinstance(projection, nn.Identity) else _first_conv_stride(projection)))
         return tuple(strides[:levels])
 
     def _check_strides(self, level_sizes, strides, input_size) -> None:
@@ -331,7 +346,7 @@ class SampledCapture:
                     )
 
     def _padding_mask(self, padding_mask: torch.Tensor | None, size: tuple[int, int], batch: int, device) -> torch.Tensor:
-        if padding_mask is None or self.family not in ("deformable_detr", "rf_detr"):
+        if padding_mask is None or self.family not in _MASKED:
             return torch.zeros(batch, *size, dtype=torch.bool, device=device)
         pixel_mask = (~padding_mask.bool()).long()  # exactly the model's own downsampling
         return ~F.interpolate(pixel_mask[None].float(), size=size).to(torch.bool)[0]

@@ -11,9 +11,10 @@ from typing import Literal
 
 from detection.models.contract import PostprocessKind
 
-# The first transformers release with every class named below: 5.9.0 (5.8.0 has no RF-DETR;
-# checked in the PyPI wheels). pyproject's `hf` extra carries the same floor. The captures read
-# module internals and are tested on the version in .venv; on another they fail loudly.
+# The first transformers release with every class named below: 5.9.0 (5.8.1 has no RF-DETR;
+# DEIMv2 came in 5.7.0, LW-DETR is in 5.0.0; checked in the PyPI wheels). pyproject's `hf`
+# extra carries the same floor. The captures read module internals and are tested on the
+# version in .venv; on another they fail loudly.
 MIN_TRANSFORMERS = "5.9"
 
 
@@ -63,6 +64,12 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            "sigmoid_topk", None, "sampled", takes_padding=False),
     Family("rf_detr", "RF-DETR", "RfDetrForObjectDetection", "RfDetrImageProcessor",
            "sigmoid_topk", None, "sampled", takes_padding=False),
+    Family("deimv2", "DEIMv2", "Deimv2ForObjectDetection", "RTDetrImageProcessor",
+           "sigmoid_topk", None, "sampled", takes_padding=False),
+    # LW-DETR reads pixel_mask in its projector and decoder but not in its windowed ViT, so a
+    # padded image does not get what it gets alone: equal sizes only, as RF-DETR
+    Family("lw_detr", "LW-DETR", "LwDetrForObjectDetection", "DeformableDetrImageProcessor",
+           "sigmoid_topk", 100, "sampled", takes_padding=False),
 )}
 
 # model_type "detr" folders are converted into the native DETR (models/convert.py) instead.
