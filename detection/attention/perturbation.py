@@ -29,6 +29,14 @@ def _substrate(image_rgb: np.ndarray, kind: str, blur_sigma: float) -> np.ndarra
     raise ValueError(f"unknown substrate {kind!r}; use 'mean' or 'blur'")
 
 
+def saliency_order(values: np.ndarray, tie_seed: int = 0) -> np.ndarray:
+    """Flat pixel indices of a (H, W) map, most salient first; equal values in a random order seeded
+    by `tie_seed` (the same for every map of that size and seed)."""
+    flat = values.reshape(-1)
+    tie_break = np.random.default_rng(tie_seed).permutation(flat.size)
+    return np.lexsort((tie_break, -flat))
+
+
 def perturbation_curve(
     image_rgb: np.ndarray,
     saliency: np.ndarray,
@@ -38,13 +46,15 @@ def perturbation_curve(
     substrate: str = "mean",
     blur_sigma: float = 5.0,
     batch_size: int = 8,
+    tie_seed: int = 0,
 ) -> Curve:
     """Deletion or insertion curve of one detection.
 
     image_rgb: uint8 (H, W, 3); saliency: (H, W) in the same pixels.
     score_fn: uint8 (K, H, W, 3) -> (K,) detection score for each perturbed image; called in
         chunks of `batch_size` images (that is the batching: one forward pass per chunk).
-    Pixels are ranked by saliency (ties by raster order). At step k of `steps`, the top
+    Pixels are ranked by saliency, ties in a random order seeded by `tie_seed` (raster order would
+    delete a flat map's top rows first, biasing flat maps and flat parts of maps). At step k of `steps`, the top
     round(k / steps * H * W) pixels are replaced by the substrate (deletion: mean colour or a
     blurred copy) or copied from the image onto the substrate (insertion).
     AUC is the trapezoidal area under score vs fraction, fraction in [0, 1].
@@ -57,7 +67,7 @@ def perturbation_curve(
     if values.shape != image_rgb.shape[:2]:
         raise ValueError(f"saliency {values.shape} does not match image {image_rgb.shape[:2]}")
     height, width = values.shape
-    order = np.argsort(-values.reshape(-1), kind="stable")
+    order = saliency_order(values, tie_seed)
     fill = _substrate(image_rgb, substrate, blur_sigma)
     fractions = np.linspace(0.0, 1.0, steps + 1)
     counts = np.round(fractions * height * width).astype(np.int64)

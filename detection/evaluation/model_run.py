@@ -19,7 +19,8 @@ from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.attention.drise_saliency import DriseOptions
 from detection.attention.methods import MethodOptions, Targets
 from detection.attention.methods import choice_name as _choice_name
-from detection.attention.metrics import GAUSSIAN_BASELINE, FaithfulnessAccumulator, gaussian_box_map
+from detection.attention.floors import GAUSSIAN_BASELINE, CellGrid, FloorSettings
+from detection.attention.metrics import FaithfulnessAccumulator
 from detection.attention.perturbation import perturbation_curve
 from detection.boxes import coco_xywh, cxcywh_to_xyxy
 from detection.data.images import load_image
@@ -60,6 +61,8 @@ class ModelRunOptions:
     drise: DriseOptions = field(default_factory=DriseOptions)
     drise_precision: str | None = None  # None: `precision`
     gaussian_sigma: float = 0.25
+    floors: Sequence[str] = (GAUSSIAN_BASELINE,)  # `attention.floors`: scored like the methods
+    best_box_only: str | None = None  # the box-only family member frozen as the best-box-only floor
     deletion_insertion: bool = False
     di_steps: int = 16
     di_substrate: str = "mean"
@@ -135,7 +138,7 @@ def run_model(
         runner = build_methods(model, method_names(options.explain, options.layers), options.device, method_options,
                                prepared)
     accumulator = (
-        FaithfulnessAccumulator(runner.choices(), gaussian_sigma_fraction=options.gaussian_sigma)
+        FaithfulnessAccumulator(runner.choices(), floor_settings=floor_settings(options))
         if runner is not None
         else None
     )
@@ -194,17 +197,18 @@ def run_model(
         if not explain:
             continue
         explained_images += 1
-        maps = runner.image_maps(result.image, tuple(result.original_size), result.attention,
-                                 Targets.from_detections(det, explain))
-        accumulator.add_image(
-            image_id, tuple(result.original_size), boxes[explain], scores[explain], categories[explain], maps, gt_by_image.get(image_id, [])
-        )
+        cell_maps = runner.image_cell_maps(result.image, tuple(result.original_size), result.attention,
+                                           Targets.from_detections(det, explain))
+        maps = {choice: m.to_image(tuple(result.original_size)) for choice, m in cell_maps.items()}
+        _, floors = accumulator.score_image(
+            image_id, tuple(result.original_size), boxes[explain], scores[explain], categories[explain], maps,
+            gt_by_image.get(image_id, []), model_cell_grid(cell_maps.values()))
         if options.deletion_insertion:
             image = result.image if result.image is not None else load_image(result.path).rgb
             score_fns = [detection_score_fn(predictor.engine, model, boxes[k], int(labels[k]))
                          for k in explain[: options.di_max_detections]]
-            add_deletion_insertion(accumulator, image, tuple(result.original_size), maps, boxes[explain], score_fns,
-                                   options)
+            add_deletion_insertion(accumulator, image, {**maps, **floors}, score_fns, options,
+                                   image_id, categories[explain])
     if dropped_unmapped:
         warnings.append(f"{dropped_unmapped} detections of model classes without a dataset category were dropped")
     state = None
@@ -215,31 +219,44 @@ def run_model(
     return results, state, errors, warnings
 
 
+def floor_settings(options: ModelRunOptions) -> FloorSettings:
+    """The floors an evaluation scores (`attention.floors`), from its options."""
+    return FloorSettings(floors=tuple(options.floors), gaussian_sigma=options.gaussian_sigma,
+                         best_box_only=options.best_box_only)
+
+
+def model_cell_grid(cell_maps: Any) -> CellGrid | None:
+    """The model's cell grid of an image: the coarsest grid among its methods' `MethodMaps` (attention
+    methods are on the feature grid; D-RISE's pooled pixels are finer). None without maps."""
+    grids = [CellGrid(m.stride, m.input_size, tuple(int(v) for v in m.values.shape[-2:])) for m in cell_maps]
+    return max(grids, key=lambda grid: grid.stride) if grids else None
+
+
 def add_deletion_insertion(
     accumulator: FaithfulnessAccumulator,
     image: np.ndarray,
-    image_size: tuple[int, int],
     maps: dict[str, np.ndarray],
-    boxes_xyxy: np.ndarray,
     score_fns: Sequence[Callable[[np.ndarray], np.ndarray]],
     options: ModelRunOptions,
+    image_id: int = -1,
+    categories: Sequence[int] = (),
 ) -> None:
     """Deletion and insertion AUCs of the first len(score_fns) explained detections of an image.
 
-    image: uint8 (H, W, 3) RGB of original size image_size (H, W); maps: choice -> (N, H, W) saliency in image pixels; boxes_xyxy:
-    (N, 4) pixels; score_fns[j]: `detection_score_fn` of detection j. Each choice's map and the
-    Gaussian-in-the-box baseline are scored.
+    image: uint8 (H, W, 3) RGB; maps: choice or floor -> (N, H, W) saliency in its pixels (the
+    floors `score_image` made included); score_fns[j]: `detection_score_fn` of detection j;
+    categories: (N,) dataset category ids (for the per-category rows). Pixel ties are broken in
+    one seeded random order, the same for every map of the image.
     """
     for j, score_fn in enumerate(score_fns):
-        candidates = {name: m[j] for name, m in maps.items()}
-        candidates[GAUSSIAN_BASELINE] = gaussian_box_map(boxes_xyxy[j], image_size, options.gaussian_sigma)
-        for name, saliency in candidates.items():
+        category = int(categories[j]) if len(categories) else -1
+        for name, stack in maps.items():
             for mode in ("deletion", "insertion"):
                 curve = perturbation_curve(
-                    image, saliency, score_fn, mode, steps=options.di_steps, substrate=options.di_substrate,
-                    batch_size=options.batch_size * 4,
+                    image, stack[j], score_fn, mode, steps=options.di_steps, substrate=options.di_substrate,
+                    batch_size=options.batch_size * 4, tie_seed=int(image_id) if image_id >= 0 else 0,
                 )
-                accumulator.add_curve(name, mode, curve.auc)
+                accumulator.add_curve(name, mode, curve.auc, image_id, category)
 
 
 @dataclass
@@ -283,7 +300,7 @@ def run_model_on_ranks(
     gathered = context.gather_objects((results, state, errors, warnings, seconds))
     states = [g[1] for g in gathered if g[1] is not None]
     # the choices, in order, as the methods named them (the accumulator keeps that order)
-    choices = [c for c in states[0]["pointing"] if c != GAUSSIAN_BASELINE] if states else []
+    choices = [c for c in states[0]["pointing"] if c not in states[0].get("floors", [GAUSSIAN_BASELINE])] if states else []
     if not context.is_main:
         return None
     merged = ModelEvaluationRun([], None, choices, [], [])
@@ -309,6 +326,7 @@ def run_model_on_ranks(
             "device": options.device, "precision": options.precision, "batch_size": options.batch_size,
             "score_threshold": options.score_threshold, "attention_threshold": options.attention_threshold,
             "layers": list(options.layers), "heads": list(options.heads), "gaussian_sigma": options.gaussian_sigma,
+            "floors": list(options.floors), **({"best_box_only": options.best_box_only} if options.best_box_only else {}),
             **({} if options.explain is None else _explain_settings(options)),
             "deletion_insertion": options.deletion_insertion, "world_size": context.world_size,
         },
