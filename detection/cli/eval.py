@@ -102,6 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     attention.add_argument("--di-steps", type=int, default=16)
     attention.add_argument("--di-substrate", choices=("mean", "blur"), default="mean")
     attention.add_argument("--di-max-detections", type=int, default=3, help="per image")
+    attention.add_argument("--di-batch-size", type=int, default=32,
+                           help="perturbed images per forward; every curve of an image shares them (default 32)")
     attention.add_argument("--export-masks", metavar="FILE",
                            help="also write the explanation masks eval scored (COCO results, RLE "
                                 "segmentation, a 'choice' field per entry) to FILE")
@@ -204,7 +206,7 @@ def _run_model(args: argparse.Namespace, gt_dataset: dict[str, Any], subset: Sub
         drise=drise, drise_precision=args.drise_precision, gaussian_sigma=args.gaussian_sigma,
         floors=floors, best_box_only=args.best_box_only,
         deletion_insertion=args.deletion_insertion, di_steps=args.di_steps, di_substrate=args.di_substrate,
-        di_max_detections=args.di_max_detections, progress=not args.quiet and context.is_main,
+        di_max_detections=args.di_max_detections, di_batch_size=args.di_batch_size, progress=not args.quiet and context.is_main,
     )
     run = run_model_on_ranks(model, gt_dataset, subset, Path(args.images), label_to_category, options, context)
     context.barrier()

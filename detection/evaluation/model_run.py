@@ -21,7 +21,7 @@ from detection.attention.methods import MethodOptions, Targets
 from detection.attention.methods import choice_name as _choice_name
 from detection.attention.floors import GAUSSIAN_BASELINE, CellGrid, FloorSettings
 from detection.attention.metrics import FaithfulnessAccumulator
-from detection.attention.perturbation import perturbation_curve
+from detection.attention.perturbation import CurveRequest, perturbation_curves
 from detection.boxes import coco_xywh, cxcywh_to_xyxy
 from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch
@@ -67,6 +67,7 @@ class ModelRunOptions:
     di_steps: int = 16
     di_substrate: str = "mean"
     di_max_detections: int = 3
+    di_batch_size: int = 32  # perturbed images per forward (every curve of an image shares the forwards)
     progress: bool = True
 
 
@@ -75,18 +76,20 @@ def choice_name(layers: str, heads: str) -> str:
     return _choice_name(layers, heads)
 
 
-def detection_score_fn(engine: Any, detector: Detector, box_xyxy: Sequence[float], label: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Score of one detection on perturbed copies of its image (for deletion / insertion).
+def detection_scores_fn(engine: Any, detector: Detector, boxes_xyxy: np.ndarray,
+                        labels: Sequence[int]) -> Callable[[np.ndarray], np.ndarray]:
+    """Scores of T detections on perturbed copies of their image (for deletion / insertion).
 
     engine: the Predictor's model callable `(images, padding_mask) -> outputs` (same device,
     precision and folding as the detections came from); detector: the model, whose
     preprocess_spec prepares the perturbed images and whose postprocess_rule gives class
-    probabilities.
-    Returns uint8 (K, H, W, 3) -> (K,): max over queries of p(label) x IoU(query box,
-    detection box), D-RISE-style, so the detection is followed even if another query takes
-    it over. On the unperturbed image this is >= the detection's own score.
+    probabilities; boxes_xyxy (T, 4) original pixels; labels (T,) model labels.
+    Returns uint8 (K, H, W, 3) -> (K, T), one forward for the K images: for detection t, max over
+    queries of p(label_t) x IoU(query box, box_t), D-RISE-style, so the detection is followed even
+    if another query takes it over. On the unperturbed image this is >= the detection's own score.
     """
-    target = torch.tensor([list(box_xyxy)], dtype=torch.float32)
+    targets = torch.as_tensor(np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4))
+    label_index = torch.as_tensor(list(labels), dtype=torch.long)
 
     def score(batch: np.ndarray) -> np.ndarray:
         height, width = batch.shape[1:3]
@@ -94,12 +97,18 @@ def detection_score_fn(engine: Any, detector: Detector, box_xyxy: Sequence[float
         images, mask = pad_batch([image_to_input(np.ascontiguousarray(im), spec) for im in batch], spec.size_divisibility)
         with torch.no_grad():
             outputs = engine(images, mask)
-        probs = detector.postprocess_rule.class_probabilities(outputs["pred_logits"])[..., label].cpu()  # (K, Q)
+        probs = detector.postprocess_rule.class_probabilities(outputs["pred_logits"])[..., label_index].cpu()  # (K, Q, T)
         boxes = cxcywh_to_xyxy(outputs["pred_boxes"].float().cpu()) * torch.tensor([width, height, width, height])
-        ious = torch.stack([box_iou(b, target)[:, 0] for b in boxes])  # (K, Q)
-        return (probs * ious).max(dim=1).values.numpy()
+        ious = torch.stack([box_iou(b, targets) for b in boxes])  # (K, Q, T)
+        return (probs.float() * ious).max(dim=1).values.numpy()
 
     return score
+
+
+def detection_score_fn(engine: Any, detector: Detector, box_xyxy: Sequence[float], label: int) -> Callable[[np.ndarray], np.ndarray]:
+    """`detection_scores_fn` of one detection: uint8 (K, H, W, 3) -> (K,) (the step-by-step path's)."""
+    scores = detection_scores_fn(engine, detector, np.asarray([box_xyxy]), [label])
+    return lambda batch: scores(batch)[:, 0]
 
 
 def run_model(
@@ -205,9 +214,9 @@ def run_model(
             gt_by_image.get(image_id, []), model_cell_grid(cell_maps.values()))
         if options.deletion_insertion:
             image = result.image if result.image is not None else load_image(result.path).rgb
-            score_fns = [detection_score_fn(predictor.engine, model, boxes[k], int(labels[k]))
-                         for k in explain[: options.di_max_detections]]
-            add_deletion_insertion(accumulator, image, {**maps, **floors}, score_fns, options,
+            curved = explain[: options.di_max_detections]
+            scores_fn = detection_scores_fn(predictor.engine, model, boxes[curved], [int(labels[k]) for k in curved])
+            add_deletion_insertion(accumulator, image, {**maps, **floors}, scores_fn, len(curved), options,
                                    image_id, categories[explain])
     if dropped_unmapped:
         warnings.append(f"{dropped_unmapped} detections of model classes without a dataset category were dropped")
@@ -236,27 +245,26 @@ def add_deletion_insertion(
     accumulator: FaithfulnessAccumulator,
     image: np.ndarray,
     maps: dict[str, np.ndarray],
-    score_fns: Sequence[Callable[[np.ndarray], np.ndarray]],
+    scores_fn: Callable[[np.ndarray], np.ndarray],
+    num_detections: int,
     options: ModelRunOptions,
     image_id: int = -1,
     categories: Sequence[int] = (),
 ) -> None:
-    """Deletion and insertion AUCs of the first len(score_fns) explained detections of an image.
+    """Deletion and insertion AUCs of the first `num_detections` explained detections of an image.
 
     image: uint8 (H, W, 3) RGB; maps: choice or floor -> (N, H, W) saliency in its pixels (the
-    floors `score_image` made included); score_fns[j]: `detection_score_fn` of detection j;
-    categories: (N,) dataset category ids (for the per-category rows). Pixel ties are broken in
-    one seeded random order, the same for every map of the image.
+    floors `score_image` made included); scores_fn: `detection_scores_fn` of those detections;
+    categories: (N,) dataset category ids (for the per-category rows). Every curve of the image runs
+    in one `perturbation_curves` call (chunks of `options.di_batch_size` images, each distinct image
+    once); pixel ties are broken in one random order seeded by the image id.
     """
-    for j, score_fn in enumerate(score_fns):
-        category = int(categories[j]) if len(categories) else -1
-        for name, stack in maps.items():
-            for mode in ("deletion", "insertion"):
-                curve = perturbation_curve(
-                    image, stack[j], score_fn, mode, steps=options.di_steps, substrate=options.di_substrate,
-                    batch_size=options.batch_size * 4, tie_seed=int(image_id) if image_id >= 0 else 0,
-                )
-                accumulator.add_curve(name, mode, curve.auc, image_id, category)
+    requests = [CurveRequest((name, j, mode), stack[j], mode, j)
+                for j in range(num_detections) for name, stack in maps.items() for mode in ("deletion", "insertion")]
+    curves = perturbation_curves(image, requests, scores_fn, steps=options.di_steps, substrate=options.di_substrate,
+                                 batch_size=options.di_batch_size, tie_seed=max(int(image_id), 0))
+    for (name, j, mode), curve in curves.items():
+        accumulator.add_curve(name, mode, curve.auc, image_id, int(categories[j]) if len(categories) else -1)
 
 
 @dataclass
