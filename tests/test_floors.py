@@ -164,3 +164,17 @@ def test_eval_scores_every_floor_per_category_with_intervals(setup, tmp_path):
     assert metrics["best_box_only"]["mask_ap"] in F.BOX_FAMILY
     markdown = (tmp_path / "run" / "metrics.md").read_text()
     assert "| gt-mask-ceiling |" in markdown and "per category" in markdown and "Best box-only map" in markdown
+
+
+def test_class_agnostic_maps_match_by_iou_and_score_under_the_objects_category():
+    size = (60, 80)
+    dataset = _dataset(size, [(1, [10, 20, 30, 20], None)])
+    box = np.array([[10, 20, 40, 40]], float)
+    settings = F.FloorSettings(floors=(F.UNIFORM_BOX,))
+    aware = FaithfulnessAccumulator([], floor_settings=settings)
+    assert aware.add_image(1, size, box, [0.9], [2], {}, dataset["annotations"])[0] == -1  # another class
+    agnostic = FaithfulnessAccumulator([], floor_settings=settings, class_agnostic=True)
+    assert agnostic.add_image(1, size, box, [0.9], [2], {}, dataset["annotations"])[0] == 0
+    assert agnostic.matched_keys == [[1, 1]] and agnostic.masks[F.UNIFORM_BOX][0]["category_id"] == 1
+    assert agnostic.summarize(dataset, [1], [1, 2])[F.UNIFORM_BOX]["mask_ap"] == pytest.approx(1.0)
+    assert aware.summarize(dataset, [1], [1, 2])[F.UNIFORM_BOX]["mask_ap"] == 0.0

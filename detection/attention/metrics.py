@@ -99,6 +99,7 @@ class FaithfulnessAccumulator:
     gaussian_sigma_fraction: float = 0.25
     include_baseline: bool = True
     floor_settings: FloorSettings | None = None
+    class_agnostic: bool = False  # match by IoU alone; a matched detection is scored under its GT's category
     pointing: dict[str, list[float]] = field(default_factory=dict)
     energy: dict[str, list[float]] = field(default_factory=dict)
     masks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -159,6 +160,8 @@ class FaithfulnessAccumulator:
         category ids; maps: choice -> float (N, H, W) with (H, W) == image_size;
         gt_annotations: COCO annotations of this image (already restricted to evaluated
         categories); grid: the model's cell grid of the image (needed by the GT-mask ceiling).
+        With `class_agnostic`, detections match GT objects of any category and are scored (mask AP,
+        per-category rows) under the matched object's category.
         Returns ((N,) matched GT index (-1 unmatched) into that list, floor -> (N, H, W) maps).
         """
         self._fresh = False
@@ -167,15 +170,17 @@ class FaithfulnessAccumulator:
         det_categories = np.asarray(det_categories).reshape(-1)
         gts = list(gt_annotations)
         gt_boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in gts]).reshape(-1, 4)
+        gt_categories = np.array([a["category_id"] for a in gts])
         matched = match_detections(
             det_boxes,
             det_scores,
-            det_categories,
+            np.zeros(len(det_categories), np.int64) if self.class_agnostic else det_categories,
             gt_boxes,
-            np.array([a["category_id"] for a in gts]),
+            np.zeros(len(gt_categories), np.int64) if self.class_agnostic else gt_categories,
             np.array([bool(a.get("iscrowd", 0)) for a in gts]),
             self.iou_threshold,
         )
+        det_categories = self.scored_categories(matched, det_categories, gts)
         regions: dict[int, np.ndarray] = {}
         for gt_index in matched[matched >= 0]:
             regions[int(gt_index)] = annotation_region(gts[int(gt_index)], image_size)
@@ -210,6 +215,17 @@ class FaithfulnessAccumulator:
                     }
                 )
         return matched, floors
+
+    def scored_categories(self, matched: np.ndarray, det_categories: np.ndarray,
+                          gts: Sequence[dict[str, Any]]) -> np.ndarray:
+        """(N,) the category each detection is scored under: its own, or with `class_agnostic` the
+        matched GT object's (an unmatched detection keeps its own)."""
+        categories = np.asarray(det_categories).reshape(-1).copy()
+        if self.class_agnostic:
+            for det, gt_index in enumerate(matched):
+                if gt_index >= 0:
+                    categories[det] = gts[int(gt_index)]["category_id"]
+        return categories
 
     def add_curve(self, choice: str, mode: str, auc: float, image_id: int = -1, category_id: int = -1) -> None:
         self.curves[choice][mode].append(float(auc))

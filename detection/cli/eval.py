@@ -94,6 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 "(every box-only map, to choose --best-box-only on a selection split), or all")
     attention.add_argument("--best-box-only", metavar="NAME", choices=sorted(BOX_FAMILY),
                            help="the box-only map frozen as the best-box-only floor (chosen on the selection split)")
+    attention.add_argument("--class-agnostic-maps", action="store_true",
+                           help="match explained detections to GT objects by IoU alone and score each map under the "
+                                "matched object's category (a model without the data set's classes, e.g. the demo "
+                                "model on --shapes hard)")
     attention.add_argument("--per-category", action="store_true", help="attention metrics per category too (per shape)")
     attention.add_argument("--bootstrap", type=int, default=0, metavar="N",
                            help="95 %% intervals over images from N seeded resamples (pointing, energy, deletion, "
@@ -204,7 +208,7 @@ def _run_model(args: argparse.Namespace, gt_dataset: dict[str, Any], subset: Sub
         attention_threshold=args.attention_threshold, layers=_layer_choices(args.layers, model),
         heads=_parse_choice_list(args.heads), explain=explain, attn_grad_layers=_parse_choice_list(args.attn_grad_layers),
         drise=drise, drise_precision=args.drise_precision, gaussian_sigma=args.gaussian_sigma,
-        floors=floors, best_box_only=args.best_box_only,
+        floors=floors, best_box_only=args.best_box_only, class_agnostic_maps=args.class_agnostic_maps,
         deletion_insertion=args.deletion_insertion, di_steps=args.di_steps, di_substrate=args.di_substrate,
         di_max_detections=args.di_max_detections, di_batch_size=args.di_batch_size, progress=not args.quiet and context.is_main,
     )

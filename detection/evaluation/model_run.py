@@ -63,6 +63,7 @@ class ModelRunOptions:
     gaussian_sigma: float = 0.25
     floors: Sequence[str] = (GAUSSIAN_BASELINE,)  # `attention.floors`: scored like the methods
     best_box_only: str | None = None  # the box-only family member frozen as the best-box-only floor
+    class_agnostic_maps: bool = False  # maps: match by IoU alone, score under the GT's category
     deletion_insertion: bool = False
     di_steps: int = 16
     di_substrate: str = "mean"
@@ -147,7 +148,8 @@ def run_model(
         runner = build_methods(model, method_names(options.explain, options.layers), options.device, method_options,
                                prepared)
     accumulator = (
-        FaithfulnessAccumulator(runner.choices(), floor_settings=floor_settings(options))
+        FaithfulnessAccumulator(runner.choices(), floor_settings=floor_settings(options),
+                                class_agnostic=options.class_agnostic_maps)
         if runner is not None
         else None
     )
@@ -209,15 +211,16 @@ def run_model(
         cell_maps = runner.image_cell_maps(result.image, tuple(result.original_size), result.attention,
                                            Targets.from_detections(det, explain))
         maps = {choice: m.to_image(tuple(result.original_size)) for choice, m in cell_maps.items()}
-        _, floors = accumulator.score_image(
+        matched, floors = accumulator.score_image(
             image_id, tuple(result.original_size), boxes[explain], scores[explain], categories[explain], maps,
             gt_by_image.get(image_id, []), model_cell_grid(cell_maps.values()))
+        scored = accumulator.scored_categories(matched, categories[explain], gt_by_image.get(image_id, []))
         if options.deletion_insertion:
             image = result.image if result.image is not None else load_image(result.path).rgb
             curved = explain[: options.di_max_detections]
             scores_fn = detection_scores_fn(predictor.engine, model, boxes[curved], [int(labels[k]) for k in curved])
             add_deletion_insertion(accumulator, image, {**maps, **floors}, scores_fn, len(curved), options,
-                                   image_id, categories[explain])
+                                   image_id, scored)
     if dropped_unmapped:
         warnings.append(f"{dropped_unmapped} detections of model classes without a dataset category were dropped")
     state = None
@@ -334,7 +337,7 @@ def run_model_on_ranks(
             "device": options.device, "precision": options.precision, "batch_size": options.batch_size,
             "score_threshold": options.score_threshold, "attention_threshold": options.attention_threshold,
             "layers": list(options.layers), "heads": list(options.heads), "gaussian_sigma": options.gaussian_sigma,
-            "floors": list(options.floors), **({"best_box_only": options.best_box_only} if options.best_box_only else {}),
+            "floors": list(options.floors), "class_agnostic_maps": options.class_agnostic_maps, **({"best_box_only": options.best_box_only} if options.best_box_only else {}),
             **({} if options.explain is None else _explain_settings(options)),
             "deletion_insertion": options.deletion_insertion, "world_size": context.world_size,
         },

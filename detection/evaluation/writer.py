@@ -104,7 +104,7 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
                           f"({metrics.get('settings', {}).get('bootstrap', '?')} resamples); mask AP has none."]
         if metrics.get("best_box_only"):
             lines += ["", "Best box-only map of this run, per metric (freeze one with `--best-box-only`): " +
-                      ", ".join(f"{metric}: `{name}`" for metric, name in metrics["best_box_only"].items())]
+                      ", ".join(f"{metric}: `{name}`" for metric, name in metrics["best_box_only"].items() if name)]
         lines += _per_category_markdown(attention, metrics.get("category_names", {}), with_curves)
     if metrics.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in metrics["warnings"]]
