@@ -2,7 +2,7 @@
 replaced (`perturbation_curve` per detection, map and mode, chunks of 8 images), on the same images.
 
     PYTHONPATH=. .venv/bin/python scripts/bench_deletion.py [--data DIR --split val] [--images 10]
-        [--model demo] [--floors gaussian] [--steps 16] [--max-detections 3] [--batch-size 32] [--threads 1]
+        [--model demo] [--floors gaussian] [--best-box-only box-gauss-0.25] [--steps 16] [--max-detections 3] [--batch-size 32] [--threads 1]
 
 Without --data, a demo-like synthetic set (seed 2, 128 px, the demo model's validation recipe) is
 written to a temporary folder. Maps: eval's default raw choices (last/mean/rollout x mean/max) and the
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--floors", default="gaussian")
+    parser.add_argument("--best-box-only", default="box-gauss-0.25", help="with --floors all or best-box-only")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--max-detections", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -59,7 +60,7 @@ def main() -> None:
                                                                      max_objects=6, min_object_size=20, max_object_size=80))
     gt = load_coco_gt(root / "annotations" / f"instances_{args.split}.json")
     model = load_model(args.model, device="cpu")
-    options = ModelRunOptions(floors=parse_floors(args.floors), progress=False)
+    options = ModelRunOptions(floors=parse_floors(args.floors), best_box_only=args.best_box_only, progress=False)
     prepared = PreparedModels(model)
     runner = build_methods(model, method_names(None, DEFAULT_LAYERS), "cpu",
                            MethodOptions(layers=DEFAULT_LAYERS, heads=DEFAULT_HEADS), prepared)

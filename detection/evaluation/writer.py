@@ -88,7 +88,8 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
             "",
             "## Attention faithfulness",
             "",
-            f"{first['num_matched']} of {first['num_detections']} explained detections matched a GT object (IoU >= 0.5, same class).",
+            f"{first['num_matched']} of {first['num_detections']} explained detections matched a GT object (IoU >= 0.5, "
+            f"{'any class: scored under the object' + chr(39) + 's category' if metrics.get('settings', {}).get('class_agnostic_maps') else 'same class'}).",
             "",
             header,
             rule,
