@@ -119,3 +119,107 @@ def test_cli_writes_dataset(tmp_path):
     val = json.loads((out / "annotations" / "instances_val.json").read_text())
     assert [im["file_name"] for im in val["images"]] == ["000000.png"]
     assert (out / "val" / "000000.png").is_file() and (out / "train" / "000001.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------
+# --shapes hard (issue 23): boxes that are not the mask
+# ------------------------------------------------------------------------------------------
+def _pixels_and_json_digest(root: Path) -> str:
+    import hashlib
+
+    import cv2
+
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.suffix == ".png":  # decoded pixels: PNG bytes may differ between libpng builds
+            digest.update(cv2.imread(str(path), cv2.IMREAD_UNCHANGED).tobytes())
+        elif path.suffix == ".json":
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_default_output_unchanged_by_the_hard_shapes(tmp_path):
+    # digest of the generator's output at commit afdf164, before --shapes hard existed
+    generate_dataset(tmp_path, train=3, val=2, seed=5, config=SynthConfig(image_size=96, difficulty=0.7))
+    assert _pixels_and_json_digest(tmp_path) == "f0652768c3f0761d1f9e2f69dc8d8a2a318d90756ceec13e6f68be6d94882fef"
+
+
+@pytest.fixture(scope="module")
+def hard_images():
+    config = SynthConfig(image_size=160, shapes="hard", difficulty=0.6, max_objects=4,
+                         min_object_size=24, max_object_size=110)
+    return config, [render_image(config, image_rng(23, "test", index)) for index in range(40)]
+
+
+def test_hard_boxes_are_the_visible_masks_extent(hard_images):
+    from detection.data.synthetic import HARD_CLASS_NAMES
+
+    _, images = hard_images
+    seen = set()
+    convex = total = 0
+    for image, objects in images:
+        height, width = image.shape[:2]
+        covered = np.zeros((height, width), dtype=bool)
+        for obj in objects:
+            mask = obj.visible_mask
+            decoded = mask_utils.decode(obj.segmentation).astype(bool)  # the annotation's RLE is the mask
+            assert np.array_equal(decoded, mask)
+            assert mask.any() and not (mask & covered).any()
+            covered |= mask
+            ys, xs = np.nonzero(mask)
+            assert obj.bbox == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+            assert obj.area == mask.sum()
+            seen.add(HARD_CLASS_NAMES[obj.category_id - 1])
+            convex += obj.category_id <= len(CLASS_NAMES)
+            total += 1
+    assert seen == set(HARD_CLASS_NAMES), f"shapes never drawn: {set(HARD_CLASS_NAMES) - seen}"
+    assert convex / total >= 0.3
+
+
+def test_hard_shapes_keep_their_stroke_and_differ_from_their_box():
+    import cv2
+
+    from detection.data.synthetic_hard import NONCONVEX_NAMES, SHAPES, shape_mask
+
+    config = SynthConfig(shapes="hard")
+    stroke = config.stroke_pixels(128, 128)  # 2 cells of stride 16 once resized to 160: 25.6 px
+    assert stroke == pytest.approx(2 * 16 * 128 / 160)
+    cell = stroke / config.stroke_cells
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (int(stroke) - 1, int(stroke) - 1))
+    for name in NONCONVEX_NAMES:
+        for seed in range(6):
+            rng = np.random.default_rng(seed)
+            extent = SHAPES[name][1](stroke, cell) * (1 + seed / 6)
+            mask = shape_mask(name, extent, stroke, cell, (150, 150), rng.uniform(0, 2 * np.pi), (300, 300), rng)
+            # a disk one stroke wide fits nearly everywhere: no part thinner than the stroke but the tips
+            opened = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
+            assert opened.sum() / mask.sum() > 0.85, name
+            # a whole feature cell of the box (a hole, a gap, a corner) lies off the mask
+            ys, xs = np.nonzero(mask)
+            off_mask = ~mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+            side = int(np.floor(cell))
+            assert cv2.erode(off_mask.astype(np.uint8), np.ones((side, side), np.uint8),
+                             borderType=cv2.BORDER_CONSTANT, borderValue=0).any(), name
+
+
+def test_hard_dataset_is_deterministic_with_selection_and_test_splits(tmp_path):
+    out = tmp_path / "hard"
+    argv = ["synth", "--out", str(out), "--shapes", "hard", "--train", "0", "--val", "0", "--selection", "2",
+            "--test", "2", "--seed", "23", "--image-size", "96", "--quiet"]
+    assert cli_main(argv) == 0
+    first = _tree_bytes(out)
+    assert sorted(first) == ["annotations/instances_selection.json", "annotations/instances_test.json",
+                             "selection/000000.png", "selection/000001.png", "test/000000.png", "test/000001.png"]
+    assert first["selection/000000.png"] != first["test/000000.png"]
+    assert cli_main(argv + ["--overwrite"]) == 0
+    assert _tree_bytes(out) == first
+    test = json.loads(first["annotations/instances_test.json"])
+    assert len(test["categories"]) == 12 and test["info"]["generator"]["shapes"] == "hard"
+    assert all(isinstance(a["segmentation"]["counts"], str) for a in test["annotations"])
+
+
+def test_hard_options_are_checked():
+    with pytest.raises(ValueError, match="convex_share"):
+        SynthConfig(shapes="hard", convex_share=0.2)
+    with pytest.raises(ValueError, match="shapes"):
+        SynthConfig(shapes="wiggly")

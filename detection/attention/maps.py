@@ -152,6 +152,28 @@ def cells_to_image(
     return torch.matmul(rows_t, torch.matmul(torch.from_numpy(np.ascontiguousarray(maps)), cols_t.T)).numpy()
 
 
+def image_to_cells(
+    image_maps: np.ndarray,
+    feature_stride: int,
+    input_size: Sequence[int],
+    grid_size: Sequence[int],
+) -> np.ndarray:
+    """(N, H, W) original-pixel maps -> (N, hv, wv) float32 means over each cell's pixels (the pooling
+    that `cells_to_image` inverts): original pixel p belongs to the cell its centre falls in, as in
+    `cells_to_image`'s "nearest" weights; a cell no pixel centre falls in gets 0."""
+    maps = np.asarray(image_maps, dtype=np.float32)
+    if maps.ndim != 3:
+        raise ValueError(f"image maps must be (N, H, W), got shape {maps.shape}")
+    out_h, out_w = maps.shape[1:]
+    input_h, input_w = check_size(input_size, "input_size")
+    valid_h, valid_w = check_size(grid_size, "grid_size")
+    rows = torch.from_numpy(_axis_weights(out_h, input_h, valid_h, feature_stride, "nearest"))  # (H, hv)
+    cols = torch.from_numpy(_axis_weights(out_w, input_w, valid_w, feature_stride, "nearest"))  # (W, wv)
+    sums = torch.matmul(rows.T, torch.matmul(torch.from_numpy(np.ascontiguousarray(maps)), cols))
+    counts = torch.outer(rows.sum(dim=0), cols.sum(dim=0))
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums)).numpy()
+
+
 def image_points_to_cells(
     points: Sequence[Sequence[float]] | np.ndarray,
     original_size: Sequence[int],

@@ -24,6 +24,7 @@ from typing import Any
 from detection.cli.vocabulary import MODEL_HELP, add_quiet, add_workers, examples
 from detection.attention.methods import AttentionRollout
 from detection.attention.aggregate import ROLLOUT_LAYERS
+from detection.attention.floors import BEST_BOX_ONLY, BOX_FAMILY, parse_floors
 from detection.cli.drise_options import add_drise_arguments, drise_options
 from detection.attention.methods import METHODS, MethodNotApplicable, applicable_methods, parse_methods
 from detection.data.ground_truth import GroundTruthError, load_coco_gt
@@ -87,10 +88,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     attention.add_argument("--attn-grad-layers", default="last", help="comma list of attn-grad layer choices: last, mean, or an index")
     add_drise_arguments(attention, "--precision")
     attention.add_argument("--gaussian-sigma", type=float, default=0.25, help="baseline Gaussian sigma as a fraction of box width/height")
+    attention.add_argument("--floors", default="gaussian",
+                           help="maps scored like the methods (docs/methods.md): comma list of gaussian, uniform, "
+                                "random, best-box-only, ceiling (the GT mask on the model's cell grid), box-family "
+                                "(every box-only map, to choose --best-box-only on a selection split), or all")
+    attention.add_argument("--best-box-only", metavar="NAME", choices=sorted(BOX_FAMILY),
+                           help="the box-only map frozen as the best-box-only floor (chosen on the selection split)")
+    attention.add_argument("--class-agnostic-maps", action="store_true",
+                           help="match explained detections to GT objects by IoU alone and score each map under the "
+                                "matched object's category (a model without the data set's classes, e.g. the demo "
+                                "model on --shapes hard)")
+    attention.add_argument("--per-category", action="store_true", help="attention metrics per category too (per shape)")
+    attention.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                           help="95 %% intervals over images from N seeded resamples (pointing, energy, deletion, "
+                                "insertion; default 0: none)")
     attention.add_argument("--deletion-insertion", action="store_true", help="also compute deletion/insertion AUCs (slow: steps+1 forward passes per map)")
     attention.add_argument("--di-steps", type=int, default=16)
     attention.add_argument("--di-substrate", choices=("mean", "blur"), default="mean")
     attention.add_argument("--di-max-detections", type=int, default=3, help="per image")
+    attention.add_argument("--di-batch-size", type=int, default=32,
+                           help="perturbed images per forward; every curve of an image shares them (default 32)")
     attention.add_argument("--export-masks", metavar="FILE",
                            help="also write the explanation masks eval scored (COCO results, RLE "
                                 "segmentation, a 'choice' field per entry) to FILE")
@@ -144,7 +161,7 @@ def _run(args: argparse.Namespace, context: DistContext) -> int:
         log(f"warning: {warning}")
     extra.setdefault("timing", {})["total_s"] = round(time.perf_counter() - started, 3)
     metrics = write_evaluation(gt_dataset, subset, results, args.out, args.ann, source, attention_state, choices,
-                               warnings, extra, errors)
+                               warnings, extra, errors, per_category=args.per_category, bootstrap=args.bootstrap)
     log(metrics["pycocotools_summary"])
     if metrics["attention"]:
         log("attention (pointing game / energy / mask AP 0.2:0.95):")
@@ -179,6 +196,10 @@ def _run_model(args: argparse.Namespace, gt_dataset: dict[str, Any], subset: Sub
     try:
         explain = parse_methods(args.explain) if args.explain else None
         drise = drise_options(args)
+        floors = parse_floors(args.floors)
+        if BEST_BOX_ONLY in floors and not args.best_box_only:
+            raise ValueError(f"--floors {args.floors}: the {BEST_BOX_ONLY} floor needs --best-box-only NAME "
+                             "(the box-only map that scored best on the selection split: its metrics.md names it)")
     except ValueError as error:
         raise EvaluationError(str(error)) from error
     options = ModelRunOptions(
@@ -187,8 +208,9 @@ def _run_model(args: argparse.Namespace, gt_dataset: dict[str, Any], subset: Sub
         attention_threshold=args.attention_threshold, layers=_layer_choices(args.layers, model),
         heads=_parse_choice_list(args.heads), explain=explain, attn_grad_layers=_parse_choice_list(args.attn_grad_layers),
         drise=drise, drise_precision=args.drise_precision, gaussian_sigma=args.gaussian_sigma,
+        floors=floors, best_box_only=args.best_box_only, class_agnostic_maps=args.class_agnostic_maps,
         deletion_insertion=args.deletion_insertion, di_steps=args.di_steps, di_substrate=args.di_substrate,
-        di_max_detections=args.di_max_detections, progress=not args.quiet and context.is_main,
+        di_max_detections=args.di_max_detections, di_batch_size=args.di_batch_size, progress=not args.quiet and context.is_main,
     )
     run = run_model_on_ranks(model, gt_dataset, subset, Path(args.images), label_to_category, options, context)
     context.barrier()

@@ -9,12 +9,13 @@ import shutil
 from pathlib import Path
 
 from detection.cli.vocabulary import add_quiet, examples
-from detection.data.synthetic import SynthConfig, generate_dataset
+from detection.data.synthetic import SHAPE_SETS, SynthConfig, generate_dataset
 
 
 EXAMPLES = examples(
     'detr-attn synth --out data/shapes --train 1000 --val 200 --seed 1',
     'detr-attn synth --out data/shapes --train 10 --val 5 --overwrite',
+    'detr-attn synth --out data/hard --shapes hard --train 0 --val 0 --selection 80 --test 80 --seed 23',
 )
 
 
@@ -32,9 +33,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="0 (plain backgrounds, large shapes) .. 1 (clutter, occlusion, small shapes)")
     parser.add_argument("--min-object-size", type=float, default=None, help="min object extent (px)")
     parser.add_argument("--max-object-size", type=float, default=None, help="max object extent (px)")
+    parser.add_argument("--selection", type=int, default=0,
+                        help="number of selection-split images (choices are made on it, then frozen)")
+    parser.add_argument("--test", type=int, default=0, help="number of test-split images")
+    hard = parser.add_argument_group("hard shapes (--shapes hard)")
+    hard.add_argument("--shapes", choices=SHAPE_SETS, default=SynthConfig.shapes,
+                      help="convex: circle, triangle, square, star, cross; hard: also ring, frame, ell, u-shape, "
+                           "chevron, crescent, bar (boxes that are not the mask), occluders, same-coloured "
+                           "distractors, RLE masks")
+    hard.add_argument("--convex-share", type=float, default=SynthConfig.convex_share,
+                      help="chance that a hard image's object is convex (>= 0.3)")
+    hard.add_argument("--stroke-cells", type=float, default=SynthConfig.stroke_cells,
+                      help="narrowest stroke of a hard shape in feature cells of the model below")
+    hard.add_argument("--feature-stride", type=int, default=SynthConfig.feature_stride,
+                      help="the model's feature stride in pixels (demo model: 16)")
+    hard.add_argument("--model-min-size", type=int, default=SynthConfig.model_min_size,
+                      help="the model's shortest-edge resize (demo model: 160)")
+    hard.add_argument("--model-max-size", type=int, default=SynthConfig.model_max_size,
+                      help="the model's longest-edge cap (demo model: 240)")
     add_quiet(parser)
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the train/, val/ and annotations/ folders an earlier synth wrote in --out "
+                        help="replace the train/, val/, selection/, test/ and annotations/ folders an earlier synth wrote in --out "
                              "(without it, a non-empty --out is refused)")
 
 
@@ -43,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         config = SynthConfig(
             image_size=args.image_size, size_jitter=args.size_jitter, min_objects=args.min_objects,
             max_objects=args.max_objects, difficulty=args.difficulty,
-            min_object_size=args.min_object_size, max_object_size=args.max_object_size,
+            min_object_size=args.min_object_size, max_object_size=args.max_object_size, shapes=args.shapes,
+            convex_share=args.convex_share, stroke_cells=args.stroke_cells, feature_stride=args.feature_stride,
+            model_min_size=args.model_min_size, model_max_size=args.model_max_size,
         )
     except ValueError as error:
         print(f"detr-attn synth: {error}")
@@ -54,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"detr-attn synth: --out {out} is not an empty folder: its old images would stay beside the new "
                   f"annotations; give an empty or new folder, or --overwrite to replace an earlier synth's data")
             return 2
-        for name in ("train", "val", "annotations"):  # what synth writes; nothing else is touched
+        for name in ("train", "val", "selection", "test", "annotations"):  # what synth writes; nothing else is touched
             shutil.rmtree(out / name, ignore_errors=True)
-    generate_dataset(args.out, args.train, args.val, args.seed, config, progress=not args.quiet)
-    print(f"wrote {args.train} train + {args.val} val images to {args.out}")
+    generate_dataset(args.out, args.train, args.val, args.seed, config, progress=not args.quiet,
+                     selection=args.selection, test=args.test)
+    extra = "".join(f" + {count} {name}" for name, count in (("selection", args.selection), ("test", args.test)) if count)
+    print(f"wrote {args.train} train + {args.val} val{extra} images to {args.out}")
     return 0

@@ -19,8 +19,9 @@ from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.attention.drise_saliency import DriseOptions
 from detection.attention.methods import MethodOptions, Targets
 from detection.attention.methods import choice_name as _choice_name
-from detection.attention.metrics import GAUSSIAN_BASELINE, FaithfulnessAccumulator, gaussian_box_map
-from detection.attention.perturbation import perturbation_curve
+from detection.attention.floors import GAUSSIAN_BASELINE, CellGrid, FloorSettings
+from detection.attention.metrics import FaithfulnessAccumulator
+from detection.attention.perturbation import CurveRequest, perturbation_curves
 from detection.boxes import coco_xywh, cxcywh_to_xyxy
 from detection.data.images import load_image
 from detection.data.preprocess import image_to_input, pad_batch
@@ -60,10 +61,14 @@ class ModelRunOptions:
     drise: DriseOptions = field(default_factory=DriseOptions)
     drise_precision: str | None = None  # None: `precision`
     gaussian_sigma: float = 0.25
+    floors: Sequence[str] = (GAUSSIAN_BASELINE,)  # `attention.floors`: scored like the methods
+    best_box_only: str | None = None  # the box-only family member frozen as the best-box-only floor
+    class_agnostic_maps: bool = False  # maps: match by IoU alone, score under the GT's category
     deletion_insertion: bool = False
     di_steps: int = 16
     di_substrate: str = "mean"
     di_max_detections: int = 3
+    di_batch_size: int = 32  # perturbed images per forward (every curve of an image shares the forwards)
     progress: bool = True
 
 
@@ -72,18 +77,20 @@ def choice_name(layers: str, heads: str) -> str:
     return _choice_name(layers, heads)
 
 
-def detection_score_fn(engine: Any, detector: Detector, box_xyxy: Sequence[float], label: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Score of one detection on perturbed copies of its image (for deletion / insertion).
+def detection_scores_fn(engine: Any, detector: Detector, boxes_xyxy: np.ndarray,
+                        labels: Sequence[int]) -> Callable[[np.ndarray], np.ndarray]:
+    """Scores of T detections on perturbed copies of their image (for deletion / insertion).
 
     engine: the Predictor's model callable `(images, padding_mask) -> outputs` (same device,
     precision and folding as the detections came from); detector: the model, whose
     preprocess_spec prepares the perturbed images and whose postprocess_rule gives class
-    probabilities.
-    Returns uint8 (K, H, W, 3) -> (K,): max over queries of p(label) x IoU(query box,
-    detection box), D-RISE-style, so the detection is followed even if another query takes
-    it over. On the unperturbed image this is >= the detection's own score.
+    probabilities; boxes_xyxy (T, 4) original pixels; labels (T,) model labels.
+    Returns uint8 (K, H, W, 3) -> (K, T), one forward for the K images: for detection t, max over
+    queries of p(label_t) x IoU(query box, box_t), D-RISE-style, so the detection is followed even
+    if another query takes it over. On the unperturbed image this is >= the detection's own score.
     """
-    target = torch.tensor([list(box_xyxy)], dtype=torch.float32)
+    targets = torch.as_tensor(np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4))
+    label_index = torch.as_tensor(list(labels), dtype=torch.long)
 
     def score(batch: np.ndarray) -> np.ndarray:
         height, width = batch.shape[1:3]
@@ -91,12 +98,18 @@ def detection_score_fn(engine: Any, detector: Detector, box_xyxy: Sequence[float
         images, mask = pad_batch([image_to_input(np.ascontiguousarray(im), spec) for im in batch], spec.size_divisibility)
         with torch.no_grad():
             outputs = engine(images, mask)
-        probs = detector.postprocess_rule.class_probabilities(outputs["pred_logits"])[..., label].cpu()  # (K, Q)
+        probs = detector.postprocess_rule.class_probabilities(outputs["pred_logits"])[..., label_index].cpu()  # (K, Q, T)
         boxes = cxcywh_to_xyxy(outputs["pred_boxes"].float().cpu()) * torch.tensor([width, height, width, height])
-        ious = torch.stack([box_iou(b, target)[:, 0] for b in boxes])  # (K, Q)
-        return (probs * ious).max(dim=1).values.numpy()
+        ious = torch.stack([box_iou(b, targets) for b in boxes])  # (K, Q, T)
+        return (probs.float() * ious).max(dim=1).values.numpy()
 
     return score
+
+
+def detection_score_fn(engine: Any, detector: Detector, box_xyxy: Sequence[float], label: int) -> Callable[[np.ndarray], np.ndarray]:
+    """`detection_scores_fn` of one detection: uint8 (K, H, W, 3) -> (K,) (the step-by-step path's)."""
+    scores = detection_scores_fn(engine, detector, np.asarray([box_xyxy]), [label])
+    return lambda batch: scores(batch)[:, 0]
 
 
 def run_model(
@@ -135,7 +148,8 @@ def run_model(
         runner = build_methods(model, method_names(options.explain, options.layers), options.device, method_options,
                                prepared)
     accumulator = (
-        FaithfulnessAccumulator(runner.choices(), gaussian_sigma_fraction=options.gaussian_sigma)
+        FaithfulnessAccumulator(runner.choices(), floor_settings=floor_settings(options),
+                                class_agnostic=options.class_agnostic_maps)
         if runner is not None
         else None
     )
@@ -194,17 +208,19 @@ def run_model(
         if not explain:
             continue
         explained_images += 1
-        maps = runner.image_maps(result.image, tuple(result.original_size), result.attention,
-                                 Targets.from_detections(det, explain))
-        accumulator.add_image(
-            image_id, tuple(result.original_size), boxes[explain], scores[explain], categories[explain], maps, gt_by_image.get(image_id, [])
-        )
+        cell_maps = runner.image_cell_maps(result.image, tuple(result.original_size), result.attention,
+                                           Targets.from_detections(det, explain))
+        maps = {choice: m.to_image(tuple(result.original_size)) for choice, m in cell_maps.items()}
+        matched, floors = accumulator.score_image(
+            image_id, tuple(result.original_size), boxes[explain], scores[explain], categories[explain], maps,
+            gt_by_image.get(image_id, []), model_cell_grid(cell_maps.values()))
+        scored = accumulator.scored_categories(matched, categories[explain], gt_by_image.get(image_id, []))
         if options.deletion_insertion:
             image = result.image if result.image is not None else load_image(result.path).rgb
-            score_fns = [detection_score_fn(predictor.engine, model, boxes[k], int(labels[k]))
-                         for k in explain[: options.di_max_detections]]
-            add_deletion_insertion(accumulator, image, tuple(result.original_size), maps, boxes[explain], score_fns,
-                                   options)
+            curved = explain[: options.di_max_detections]
+            scores_fn = detection_scores_fn(predictor.engine, model, boxes[curved], [int(labels[k]) for k in curved])
+            add_deletion_insertion(accumulator, image, {**maps, **floors}, scores_fn, len(curved), options,
+                                   image_id, scored)
     if dropped_unmapped:
         warnings.append(f"{dropped_unmapped} detections of model classes without a dataset category were dropped")
     state = None
@@ -215,31 +231,43 @@ def run_model(
     return results, state, errors, warnings
 
 
+def floor_settings(options: ModelRunOptions) -> FloorSettings:
+    """The floors an evaluation scores (`attention.floors`), from its options."""
+    return FloorSettings(floors=tuple(options.floors), gaussian_sigma=options.gaussian_sigma,
+                         best_box_only=options.best_box_only)
+
+
+def model_cell_grid(cell_maps: Any) -> CellGrid | None:
+    """The model's cell grid of an image: the coarsest grid among its methods' `MethodMaps` (attention
+    methods are on the feature grid; D-RISE's pooled pixels are finer). None without maps."""
+    grids = [CellGrid(m.stride, m.input_size, tuple(int(v) for v in m.values.shape[-2:])) for m in cell_maps]
+    return max(grids, key=lambda grid: grid.stride) if grids else None
+
+
 def add_deletion_insertion(
     accumulator: FaithfulnessAccumulator,
     image: np.ndarray,
-    image_size: tuple[int, int],
     maps: dict[str, np.ndarray],
-    boxes_xyxy: np.ndarray,
-    score_fns: Sequence[Callable[[np.ndarray], np.ndarray]],
+    scores_fn: Callable[[np.ndarray], np.ndarray],
+    num_detections: int,
     options: ModelRunOptions,
+    image_id: int = -1,
+    categories: Sequence[int] = (),
 ) -> None:
-    """Deletion and insertion AUCs of the first len(score_fns) explained detections of an image.
+    """Deletion and insertion AUCs of the first `num_detections` explained detections of an image.
 
-    image: uint8 (H, W, 3) RGB of original size image_size (H, W); maps: choice -> (N, H, W) saliency in image pixels; boxes_xyxy:
-    (N, 4) pixels; score_fns[j]: `detection_score_fn` of detection j. Each choice's map and the
-    Gaussian-in-the-box baseline are scored.
+    image: uint8 (H, W, 3) RGB; maps: choice or floor -> (N, H, W) saliency in its pixels (the
+    floors `score_image` made included); scores_fn: `detection_scores_fn` of those detections;
+    categories: (N,) dataset category ids (for the per-category rows). Every curve of the image runs
+    in one `perturbation_curves` call (chunks of `options.di_batch_size` images, each distinct image
+    once); pixel ties are broken in one random order seeded by the image id.
     """
-    for j, score_fn in enumerate(score_fns):
-        candidates = {name: m[j] for name, m in maps.items()}
-        candidates[GAUSSIAN_BASELINE] = gaussian_box_map(boxes_xyxy[j], image_size, options.gaussian_sigma)
-        for name, saliency in candidates.items():
-            for mode in ("deletion", "insertion"):
-                curve = perturbation_curve(
-                    image, saliency, score_fn, mode, steps=options.di_steps, substrate=options.di_substrate,
-                    batch_size=options.batch_size * 4,
-                )
-                accumulator.add_curve(name, mode, curve.auc)
+    requests = [CurveRequest((name, j, mode), stack[j], mode, j)
+                for j in range(num_detections) for name, stack in maps.items() for mode in ("deletion", "insertion")]
+    curves = perturbation_curves(image, requests, scores_fn, steps=options.di_steps, substrate=options.di_substrate,
+                                 batch_size=options.di_batch_size, tie_seed=max(int(image_id), 0))
+    for (name, j, mode), curve in curves.items():
+        accumulator.add_curve(name, mode, curve.auc, image_id, int(categories[j]) if len(categories) else -1)
 
 
 @dataclass
@@ -283,7 +311,7 @@ def run_model_on_ranks(
     gathered = context.gather_objects((results, state, errors, warnings, seconds))
     states = [g[1] for g in gathered if g[1] is not None]
     # the choices, in order, as the methods named them (the accumulator keeps that order)
-    choices = [c for c in states[0]["pointing"] if c != GAUSSIAN_BASELINE] if states else []
+    choices = [c for c in states[0]["pointing"] if c not in states[0].get("floors", [GAUSSIAN_BASELINE])] if states else []
     if not context.is_main:
         return None
     merged = ModelEvaluationRun([], None, choices, [], [])
@@ -309,6 +337,7 @@ def run_model_on_ranks(
             "device": options.device, "precision": options.precision, "batch_size": options.batch_size,
             "score_threshold": options.score_threshold, "attention_threshold": options.attention_threshold,
             "layers": list(options.layers), "heads": list(options.heads), "gaussian_sigma": options.gaussian_sigma,
+            "floors": list(options.floors), "class_agnostic_maps": options.class_agnostic_maps, **({"best_box_only": options.best_box_only} if options.best_box_only else {}),
             **({} if options.explain is None else _explain_settings(options)),
             "deletion_insertion": options.deletion_insertion, "world_size": context.world_size,
         },

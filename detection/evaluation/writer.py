@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from detection.attention.floors import BOX_FAMILY, best_box_only_choice
 from detection.attention.metrics import FaithfulnessAccumulator
 from detection.evaluation.bbox import BBOX_STAT_NAMES, BboxEvaluation, evaluate_bbox, mean_valid, per_category_table
 from detection.evaluation.subsets import Subset
@@ -87,19 +88,58 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
             "",
             "## Attention faithfulness",
             "",
-            f"{first['num_matched']} of {first['num_detections']} explained detections matched a GT object (IoU >= 0.5, same class).",
+            f"{first['num_matched']} of {first['num_detections']} explained detections matched a GT object (IoU >= 0.5, "
+            f"{'any class: scored under the object' + chr(39) + 's category' if metrics.get('settings', {}).get('class_agnostic_maps') else 'same class'}).",
             "",
             header,
             rule,
         ]
         for choice, row in attention.items():
-            cells = [choice, format_metric(row["pointing_game"]), format_metric(row["energy_pointing_game"]), format_metric(row["mask_ap"]), format_metric(row["mask_ap_standard"])]
+            cells = [choice] + [_with_interval(row, name) for name in _TABLE_METRICS[:2]] + \
+                [format_metric(row["mask_ap"]), format_metric(row["mask_ap_standard"])]
             if with_curves:
-                cells += [format_metric(row.get("deletion_auc")), format_metric(row.get("insertion_auc"))]
+                cells += [_with_interval(row, name) for name in _TABLE_METRICS[4:]]
             lines.append("| " + " | ".join(cells) + " |")
+        if any("ci95" in row for row in attention.values()):
+            lines += ["", f"[low, high]: 95 % bootstrap interval of the mean over images "
+                          f"({metrics.get('settings', {}).get('bootstrap', '?')} resamples); mask AP has none."]
+        if metrics.get("best_box_only"):
+            lines += ["", "Best box-only map of this run, per metric (freeze one with `--best-box-only`): " +
+                      ", ".join(f"{metric}: `{name}`" for metric, name in metrics["best_box_only"].items() if name)]
+        lines += _per_category_markdown(attention, metrics.get("category_names", {}), with_curves)
     if metrics.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in metrics["warnings"]]
     return "\n".join(lines) + "\n"
+
+
+_TABLE_METRICS = ("pointing_game", "energy_pointing_game", "mask_ap", "mask_ap_standard", "deletion_auc",
+                  "insertion_auc")
+_TITLES = {"pointing_game": "pointing game", "energy_pointing_game": "energy pointing game",
+           "mask_ap": "mask AP (0.2:0.95)", "mask_ap_standard": "mask AP (0.5:0.95)",
+           "deletion_auc": "deletion AUC (lower better)", "insertion_auc": "insertion AUC (higher better)"}
+
+
+def _with_interval(row: dict[str, Any], name: str) -> str:
+    interval = row.get("ci95", {}).get(name)
+    text = format_metric(row.get(name))
+    return f"{text} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else text
+
+
+def _per_category_markdown(attention: dict[str, Any], names: dict[str, str], with_curves: bool) -> list[str]:
+    """One table per metric: a row per map, a column per category (e.g. per shape)."""
+    first = next(iter(attention.values()))
+    if "per_category" not in first:
+        return []
+    categories = list(first["per_category"])
+    lines = ["", "## Attention faithfulness per category"]
+    for metric in _TABLE_METRICS if with_curves else _TABLE_METRICS[:4]:
+        lines += ["", f"**{_TITLES[metric]}**", "",
+                  "| map | " + " | ".join(names.get(str(c), str(c)) for c in categories) + " |",
+                  "|---|" + "---|" * len(categories)]
+        for choice, row in attention.items():
+            lines.append(f"| {choice} | " + " | ".join(format_metric(row["per_category"][c].get(metric))
+                                                     for c in categories) + " |")
+    return lines
 
 
 def write_evaluation(
@@ -114,13 +154,16 @@ def write_evaluation(
     warnings: Sequence[str] = (),
     extra: dict[str, Any] | None = None,
     errors: Sequence[dict[str, str]] = (),
+    per_category: bool = False,
+    bootstrap: int = 0,
 ) -> dict[str, Any]:
     """Write detections.json, score it with pycocotools, write metrics.json / metrics.md / PR PNGs
     (and errors.jsonl when `errors`: {"file", "reason"} of images that could not be processed).
 
     The scored results are exactly the written file's contents (read back), so running
     pycocotools on RUN_DIR/detections.json with params.imgIds / catIds = the subset gives the
-    same twelve numbers. Returns the metrics dict.
+    same twelve numbers. per_category: attention metrics per category too; bootstrap: resamples of
+    the 95 % intervals over images (0: none). Returns the metrics dict.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +194,8 @@ def write_evaluation(
     if attention_state is not None:
         accumulator = FaithfulnessAccumulator(list(attention_choices))
         accumulator.merge(attention_state)
-        attention_summary = accumulator.summarize(gt_dataset, subset.image_ids, subset.category_ids)
+        attention_summary = accumulator.summarize(gt_dataset, subset.image_ids, subset.category_ids,
+                                                  per_category=per_category, bootstrap=bootstrap)
     metrics = {
         "bbox": evaluation.stats,
         "per_category": per_category_table(evaluation, gt_dataset, written, subset.image_ids),
@@ -165,6 +209,12 @@ def write_evaluation(
     }
     if extra:
         metrics.update(extra)
+    if any(name in BOX_FAMILY for name in attention_summary):
+        metrics["best_box_only"] = {metric: best_box_only_choice(attention_summary, metric) for metric in _TABLE_METRICS}
+    if per_category:
+        metrics["category_names"] = {str(k): v for k, v in names.items()}
+    if bootstrap:
+        metrics.setdefault("settings", {})["bootstrap"] = bootstrap
     write_pr_curves(evaluation, names, out_dir)
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_text_atomic(out_dir / "metrics.md", metrics_markdown(metrics))
