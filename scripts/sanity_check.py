@@ -8,7 +8,7 @@ with the trained maps (Spearman mean [95 % bootstrap interval over images] / Pea
         [--score-threshold 0.7] [--out runs/sanity]
 
 Prints the table (and the CPU), writes OUT/sanity.json (every per-detection correlation) and
-OUT/sanity.md. Native DETR models only (`detection.evaluation.sanity`). fp32 on the CPU.
+OUT/sanity.md. Native DETR models only (`detection.evaluation.sanity`). fp32 (CPU unless --device).
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the re-initialisation, D-RISE's masks, the bootstrap")
     parser.add_argument("--score-threshold", type=float, default=0.7, help="the trained model's detections to explain")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples over images")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (fp32 in every case)")
     parser.add_argument("--out", default="runs/sanity", help="folder for sanity.json and sanity.md")
     args = parser.parse_args(argv)
 
@@ -57,8 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     options = MethodOptions(layers=("last",), heads=("mean",), attn_grad_layers=("last",),
                             drise=DriseOptions(num_masks=args.drise_masks, seed=args.seed))
     started = time.perf_counter()
-    result = sanity_check(model, images, methods, sources=[str(p) for p in paths], options=options,
-                          score_threshold=args.score_threshold, seed=args.seed, progress=print)
+    try:
+        result = sanity_check(model, images, methods, sources=[str(p) for p in paths], options=options,
+                              score_threshold=args.score_threshold, seed=args.seed, device=args.device,
+                              progress=print)
+    except ValueError as err:
+        raise SystemExit(f"{args.model}: {err}") from None
     seconds = time.perf_counter() - started
     rows = result.rows(args.resamples, args.seed)
     table = sanity_markdown(rows, result.choices)
@@ -75,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = result.to_json(args.resamples, args.seed)
     data.update(command=command, model=args.model, methods=methods, seed=args.seed,
-                score_threshold=args.score_threshold, drise_masks=args.drise_masks, cpu=cpu_name(), seconds=seconds)
+                score_threshold=args.score_threshold, drise_masks=args.drise_masks, device=args.device, cpu=cpu_name(),
+                seconds=seconds)
     write_json_atomic(out / "sanity.json", data)
     write_text_atomic(out / "sanity.md", f"# Sanity check\n\n```\n{header}\n```\n\n{table}\n")
     print(f"-> {out / 'sanity.json'}, {out / 'sanity.md'}")

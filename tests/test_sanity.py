@@ -47,6 +47,13 @@ def result(model, images):
 
 def test_the_cascade_runs_top_down_through_the_decoder_then_the_encoder(model):
     assert [name for name, _ in randomisable_layers(model)] == CASCADE
+    with pytest.raises(ValueError, match="depth 6 is outside 0..5"):
+        randomised_copy(model, 6)
+
+
+def test_a_model_without_detr_layers_is_refused_by_name():
+    with pytest.raises(ValueError, match="Linear has no transformer.decoder.layers / transformer.encoder.layers"):
+        randomisable_layers(torch.nn.Linear(2, 2))
 
 
 def test_the_cascade_reinitialises_exactly_the_layers_it_names(model):
