@@ -189,6 +189,8 @@ def sanity_check(model: nn.Module, images: Sequence[np.ndarray], methods: Sequen
     """
     layers = [name for name, _ in randomisable_layers(model)]
     depths = list(range(len(layers) + 1)) if depths is None else list(depths)
+    if any(not 0 <= depth <= len(layers) for depth in depths):
+        raise ValueError(f"randomisation depths {depths}: each must be in 0..{len(layers)} (the transformer's layers)")
     targets, trained = _maps_of(model, methods, options, device, score_threshold, images, None)
     choices = list(trained[0]) if trained else []
     result = SanityResult(list(sources or [f"image {i}" for i in range(len(images))]), layers, choices,
