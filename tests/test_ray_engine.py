@@ -50,6 +50,10 @@ def cluster():
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # the S3 test's credentials (moto accepts any): in the environment the nodes' workers inherit
+    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {name: os.environ.get(name) for name in credentials}
+    os.environ.update(credentials)
     nodes = Cluster(initialize_head=False)
     nodes.add_node(num_cpus=1, include_dashboard=False)
     nodes.add_node(num_cpus=1)
@@ -57,6 +61,11 @@ def cluster():
     yield nodes
     ray.shutdown()
     nodes.shutdown()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +81,8 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "images": images, "poison": root / "poison.png"}
 
 
-def _options(corpus, out: Path, *extra: str) -> list[str]:
-    return ["predict", str(corpus["images"]), *extra, "--model", "demo", "--out", str(out), "--device", "cpu",
+def _options(corpus, out: Path | str, *extra: str, images: Path | str | None = None) -> list[str]:
+    return ["predict", str(images or corpus["images"]), *extra, "--model", "demo", "--out", str(out), "--device", "cpu",
             "--precision", "fp32", "--batch-size", "1", "--workers", "0", "--overlays", "--save-attention",
             "--explain", "raw,attn-grad", "--quiet"]
 
@@ -259,3 +268,44 @@ def test_engine_ray_without_ray_exits_2_naming_the_extra(corpus, tmp_path: Path,
     assert cli_main(_options(corpus, tmp_path / "out", "--engine", "ray")) == 2
     assert "pip install 'detection[ray]'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_s3_bucket_in_and_out_equals_the_local_run(cluster, corpus, tmp_path: Path) -> None:
+    """Images read from a bucket, the run written to a bucket (moto's S3 server): once downloaded,
+    the folder equals the single-host run over the same files (file names aside), and `report`
+    reads it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket="photos")
+        local = tmp_path / "images"  # what the bucket holds, as a local folder for the reference
+        local.mkdir()
+        for path in sorted(corpus["images"].iterdir()):
+            if path.is_file() and not path.is_symlink():
+                s3.upload_file(str(path), "photos", f"images/{path.name}")
+                shutil.copy(path, local / path.name)
+        query = f"?endpoint_override={host}:{port}&scheme=http"
+        assert cli_main(_options(corpus, tmp_path / "reference", images=local)) == 1
+        assert cli_main(_options(corpus, f"s3://photos/runs/one{query}", "--engine", "ray",
+                                 images=f"s3://photos/images{query}")) == 1
+
+        copy = tmp_path / "copy"  # the bucket's run folder, downloaded
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="photos", Prefix="runs/one/"):
+            for entry in page["Contents"]:
+                target = copy / entry["Key"][len("runs/one/"):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file("photos", entry["Key"], str(target))
+    finally:
+        server.stop()
+    expected = _snapshot(tmp_path / "reference")
+    got = {name: content.replace(b"s3://photos/images", str(local).encode()) for name, content in _snapshot(copy).items()}
+    assert got == expected
+    assert b"s3://photos/images/shapes_1.png" in _snapshot(copy)["predictions.jsonl"]
+    assert json.loads((copy / "run.json").read_text())["status"] == "complete"
+    assert cli_main(["report", str(copy), "--out", str(tmp_path / "report")]) == 0

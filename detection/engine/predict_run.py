@@ -276,15 +276,16 @@ def build_run_model(settings: PredictSettings, model: torch.nn.Module, device: t
     return _make_predictor(settings, model, device, runner, prepared), runner, prepared
 
 
-def check_inputs(settings: PredictSettings, model: torch.nn.Module, predictor: Predictor
+def check_inputs(settings: PredictSettings, model: torch.nn.Module, predictor: Predictor, items: list | None = None
                  ) -> tuple[list, dict[str, Any]]:
-    """Before anything is written: the probe (a model that cannot run is a usage error about the
-    model), the expanded inputs (none, or none runnable: a usage error) and the run's fingerprint."""
+    """Before anything is written: the probe (a model that cannot run is a usage error about the model), the
+    inputs (`items`, else expanded; none, or none runnable: a usage error) and the run's fingerprint."""
     try:
         probe(predictor)
     except ModelRunError as err:
         raise PredictUsageError(f"--model {settings.model}: {err}") from err
-    items = expand_sources(settings.inputs, settings.list_files, video_stride=settings.video_stride)
+    items = expand_sources(settings.inputs, settings.list_files, video_stride=settings.video_stride) \
+        if items is None else items
     if not items:
         raise PredictUsageError("no inputs given")
     if all(item.error is not None for item in items):  # nothing to run: say why, write nothing

@@ -25,9 +25,12 @@ from detection.engine.predict_run import (PredictInterrupted, PredictSettings, P
                                           build_run_model, check_inputs, run_versions)
 from detection.engine.ray_stages import (DEFAULT_MAX_ATTEMPTS, DecodeSpec, ModelWorker, decode_units, parse_record,
                                          start_control, unit_rows)
+from detection.engine.planning import plan_batches
+from detection.engine.ray_storage import Location, StagedOutput, expand_uri_sources, is_uri
 from detection.engine.stop_signals import StopOnSignals
 from detection.models.registry import load_model
 from detection.runfolder.journal import dumps_record
+from detection.runfolder.layout import DETECTIONS_FILE, ERRORS_FILE, PREDICTIONS_FILE, RUN_FILE
 from detection.runfolder.lock import RunFolderLocked
 from detection.runfolder.records import error_record
 from detection.runfolder.run_folder import RunFolder, RunFolderMismatch
@@ -36,6 +39,8 @@ from detection.text import plural
 
 logger = logging.getLogger(__name__)
 
+#: How often (seconds) the driver uploads the journal of a run folder in an object store.
+SYNC_SECONDS = 30.0
 #: What `--engine ray` says when Ray is not installed.
 MISSING_RAY = "--engine ray needs Ray: pip install 'detection[ray]'"
 
@@ -72,17 +77,34 @@ def ray_available() -> bool:
     return True
 
 
-def _prepare(settings: PredictSettings):
+@dataclass
+class _Prepared:
+    """What the driver's checks give the run: the driver's predictor (planning, the decode spec),
+    the inputs, the fingerprint, the model's config and source, and the object store of URI inputs."""
+
+    predictor: Any
+    items: list
+    fingerprint: dict[str, Any]
+    config: Any
+    source: str
+    inputs: Location | None
+
+
+def _prepare(settings: PredictSettings) -> _Prepared:
     """The driver's checks (those of a single-host run): model, methods, probe, inputs, fingerprint."""
     try:
         device = resolve_device(settings.device)
         model = load_model(settings.model, device="cpu")
-    except (ValueError, FileNotFoundError) as err:
+        uris = [is_uri(source) for source in settings.inputs]
+        if any(uris) and (not all(uris) or settings.list_files):
+            raise ValueError("URI sources (s3://...) cannot be mixed with local paths or --list files")
+        items, inputs = expand_uri_sources(settings.inputs) if any(uris) else (None, None)
+    except (ValueError, FileNotFoundError, OSError) as err:
         raise PredictUsageError(str(err)) from err
     predictor, _, prepared = build_run_model(settings, model, device)
-    items, fingerprint = check_inputs(settings, model, predictor)
+    items, fingerprint = check_inputs(settings, model, predictor, items)
     prepared.release_source()
-    return predictor, items, fingerprint, model.config, getattr(model, "source", "")
+    return _Prepared(predictor, items, fingerprint, model.config, getattr(model, "source", ""), inputs)
 
 
 def build_records_dataset(settings: PredictSettings, ray_settings: RaySettings, rows: list[dict[str, Any]],
@@ -113,11 +135,10 @@ def ray_records(settings: PredictSettings, ray_settings: RaySettings = RaySettin
     import ray.data
 
     settings = dataclasses.replace(settings, outputs=settings.outputs or OutputOptions())
-    predictor, items, _, _, _ = _prepare(settings)
-    probed, plan = predictor.plan(items)
+    run = _prepare(settings)
+    probed, plan = _plan(settings, run)
     control = start_control(settings.out, ray_settings.max_attempts)
-    records = build_records_dataset(settings, ray_settings, unit_rows(plan, frozenset()), _decode_spec(predictor),
-                                    control)
+    records = build_records_dataset(settings, ray_settings, unit_rows(plan, frozenset()), _decode_spec(run), control)
     failed = [{"key": item.key, "image_id": item.image_id, "kind": "error", "record": _error_line(item)}
               for item in probed if item.error is not None]
     return records.union(ray.data.from_items(failed)) if failed else records
@@ -127,17 +148,28 @@ def _error_line(item) -> str:
     return dumps_record(error_record(item, item.error))
 
 
-def _decode_spec(predictor) -> DecodeSpec:
+def _decode_spec(run: _Prepared) -> DecodeSpec:
+    predictor = run.predictor
     return DecodeSpec(preprocess=predictor.preprocess, keep_rgb=predictor.keep_images,
-                      max_pixels=predictor.max_pixels, display=predictor.display)
+                      max_pixels=predictor.max_pixels, display=predictor.display, source=run.inputs)
 
 
-def _connect(ray_settings: RaySettings, progress: bool) -> bool:
-    """Connect to (or start) Ray; returns whether this call started it (and must shut it down)."""
+def _plan(settings: PredictSettings, run: _Prepared):
+    """(items with header errors, planned batches): headers probed locally; objects are not (their
+    batches group by the decoded size, `Predictor._groups`)."""
+    if run.inputs is None:
+        return run.predictor.plan(run.items)
+    return run.items, plan_batches(run.items, settings.batch_size, run.predictor.preprocess, settings.batching)
+
+
+def _connect(ray_settings: RaySettings, progress: bool) -> tuple[bool, float]:
+    """Connect to (or start) Ray; returns whether this call started it (and must shut it down) and
+    the seconds that took."""
     import ray
     from ray.data import DataContext
 
     started = False
+    clock = time.perf_counter()
     if not ray.is_initialized():
         if ray_settings.address is not None:
             ray.init(address=ray_settings.address, log_to_driver=False, logging_level=logging.WARNING)
@@ -148,7 +180,7 @@ def _connect(ray_settings: RaySettings, progress: bool) -> bool:
     context = DataContext.get_current()
     context.enable_progress_bars = progress
     context.print_on_execution_start = False
-    return started
+    return started, round(time.perf_counter() - clock, 3)
 
 
 def run_predict_ray(settings: PredictSettings, ray_settings: RaySettings = RaySettings()) -> PredictSummary:
@@ -158,12 +190,17 @@ def run_predict_ray(settings: PredictSettings, ray_settings: RaySettings = RaySe
     if not ray_available():
         raise ImportError(MISSING_RAY)
     settings = dataclasses.replace(settings, outputs=settings.outputs or OutputOptions())
+    try:  # a run folder in an object store: journals staged locally (engine.ray_storage)
+        remote = Location.parse(settings.out) if is_uri(settings.out) else None
+    except ValueError as err:
+        raise PredictUsageError(f"--out {err}") from err
     out = Path(settings.out)
-    if out.exists() and not out.is_dir():
+    if remote is None and out.exists() and not out.is_dir():
         raise PredictUsageError(f"--out {out}: is a file, not a folder (give a folder path; it is created if missing)")
     with StopOnSignals() as stop:
-        predictor, items, fingerprint, config, source = _prepare(settings)
-        folder = RunFolder(out)
+        run = _prepare(settings)
+        staged = StagedOutput(remote) if remote is not None else None
+        folder = RunFolder(out if staged is None else staged.folder)
         lock = folder.lock()
         try:
             lock.acquire()
@@ -176,14 +213,16 @@ def run_predict_ray(settings: PredictSettings, ray_settings: RaySettings = RaySe
         try:
             if settings.overwrite:
                 folder.clear()
+                if remote is not None:
+                    remote.clear()
             folder.remove_stale_temp_files()
             try:
-                folder.check_compatible(fingerprint)
+                folder.check_compatible(run.fingerprint)
             except RunFolderMismatch as err:
                 raise PredictUsageError(str(err)) from err
-            started_ray = _connect(ray_settings, settings.progress)
+            started_ray, start_seconds = _connect(ray_settings, settings.progress)
             try:
-                return _run_locked(settings, ray_settings, predictor, items, fingerprint, config, source, folder, stop)
+                return _run_locked(settings, ray_settings, run, folder, staged, stop, start_seconds)
             finally:
                 if started_ray:
                     import ray
@@ -191,17 +230,28 @@ def run_predict_ray(settings: PredictSettings, ray_settings: RaySettings = RaySe
                     ray.shutdown()
         finally:
             lock.release()
+            if staged is not None:
+                staged.close()
 
 
-def _run_locked(settings: PredictSettings, ray_settings: RaySettings, predictor, items, fingerprint: dict[str, Any],
-                config: Any, source: str, folder: RunFolder, stop: StopOnSignals) -> PredictSummary:
+def _run_locked(settings: PredictSettings, ray_settings: RaySettings, run: _Prepared, folder: RunFolder,
+                staged: StagedOutput | None, stop: StopOnSignals, start_seconds: float) -> PredictSummary:
+    """run_predict_ray once the driver holds the folder's lock and Ray is up (in `start_seconds`);
+    `staged`: the run folder is in an object store, `folder` its local staging."""
     started = time.time()
-    probed, plan = predictor.plan(items)
+    predictor, config = run.predictor, run.config
+    probed, plan = _plan(settings, run)
+
+    def write_run_info(info: dict[str, Any], *more: str) -> None:
+        folder.write_run_info(info)
+        if staged is not None:
+            staged.sync([RUN_FILE, *more])
+
     run_info: dict[str, Any] = {
         "status": "running",
-        "fingerprint": fingerprint,
+        "fingerprint": run.fingerprint,
         "model": settings.model,
-        "model_source": source,
+        "model_source": run.source,
         "class_names": list(config.class_names),
         "category_ids": list(config.category_ids),
         "inputs": list(settings.inputs) + [f"@{f}" for f in settings.list_files],
@@ -214,10 +264,12 @@ def _run_locked(settings: PredictSettings, ray_settings: RaySettings, predictor,
                              "cpus_per_actor": ray_settings.cpus_per_actor}},
         "versions": run_versions(),
     }
-    folder.write_run_info(run_info)
+    write_run_info(run_info)
     done = folder.open()
+    synced = time.time()
     received = 0
     control = None
+    load_seconds: list[float] = []
     try:
         for item in probed:  # header errors: written by the driver, as by rank 0
             if item.error is not None:
@@ -225,7 +277,7 @@ def _run_locked(settings: PredictSettings, ray_settings: RaySettings, predictor,
         rows = unit_rows(plan, done)
         if rows and not stop.requested:
             control = start_control(folder.out, ray_settings.max_attempts)
-            dataset = build_records_dataset(settings, ray_settings, rows, _decode_spec(predictor), control)
+            dataset = build_records_dataset(settings, ray_settings, rows, _decode_spec(run), control)
             for row in dataset.iter_rows():
                 record = parse_record(row)
                 if row["kind"] == "prediction":
@@ -233,28 +285,37 @@ def _run_locked(settings: PredictSettings, ray_settings: RaySettings, predictor,
                 else:
                     folder.errors.append(record)
                 received += 1
+                if staged is not None and time.time() - synced > SYNC_SECONDS:
+                    staged.sync([PREDICTIONS_FILE])  # what a rerun resumes from
+                    synced = time.time()
                 if stop.requested:
                     break
     except Exception as error:
         if not (isinstance(error, OSError) and error.errno == errno.ENOSPC):
             run_info.update(status="failed", failure=f"{type(error).__name__}: {error}")
-            folder.write_run_info(run_info)
+            write_run_info(run_info, PREDICTIONS_FILE)
         raise
     finally:
         folder.close()
         if control is not None:
             import ray
 
+            try:
+                load_seconds = ray.get(control.model_load_seconds.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - timing only: a failed run's control may be gone
+                pass
             ray.kill(control)
     if stop.requested:
         run_info["status"] = "interrupted"
-        folder.write_run_info(run_info)
+        write_run_info(run_info, PREDICTIONS_FILE)
         raise PredictInterrupted(f"{stop.signal_name}: stopped; rerun the same command to resume")
     counts = folder.finalize(probed, config.category_ids)
     run_info.update({"status": "complete", "counts": counts,
-                     "timing": {"wall_seconds": round(time.time() - started, 3), "images_this_run": received}})
-    folder.write_run_info(run_info)
+                     "timing": {"wall_seconds": round(time.time() - started, 3), "images_this_run": received,
+                                "ray_start_seconds": start_seconds, "model_load_seconds_per_actor": load_seconds}})
+    write_run_info(run_info, PREDICTIONS_FILE, ERRORS_FILE, DETECTIONS_FILE)
+    out = folder.out if staged is None else settings.out
     logger.info("%s, %s, %s -> %s", plural(counts["images"], "image"), plural(counts["detections"], "detection"),
-                plural(counts["errors"], "error"), folder.out)
-    return PredictSummary(out=folder.out, images=counts["images"], errors=counts["errors"],
+                plural(counts["errors"], "error"), out)
+    return PredictSummary(out=out, images=counts["images"], errors=counts["errors"],
                           detections=counts["detections"])

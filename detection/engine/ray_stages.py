@@ -11,12 +11,17 @@ Rows between the stages (one per work unit: a still-image batch, or a whole vide
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import pickle
+import shutil
+import tempfile
+import time
 import uuid
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -29,6 +34,7 @@ from detection.engine.loading import BatchLoadingDataset, LoadedBatch
 from detection.engine.planning import PlannedBatch
 from detection.engine.predict_methods import image_maps
 from detection.engine.predict_run import build_run_model
+from detection.engine.ray_storage import Location, is_uri, localized
 from detection.models.registry import load_model
 from detection.runtime.device import resolve_device
 from detection.models.contract import PreprocessSpec
@@ -66,6 +72,8 @@ class DecodeSpec:
     keep_rgb: bool
     max_pixels: int | None
     display: DisplaySpec | None
+    #: the object store of URI inputs (engine.ray_storage), None: local paths
+    source: Location | None = None
 
 
 def decode_units(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np.ndarray]:
@@ -77,9 +85,21 @@ def decode_units(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np
     torch.set_num_threads(1)
     loaded = []
     for blob in batch["batches"]:
-        dataset = BatchLoadingDataset(pickle.loads(blob), spec.preprocess, keep_rgb=spec.keep_rgb,
-                                      max_pixels=spec.max_pixels, display=spec.display)
-        loaded.append(pickle.dumps(list(dataset)))
+        batches: list[PlannedBatch] = pickle.loads(blob)
+        with tempfile.TemporaryDirectory(prefix="detection-ray-in-") as local:
+            originals = {}
+            if spec.source is not None:  # objects -> local files for the one loader; records keep the URIs
+                for position, planned in enumerate(batches):
+                    copies = localized(planned.items, spec.source, Path(local) / str(position))
+                    originals.update({copy.key: item for copy, item in zip(copies, planned.items)})
+                    batches[position] = dataclasses.replace(planned, items=tuple(copies))
+            dataset = BatchLoadingDataset(batches, spec.preprocess, keep_rgb=spec.keep_rgb,
+                                          max_pixels=spec.max_pixels, display=spec.display)
+            decoded = list(dataset)
+        for part in decoded:
+            for sample in part.samples:
+                sample.item = originals.get(sample.item.key, sample.item)
+        loaded.append(pickle.dumps(decoded))
     return {"unit": batch["unit"], "loaded": np.array(loaded, dtype=object), "skip": batch["skip"]}
 
 
@@ -92,21 +112,27 @@ class RunControl:
         self.max_attempts = max_attempts
         self.attempts: dict[int, int] = {}
         self.workers: list[tuple[int, str]] = []
+        self.load_seconds: list[float] = []
 
     def begin(self, unit: int) -> int:
         """Count one more attempt at `unit`; returns the attempt number (1 = the first)."""
         self.attempts[unit] = self.attempts.get(unit, 0) + 1
         return self.attempts[unit]
 
-    def register(self, pid: int, node_id: str) -> int:
-        """A model actor started (or restarted) in process `pid` on node `node_id`; returns the
-        most attempts a unit may take."""
+    def register(self, pid: int, node_id: str, load_seconds: float) -> int:
+        """A model actor started (or restarted) in process `pid` on node `node_id` and loaded the
+        model in `load_seconds`; returns the most attempts a unit may take."""
         self.workers.append((pid, node_id))
+        self.load_seconds.append(load_seconds)
         return self.max_attempts
 
     def model_workers(self) -> list[tuple[int, str]]:
         """(pid, node id) of every model actor started so far (restarts included)."""
         return list(self.workers)
+
+    def model_load_seconds(self) -> list[float]:
+        """How long each model actor took to load and prepare the model."""
+        return list(self.load_seconds)
 
 
 #: The run control actors' names start so (then a hash of OUT and the run's own id).
@@ -136,16 +162,20 @@ class ModelWorker:
     def __init__(self, settings: Any, control: Any, unit_hook: Callable[[list[str]], None] | None = None) -> None:
         import ray
 
+        started = time.perf_counter()
         self.settings, self.control, self.unit_hook = settings, control, unit_hook
-        self.max_attempts = ray.get(control.register.remote(os.getpid(), ray.get_runtime_context().get_node_id()))
         device = resolve_device(settings.device)
         model = load_model(settings.model, device="cpu")
         self.predictor, self.runner, prepared = build_run_model(settings, model, device)
         prepared.release_source()
         self.category_ids = self.predictor.config.category_ids
         self.explain = settings.explain.extra_methods if settings.explain is not None else None
-        self.folder = RunFolder(settings.out)
+        # a run folder in an object store: each image's files staged here, then uploaded
+        self.remote = Location.parse(settings.out) if is_uri(settings.out) else None
+        self.folder = RunFolder(settings.out if self.remote is None else tempfile.mkdtemp(prefix="detection-ray-"))
         self.torch_threads = torch.get_num_threads()
+        self.max_attempts = ray.get(control.register.remote(os.getpid(), ray.get_runtime_context().get_node_id(),
+                                                            round(time.perf_counter() - started, 3)))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
@@ -184,6 +214,9 @@ class ModelWorker:
             try:
                 record = write_image_files(self.folder, result, maps, self.settings.outputs, self.category_ids,
                                            self.explain)
+                if self.remote is not None:
+                    self.remote.upload_tree(self.folder.out)
+                    shutil.rmtree(self.folder.out)
             except OSError:
                 raise  # disk full / permissions: the task fails (Ray retries it), a rerun resumes
             except Exception as err:  # noqa: BLE001 - one image's output must not stop the run
