@@ -24,7 +24,7 @@ from detection.cli import main as cli_main
 from detection.engine.image_files import OutputOptions
 from detection.engine.predict_methods import ExplainOptions
 from detection.engine.predict_run import PredictSettings
-from detection.engine.ray_run import RaySettings, run_predict_ray
+from detection.engine.ray_run import RaySettings, ray_records, run_predict_ray
 from detection.engine.ray_stages import CONTROL_PREFIX, DEFAULT_MAX_ATTEMPTS
 
 ray = pytest.importorskip("ray")
@@ -169,6 +169,18 @@ def test_ray_run_equals_single_host_run(cluster, corpus, reference, tmp_path: Pa
     assert ray_info["fingerprint"] == host_info["fingerprint"]  # the engine is not part of it
     assert ray_info["settings"]["engine"] == "ray" and ray_info["status"] == "complete"
     assert ray_info["counts"] == host_info["counts"] == {"images": 4, "errors": 2, "detections": 9}
+
+
+def test_ray_records_dataset_holds_the_run_records(cluster, corpus, reference, tmp_path: Path) -> None:
+    """The Python entry point: a ray.data.Dataset of every input's record, its lines those of the
+    single-host run's predictions.jsonl and errors.jsonl (image files written as it executes)."""
+    dataset = ray_records(_settings(corpus, tmp_path / "out"))
+    rows = sorted(dataset.take_all(), key=lambda row: row["image_id"])
+    snapshot = reference["snapshot"]
+    assert [row["record"] for row in rows if row["kind"] == "prediction"] == \
+        snapshot["predictions.jsonl"].decode().splitlines()
+    assert [row["record"] for row in rows if row["kind"] == "error"] == snapshot["errors.jsonl"].decode().splitlines()
+    assert (tmp_path / "out" / "attention" / "attn-grad" / "shapes_1.npz").is_file()
 
 
 def test_gpu_actors_go_only_to_the_node_with_gpus(cluster, corpus, reference, tmp_path: Path) -> None:

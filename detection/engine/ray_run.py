@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,10 +110,13 @@ def _prepare(settings: PredictSettings) -> _Prepared:
 
 
 def build_records_dataset(settings: PredictSettings, ray_settings: RaySettings, rows: list[dict[str, Any]],
-                          decode: DecodeSpec, control: Any):
-    """The Ray Data pipeline over planned unit rows -> the `ray.data.Dataset` of records (lazy)."""
+                          run: _Prepared, control: Any):
+    """The Ray Data pipeline over planned unit rows -> the `ray.data.Dataset` of records (lazy).
+    The actors run at the precision the driver resolved (the fingerprint's), whatever their device."""
     import ray.data
 
+    decode = _decode_spec(run)
+    settings = dataclasses.replace(settings, precision=run.predictor.precision)
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     dataset = dataset.map_batches(decode_units, batch_size=1, batch_format="numpy", fn_kwargs={"spec": decode},
                                   num_cpus=ray_settings.decode_cpus,
@@ -138,7 +143,7 @@ def ray_records(settings: PredictSettings, ray_settings: RaySettings = RaySettin
     run = _prepare(settings)
     probed, plan = _plan(settings, run)
     control = start_control(settings.out, ray_settings.max_attempts)
-    records = build_records_dataset(settings, ray_settings, unit_rows(plan, frozenset()), _decode_spec(run), control)
+    records = build_records_dataset(settings, ray_settings, unit_rows(plan, frozenset()), run, control)
     failed = [{"key": item.key, "image_id": item.image_id, "kind": "error", "record": _error_line(item)}
               for item in probed if item.error is not None]
     return records.union(ray.data.from_items(failed)) if failed else records
@@ -173,9 +178,11 @@ def _connect(ray_settings: RaySettings, progress: bool) -> tuple[bool, float]:
     if not ray.is_initialized():
         if ray_settings.address is not None:
             ray.init(address=ray_settings.address, log_to_driver=False, logging_level=logging.WARNING)
-        else:  # the embedded local Ray of a laptop run
-            ray.init(num_cpus=ray_settings.num_cpus, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING)
+        else:  # the embedded local Ray of a laptop run: all cores, and at least what the actors and one
+            # decoding task reserve (else the decoding would wait forever for a free CPU)
+            needed = math.ceil(ray_settings.actors * ray_settings.cpus_per_actor + ray_settings.decode_cpus)
+            ray.init(num_cpus=ray_settings.num_cpus or max(os.cpu_count() or 1, needed), include_dashboard=False,
+                     log_to_driver=False, logging_level=logging.WARNING)
         started = True
     context = DataContext.get_current()
     context.enable_progress_bars = progress
@@ -277,7 +284,7 @@ def _run_locked(settings: PredictSettings, ray_settings: RaySettings, run: _Prep
         rows = unit_rows(plan, done)
         if rows and not stop.requested:
             control = start_control(folder.out, ray_settings.max_attempts)
-            dataset = build_records_dataset(settings, ray_settings, rows, _decode_spec(run), control)
+            dataset = build_records_dataset(settings, ray_settings, rows, run, control)
             for row in dataset.iter_rows():
                 record = parse_record(row)
                 if row["kind"] == "prediction":

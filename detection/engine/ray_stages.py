@@ -216,13 +216,15 @@ class ModelWorker:
                                            self.explain)
                 if self.remote is not None:
                     self.remote.upload_tree(self.folder.out)
-                    shutil.rmtree(self.folder.out)
             except OSError:
                 raise  # disk full / permissions: the task fails (Ray retries it), a rerun resumes
             except Exception as err:  # noqa: BLE001 - one image's output must not stop the run
                 rows.append(_record_row("error", error_record(
                     result.item, f"writing outputs failed: {type(err).__name__}: {err}")))
                 continue
+            finally:
+                if self.remote is not None:  # the staging holds one image's files at a time
+                    shutil.rmtree(self.folder.out, ignore_errors=True)
             rows.append(_record_row("prediction", record))
         return rows
 
