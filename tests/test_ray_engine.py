@@ -232,21 +232,41 @@ def test_poison_image_becomes_an_error_record_after_k_tries(cluster, corpus, ref
     assert snapshot["predictions.jsonl"] == reference["snapshot"]["predictions.jsonl"]
 
 
-def test_killed_driver_rerun_resumes_without_recomputing(cluster, corpus, reference, tmp_path: Path) -> None:
-    out = tmp_path / "out"
+def _signal_driver(command: list[str], journal: Path, signum: int, lines: int) -> tuple[int, str]:
+    """Run the driver in a subprocess, send `signum` once `lines` records are journalled."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "detection.cli", *_options(corpus, out, "--engine", "ray", "--ray-address",
-                                                                cluster.address)]
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    journal = out / "predictions.jsonl"
     deadline = time.time() + 200
     while time.time() < deadline and driver.poll() is None:
-        if journal.exists() and journal.read_bytes().count(b"\n") >= 1:
-            driver.kill()
+        if journal.exists() and journal.read_bytes().count(b"\n") >= lines:
+            driver.send_signal(signum)
             break
         time.sleep(0.02)
-    _, stderr = driver.communicate(timeout=60)
-    assert driver.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
+    _, stderr = driver.communicate(timeout=120)
+    return driver.returncode, stderr.decode()
+
+
+def _driver_command(corpus, cluster, out: Path) -> list[str]:
+    return [sys.executable, "-m", "detection.cli", *_options(corpus, out, "--engine", "ray", "--ray-address",
+                                                             cluster.address)]
+
+
+def test_sigterm_stops_the_driver_after_the_record_in_hand(cluster, corpus, tmp_path: Path) -> None:
+    """Exit 3, status "interrupted", complete journal lines, the lock released (ray.init's own SIGTERM
+    handler, which aborts the process, is overridden while the run goes)."""
+    out = tmp_path / "out"
+    status, stderr = _signal_driver(_driver_command(corpus, cluster, out), out / "predictions.jsonl", signal.SIGTERM, 1)
+    assert status == 3, stderr[-3000:]
+    assert "interrupted; rerun the same command to resume" in stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert (out / "predictions.jsonl").read_bytes().endswith(b"\n") and not (out / ".lock").exists()
+
+
+def test_killed_driver_rerun_resumes_without_recomputing(cluster, corpus, reference, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    journal = out / "predictions.jsonl"
+    status, stderr = _signal_driver(_driver_command(corpus, cluster, out), journal, signal.SIGKILL, 1)
+    assert status == -signal.SIGKILL, stderr[-3000:]
     done = {json.loads(line)["key"] for line in journal.read_bytes().splitlines()}
     assert 1 <= len(done) < 4 and not (out / "detections.json").exists()
 

@@ -228,8 +228,11 @@ def run_predict_ray(settings: PredictSettings, ray_settings: RaySettings = RaySe
             except RunFolderMismatch as err:
                 raise PredictUsageError(str(err)) from err
             started_ray, start_seconds = _connect(ray_settings, settings.progress)
-            try:
-                return _run_locked(settings, ray_settings, run, folder, staged, stop, start_seconds)
+            try:  # ray.init installs its own SIGTERM handler (which aborts the driver): ours again, on top
+                with StopOnSignals() as stop_on_ray:
+                    if stop.requested:
+                        stop_on_ray.signal_name = stop.signal_name
+                    return _run_locked(settings, ray_settings, run, folder, staged, stop_on_ray, start_seconds)
             finally:
                 if started_ray:
                     import ray
