@@ -26,7 +26,7 @@ PACKAGE_LAYERS: list[tuple[str, ...]] = [
 # What a function may import locally: heavy or optional third-party packages, and the lazy
 # parts of the CLI (verb modules load only when their verb runs).
 LOCAL_IMPORT_ALLOWED = ("transformers", "huggingface_hub", "supervision", "fiftyone", "matplotlib", "tqdm", "selenium",
-                        "safetensors", "yaml", "scipy", "timm", "cv2", "pycocotools")
+                        "safetensors", "yaml", "scipy", "timm", "cv2", "pycocotools", "ray", "pyarrow", "moto")
 
 
 def module_name(path: Path) -> str:

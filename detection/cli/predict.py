@@ -18,10 +18,12 @@ from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.data.images import DEFAULT_MAX_PIXELS
 from detection.attention.methods import METHODS, parse_methods
 from detection.cli.drise_options import add_drise_arguments, drise_options
+from detection.cli.ray_options import add_ray_arguments, ray_settings_from_args
 from detection.runfolder.grids import DEFAULT_GRID_BUDGET
 from detection.engine.predict_methods import ExplainOptions
 from detection.engine.image_files import OutputOptions
 from detection.render.cell_overlays import DEFAULT_OVERLAY_SIZE
+from detection.engine.ray_run import run_predict_ray
 from detection.engine.predict_run import PredictInterrupted, PredictSettings, PredictUsageError, run_predict
 from detection.runfolder.layout import LOCK_FILE
 from detection.runtime.distributed import init_distributed
@@ -127,6 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="discard a previous run in --out (only files predict writes)")
     add_quiet(parser)
+    add_ray_arguments(parser)
 
 
 def _overlay_size(text: str) -> int | None:
@@ -175,13 +178,17 @@ def settings_from_args(args: argparse.Namespace) -> PredictSettings:
 def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
+        ray_settings = ray_settings_from_args(args)
     except ValueError as err:
         print(f"detr-attn predict: {err}", file=sys.stderr)
         return EXIT_USAGE
     context = None
     try:
-        context = init_distributed(backend="gloo")
-        summary = run_predict(settings, context=context)
+        if ray_settings is not None:
+            summary = run_predict_ray(settings, ray_settings)
+        else:
+            context = init_distributed(backend="gloo")
+            summary = run_predict(settings, context=context)
     except PredictUsageError as err:
         print(f"detr-attn predict: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -132,7 +132,7 @@ def run_fingerprint(settings: PredictSettings, model: torch.nn.Module, precision
     }
 
 
-def _versions() -> dict[str, str]:
+def run_versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "detection": __version__, "platform": platform.platform()}
 
@@ -163,27 +163,8 @@ def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
                 model = load_model(settings.model, device="cpu")
         except (ValueError, FileNotFoundError) as err:
             raise PredictUsageError(str(err)) from err
-        if settings.outputs.overlay_style == "points" and attention_kind(model) != "sampled":
-            raise PredictUsageError("--overlay-style points draws deformable sampling points; this model's "
-                                    "attention is dense (use the default heatmap style)")
-        # one prepared copy per (device, precision), shared by the predictor and the methods
-        prepared = PreparedModels(model, fold_bn=settings.fold_bn, channels_last=settings.channels_last,
-                                  compile=settings.compile)
-        try:
-            runner = build_predict_methods(model, settings.explain, settings.outputs, device, prepared)
-        except ValueError as err:  # MethodNotApplicable names the family and the methods that apply
-            raise PredictUsageError(f"--explain: {err}" if settings.explain is not None else str(err)) from err
-        predictor = _make_predictor(settings, model, device, runner, prepared)
-        try:  # before anything is written: a model that cannot run is a usage error about the model
-            probe(predictor)
-        except ModelRunError as err:
-            raise PredictUsageError(f"--model {settings.model}: {err}") from err
-        items = expand_sources(settings.inputs, settings.list_files, video_stride=settings.video_stride)
-        if not items:
-            raise PredictUsageError("no inputs given")
-        if all(item.error is not None for item in items):  # nothing to run: say why, write nothing
-            raise PredictUsageError("no image to run on: " + "; ".join(f"{item.file}: {item.error}" for item in items))
-        fingerprint = run_fingerprint(settings, model, predictor.precision)
+        predictor, runner, prepared = build_run_model(settings, model, device)
+        items, fingerprint = check_inputs(settings, model, predictor)
         config, source = model.config, getattr(model, "source", "")
         # the predictor runs its own prepared copy: a model loaded here is freed now (DETR-R50: 166 MB
         # of float32 weights), and its memory serves the run; a caller's model stays the caller's
@@ -243,7 +224,7 @@ def _run_locked(settings: PredictSettings, config: Any, source: str, context: Di
                      "workers": settings.workers, "fold_bn": settings.fold_bn,
                      "channels_last": settings.channels_last, "compile": settings.compile,
                      "world_size": context.world_size},
-        "versions": _versions(),
+        "versions": run_versions(),
     }
     if context.is_main:
         folder.write_run_info(run_info)
@@ -286,6 +267,39 @@ def _run_locked(settings: PredictSettings, config: Any, source: str, context: Di
         logger.info("%s", summary.text())
     context.barrier()
     return summary
+
+
+def build_run_model(settings: PredictSettings, model: torch.nn.Module, device: torch.device
+                    ) -> tuple[Predictor, MethodRunner | None, PreparedModels]:
+    """The predictor and methods of a model process (every engine's): one prepared copy per
+    (device, precision), shared by both. PredictUsageError when an option does not apply."""
+    if settings.outputs.overlay_style == "points" and attention_kind(model) != "sampled":
+        raise PredictUsageError("--overlay-style points draws deformable sampling points; this model's "
+                                "attention is dense (use the default heatmap style)")
+    prepared = PreparedModels(model, fold_bn=settings.fold_bn, channels_last=settings.channels_last,
+                              compile=settings.compile)
+    try:
+        runner = build_predict_methods(model, settings.explain, settings.outputs, device, prepared)
+    except ValueError as err:  # MethodNotApplicable names the family and the methods that apply
+        raise PredictUsageError(f"--explain: {err}" if settings.explain is not None else str(err)) from err
+    return _make_predictor(settings, model, device, runner, prepared), runner, prepared
+
+
+def check_inputs(settings: PredictSettings, model: torch.nn.Module, predictor: Predictor, items: list | None = None
+                 ) -> tuple[list, dict[str, Any]]:
+    """Before anything is written: the probe (a model that cannot run is a usage error about the model), the
+    inputs (`items`, else expanded; none, or none runnable: a usage error) and the run's fingerprint."""
+    try:
+        probe(predictor)
+    except ModelRunError as err:
+        raise PredictUsageError(f"--model {settings.model}: {err}") from err
+    items = expand_sources(settings.inputs, settings.list_files, video_stride=settings.video_stride) \
+        if items is None else items
+    if not items:
+        raise PredictUsageError("no inputs given")
+    if all(item.error is not None for item in items):  # nothing to run: say why, write nothing
+        raise PredictUsageError("no image to run on: " + "; ".join(f"{item.file}: {item.error}" for item in items))
+    return items, run_fingerprint(settings, model, predictor.precision)
 
 
 def _make_predictor(settings: PredictSettings, model: torch.nn.Module, device: torch.device,
