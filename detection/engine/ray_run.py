@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from detection.engine.image_files import OutputOptions
-from detection.engine.predict_run import (PredictInterrupted, PredictSettings, PredictSummary, PredictUsageError,
-                                          build_run_model, check_inputs, run_versions)
+from detection.engine.run_setup import (PredictInterrupted, PredictSettings, PredictSummary, PredictUsageError,
+                                        build_run_model, check_inputs, run_versions)
 from detection.engine.ray_stages import (DEFAULT_MAX_ATTEMPTS, DecodeSpec, ModelWorker, decode_units, parse_record,
                                          start_control, unit_rows)
+from detection.engine.output_size import folder_bytes
 from detection.engine.planning import plan_batches
 from detection.engine.ray_storage import Location, StagedOutput, expand_uri_sources, is_uri
 from detection.engine.stop_signals import StopOnSignals
@@ -37,7 +38,6 @@ from detection.runfolder.lock import RunFolderLocked
 from detection.runfolder.records import error_record
 from detection.runfolder.run_folder import RunFolder, RunFolderMismatch
 from detection.runtime.device import resolve_device
-from detection.text import plural
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +325,8 @@ def _run_locked(settings: PredictSettings, ray_settings: RaySettings, run: _Prep
                                 "ray_start_seconds": start_seconds, "model_load_seconds_per_actor": load_seconds}})
     write_run_info(run_info, PREDICTIONS_FILE, ERRORS_FILE, DETECTIONS_FILE)
     out = folder.out if staged is None else settings.out
-    logger.info("%s, %s, %s -> %s", plural(counts["images"], "image"), plural(counts["detections"], "detection"),
-                plural(counts["errors"], "error"), out)
-    return PredictSummary(out=out, images=counts["images"], errors=counts["errors"],
-                          detections=counts["detections"])
+    summary = PredictSummary(out=out, images=counts["images"], errors=counts["errors"],
+                             detections=counts["detections"],
+                             bytes=folder_bytes(folder.out) if staged is None else None)  # a bucket: not summed
+    logger.info("%s", summary.text())
+    return summary

@@ -33,7 +33,7 @@ from detection.engine.image_files import write_image_files
 from detection.engine.loading import BatchLoadingDataset, LoadedBatch
 from detection.engine.planning import PlannedBatch
 from detection.engine.predict_methods import image_maps
-from detection.engine.predict_run import build_run_model
+from detection.engine.run_setup import build_run_model
 from detection.engine.ray_storage import Location, is_uri, localized
 from detection.models.registry import load_model
 from detection.runtime.device import resolve_device
@@ -155,7 +155,7 @@ def _record_row(kind: str, record: dict[str, Any]) -> dict[str, Any]:
 
 class ModelWorker:
     """Model stage (a Ray actor): loads and prepares the model once, as a single-host run does
-    (`predict_run.build_run_model`), then for each decoded unit runs the model and the --explain
+    (`run_setup.build_run_model`), then for each decoded unit runs the model and the --explain
     methods and writes each image's files through `image_files.write_image_files`; returns the
     unit's records. `unit_hook(keys)`, when given, is called before a unit runs (fault injection)."""
 
