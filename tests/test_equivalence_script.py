@@ -68,8 +68,18 @@ def test_each_change_is_named(tmp_path):
 def test_planted_overlay_is_one_pixel(tmp_path):
     script = _script()
     run = tmp_path / "run"
-    (run / "overlays" / "a" / "relevance").mkdir(parents=True)
-    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(run / "overlays" / "a" / "relevance" / "det_0.png")
+    (run / "overlays" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(run / "overlays" / "a" / "det_0.relevance.png")
     name, expected = script.plant(run, "overlay")
+    # reported under its name in the baseline's layout (overlays/<key>/<method>/det_<k>)
     assert (name, expected) == ("overlays/a/relevance/det_0.png", "1 of 24 pixels differ, first at (y=2, x=3)")
-    assert np.asarray(Image.open(run / name))[2, 3].tolist() == [255, 255, 255]
+    assert np.asarray(Image.open(run / "overlays" / "a" / "det_0.relevance.png"))[2, 3].tolist() == [255, 255, 255]
+
+
+def test_overlays_are_compared_under_their_baseline_names():
+    script = _script()
+    assert [script.old_layout_name(name) for name in (
+        "overlays/k.raw.png", "overlays/k/det_2.raw.jpg", "overlays/k/det_0.raw-points.png",
+        "overlays/k/det_1.drise.png", "overlays/k.png", "overlays/k/drise/det_1.png", "attention/k.npz")] == [
+        "overlays/k.png", "overlays/k/det_2.jpg", "overlays/k/det_0.png", "overlays/k/drise/det_1.png",
+        "overlays/k.png", "overlays/k/drise/det_1.png", "attention/k.npz"]
