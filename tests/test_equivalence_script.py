@@ -83,3 +83,19 @@ def test_overlays_are_compared_under_their_baseline_names():
         "overlays/k/det_1.drise.png", "overlays/k.png", "overlays/k/drise/det_1.png", "attention/k.npz")] == [
         "overlays/k.png", "overlays/k/det_2.jpg", "overlays/k/det_0.png", "overlays/k/drise/det_1.png",
         "overlays/k.png", "overlays/k/drise/det_1.png", "attention/k.npz"]
+
+
+def test_intended_changes_are_only_d_rise_outputs_and_aucs_compare_within_tolerance():
+    script = _script()
+    assert [script.intended(name) for name in (
+        "attention/drise/a.npz", "overlays/a/drise/det_0.png", "coco_masks_drise.json", "drise/a.npz",
+        "attention/relevance/a.npz", "overlays/a.raw.png", "attention/a.npz")] == [True] * 4 + [False] * 3
+    old = {"attention": {"last/mean": {"deletion_auc": 0.25, "pointing_game": 0.9},
+                         "gaussian-baseline": {"deletion_auc": 0.25}}}
+    near = {"attention": {"last/mean": {"deletion_auc": 0.2504, "pointing_game": 0.9},
+                          "gaussian-baseline": {"deletion_auc": 0.28}}}
+    assert script.auc_difference(old, near) is None and old == {"attention": {"last/mean": {"pointing_game": 0.9},
+                                                                              "gaussian-baseline": {}}}
+    far = {"attention": {"last/mean": {"deletion_auc": 0.26}}}
+    assert script.auc_difference({"attention": {"last/mean": {"deletion_auc": 0.25}}}, far) == \
+        "/attention/last/mean/deletion_auc: 0.25 vs 0.26 (beyond 0.001)"
