@@ -17,7 +17,7 @@ from detection.io import write_bytes_atomic, write_text_atomic
 from detection.data.image_codec import encode_image
 from detection.data.synthetic_hard import render_hard_image
 from detection.data.synthetic_parts import (CLASS_NAMES, HARD_CLASS_NAMES, SHAPE_SETS, SUBPIXEL_SHIFT, SynthConfig, SynthObject,
-                                            draw_background, draw_distractors, fill_polygon, has_hole,
+                                            draw_canvas, fill_polygon, has_hole,
                                             mask_to_polygons, object_colour, place, polygon_area, unit_shape)
 
 __all__ = ["CLASS_NAMES", "HARD_CLASS_NAMES", "SHAPE_SETS", "SynthConfig", "SynthObject", "categories", "generate_dataset",
@@ -36,12 +36,9 @@ def render_image(
     `config.shapes == "hard"` draws it with `data.synthetic_hard.render_hard_image`."""
     if config.shapes == "hard":
         return render_hard_image(config, rng)
-    jitter = config.size_jitter
-    height = int(round(config.image_size * rng.uniform(1 - jitter, 1 + jitter)))
-    width = int(round(config.image_size * rng.uniform(1 - jitter, 1 + jitter)))
+    image = draw_canvas(config, rng)
+    height, width = image.shape[:2]
     difficulty = config.difficulty
-    image = draw_background(height, width, difficulty, rng)
-    draw_distractors(image, difficulty, rng)
 
     lo, hi = config.object_size_range()
     lo, hi = min(lo, 0.9 * min(height, width)), min(hi, 0.9 * min(height, width))

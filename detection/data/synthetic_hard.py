@@ -11,7 +11,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from detection.data.synthetic_parts import (CLASS_NAMES, HARD_CLASS_NAMES, SynthConfig, SynthObject,
-                                            draw_background, draw_distractors, fill_polygon, object_colour, place,
+                                            draw_canvas, fill_polygon, object_colour, place,
                                             random_blob, unit_shape)
 
 #: The shapes `--shapes hard` adds (HARD_CLASS_NAMES after the five convex ones).
@@ -166,12 +166,9 @@ def render_hard_image(config: SynthConfig, rng: np.random.Generator) -> tuple[np
     in the image is drawn again). Occluders (blobs of no class) hide parts of objects; distractors of an
     object's own colour lie apart from every object. Boxes, areas and RLE masks describe the VISIBLE part.
     """
-    jitter = config.size_jitter
-    height = int(round(config.image_size * rng.uniform(1 - jitter, 1 + jitter)))
-    width = int(round(config.image_size * rng.uniform(1 - jitter, 1 + jitter)))
+    image = draw_canvas(config, rng)
+    height, width = image.shape[:2]
     difficulty = config.difficulty
-    image = draw_background(height, width, difficulty, rng)
-    draw_distractors(image, difficulty, rng)
     stroke = config.stroke_pixels(height, width)
     cell = stroke / config.stroke_cells
     lo, hi = config.object_size_range()

@@ -159,6 +159,17 @@ def draw_background(height: int, width: int, difficulty: float, rng: np.random.G
     return image
 
 
+def draw_canvas(config: SynthConfig, rng: np.random.Generator) -> np.ndarray:
+    """An image's size (image_size with size_jitter, drawn height first), its background and its
+    non-object distractors: uint8 (H, W, 3) RGB, the start of every generated image."""
+    jitter = config.size_jitter
+    height = int(round(config.image_size * rng.uniform(1 - jitter, 1 + jitter)))
+    width = int(round(config.image_size * rng.uniform(1 - jitter, 1 + jitter)))
+    image = draw_background(height, width, config.difficulty, rng)
+    draw_distractors(image, config.difficulty, rng)
+    return image
+
+
 def draw_distractors(image: np.ndarray, difficulty: float, rng: np.random.Generator) -> None:
     """Non-object clutter: line segments and irregular blobs (never one of the shape classes)."""
     height, width = image.shape[:2]

@@ -23,7 +23,7 @@ from detection.engine.planning import shard_plan
 from detection.engine.predict_methods import image_maps
 from detection.engine.predictor import PredictionResult, Predictor
 from detection.engine.run_setup import (PredictInterrupted, PredictSettings, PredictSummary, PredictUsageError,
-                                        build_run_model, check_inputs, run_versions)
+                                        build_run_model, check_inputs, start_run_info)
 from detection.engine.stop_signals import StopOnSignals
 from detection.models.registry import load_model
 from detection.runfolder.run_folder import RunFolder, RunFolderMismatch
@@ -109,20 +109,7 @@ def _run_locked(settings: PredictSettings, config: Any, source: str, context: Di
 
     started = time.time()
     probed, plan = predictor.plan(items)
-    run_info = {
-        "status": "running",
-        "fingerprint": fingerprint,
-        "model": settings.model,
-        "model_source": source,
-        "class_names": list(config.class_names),
-        "category_ids": list(config.category_ids),
-        "inputs": list(settings.inputs) + [f"@{f}" for f in settings.list_files],
-        "settings": {"device": str(predictor.device), "batch_size": settings.batch_size,
-                     "workers": settings.workers, "fold_bn": settings.fold_bn,
-                     "channels_last": settings.channels_last, "compile": settings.compile,
-                     "world_size": context.world_size},
-        "versions": run_versions(),
-    }
+    run_info = start_run_info(settings, fingerprint, config, source, predictor.device, world_size=context.world_size)
     if context.is_main:
         folder.write_run_info(run_info)
     context.barrier()

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from detection.engine.image_files import OutputOptions
 from detection.engine.run_setup import (PredictInterrupted, PredictSettings, PredictSummary, PredictUsageError,
-                                        build_run_model, check_inputs, run_versions)
+                                        build_run_model, check_inputs, start_run_info)
 from detection.engine.ray_stages import (DEFAULT_MAX_ATTEMPTS, DecodeSpec, ModelWorker, decode_units, parse_record,
                                          start_control, unit_rows)
 from detection.engine.output_size import folder_bytes
@@ -257,23 +257,10 @@ def _run_locked(settings: PredictSettings, ray_settings: RaySettings, run: _Prep
         if staged is not None:
             staged.sync([RUN_FILE, *more])
 
-    run_info: dict[str, Any] = {
-        "status": "running",
-        "fingerprint": run.fingerprint,
-        "model": settings.model,
-        "model_source": run.source,
-        "class_names": list(config.class_names),
-        "category_ids": list(config.category_ids),
-        "inputs": list(settings.inputs) + [f"@{f}" for f in settings.list_files],
-        "settings": {"device": str(predictor.device), "batch_size": settings.batch_size,
-                     "workers": settings.workers, "fold_bn": settings.fold_bn,
-                     "channels_last": settings.channels_last, "compile": settings.compile,
-                     "world_size": 1, "engine": "ray",
-                     "ray": {"address": ray_settings.address, "actors": ray_settings.actors,
-                             "gpus_per_actor": ray_settings.gpus_per_actor,
-                             "cpus_per_actor": ray_settings.cpus_per_actor}},
-        "versions": run_versions(),
-    }
+    run_info = start_run_info(settings, run.fingerprint, config, run.source, predictor.device, world_size=1,
+                              engine="ray", ray={"address": ray_settings.address, "actors": ray_settings.actors,
+                                                 "gpus_per_actor": ray_settings.gpus_per_actor,
+                                                 "cpus_per_actor": ray_settings.cpus_per_actor})
     write_run_info(run_info)
     done = folder.open()
     synced = time.time()

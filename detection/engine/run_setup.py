@@ -118,6 +118,26 @@ def run_fingerprint(settings: PredictSettings, model: torch.nn.Module, precision
     }
 
 
+def start_run_info(settings: PredictSettings, fingerprint: dict[str, Any], config: Any, source: str,
+                   device: torch.device, **engine: Any) -> dict[str, Any]:
+    """run.json of a run that starts ("status": "running"): the fingerprint, the model and its
+    classes, the inputs, the settings that do not change outputs (`engine`: world_size and the
+    engine's own, e.g. engine="ray"), the versions."""
+    return {
+        "status": "running",
+        "fingerprint": fingerprint,
+        "model": settings.model,
+        "model_source": source,
+        "class_names": list(config.class_names),
+        "category_ids": list(config.category_ids),
+        "inputs": list(settings.inputs) + [f"@{f}" for f in settings.list_files],
+        "settings": {"device": str(device), "batch_size": settings.batch_size,
+                     "workers": settings.workers, "fold_bn": settings.fold_bn,
+                     "channels_last": settings.channels_last, "compile": settings.compile, **engine},
+        "versions": run_versions(),
+    }
+
+
 def run_versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "detection": __version__, "platform": platform.platform()}
