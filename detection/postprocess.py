@@ -23,7 +23,7 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
     """Turn model outputs into Detections, one per image.
 
     outputs: {"pred_logits": (B, Q, K), "pred_boxes": (B, Q, 4) normalised cxcywh}, with
-        K = C + 1 for "softmax_no_object" and K = C for "sigmoid_topk".
+        K = C + 1 for "softmax_no_object" and K = C for the sigmoid rules.
     original_sizes: (B, 2) (height, width) of each ORIGINAL image in pixels.
     class_names: C names, label index -> name (the model's config.class_names).
     score_threshold: keep detections whose score is > threshold.
@@ -33,6 +33,7 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
     and the best of the remaining C gives (score, label), as the DETR authors' PostProcess.
     sigmoid_topk: sigmoid per class, the rule's top_k best (query, class) pairs over Q x C,
     then the threshold; a query may appear once per class.
+    sigmoid_max (OWL): sigmoid per class, each query's best class gives (score, label).
     Each detection carries `query_index`, its decoder query, to find its attention.
     Detections are sorted by descending score, ties by query index (then label). Boxes are
     xyxy float32 in original pixels, not clipped (an object may extend slightly beyond the

@@ -77,6 +77,8 @@ class PredictSettings:
     progress: bool = True
     #: --explain (None: not given, the attention maps only; see engine.predict_methods)
     explain: ExplainOptions | None = None
+    #: --prompt / --prompt-file: the phrases of an open-vocabulary detector (None: a closed-set model)
+    prompt: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -121,6 +123,8 @@ def run_fingerprint(settings: PredictSettings, model: torch.nn.Module, precision
         **({"overlay_size": out.overlay_size} if out.overlays else {}),
         # the explanation methods: only with --explain, so runs without it resume as before
         **({"explain": settings.explain.fingerprint()} if settings.explain is not None else {}),
+        # the prompt of an open-vocabulary detector: only then, so closed-set runs resume as before
+        **({"prompt": list(settings.prompt)} if settings.prompt is not None else {}),
     }
 
 
@@ -152,7 +156,7 @@ def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
         try:
             device = resolve_device(settings.device, context.local_rank if context.enabled else None)
             if model is None:
-                model = load_model(settings.model, device="cpu")
+                model = load_model(settings.model, device="cpu", prompt=settings.prompt)
         except (ValueError, FileNotFoundError) as err:
             raise PredictUsageError(str(err)) from err
         if settings.outputs.overlay_style == "points" and attention_kind(model) != "sampled":
