@@ -161,3 +161,44 @@ def test_a_renamed_hf_internal_fails_loudly(owl, monkeypatch) -> None:
     monkeypatch.setattr(model.hf_model.owlvit.vision_model, "encoder", None, raising=False)
     with pytest.raises(RuntimeError, match="vision_model.encoder.layers.*renamed"):
         model(torch.zeros(1, 3, 64, 64), cross_attention=True)
+
+
+def test_image_maps_raw_and_attn_grad_are_the_patch_token_s_row(owl) -> None:
+    """raw: the head mean of the detection's patch row of the last vision layer over the patches;
+    attn-grad: the head mean of (dlogit/dA * A)+ on that row (target: the detection's phrase logit);
+    rollout and relevance (every layer's attention) are refused by name."""
+    import detection
+    from detection import api
+    from detection.attention.methods import MethodNotApplicable, applicable_methods
+
+    folder, images = owl
+    api.clear_model_cache()
+    model = load_model(folder, prompt=PHRASES)
+    assert applicable_methods(model) == ["raw", "attn-grad", "drise"]
+    grid = model.patch_grid()
+    rgb = np.asarray(Image.open(images[0]).convert("RGB"))
+    from detection.data.preprocess import image_to_input
+
+    pixels = image_to_input(rgb, model.preprocess_spec)[None]
+    with torch.enable_grad():
+        outputs = model(pixels, cross_attention=True, keep_graph=True)
+    (weights,) = outputs["attention_graph"].tokens
+    for method in ("raw", "attn-grad"):
+        explained = detection.explain(str(images[0]), model=str(folder), prompt=PROMPT, method=method,
+                                      score_threshold=0.3, device="cpu")
+        found = explained.detections
+        assert len(found) > 0
+        for k, (query, label) in enumerate(zip(found.query_index.tolist(), found.labels.tolist())):
+            if method == "raw":
+                expected = weights.detach()[0, :, 1 + query, 1:].mean(0)
+            else:
+                (gradient,) = torch.autograd.grad(outputs["pred_logits"][0, query, label], weights, retain_graph=True)
+                expected = (gradient * weights.detach())[0, :, 1 + query, 1:].clamp(min=0).mean(0)
+            values = explained.method_maps.values[k] if explained.method_maps is not None else None
+            if values is None:  # raw's maps come straight from the record
+                values = explained.attention.decoder_cross[-1, 0, :, query].mean(0)
+            assert torch.allclose(values.reshape(-1), expected.reshape(-1), atol=1e-6), (method, k)
+            assert tuple(values.shape[-2:]) == grid
+    for method in ("rollout", "relevance"):
+        with pytest.raises(MethodNotApplicable, match=f"'{method}' does not apply to the OWL-ViT family.*every layer"):
+            detection.explain(str(images[0]), model=str(folder), prompt=PROMPT, method=method, device="cpu")

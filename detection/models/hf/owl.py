@@ -42,12 +42,12 @@ class PromptedConfig(HFDetectorConfig):
 @dataclass(frozen=True)
 class PromptTokens:
     """The tokenized prompt: input_ids / attention_mask (P, S), one row per phrase (padded to S);
-    tokens: the text of each position (special and padding positions included, as the tokenizer
-    decodes them); limit: the text encoder's most tokens per phrase."""
+    layout: per phrase, (position, text) of its real tokens (no special or padding token);
+    limit: the text encoder's most tokens per phrase."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    tokens: tuple[tuple[str, ...], ...]
+    layout: tuple[tuple[tuple[int, str], ...], ...]
     limit: int
 
 
@@ -62,8 +62,14 @@ def tokenize_prompt(tokenizer: Any, phrases: Sequence[str], limit: int, title: s
                               f"{limit} tokens per phrase (special tokens included): shorten it")
     encoded = tokenizer(list(phrases), padding="max_length", max_length=limit, return_tensors="pt")
     ids = encoded["input_ids"].to(torch.int64)
-    tokens = tuple(tuple(tokenizer.convert_ids_to_tokens(row.tolist())) for row in ids)
-    return PromptTokens(ids, encoded["attention_mask"].to(torch.int64), tokens, limit)
+    mask = encoded["attention_mask"].to(torch.int64)
+    special = set(tokenizer.all_special_ids)
+    layout = tuple(
+        tuple((position, tokenizer.decode([token]).strip())
+              for position, (token, real) in enumerate(zip(row.tolist(), row_mask.tolist()))
+              if real and token not in special)
+        for row, row_mask in zip(ids, mask))
+    return PromptTokens(ids, mask, layout, limit)
 
 
 class OwlDetector(HFDetector):
@@ -78,6 +84,8 @@ class OwlDetector(HFDetector):
     """
 
     gradient_capture = "graph"
+    #: the record holds one layer (the last vision layer): methods that propagate through every layer refuse
+    last_layer_attention_only = True
 
     def __init__(self, hf_model: nn.Module, family: Family, preprocess: PreprocessSpec, config: PromptedConfig,
                  prompt: PromptTokens, tokenizer: Any) -> None:
@@ -85,7 +93,7 @@ class OwlDetector(HFDetector):
         self.tokenizer = tokenizer
         self.register_buffer("input_ids", prompt.input_ids, persistent=False)
         self.register_buffer("text_attention_mask", prompt.attention_mask, persistent=False)
-        self.prompt_tokens = prompt.tokens
+        self._layout = prompt.layout
         self.token_limit = prompt.limit
 
     # -- the HF modules read ----------------------------------------------------------------------
@@ -117,6 +125,10 @@ class OwlDetector(HFDetector):
             raise RuntimeError(f"{self.family.title}: {type(module).__name__} has no '{name}': the module this "
                                "code reads was renamed; the OWL support needs updating")
         return found
+
+    def prompt_layout(self) -> tuple[tuple[tuple[int, str], ...], ...]:
+        """Per phrase, (position in its token row, token text) of its real tokens."""
+        return self._layout
 
     def patch_grid(self) -> tuple[int, int]:
         vision = self.hf_model.config.vision_config
