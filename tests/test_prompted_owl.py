@@ -202,3 +202,41 @@ def test_image_maps_raw_and_attn_grad_are_the_patch_token_s_row(owl) -> None:
     for method in ("rollout", "relevance"):
         with pytest.raises(MethodNotApplicable, match=f"'{method}' does not apply to the OWL-ViT family.*every layer"):
             detection.explain(str(images[0]), model=str(folder), prompt=PROMPT, method=method, device="cpu")
+
+
+def test_saved_token_scores_round_trip_and_the_run_folder_serves_report_and_export(owl, tmp_path) -> None:
+    """predict --save-attention writes attention/tokens/<key>.npz (versioned) equal to the scores
+    computed directly; report, the viewer and export read the folder as for any family."""
+    from detection.attention.token_scores import text_token_scores
+    from detection.data.preprocess import image_to_input
+    from detection.runfolder.tokens_npz import load_tokens_npz
+    from detection.runfolder.versions import TOKENS_NPZ_FORMAT
+
+    folder, images = owl
+    out = tmp_path / "run"
+    assert predict(folder, images[0].parent, out, "--prompt", PROMPT + " zebra.", "--score-threshold", "0.3",
+                   "--save-attention", "--overlays") == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["fingerprint"]["tokens_format"] == TOKENS_NPZ_FORMAT
+    model = load_model(folder, prompt=PHRASES + ["zebra"])
+    for line in (out / "predictions.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        scores, meta = load_tokens_npz(out / record["tokens"])
+        assert meta["format"] == TOKENS_NPZ_FORMAT and meta["key"] == record["key"]
+        assert scores.phrases == tuple(PHRASES + ["zebra"]) and len(scores) == len(record["detections"])
+        rgb = np.asarray(Image.open(record["file"]).convert("RGB"))
+        queries = torch.tensor([d["query_index"] for d in record["detections"]], dtype=torch.int64)
+        labels = torch.tensor([d["category_id"] for d in record["detections"]], dtype=torch.int64)
+        expected = text_token_scores(model, image_to_input(rgb, model.preprocess_spec)[None], queries, labels)
+        assert np.allclose(scores.scores, expected.scores, atol=1e-6)
+        assert np.allclose(scores.phrase_scores, expected.phrase_scores, atol=1e-5)
+    assert main(["report", str(out)]) == 0 and main(["report", str(out), "--viewer"]) == 0
+    assert "remote control" in (out / "report" / "viewer.html").read_text(encoding="utf-8")
+    assert main(["export", str(out), "--format", "coco-masks", "--out", str(tmp_path / "masks.json")]) == 0
+    exported = json.loads((tmp_path / "masks.json").read_text())
+    assert len(exported) == run_detections(out) and {r["category_id"] for r in exported} <= {0, 1, 2, 3}
+    assert all(r["segmentation"]["counts"] for r in exported)
+
+
+def run_detections(out: Path) -> int:
+    return sum(len(json.loads(line)["detections"]) for line in (out / "predictions.jsonl").read_text().splitlines())

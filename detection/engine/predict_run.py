@@ -26,14 +26,15 @@ from detection.engine.image_files import OutputOptions, write_image_files
 from detection.engine.model_failure import ModelRunError, probe
 from detection.engine.pending import PendingWrites
 from detection.engine.planning import shard_plan
-from detection.engine.predict_methods import ExplainOptions, build_predict_methods, image_maps
+from detection.engine.predict_methods import (ExplainOptions, build_predict_methods, image_maps, image_token_scores,
+                                              token_scorer)
 from detection.engine.predictor import PredictionResult, Predictor, PredictorSettings
 from detection.engine.stop_signals import StopOnSignals
 from detection.models.digest import weights_digest
 from detection.models.registry import load_model
 from detection.runfolder.run_folder import RunFolder, RunFolderMismatch
 from detection.runfolder.lock import RunFolderLocked
-from detection.runfolder.versions import GRIDS_NPZ_FORMAT, MAPS_FORMAT_KEY, MAPS_NPZ_FORMAT
+from detection.runfolder.versions import GRIDS_NPZ_FORMAT, MAPS_FORMAT_KEY, MAPS_NPZ_FORMAT, TOKENS_NPZ_FORMAT
 from detection.runtime.device import resolve_device
 from detection.runtime.distributed import DistContext, init_distributed
 from detection.text import plural
@@ -125,6 +126,8 @@ def run_fingerprint(settings: PredictSettings, model: torch.nn.Module, precision
         **({"explain": settings.explain.fingerprint()} if settings.explain is not None else {}),
         # the prompt of an open-vocabulary detector: only then, so closed-set runs resume as before
         **({"prompt": list(settings.prompt)} if settings.prompt is not None else {}),
+        # its token scores' npz format, when they are written (with --save-attention)
+        **({"tokens_format": TOKENS_NPZ_FORMAT} if settings.prompt is not None and out.save_attention else {}),
     }
 
 
@@ -295,7 +298,8 @@ def _make_predictor(settings: PredictSettings, model: torch.nn.Module, device: t
         batching=settings.batching,
         # the full-resolution image only for methods that run the model on it: the writers
         # draw on display images the decoding workers make (engine.display)
-        keep_images=runner is not None and runner.needs_input,
+        keep_images=(runner is not None and runner.needs_input)
+        or (options.save_attention and hasattr(model, "prompt_layout")),  # token scores run the model on it
         display=DisplaySpec(overlays=options.overlays, overlay_size=options.overlay_size,
                             viewer_jpeg=options.save_attention) if options.needs_maps else None,
         rollout=options.save_encoder_attention or (runner is not None and runner.needs_self_attention),
@@ -325,9 +329,11 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: Meth
 
     explain = settings.explain.extra_methods if settings.explain is not None else None
 
-    def write(result: PredictionResult, maps: dict[str, MethodMaps]) -> None:
+    scorer = token_scorer(predictor, settings.outputs)
+
+    def write(result: PredictionResult, maps: dict[str, MethodMaps], tokens=None) -> None:
         try:
-            record = write_image_files(folder, result, maps, settings.outputs, category_ids, explain)
+            record = write_image_files(folder, result, maps, settings.outputs, category_ids, explain, tokens)
         except OSError:
             raise  # disk full / permissions: stop, a rerun resumes
         except Exception as err:  # noqa: BLE001 - one image's output must not stop the run
@@ -349,10 +355,11 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: Meth
             else:
                 try:
                     maps = image_maps(runner, result)
+                    tokens = image_token_scores(predictor, result) if scorer is not None else None
                 except Exception as err:  # noqa: BLE001 - one image's explanation must not stop the run
                     folder.append_error(result.item, f"explanation methods failed: {type(err).__name__}: {err}")
                 else:
-                    pending.add(pool.submit(write, result, maps), result, maps)
+                    pending.add(pool.submit(write, result, maps, tokens), result, maps)
                 processed += 1
             progress.update(1)
             if stop.requested:

@@ -10,6 +10,8 @@ Layout (docs/ARCHITECTURE.md "Predict run folder"):
     OUT/attention/<method>/<key>.npz, OUT/overlays/<key>/<method>/det_<k>.<fmt>  with --explain, per
                             method other than raw (runfolder.layout)
     OUT/attention/grids/<key>.npz  the viewer's data (runfolder.grids), with --save-attention
+    OUT/attention/tokens/<key>.npz  a prompted detector's token scores (runfolder.tokens_npz), with
+                            --save-attention
     OUT/.parts/             per-rank journals of a torchrun run (merged by rank 0, then removed)
     OUT/.lock               pid + host of the live run writing OUT (removed when it ends; not an output)
 """
@@ -24,6 +26,7 @@ OVERLAYS_DIR = "overlays"
 ATTENTION_DIR = "attention"
 #: Inside ATTENTION_DIR (a key holds no '/', so no image's npz can be named like it).
 GRIDS_DIR = f"{ATTENTION_DIR}/grids"
+TOKENS_DIR = f"{ATTENTION_DIR}/tokens"
 #: The live run's lock (runfolder.lock): not an output, so `--overwrite` (run under the lock)
 #: keeps it; the run removes it when it ends.
 LOCK_FILE = ".lock"
@@ -58,6 +61,11 @@ def method_attention_name(key: str, method: str) -> str:
 def method_overlay_name(key: str, method: str, index: int, image_format: str) -> str:
     """The overlay of detection `index` of image `key` drawn with method `method`'s map."""
     return f"{OVERLAYS_DIR}/{key}/{method}/det_{index}.{image_format}"
+
+
+def tokens_name(key: str) -> str:
+    """A prompted detector's token scores of image `key` (runfolder.tokens_npz)."""
+    return f"{TOKENS_DIR}/{key}.npz"
 
 
 def grids_name(key: str) -> str:
