@@ -240,3 +240,33 @@ def test_saved_token_scores_round_trip_and_the_run_folder_serves_report_and_expo
 
 def run_detections(out: Path) -> int:
     return sum(len(json.loads(line)["detections"]) for line in (out / "predictions.jsonl").read_text().splitlines())
+
+
+def test_eval_takes_the_category_names_as_the_prompt(owl, tmp_path) -> None:
+    """eval on a COCO-format set with an open-vocabulary model and no --prompt: the prompt is the
+    categories' names, matched back to the categories by name (ids 7, 3, 11 here, not 0 .. 2)."""
+    folder, images = owl
+    categories = [{"id": 7, "name": "cat"}, {"id": 3, "name": "remote control"}, {"id": 11, "name": "bicycle"}]
+    gt = {"images": [{"id": i + 1, "file_name": p.name, "height": h, "width": w}
+                     for i, (p, (h, w)) in enumerate(zip(images, [(70, 90), (100, 61)]))],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [10, 10, 30, 20], "area": 600, "iscrowd": 0},
+                          {"id": 2, "image_id": 2, "category_id": 11, "bbox": [5, 30, 40, 50], "area": 2000, "iscrowd": 0}],
+          "categories": categories}
+    ann = tmp_path / "gt.json"
+    ann.write_text(json.dumps(gt))
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(folder), "--ann", str(ann), "--images", str(images[0].parent), "--out", str(out),
+                 "--device", "cpu", "--precision", "fp32", "--workers", "0", "--score-threshold", "0.3",
+                 "--no-attention", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "bbox" in json.dumps(metrics).lower()
+    predicted = _eval_detections(out)
+    assert predicted and {d["category_id"] for d in predicted} <= {7, 3, 11}
+    # an explicit prompt naming no category is refused by the name matching (exit 2)
+    assert main(["eval", "--model", str(folder), "--prompt", "zebra.", "--ann", str(ann), "--images",
+                 str(images[0].parent), "--out", str(tmp_path / "eval2"), "--device", "cpu", "--workers", "0",
+                 "--no-attention", "--quiet"]) == 2
+
+
+def _eval_detections(out: Path) -> list[dict]:
+    return json.loads((out / "detections.json").read_text())

@@ -25,6 +25,7 @@ from detection.cli.vocabulary import MODEL_HELP, add_quiet, add_workers, example
 from detection.attention.methods import AttentionRollout
 from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.cli.drise_options import add_drise_arguments, drise_options
+from detection.cli.prompt_options import add_prompt_arguments, prompt_from_args
 from detection.attention.methods import METHODS, MethodNotApplicable, applicable_methods, parse_methods
 from detection.data.ground_truth import GroundTruthError, load_coco_gt
 from detection.evaluation.classes import load_class_map, map_classes
@@ -35,7 +36,7 @@ from detection.evaluation.results import EvaluationError, results_for_subset
 from detection.evaluation.subsets import Subset, SubsetSpec, select_subset
 from detection.evaluation.writer import format_metric, write_evaluation
 from detection.io import write_json_atomic
-from detection.models.registry import load_model
+from detection.models.registry import is_prompted_model, load_model
 from detection.runtime.distributed import DistContext, init_distributed
 
 
@@ -49,6 +50,7 @@ EXAMPLES = examples(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help=MODEL_HELP)
+    add_prompt_arguments(parser)
     source.add_argument("--detections", help="score an existing COCO results JSON (any detector) instead of running a model")
     parser.add_argument("--match-file-names", action="store_true",
                         help="with --detections: take image ids from each result's file_name (e.g. detr-attn predict output)")
@@ -170,7 +172,14 @@ def _run_model(args: argparse.Namespace, gt_dataset: dict[str, Any], subset: Sub
                context: DistContext) -> ModelEvaluationRun | None:
     """Load the model, map its classes, run every rank's share; the merged run on rank 0."""
     # the Predictor's engine moves (a copy of) the model to the device; the CPU copy stays here
-    model = load_model(args.model, device="cpu")
+    try:
+        prompt = prompt_from_args(args)
+        if prompt is None and is_prompted_model(args.model):  # open vocabulary: the subset's category names
+            names = {int(c["id"]): str(c["name"]) for c in gt_dataset["categories"]}
+            prompt = tuple(names[i] for i in subset.category_ids)
+        model = load_model(args.model, device="cpu", prompt=prompt)
+    except ValueError as error:  # a bad prompt, or a prompt for a closed-set model
+        raise EvaluationError(f"--model {args.model}: {error}") from error
     class_map = load_class_map(args.class_map) if args.class_map else None
     label_to_category, mapping_warnings = map_classes(
         model.config.class_names, gt_dataset["categories"], subset.category_ids, class_map,

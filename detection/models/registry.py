@@ -16,7 +16,7 @@ from detection.models import published
 from detection.models.configs import CONFIG_DIR, available_configs, load_config  # noqa: F401
 from detection.models.convert import convert_to_native, load_foreign
 from detection.models.detr import DETR, DetrConfig
-from detection.models.hf.families import NATIVE_MODEL_TYPES
+from detection.models.hf.families import FAMILIES, NATIVE_MODEL_TYPES
 from detection.models.hf.folder import CONFIG_FILE, read_model_type
 from detection.models.hf.hub import fetch_hub_folder, is_hub_name
 from detection.models.hf.load import load_hf_detector
@@ -82,6 +82,18 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     else:
         model = load_published(text)
     return model.to(device).eval()
+
+
+def is_prompted_model(name_or_path: str | os.PathLike) -> bool:
+    """Whether `name_or_path` names an open-vocabulary HF detector (its classes come from a prompt);
+    a Hub name is fetched (or read from the cache) to read its config.json."""
+    text, path = str(name_or_path), Path(name_or_path)
+    if is_hub_name(text):
+        path = fetch_hub_folder(text)[0]
+    elif not (path.is_dir() and (path / CONFIG_FILE).is_file()) or is_native_folder(path):
+        return False
+    model_type = read_model_type(path)
+    return model_type in FAMILIES and FAMILIES[model_type].prompted
 
 
 def _load_hf_folder(folder: Path, source: str | None, prompt: Sequence[str] | None = None) -> nn.Module:
