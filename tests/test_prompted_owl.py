@@ -270,3 +270,20 @@ def test_eval_takes_the_category_names_as_the_prompt(owl, tmp_path) -> None:
 
 def _eval_detections(out: Path) -> list[dict]:
     return json.loads((out / "detections.json").read_text())
+
+
+def test_an_int_size_in_an_older_preprocessor_config_is_a_square(tmp_path) -> None:
+    """google/owlvit-* folders say "size": 768 (transformers makes it a square): the input equals
+    the processor's own."""
+    from detection.data.preprocess import image_to_input
+    from detection.models.hf.families import FAMILIES
+    from detection.models.hf.folder import processor_spec
+
+    saved = {"image_processor_type": "OwlViTImageProcessor", "size": 48, "crop_size": 48, "do_center_crop": True}
+    spec = processor_spec(saved, FAMILIES["owlvit"], tmp_path / "preprocessor_config.json")
+    assert (spec.resize, spec.fixed_size, spec.interpolation) == ("fixed", (48, 48), "bicubic")
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(saved))
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path)
+    image = np.random.default_rng(0).integers(0, 256, (61, 83, 3), dtype=np.uint8)
+    expected = processor(images=image, return_tensors="pt")["pixel_values"][0]
+    assert torch.allclose(image_to_input(image, spec), expected, atol=1e-5)

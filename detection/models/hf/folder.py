@@ -130,7 +130,7 @@ def _processor_defaults(class_name: str, origin: Path) -> dict[str, Any]:
                                     f"image processor")
     return {key: getattr(cls, key, None) for key in (
         "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
-        "image_mean", "image_std", "do_pad", "pad_size")}
+        "image_mean", "image_std", "do_pad", "pad_size", "default_to_square")}
 
 
 def processor_spec(processor: dict[str, Any] | None, family: Family, origin: Path) -> PreprocessSpec:
@@ -182,6 +182,9 @@ def processor_spec(processor: dict[str, Any] | None, family: Family, origin: Pat
     size = values["size"] or {}
     if not values["do_resize"]:
         raise fail("do_resize", "false is not supported: every family resizes its inputs")
+    if isinstance(size, int) and not isinstance(size, bool):  # older folders (google/owlvit-*): transformers'
+        # get_size_dict makes an int a square where the processor defaults to squares
+        size = {"height": size, "width": size} if values["default_to_square"] else {"shortest_edge": size}
     if not isinstance(size, dict):
         raise fail("size", f"expected a dict, got {size!r}")
     keys = {k for k, v in size.items() if v is not None}
