@@ -33,7 +33,9 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
     and the best of the remaining C gives (score, label), as the DETR authors' PostProcess.
     sigmoid_topk: sigmoid per class, the rule's top_k best (query, class) pairs over Q x C,
     then the threshold; a query may appear once per class.
-    sigmoid_max (OWL): sigmoid per class, each query's best class gives (score, label).
+    sigmoid_max (OWL, Grounding DINO): sigmoid per class, each query's best class gives (score,
+    label); where outputs hold "pred_score_logits" (B, Q) (Grounding DINO: the maximum over every
+    prompt token, HF's score), the score is its sigmoid and the label still the best class.
     Each detection carries `query_index`, its decoder query, to find its attention.
     Detections are sorted by descending score, ties by query index (then label). Boxes are
     xyxy float32 in original pixels, not clipped (an object may extend slightly beyond the
@@ -56,6 +58,8 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
     probs = rule.class_probabilities(logits)  # (B, Q, C)
     if rule.kind == "sigmoid_topk":
         selected = _sigmoid_topk(probs, score_threshold, rule.top_k)
+    elif rule.kind == "sigmoid_max" and outputs.get("pred_score_logits") is not None:
+        selected = _softmax_no_object(probs, score_threshold, outputs["pred_score_logits"].float().sigmoid())
     else:
         selected = _softmax_no_object(probs, score_threshold)
     xyxy = cxcywh_to_xyxy(boxes.float())
@@ -75,11 +79,13 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
     return results
 
 
-def _softmax_no_object(probs: torch.Tensor, score_threshold: float
+def _softmax_no_object(probs: torch.Tensor, score_threshold: float, query_scores: torch.Tensor | None = None
                        ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """probs (B, Q, C) -> per image (scores, labels, query indices on the CPU), sorted; one
-    detection per query."""
+    detection per query (query_scores (B, Q): the scores, when not the best class's)."""
     scores, labels = probs.max(-1)
+    if query_scores is not None:
+        scores = query_scores
     selected = []
     for i in range(probs.shape[0]):
         keep = torch.nonzero(scores[i] > score_threshold).flatten()

@@ -88,3 +88,51 @@ def owlvit_folder(folder: Path, seed: int = 1, max_length: int = 16) -> Path:
                                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     transformers.OwlViTProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+def write_bert_tokenizer(folder: Path) -> None:
+    """vocab.txt (+ tokenizer_config.json) of a tiny lower-case BERT WordPiece tokenizer: the special
+    tokens, '.', '?', WORDS, 'a', and every lower-case letter as a word and as '##' continuation."""
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", *WORDS, *[c for c in letters if c not in WORDS],
+             *[f"##{c}" for c in letters]]
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
+    transformers.BertTokenizer.from_pretrained(folder, do_lower_case=True).save_pretrained(folder)
+
+
+def grounding_dino_config(vocab_size: int, model_type: str = "grounding-dino"):
+    import transformers
+    from hf_sampled_models import _resnet
+
+    text = transformers.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=64)
+    config_class = transformers.GroundingDinoConfig if model_type == "grounding-dino" else transformers.MMGroundingDinoConfig
+    return config_class(
+        backbone_config=_resnet(), use_timm_backbone=False, use_pretrained_backbone=False, text_config=text,
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=12, num_feature_levels=4, encoder_n_points=2,
+        decoder_n_points=2, max_text_len=32, fusion_dropout=0.0, fusion_droppath=0.0, text_enhancer_dropout=0.0)
+
+
+def grounding_dino_folder(folder: Path, seed: int = 1, model_type: str = "grounding-dino") -> Path:
+    """A Hub-style Grounding DINO (or MM-Grounding-DINO) folder: lively random weights, the processor
+    (shortest edge 64, longest 96) and a BERT vocab.txt."""
+    import transformers
+
+    write_bert_tokenizer(folder)
+    tokenizer = transformers.BertTokenizer.from_pretrained(folder)
+    model_class = (transformers.GroundingDinoForObjectDetection if model_type == "grounding-dino"
+                   else transformers.MMGroundingDinoForObjectDetection)
+    torch.manual_seed(0)
+    model = model_class(grounding_dino_config(len(tokenizer), model_type)).eval()
+    hf_dense_models.liven(model, seed=seed)
+    with torch.no_grad():  # logits = decoder output . text output: smaller decoder outputs spread the scores
+        model.model.decoder.layer_norm.weight.mul_(0.08)
+        model.model.decoder.layer_norm.bias.mul_(0.08)
+    model.save_pretrained(folder)
+    image_processor = transformers.GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
+    transformers.GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder

@@ -54,8 +54,9 @@ from detection.models.outputs import AttentionGraph, AttentionRecord, SampledAtt
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "rf_detr")
-_HOOKED_CORE = ("deformable_detr", "rt_detr", "rf_detr")  # nn.Module `attn` inside the decoder module
+FAMILIES = ("deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "rf_detr", "grounding-dino", "mm-grounding-dino")
+_GROUNDING = ("grounding-dino", "mm-grounding-dino")  # Deformable DETR's layout, its backbone in conv_encoder
+_HOOKED_CORE = ("deformable_detr", "rt_detr", "rf_detr", *_GROUNDING)  # nn.Module `attn` inside the decoder module
 _AIFI_FAMILIES = ("rt_detr", "rt_detr_v2", "d_fine")
 _CORE_ARGS = ("value", "value_spatial_shapes", "value_spatial_shapes_list", "level_start_index",
               "sampling_locations", "attention_weights", "im2col_step")
@@ -305,11 +306,12 @@ class SampledCapture:
             patch = config.backbone_config.patch_size
             strides = [int(patch if isinstance(patch, int) else patch[0])]
             projections = []
-        elif self.family == "deformable_detr":
-            backbone = base.backbone.model
+        elif self.family in ("deformable_detr", *_GROUNDING):
+            grounding = self.family in _GROUNDING
+            backbone = base.backbone.conv_encoder.model if grounding else base.backbone.model
             info = getattr(backbone, "feature_info", None)
             strides = [int(s) for s in info.reduction()] if info is not None else _hf_backbone_strides(backbone)
-            projections = list(base.input_proj)
+            projections = list(base.input_proj_vision if grounding else base.input_proj)
         else:
             strides = [int(s) for s in config.feat_strides]
             projections = list(base.decoder_input_proj)
@@ -317,7 +319,7 @@ class SampledCapture:
         for level in range(sources, levels):
             # Deformable DETR chains its extra levels; the RT-DETR family feeds every extra
             # level from the last encoder output
-            previous = strides[-1] if self.family == "deformable_detr" else strides[sources - 1]
+            previous = strides[-1] if self.family in ("deformable_detr", *_GROUNDING) else strides[sources - 1]
             strides.append(previous * _first_conv_stride(projections[level]))
         return tuple(strides[:levels])
 
@@ -331,7 +333,7 @@ class SampledCapture:
                     )
 
     def _padding_mask(self, padding_mask: torch.Tensor | None, size: tuple[int, int], batch: int, device) -> torch.Tensor:
-        if padding_mask is None or self.family not in ("deformable_detr", "rf_detr"):
+        if padding_mask is None or self.family not in ("deformable_detr", "rf_detr", *_GROUNDING):
             return torch.zeros(batch, *size, dtype=torch.bool, device=device)
         pixel_mask = (~padding_mask.bool()).long()  # exactly the model's own downsampling
         return ~F.interpolate(pixel_mask[None].float(), size=size).to(torch.bool)[0]

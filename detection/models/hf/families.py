@@ -69,6 +69,11 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # prompted (open-vocabulary): the queries are the image's patch tokens
     Family("owlvit", "OWL-ViT", "OwlViTForObjectDetection", "OwlViTImageProcessor",
            "sigmoid_max", None, "dense", takes_padding=False, prompted=True),
+    # prompted: the queries are the decoder's; a phrase's logit is the maximum of its tokens'
+    Family("grounding-dino", "Grounding DINO", "GroundingDinoForObjectDetection", "GroundingDinoImageProcessor",
+           "sigmoid_max", None, "sampled", takes_padding=True, prompted=True),
+    Family("mm-grounding-dino", "MM-Grounding-DINO", "MMGroundingDinoForObjectDetection",
+           "GroundingDinoImageProcessor", "sigmoid_max", None, "sampled", takes_padding=True, prompted=True),
 )}
 
 # model_type "detr" folders are converted into the native DETR (models/convert.py) instead.
