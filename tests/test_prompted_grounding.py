@@ -131,3 +131,96 @@ def test_a_renamed_hf_internal_fails_loudly(grounding, monkeypatch) -> None:
         monkeypatch.delattr(layer, "encoder_attn_text")
     with pytest.raises(RuntimeError, match="encoder_attn_text.*renamed"):
         model(torch.rand(1, 3, 64, 82), cross_attention=True)
+
+
+def _hf_attentions(folder: Path, model, images: torch.Tensor):
+    """HF's own output_attentions of the same model and prompt (its decoder_attentions: self,
+    text cross, image cross per layer)."""
+    hf = type(model.hf_model).from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return hf(pixel_values=images, input_ids=model.input_ids, token_type_ids=model.token_type_ids,
+                  attention_mask=model.text_attention_mask, output_attentions=True)
+
+
+def test_image_and_text_attention_are_hf_s_own_and_the_sampled_points_rebuild_the_core_output(grounding) -> None:
+    from detection.attention.sampled import level_splats
+
+    _, folder, _ = grounding
+    model = load_model(folder, prompt=PHRASES)
+    images = torch.rand(1, 3, 64, 82)
+    core = model.hf_model.model.decoder.layers[-1].encoder_attn.attn
+    seen = {}
+    handle = core.register_forward_hook(lambda _m, args, output: seen.update(value=args[0], output=output))
+    with torch.no_grad():
+        outputs = model(images, cross_attention=True)
+    handle.remove()
+    reference = _hf_attentions(folder, model, images)
+    _, text_cross, image_cross = reference.decoder_attentions
+    assert torch.allclose(outputs["text_attention"], torch.stack(text_cross).float(), atol=1e-6)
+    sampled = outputs["attention"].decoder_cross_sampled
+    assert torch.allclose(sampled.weights[-1].transpose(1, 2), image_cross[-1], atol=1e-6)  # (B, heads, Q, ...) stored
+    value, output = seen["value"].double(), seen["output"].double()
+    _, _, heads, head_dim = value.shape
+    values = value.split([h * w for h, w in sampled.level_sizes], dim=1)
+    splats = level_splats(sampled, 0, torch.arange(sampled.num_queries))
+    rebuilt = sum(torch.einsum("hqc,chd->qhd", splat[-1].flatten(-2), level_value[0])
+                  for splat, level_value in zip(splats, values))
+    assert (rebuilt - output[0].reshape(sampled.num_queries, heads, head_dim)).abs().max() <= 1e-5
+
+
+def test_token_scores_are_the_query_s_text_attention_raw_and_gradient_weighted(grounding) -> None:
+    """raw: head mean of HF's last-layer text cross-attention row of the query at the phrase tokens;
+    scores: head mean of (dlogit/dA * A)+ with logit = the phrase's maximum token logit; batched
+    equals one detection at a time."""
+    from detection.attention.token_scores import text_token_scores
+
+    _, folder, _ = grounding
+    model = load_model(folder, prompt=PHRASES)
+    images = torch.rand(1, 3, 64, 82)
+    queries, labels = torch.tensor([0, 4, 4, 9]), torch.tensor([1, 0, 2, 1])
+    together = text_token_scores(model, images, queries, labels)
+    positions = [p for pieces in model.prompt_layout() for p, _ in pieces]
+    assert together.tokens == ("cat", "remote", "control", "bicycle") and together.token_phrase.tolist() == [0, 1, 1, 2]
+    _, text_cross, _ = _hf_attentions(folder, model, images).decoder_attentions
+    expected_raw = text_cross[-1][0].mean(0)[queries][:, positions]
+    assert np.allclose(together.raw_scores, expected_raw.numpy(), atol=1e-6)
+    with torch.enable_grad():
+        outputs = model(images.requires_grad_(True), cross_attention=True, keep_graph=True)
+    weights = outputs["text_attention_graph"][-1]
+    for n, (query, label) in enumerate(zip(queries.tolist(), labels.tolist())):
+        token_logits = outputs["token_logits"][0, query]
+        phrase_logit = token_logits[[p for p, _ in model.prompt_layout()[label]]].max()
+        (gradient,) = torch.autograd.grad(phrase_logit, weights, retain_graph=True)
+        expected = (gradient * weights.detach())[0, :, query, positions].clamp(min=0).mean(0)
+        assert np.allclose(together.scores[n], expected.numpy(), atol=1e-7)
+        alone = text_token_scores(model, images, queries[n:n + 1], labels[n:n + 1])
+        assert np.allclose(alone.scores[0], together.scores[n], atol=1e-7)
+        assert np.allclose(alone.raw_scores[0], together.raw_scores[n], atol=1e-7)
+    assert together.scores.any()
+    empty = text_token_scores(model, images, torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64))
+    assert empty.scores.shape == (0, 4) and empty.phrase_scores.shape == (0, 3)
+    assert np.allclose(together.phrase_scores, outputs["pred_logits"].detach()[0, queries].numpy(), atol=1e-6)
+
+
+def test_predict_saves_maps_and_token_scores_and_explain_returns_them(grounding, tmp_path) -> None:
+    from detection import api
+    from detection.attention.methods import applicable_methods
+    from detection.runfolder.tokens_npz import load_tokens_npz
+    import detection
+
+    family, folder, images = grounding
+    model = load_model(folder, prompt=PHRASES)
+    assert applicable_methods(model) == ["raw", "attn-grad", "drise"]
+    out = tmp_path / "run"
+    assert main(["predict", str(images[0].parent), "--model", str(folder), "--prompt", PROMPT, "--out", str(out),
+                 "--score-threshold", "0.0", "--device", "cpu", "--workers", "0", "--quiet", "--save-attention",
+                 "--explain", "raw,attn-grad", "--overlays"]) == 0
+    record = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
+    assert record["detections"] and (out / record["attention"]).is_file() and (out / record["methods"]["attn-grad"]).is_file()
+    saved, meta = load_tokens_npz(out / record["tokens"])
+    assert saved.raw_scores is not None and len(saved) == len(record["detections"])
+    assert "cross-attention" in meta["token_method"]
+    api.clear_model_cache()
+    explained = detection.explain(str(images[0]), model=str(folder), prompt=PROMPT, score_threshold=0.0, device="cpu")
+    assert np.allclose(explained.token_scores.scores, saved.scores, atol=1e-6)
+    assert np.allclose(explained.token_scores.raw_scores, saved.raw_scores, atol=1e-6)

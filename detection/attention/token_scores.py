@@ -26,6 +26,10 @@ class TokenScores:
         another phrase than the detection's scores 0 there, its phrase being encoded apart).
     phrase_scores: float32 (N, C) a score per phrase: `phrase_method` says what (OWL: the
         detection's logit for each phrase, as the model computed it).
+    raw_scores: float32 (N, T) or None: a second, un-weighted token score where the family has
+        one (Grounding DINO: the last decoder layer's text cross-attention of the detection's
+        query, head mean; `scores` is then that attention weighted by the gradient of the
+        detection's phrase logit, head mean of (dlogit/dA * A)+).
     """
 
     phrases: tuple[str, ...]
@@ -35,6 +39,7 @@ class TokenScores:
     phrase_scores: np.ndarray
     token_method: str
     phrase_method: str
+    raw_scores: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         tokens, phrases = len(self.tokens), len(self.phrases)
@@ -45,6 +50,8 @@ class TokenScores:
             problems.append(f"token_phrase outside 0 .. {phrases - 1}")
         if self.scores.ndim != 2 or self.scores.shape[1] != tokens:
             problems.append(f"scores {self.scores.shape} must be (N, {tokens})")
+        if self.raw_scores is not None and self.raw_scores.shape != self.scores.shape:
+            problems.append(f"raw_scores {self.raw_scores.shape} must be like scores {self.scores.shape}")
         if self.phrase_scores.shape != (self.scores.shape[0], phrases):
             problems.append(f"phrase_scores {self.phrase_scores.shape} must be ({self.scores.shape[0]}, {phrases})")
         if problems:
@@ -100,6 +107,60 @@ def gradient_x_input(run: Callable[[], torch.Tensor], embedding: nn.Module,
 
 def text_token_scores(model: nn.Module, images: torch.Tensor, query_index: torch.Tensor,
                       labels: torch.Tensor) -> TokenScores:
+    """TokenScores of one image's detections for a prompted detector: the decoder's text
+    cross-attention where the model has one (`text_cross_attention_modules`: Grounding DINO,
+    `cross_attention_token_scores`), else gradient x input on the token embeddings (OWL,
+    `embedding_token_scores`)."""
+    if hasattr(model, "text_cross_attention_modules"):
+        return cross_attention_token_scores(model, images, query_index, labels)
+    return embedding_token_scores(model, images, query_index, labels)
+
+
+def _columns(layout: Sequence[Sequence[tuple[int, str]]]) -> tuple[list[str], list[int], list[int], list[int]]:
+    """The prompt's tokens in order: texts, phrase of each, the phrase's text row, the position in it."""
+    tokens, phrases, rows, positions = [], [], [], []
+    for phrase, pieces in enumerate(layout):
+        for position, text in pieces:
+            tokens.append(text)
+            phrases.append(phrase)
+            rows.append(phrase)
+            positions.append(position)
+    return tokens, phrases, rows, positions
+
+
+def cross_attention_token_scores(model: nn.Module, images: torch.Tensor, query_index: torch.Tensor,
+                                 labels: torch.Tensor) -> TokenScores:
+    """Grounding DINO: the last decoder layer's text cross-attention row of each detection's query
+    over the prompt tokens (raw_scores, head mean) and that row weighted by the gradient of the
+    detection's phrase logit (scores, head mean of (dlogit/dA * A)+). model: forward(images,
+    cross_attention=True, keep_graph=True) -> {"pred_logits": (1, Q, C), "text_attention_graph":
+    per decoder layer (1, heads, Q, S)}, `prompt_layout()` (one text row: positions in it)."""
+    if images.shape[0] != 1:
+        raise ValueError(f"token scores take one image at a time, got a batch of {images.shape[0]}")
+    query_index = torch.as_tensor(query_index, dtype=torch.int64).reshape(-1).tolist()
+    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1).tolist()
+    tokens, token_phrase, _, positions = _columns(model.prompt_layout())
+    with torch.enable_grad():  # the input joins the graph, so the attention does whatever the parameters' flags
+        outputs = model(images.detach().requires_grad_(True), cross_attention=True, keep_graph=True)
+    weights = outputs["text_attention_graph"][-1]  # (1, heads, Q, S)
+    logits = outputs["pred_logits"]
+    raw = weights.detach()[0].float().mean(0)[query_index][:, positions]  # (N, T)
+    weighted = []
+    for number, (query, label) in enumerate(zip(query_index, labels)):
+        (gradient,) = torch.autograd.grad(logits[0, query, label], weights, retain_graph=number < len(labels) - 1)
+        weighted.append((gradient * weights.detach())[0, :, query, positions].float().clamp(min=0).mean(0))
+    scores = torch.stack(weighted) if weighted else torch.zeros((0, len(tokens)))
+    phrase = logits.detach()[0, query_index].float().reshape(len(query_index), logits.shape[-1])
+    return TokenScores(phrases=tuple(model.config.prompt), tokens=tuple(tokens),
+                       token_phrase=np.asarray(token_phrase, dtype=np.int64), scores=scores.cpu().numpy(),
+                       phrase_scores=phrase.cpu().numpy(), raw_scores=raw.cpu().numpy().astype(np.float32),
+                       token_method="gradient-weighted text cross-attention, last decoder layer (head mean of "
+                                    "(dlogit/dA * A)+)",
+                       phrase_method="logit (maximum over the phrase's tokens)")
+
+
+def embedding_token_scores(model: nn.Module, images: torch.Tensor, query_index: torch.Tensor,
+                           labels: torch.Tensor) -> TokenScores:
     """TokenScores of one image's detections for a prompted detector with one text row per phrase.
 
     model: offers forward(images) -> {"pred_logits": (1, Q, C)}, `token_embedding()` (the module
@@ -120,19 +181,12 @@ def text_token_scores(model: nn.Module, images: torch.Tensor, query_index: torch
         return outputs["logits"]
 
     per_row = gradient_x_input(run, model.token_embedding(), [(0, q, c) for q, c in zip(query_index, labels)])
-    layout = model.prompt_layout()
-    tokens, token_phrase, columns = [], [], []
-    for phrase, pieces in enumerate(layout):
-        for position, text in pieces:
-            tokens.append(text)
-            token_phrase.append(phrase)
-            columns.append((phrase, position))
+    tokens, token_phrase, rows, positions = _columns(model.prompt_layout())
     scores = np.zeros((len(query_index), len(tokens)), dtype=np.float32)
     if len(query_index):
-        rows = torch.tensor([row for row, _ in columns], dtype=torch.int64)
-        positions = torch.tensor([position for _, position in columns], dtype=torch.int64)
         scores = per_row[:, rows, positions].detach().cpu().numpy().astype(np.float32)
-    logits = outputs["logits"].detach()[0, query_index].float().cpu().numpy().reshape(len(query_index), -1)
+    logits = outputs["logits"].detach()[0, query_index].float().cpu().numpy().reshape(len(query_index),
+                                                                                      outputs["logits"].shape[-1])
     return TokenScores(phrases=tuple(model.config.prompt), tokens=tuple(tokens),
                        token_phrase=np.asarray(token_phrase, dtype=np.int64), scores=scores,
                        phrase_scores=logits.astype(np.float32), token_method="gradient x input (token embedding)",

@@ -25,9 +25,10 @@ def save_tokens_npz(path: str | os.PathLike, scores: TokenScores, meta: dict[str
     payload = np.frombuffer(json.dumps(document, sort_keys=True).encode("utf-8"), dtype=np.uint8)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
+            raw = {} if scores.raw_scores is None else {"raw_scores": scores.raw_scores.astype(np.float32)}
             np.savez_compressed(handle, scores=scores.scores.astype(np.float32),
                                 phrase_scores=scores.phrase_scores.astype(np.float32),
-                                token_phrase=scores.token_phrase.astype(np.int64), meta_json=payload)
+                                token_phrase=scores.token_phrase.astype(np.int64), meta_json=payload, **raw)
 
 
 def load_tokens_npz(path: str | os.PathLike) -> tuple[TokenScores, dict[str, Any]]:
@@ -44,7 +45,7 @@ def load_tokens_npz(path: str | os.PathLike) -> tuple[TokenScores, dict[str, Any
         if not needed <= set(archive.files):
             raise ValueError(f"{path}: not a token scores npz (needs {sorted(needed)}, has {sorted(archive.files)})")
         try:
-            arrays = {name: archive[name] for name in needed - {"meta_json"}}
+            arrays = {name: archive[name] for name in (needed - {"meta_json"}) | ({"raw_scores"} & set(archive.files))}
             meta = json.loads(archive["meta_json"].tobytes().decode("utf-8"))
         except (OSError, EOFError, ValueError) as error:
             raise ValueError(f"{path}: cannot read token scores npz: {error}") from error
@@ -55,5 +56,6 @@ def load_tokens_npz(path: str | os.PathLike) -> tuple[TokenScores, dict[str, Any
                          token_phrase=arrays["token_phrase"].astype(np.int64),
                          scores=arrays["scores"].astype(np.float32),
                          phrase_scores=arrays["phrase_scores"].astype(np.float32),
-                         token_method=str(meta["token_method"]), phrase_method=str(meta["phrase_method"]))
+                         token_method=str(meta["token_method"]), phrase_method=str(meta["phrase_method"]),
+                         raw_scores=arrays["raw_scores"].astype(np.float32) if "raw_scores" in arrays else None)
     return scores, meta
