@@ -74,6 +74,7 @@ def owlvit_folder(folder: Path, seed: int = 1, max_length: int = 16) -> Path:
 
     write_clip_tokenizer(folder, max_length)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)  # the default initialisation, then the seeded noise: the same weights every run
     model = transformers.OwlViTForObjectDetection(owlvit_config(len(tokenizer), max_length)).eval()
     hf_dense_models.liven(model, seed=seed)
     with torch.no_grad():  # boxes of a few patches' size, not saturated at 0 or 1

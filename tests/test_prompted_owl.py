@@ -72,7 +72,7 @@ def test_predict_with_a_prompt_matches_the_hf_pipeline(owl, tmp_path) -> None:
         expected, patch_scores = hf_pipeline(folder, image_path, threshold)
         ours = next(line for line in lines if line["file"].endswith(image_path.name))["detections"]
         kept = torch.nonzero(patch_scores > threshold).flatten()  # the patches HF's post-processing kept
-        assert len(ours) == len(expected["scores"]) == len(kept) > 0
+        assert len(ours) == len(expected["scores"]) == len(kept)  # an image may have none: then HF has none
         order = torch.argsort(expected["scores"], descending=True, stable=True)
         for rank, k in enumerate(order.tolist()):
             mine = ours[rank]
