@@ -36,7 +36,9 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
     sigmoid_max (OWL, Grounding DINO): sigmoid per class, each query's best class gives (score,
     label); where outputs hold "pred_score_logits" (B, Q) (Grounding DINO: the maximum over every
     prompt token, HF's score), the score is its sigmoid and the label still the best class.
-    Each detection carries `query_index`, its decoder query, to find its attention.
+    Each detection carries `query_index`, its decoder query, to find its attention. Where outputs
+    hold "text_labeler" (a callable (image index, query) -> str: Grounding DINO's), each detection
+    also carries `hf_label`, HF's own text label (the tokens above its text threshold).
     Detections are sorted by descending score, ties by query index (then label). Boxes are
     xyxy float32 in original pixels, not clipped (an object may extend slightly beyond the
     image, as the model predicts).
@@ -63,8 +65,10 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
     else:
         selected = _softmax_no_object(probs, score_threshold)
     xyxy = cxcywh_to_xyxy(boxes.float())
+    labeler = outputs.get("text_labeler")  # prompted families: HF's own text label of (image, query)
     results = []
     for i, (scores, labels, queries) in enumerate(selected):
+        extra = {} if labeler is None else {"hf_label": [labeler(i, int(q)) for q in queries.tolist()]}
         height, width = sizes[i].tolist()
         image_boxes = xyxy[i, queries].cpu() * torch.tensor([width, height, width, height])
         image_labels = labels.cpu().to(torch.int64)
@@ -75,6 +79,7 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
             labels=image_labels,
             query_index=queries.to(torch.int64),
             class_names=[class_names[int(label)] for label in image_labels],
+            **extra,
         ))
     return results
 

@@ -88,6 +88,7 @@ def test_predict_with_a_prompt_matches_the_hf_pipeline(grounding, tmp_path) -> N
             in_phrase = phrase_of_token >= 0
             best = int(torch.nonzero(in_phrase).flatten()[token_logits[in_phrase].argmax()])
             assert mine["category_id"] == int(phrase_of_token[best]) and mine["class_name"] == PHRASES[mine["category_id"]]
+            assert mine["hf_label"] == expected["text_labels"][k]  # HF's own label, kept in its own field
             compared += 1
     assert compared >= 2
     config = json.loads((out / "run.json").read_text())["fingerprint"]["model_config"]

@@ -122,6 +122,15 @@ class GroundingDetector(HFDetector):
                 raise self._renamed(path)
         return module
 
+    def hf_text_label(self, token_logits: torch.Tensor) -> str:
+        """HF's own label of a query (`post_process_grounded_object_detection`, text threshold
+        TEXT_THRESHOLD): its tokens with probability above the threshold, the first and the
+        max_text_len-th position left out, decoded together (may be partial or merge phrases)."""
+        keep = token_logits.detach().float().sigmoid() > TEXT_THRESHOLD
+        keep[0] = False
+        keep[int(self.hf_model.config.max_text_len) - 1:] = False
+        return self.tokenizer.decode(self.input_ids[0, keep].tolist())
+
     def phrase_logits(self, token_logits: torch.Tensor) -> torch.Tensor:
         """(B, Q, S) token logits -> (B, Q, C): each phrase's maximum over its tokens."""
         return torch.stack([token_logits[..., [p for p, _ in pieces]].max(-1).values for pieces in self._layout], -1)
@@ -163,6 +172,7 @@ class GroundingDetector(HFDetector):
         token_logits = outputs.logits[..., : self.input_ids.shape[1]]
         result = {"pred_logits": self.phrase_logits(token_logits), "pred_boxes": outputs.pred_boxes,
                   "pred_score_logits": outputs.logits.max(-1).values, "token_logits": token_logits,
+                  "text_labeler": lambda image, query: self.hf_text_label(token_logits[image, query]),
                   "aux_outputs": [], "attention": record}
         if cross_attention:
             result["text_attention"] = torch.stack([w.detach().float() for w in text_weights])
