@@ -225,3 +225,27 @@ def test_predict_saves_maps_and_token_scores_and_explain_returns_them(grounding,
     explained = detection.explain(str(images[0]), model=str(folder), prompt=PROMPT, score_threshold=0.0, device="cpu")
     assert np.allclose(explained.token_scores.scores, saved.scores, atol=1e-6)
     assert np.allclose(explained.token_scores.raw_scores, saved.raw_scores, atol=1e-6)
+
+
+def test_padded_batches_match_the_hf_batched_pipeline(grounding) -> None:
+    """Two sizes in one padded batch run as HF's processor batches them (zero padding + pixel_mask)."""
+    from detection.engine.predictor import Predictor, PredictorSettings
+
+    family, folder, images = grounding
+    model = load_model(folder, prompt=PHRASES)
+    assert model.supports_padding
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in images]
+    ours, _ = Predictor(model, PredictorSettings(score_threshold=0.0, batching="padded", batch_size=2,
+                                                 device="cpu", precision="fp32")).predict_arrays(arrays)
+    processor = transformers.GroundingDinoProcessor.from_pretrained(folder)
+    inputs = processor(images=arrays, text=[PROMPT, PROMPT], return_tensors="pt")
+    assert inputs["pixel_mask"].float().mean() < 1  # really padded
+    with torch.no_grad():
+        outputs = type(model.hf_model).from_pretrained(folder, attn_implementation="eager").eval()(**inputs)
+    expected = processor.post_process_grounded_object_detection(
+        outputs, inputs["input_ids"], threshold=0.0, text_threshold=0.25, target_sizes=[a.shape[:2] for a in arrays])
+    for mine, theirs in zip(ours, expected):
+        order = torch.argsort(theirs["scores"], descending=True, stable=True)
+        assert torch.allclose(mine.scores, theirs["scores"][order], atol=1e-4)
+        assert (mine.boxes - theirs["boxes"][order]).abs().max() <= 0.05
+        assert mine.hf_label == [theirs["text_labels"][k] for k in order.tolist()]
