@@ -362,7 +362,7 @@ def explain(images: Any, model: str | os.PathLike | torch.nn.Module = "demo", me
         `detection.attention.methods` says which apply to which family (a refusal names them).
     heads / layers / normalize: see `detection.attention.maps.detection_maps`.
     device / precision: see `detection.runtime.device`.
-    prompt: the classes of an open-vocabulary detector (OWL-ViT): "cat. remote control." (phrases
+    prompt: the classes of an open-vocabulary detector (OWL-ViT, Grounding DINO): "cat. remote control." (phrases
         separated by ".") or a list of phrases; each Explanation then carries `token_scores`
         (docs/prompted.md). Refused (ValueError) for a closed-set model.
     """
