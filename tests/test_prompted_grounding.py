@@ -249,3 +249,44 @@ def test_padded_batches_match_the_hf_batched_pipeline(grounding) -> None:
         assert torch.allclose(mine.scores, theirs["scores"][order], atol=1e-4)
         assert (mine.boxes - theirs["boxes"][order]).abs().max() <= 0.05
         assert mine.hf_label == [theirs["text_labels"][k] for k in order.tolist()]
+
+
+def test_eval_splits_category_names_that_exceed_the_text_encoder_into_prompts_and_merges(grounding, tmp_path) -> None:
+    """The zero-shot protocol: names beyond the limit (32 tokens here) run as several prompts that fit;
+    the merged detections are each prompt's own (mapped to its categories by name), nothing else.
+    Outside eval the same prompt is refused naming the limit."""
+    from detection.engine.predictor import Predictor, PredictorSettings
+
+    family, folder, images = grounding
+    names = ["cat", "zebra", "remote control", "giraffe", "bicycle", "horse", "sheep", "red car", "elephant"]
+    categories = [{"id": 100 + i, "name": name} for i, name in enumerate(names)]
+    gt = {"images": [{"id": i + 1, "file_name": p.name, "height": h, "width": w}
+                     for i, (p, (h, w)) in enumerate(zip(images, [(70, 90), (100, 61)]))],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 100, "bbox": [10, 10, 30, 20], "area": 600,
+                           "iscrowd": 0}],
+          "categories": categories}
+    ann = tmp_path / "gt.json"
+    ann.write_text(json.dumps(gt))
+    model = load_model(folder, prompt=names[:1])
+    chunks = model.prompt_chunks(names)
+    assert len(chunks) > 1 and [n for chunk in chunks for n in chunk] == names
+    assert all(model._fits(chunk) for chunk in chunks)
+    out = tmp_path / "eval"
+    common = ["--ann", str(ann), "--images", str(images[0].parent), "--device", "cpu", "--precision", "fp32",
+              "--workers", "0", "--score-threshold", "0.0", "--quiet"]
+    assert main(["eval", "--model", str(folder), "--out", str(out), "--no-attention", *common]) == 0
+    merged = json.loads((out / "detections.json").read_text())
+    expected = []
+    for chunk in chunks:
+        chunk_model = model.with_prompt(chunk)
+        predictor = Predictor(chunk_model, PredictorSettings(score_threshold=0.0, device="cpu", precision="fp32"))
+        for image_id, path in enumerate(images, start=1):
+            found, _ = predictor.predict_arrays([np.asarray(Image.open(path).convert("RGB"))])
+            expected += [(image_id, 100 + names.index(chunk[int(label)]), round(float(score), 4))
+                         for label, score in zip(found[0].labels, found[0].scores)]
+    assert sorted((r["image_id"], r["category_id"], round(r["score"], 4)) for r in merged) == sorted(expected)
+    assert len({r["category_id"] for r in merged}) > 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["prompt_chunks"] == [list(chunk) for chunk in chunks]
+    # with attention metrics asked for, several prompts are refused (not merged yet)
+    assert main(["eval", "--model", str(folder), "--out", str(tmp_path / "eval2"), *common]) == 2

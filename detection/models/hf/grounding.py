@@ -181,6 +181,24 @@ class GroundingDetector(HFDetector):
             result["text_attention_graph"] = tuple(text_weights)
         return result
 
+    def prompt_chunks(self, phrases: Sequence[str]) -> list[tuple[str, ...]]:
+        """`phrases` split, in order, into the fewest consecutive prompts that each fit the text
+        encoder (greedy), for eval's zero-shot protocol with many category names; PromptError
+        when one phrase alone does not fit."""
+        chunks: list[tuple[str, ...]] = []
+        for phrase in check_phrases(phrases):
+            candidate = (*chunks[-1], phrase) if chunks else (phrase,)
+            if chunks and self._fits(candidate):
+                chunks[-1] = candidate
+            elif self._fits((phrase,)):
+                chunks.append((phrase,))
+            else:
+                tokenize_grounding_prompt(self.tokenizer, (phrase,), self.token_limit, self.family.title)  # raises
+        return chunks
+
+    def _fits(self, phrases: tuple[str, ...]) -> bool:
+        return len(self.tokenizer(prompt_text(phrases))["input_ids"]) <= self.token_limit
+
     def with_prompt(self, phrases: Sequence[str]) -> "GroundingDetector":
         """The same weights with another prompt (the HF module is shared, not copied)."""
         phrases = check_phrases(phrases)

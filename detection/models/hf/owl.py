@@ -194,6 +194,13 @@ class OwlDetector(HFDetector):
             feature_stride=int(self.hf_model.config.vision_config.patch_size),
             input_size=input_size, image_sizes=image_sizes_from_mask(padding_mask).to(cross.device))
 
+    def prompt_chunks(self, phrases: Sequence[str]) -> list[tuple[str, ...]]:
+        """One prompt: OWL encodes each phrase apart, so any number of phrases fits (each phrase is
+        checked against the per-phrase limit; PromptError names it)."""
+        phrases = check_phrases(phrases)
+        tokenize_prompt(self.tokenizer, phrases, self.token_limit, self.family.title)
+        return [phrases]
+
     def with_prompt(self, phrases: Sequence[str]) -> "OwlDetector":
         """The same weights with another prompt (the HF module is shared, not copied)."""
         phrases = check_phrases(phrases)
