@@ -221,6 +221,11 @@ def test_predict_saves_maps_and_token_scores_and_explain_returns_them(grounding,
     saved, meta = load_tokens_npz(out / record["tokens"])
     assert saved.raw_scores is not None and len(saved) == len(record["detections"])
     assert "cross-attention" in meta["token_method"]
+    assert main(["report", str(out)]) == 0  # the token view: every detection's prompt, each token shaded
+    page = (out / "report" / "index.html").read_text(encoding="utf-8")
+    assert page.count('class="tok"') == sum(4 * len(json.loads(line)["detections"])
+                                            for line in (out / "predictions.jsonl").read_text().splitlines())
+    assert "gradient-weighted text cross-attention" in page
     api.clear_model_cache()
     explained = detection.explain(str(images[0]), model=str(folder), prompt=PROMPT, score_threshold=0.0, device="cpu")
     assert np.allclose(explained.token_scores.scores, saved.scores, atol=1e-6)

@@ -149,3 +149,19 @@ def test_gradient_x_input_refuses_an_embedding_run_twice() -> None:
     embedding = nn.Embedding(4, 2)
     with pytest.raises(RuntimeError, match="ran 2 times"):
         gradient_x_input(lambda: embedding(torch.tensor([1])) + embedding(torch.tensor([2])), embedding, [(0, 0)])
+
+
+def test_the_token_view_shades_each_token_by_its_share_of_the_row_s_largest_score() -> None:
+    from detection.render.token_view import token_row_html, token_shades, token_table_html
+
+    scores = TokenScores(phrases=("red car", "cat"), tokens=("red", "car", "cat"),
+                         token_phrase=np.array([0, 0, 1]), scores=np.array([[0.5, -2.0, 0.0], [0.0, 0.0, 0.0]], np.float32),
+                         phrase_scores=np.array([[1.5, -3.0], [0.1, 0.2]], np.float32), token_method="t", phrase_method="p")
+    assert token_shades(scores.scores[0]).tolist() == [0.25, 1.0, 0.0]
+    assert token_shades(scores.scores[1]).tolist() == [0.0, 0.0, 0.0]
+    row = token_row_html(scores, 0)
+    assert row.count('class="tok"') == 3 and row.count('class="sep"') == 1  # one separator between the phrases
+    assert "rgba(230,110,20,0.250)" in row and "rgba(40,110,220,1.000)" in row  # positive orange, negative blue
+    assert 'title="red car: token -2; phrase 1.5"' in row
+    table = token_table_html(scores, ["red car", "<cat>"])
+    assert table.count("<tr>") == 3 and "&lt;cat&gt;" in table
