@@ -18,8 +18,7 @@ from detection.models.contract import PreprocessSpec
 from detection.models.hf.capture_sampled import SampledCapture
 from detection.models.hf.detector import HFDetector, image_sizes_from_mask
 from detection.models.hf.families import Family
-from detection.models.hf.owl import PromptedConfig
-from detection.models.hf.prompt import PromptError, check_phrases, prompt_text
+from detection.models.hf.prompt import PromptError, PromptedConfig, check_phrases, prompt_text
 
 #: What a detection's query_index means for Grounding DINO (run.json's model_config records it).
 GROUNDING_QUERY_MEANING = "decoder query (of config.num_queries, chosen by the encoder's two-stage selection)"

@@ -15,28 +15,14 @@ import torch
 from torch import nn
 
 from detection.models.contract import PreprocessSpec
-from detection.models.hf.detector import HFDetector, HFDetectorConfig, image_sizes_from_mask
+from detection.models.hf.detector import HFDetector, image_sizes_from_mask
 from detection.models.hf.families import Family
-from detection.models.hf.prompt import PromptError, check_phrases
+from detection.models.hf.prompt import PromptError, PromptedConfig, check_phrases
 from detection.models.outputs import AttentionGraph, AttentionRecord
 
 #: What a detection's query_index means for OWL (run.json's model_config records it).
 OWL_QUERY_MEANING = ("patch token: the vision encoder's patch (row-major over the patch grid, [CLS] "
                      "excluded) whose box head predicted the box")
-
-
-@dataclass(frozen=True)
-class PromptedConfig(HFDetectorConfig):
-    """An HFDetectorConfig whose classes are a prompt's phrases: class_names[i] = prompt[i],
-    category_ids[i] = i (the phrase's index in the prompt). query_meaning: what query_index is."""
-
-    prompt: tuple[str, ...] = ()
-    query_meaning: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        values = super().to_dict()
-        values["prompt"] = list(self.prompt)
-        return values
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,27 @@ family, and the errors a bad prompt gets (empty, unreadable, beyond the text enc
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+
+from detection.models.hf.detector import HFDetectorConfig
 
 PROMPT_EXAMPLE = '--prompt "cat. remote control."'
+
+
+@dataclass(frozen=True)
+class PromptedConfig(HFDetectorConfig):
+    """An HFDetectorConfig whose classes are a prompt's phrases: class_names[i] = prompt[i],
+    category_ids[i] = i (the phrase's index in the prompt). query_meaning: what query_index is."""
+
+    prompt: tuple[str, ...] = ()
+    query_meaning: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        values = super().to_dict()
+        values["prompt"] = list(self.prompt)
+        return values
 
 
 class PromptError(ValueError):
