@@ -226,6 +226,12 @@ def test_predict_saves_maps_and_token_scores_and_explain_returns_them(grounding,
     assert page.count('class="tok"') == sum(4 * len(json.loads(line)["detections"])
                                             for line in (out / "predictions.jsonl").read_text().splitlines())
     assert "gradient-weighted text cross-attention" in page
+    assert main(["report", str(out), "--viewer"]) == 0 and (out / "report" / "viewer.html").is_file()
+    assert main(["export", str(out), "--format", "coco-masks", "--method", "attn-grad", "--out",
+                 str(tmp_path / "masks.json")]) == 0
+    exported = json.loads((tmp_path / "masks.json").read_text())
+    assert len(exported) == sum(len(json.loads(line)["detections"])
+                                for line in (out / "predictions.jsonl").read_text().splitlines())
     api.clear_model_cache()
     explained = detection.explain(str(images[0]), model=str(folder), prompt=PROMPT, score_threshold=0.0, device="cpu")
     assert np.allclose(explained.token_scores.scores, saved.scores, atol=1e-6)
