@@ -301,3 +301,24 @@ def test_eval_splits_category_names_that_exceed_the_text_encoder_into_prompts_an
     assert metrics["settings"]["prompt_chunks"] == [list(chunk) for chunk in chunks]
     # with attention metrics asked for, several prompts are refused (not merged yet)
     assert main(["eval", "--model", str(folder), "--out", str(tmp_path / "eval2"), *common]) == 2
+
+
+def test_a_swin_backbone_s_level_strides(tmp_path) -> None:
+    """The published Grounding DINO models use a Swin backbone: its levels' strides come from its
+    config (patch size 4, x2 per stage), and the record's geometry is checked against the input."""
+    swin = transformers.SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
+                                   out_features=["stage2", "stage3", "stage4"])
+    hf_prompted_models.write_bert_tokenizer(tmp_path)
+    tokenizer = transformers.BertTokenizer.from_pretrained(tmp_path)
+    config = hf_prompted_models.grounding_dino_config(len(tokenizer))
+    config.backbone_config = swin
+    torch.manual_seed(0)
+    model = transformers.GroundingDinoForObjectDetection(config).eval()
+    model.save_pretrained(tmp_path)
+    transformers.GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(tmp_path)
+    detector = load_model(tmp_path, prompt=PHRASES)
+    with torch.no_grad():
+        record = detector(torch.rand(1, 3, 64, 96), cross_attention=True)["attention"]
+    sampled = record.decoder_cross_sampled
+    assert sampled.level_strides == (8, 16, 32, 64)
+    assert sampled.level_sizes[:3] == ((8, 12), (4, 6), (2, 3))

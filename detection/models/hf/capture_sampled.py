@@ -84,8 +84,11 @@ def _first_conv_stride(module: nn.Module) -> int:
 
 
 def _hf_backbone_strides(backbone: nn.Module) -> list[int]:
-    """Strides of an HF (non-timm) backbone's outputs, from its config (ResNet-like stem + stages)."""
+    """Strides of an HF (non-timm) backbone's outputs, from its config (ResNet-like stem + stages, Swin)."""
     config = backbone.config
+    if config.model_type == "swin":  # Grounding DINO's: stage k at patch_size * 2^(k-1)
+        patch = int(config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0])
+        return [patch * 2 ** (int(name.removeprefix("stage")) - 1) for name in backbone.out_features]
     if config.model_type not in ("resnet", "rt_detr_resnet"):
         raise ValueError(
             f"cannot derive feature strides of a {config.model_type!r} backbone; supported: timm backbones, "
