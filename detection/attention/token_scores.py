@@ -140,8 +140,11 @@ def cross_attention_token_scores(model: nn.Module, images: torch.Tensor, query_i
     query_index = torch.as_tensor(query_index, dtype=torch.int64).reshape(-1).tolist()
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1).tolist()
     tokens, token_phrase, _, positions = _columns(model.prompt_layout())
-    with torch.enable_grad():  # the input joins the graph, so the attention does whatever the parameters' flags
-        outputs = model(images.detach().requires_grad_(True), cross_attention=True, keep_graph=True)
+    if hasattr(model, "text_gradient_forward"):  # the graph from the last decoder layer on only
+        outputs = model.text_gradient_forward(images)
+    else:
+        with torch.enable_grad():  # the input joins the graph, so the attention does whatever the parameters' flags
+            outputs = model(images.detach().requires_grad_(True), cross_attention=True, keep_graph=True)
     weights = outputs["text_attention_graph"][-1]  # (1, heads, Q, S)
     logits = outputs["pred_logits"]
     raw = weights.detach()[0].float().mean(0)[query_index][:, positions]  # (N, T)

@@ -198,6 +198,27 @@ class GroundingDetector(HFDetector):
     def _fits(self, phrases: tuple[str, ...]) -> bool:
         return len(self.tokenizer(prompt_text(phrases))["input_ids"]) <= self.token_limit
 
+    def text_gradient_forward(self, images: torch.Tensor) -> dict[str, Any]:
+        """forward(images, cross_attention=True, keep_graph=True) whose autograd graph starts at the
+        last decoder layer's input (made a leaf): what the gradient of a logit with respect to that
+        layer's text cross-attention needs, without recording (or back-propagating through) the
+        rest of the model."""
+        layer = self._internal("model.decoder.layers")[-1]
+
+        def leaf(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            hidden = kwargs.get("hidden_states")
+            return None if hidden is None else (args, {**kwargs, "hidden_states": hidden.detach().requires_grad_(True)})
+
+        handle = layer.register_forward_pre_hook(leaf, with_kwargs=True)
+        try:
+            with torch.enable_grad():
+                outputs = self(images, cross_attention=True, keep_graph=True)
+        finally:
+            handle.remove()
+        if not outputs["text_attention_graph"][-1].requires_grad:
+            raise self._renamed("model.decoder.layers[-1](hidden_states=...)")
+        return outputs
+
     def with_prompt(self, phrases: Sequence[str]) -> "GroundingDetector":
         """The same weights with another prompt (the HF module is shared, not copied)."""
         phrases = check_phrases(phrases)
