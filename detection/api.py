@@ -22,9 +22,11 @@ from detection.attention.maps import maps_from_cells
 from detection.attention.methods import (DEFAULT_METHOD, METHODS, AttentionRollout, ImageInput, MethodMaps,
                                          MethodOptions, Targets, check_names)
 from detection.attention.methods.raw import record_maps
+from detection.attention.token_scores import TokenScores, text_token_scores
 from detection.boxes import coco_xywh
 from detection.data.image_codec import encode_image, write_image
 from detection.data.images import pil_to_rgb
+from detection.data.preprocess import image_to_input
 from detection.engine.explain import MethodRunner, build_methods
 from detection.engine.fast import PreparedModels
 from detection.engine.image_files import OutputOptions
@@ -32,6 +34,7 @@ from detection.engine.model_failure import probe
 from detection.engine.predictor import Predictor, PredictorSettings
 from detection.evaluation.fiftyone_export import image_fields
 from detection.models.outputs import AttentionRecord
+from detection.models.hf.prompt import check_phrases
 from detection.models.registry import load_model
 from detection.render.cell_overlays import render_overlays
 from detection.render.panel import render_panel
@@ -42,7 +45,7 @@ from detection.structures import Detections
 logger = logging.getLogger(__name__)
 
 # models loaded by name, and their prepared Predictors and method runners, kept for the next call
-_MODELS: dict[str, torch.nn.Module] = {}
+_MODELS: dict[tuple, torch.nn.Module] = {}
 _PREPARED: dict[tuple, tuple[Predictor, MethodRunner]] = {}
 
 
@@ -64,6 +67,8 @@ class Explanation:
     method / method_maps: the explanation method (a name of `attention.methods.METHODS`) and its
         maps on their own grid with their geometry (`attention.methods.MethodMaps`), which `maps`
         resizes through the one resize path and normalises.
+    token_scores: for a prompted detector (explain(..., prompt=...)), how much each prompt token
+        and phrase made each detection (`detection.attention.token_scores.TokenScores`); else None.
     """
 
     source: str
@@ -77,6 +82,7 @@ class Explanation:
     method: str = DEFAULT_METHOD
     method_maps: MethodMaps | None = field(default=None, repr=False)
     model: str = ""
+    token_scores: TokenScores | None = field(default=None, repr=False)
     _maps: np.ndarray | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
@@ -212,24 +218,31 @@ def _is_single(images: Any) -> bool:
     return isinstance(images, (str, os.PathLike, np.ndarray, Image.Image))
 
 
-def _model_and_key(model: str | os.PathLike | torch.nn.Module) -> tuple[torch.nn.Module, str | None]:
+def _model_and_key(model: str | os.PathLike | torch.nn.Module,
+                   prompt: tuple[str, ...] | None) -> tuple[torch.nn.Module, Any]:
     if isinstance(model, torch.nn.Module):
-        return model, None
-    key = os.fspath(model)
+        if prompt is None:
+            return model, None
+        if not hasattr(model, "with_prompt"):
+            raise ValueError(f"prompt= applies to open-vocabulary detectors only; {type(model).__name__} has "
+                             "fixed classes")
+        return model.with_prompt(prompt), None
+    key = (os.fspath(model), prompt)
     if key not in _MODELS:
-        _MODELS[key] = load_model(key)
+        _MODELS[key] = load_model(key[0], prompt=prompt)
     return _MODELS[key], key
 
 
 def _prepared(model: str | os.PathLike | torch.nn.Module, method: str, score_threshold: float, heads: Any,
-              layers: Any, device: str, precision: str) -> tuple[Predictor, MethodRunner]:
+              layers: Any, device: str, precision: str,
+              prompt: tuple[str, ...] | None = None) -> tuple[Predictor, MethodRunner, torch.nn.Module]:
     """The predictor and the method's runner for the model, on one prepared copy (kept for later
     calls when the model came by name). The method is checked against the family first: a
     refusal names the family and the methods that apply, before any work."""
-    module, key = _model_and_key(model)
+    module, key = _model_and_key(model, prompt)
     settings = (method, float(score_threshold), repr(heads), repr(layers), str(device), precision)
     if key is not None and (key, *settings) in _PREPARED:
-        return _PREPARED[(key, *settings)]
+        return (*_PREPARED[(key, *settings)], module)
     prepared = PreparedModels(module)
     runner = build_methods(module, [method], resolve_device(device),
                            MethodOptions(layers=[layers], heads=[heads], attn_grad_layers=[layers],
@@ -242,12 +255,23 @@ def _prepared(model: str | os.PathLike | torch.nn.Module, method: str, score_thr
         # call: its first image's forward raises the same ModelRunError, so no extra forward per call)
         probe(predictor)
         _PREPARED[(key, *settings)] = (predictor, runner)
-    return predictor, runner
+    return predictor, runner, module
 
 
-def _with_method(explanations: Iterator[Explanation], runner: MethodRunner) -> Iterator[Explanation]:
+def _token_scores(module: torch.nn.Module, explanation: Explanation) -> TokenScores:
+    """The prompt tokens' scores of the explanation's detections (a prompted detector), computed on
+    the loaded model's own device and precision from the image's model input."""
+    device = next(module.parameters()).device
+    images = image_to_input(explanation.image, module.preprocess_spec)[None].to(device)
+    detections = explanation.detections
+    return text_token_scores(module, images, detections.query_index, detections.labels)
+
+
+def _with_method(explanations: Iterator[Explanation], runner: MethodRunner,
+                 module: torch.nn.Module | None = None) -> Iterator[Explanation]:
     """Each explanation with its method's maps (maps of the attention record also for an image
-    without detections: their geometry is the record's)."""
+    without detections: their geometry is the record's), and its token scores when `module` is a
+    prompted detector."""
     for explanation in explanations:
         if explanation.error is None:
             detections = explanation.detections
@@ -259,6 +283,8 @@ def _with_method(explanations: Iterator[Explanation], runner: MethodRunner) -> I
                 explanation.error = f"{explanation.source}: {explanation.method} failed: {err}"
             else:
                 explanation.method_maps = maps.get(explanation.method)
+            if explanation.error is None and module is not None and hasattr(module, "prompt_layout"):
+                explanation.token_scores = _token_scores(module, explanation)
         yield explanation
 
 
@@ -318,7 +344,8 @@ def _explain_many(predictor: Predictor, images: Iterable[Any], settings: dict) -
 
 def explain(images: Any, model: str | os.PathLike | torch.nn.Module = "demo", method: str = DEFAULT_METHOD,
             score_threshold: float = 0.7, heads: Any = "mean", layers: Any = "last", device: str = "auto",
-            precision: str = "fp32", normalize: str | None = "minmax") -> Explanation | Iterator[Explanation]:
+            precision: str = "fp32", normalize: str | None = "minmax",
+            prompt: str | Iterable[str] | None = None) -> Explanation | Iterator[Explanation]:
     """Detect and explain: one `Explanation` per image.
 
     images: one image -- a file path, a uint8 (H, W, 3) RGB numpy array or a PIL image (EXIF
@@ -335,16 +362,20 @@ def explain(images: Any, model: str | os.PathLike | torch.nn.Module = "demo", me
         `detection.attention.methods` says which apply to which family (a refusal names them).
     heads / layers / normalize: see `detection.attention.maps.detection_maps`.
     device / precision: see `detection.runtime.device`.
+    prompt: the classes of an open-vocabulary detector (OWL-ViT, Grounding DINO): "cat. remote control." (phrases
+        separated by ".") or a list of phrases; each Explanation then carries `token_scores`
+        (docs/prompted.md). Refused (ValueError) for a closed-set model.
     """
     check_names([method])
     if method == AttentionRollout.name:
         layers = ROLLOUT_LAYERS
-    predictor, runner = _prepared(model, method, score_threshold, heads, layers, device, precision)
+    phrases = None if prompt is None else check_phrases(prompt)
+    predictor, runner, module = _prepared(model, method, score_threshold, heads, layers, device, precision, phrases)
     model_name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     settings = {"heads": heads, "layers": layers, "normalize": normalize, "method": method, "model": model_name}
     if not _is_single(images):
-        return _with_method(_explain_many(predictor, images, settings), runner)
-    explained = list(itertools.islice(_with_method(_explain_one(predictor, images, 0, settings), runner), 2))
+        return _with_method(_explain_many(predictor, images, settings), runner, module)
+    explained = list(itertools.islice(_with_method(_explain_one(predictor, images, 0, settings), runner, module), 2))
     if len(explained) != 1:
         raise ExplanationError(f"{os.fspath(images)}: names several images; pass [it] to explain each")
     if explained[0].error is not None:

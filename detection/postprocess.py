@@ -23,7 +23,7 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
     """Turn model outputs into Detections, one per image.
 
     outputs: {"pred_logits": (B, Q, K), "pred_boxes": (B, Q, 4) normalised cxcywh}, with
-        K = C + 1 for "softmax_no_object" and K = C for "sigmoid_topk".
+        K = C + 1 for "softmax_no_object" and K = C for the sigmoid rules.
     original_sizes: (B, 2) (height, width) of each ORIGINAL image in pixels.
     class_names: C names, label index -> name (the model's config.class_names).
     score_threshold: keep detections whose score is > threshold.
@@ -33,7 +33,12 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
     and the best of the remaining C gives (score, label), as the DETR authors' PostProcess.
     sigmoid_topk: sigmoid per class, the rule's top_k best (query, class) pairs over Q x C,
     then the threshold; a query may appear once per class.
-    Each detection carries `query_index`, its decoder query, to find its attention.
+    sigmoid_max (OWL, Grounding DINO): sigmoid per class, each query's best class gives (score,
+    label); where outputs hold "pred_score_logits" (B, Q) (Grounding DINO: the maximum over every
+    prompt token, HF's score), the score is its sigmoid and the label still the best class.
+    Each detection carries `query_index`, its decoder query, to find its attention. Where outputs
+    hold "text_labeler" (a callable (image index, query) -> str: Grounding DINO's), each detection
+    also carries `hf_label`, HF's own text label (the tokens above its text threshold).
     Detections are sorted by descending score, ties by query index (then label). Boxes are
     xyxy float32 in original pixels, not clipped (an object may extend slightly beyond the
     image, as the model predicts).
@@ -55,11 +60,15 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
     probs = rule.class_probabilities(logits)  # (B, Q, C)
     if rule.kind == "sigmoid_topk":
         selected = _sigmoid_topk(probs, score_threshold, rule.top_k)
+    elif rule.kind == "sigmoid_max" and outputs.get("pred_score_logits") is not None:
+        selected = _softmax_no_object(probs, score_threshold, outputs["pred_score_logits"].float().sigmoid())
     else:
         selected = _softmax_no_object(probs, score_threshold)
     xyxy = cxcywh_to_xyxy(boxes.float())
+    labeler = outputs.get("text_labeler")  # prompted families: HF's own text label of (image, query)
     results = []
     for i, (scores, labels, queries) in enumerate(selected):
+        extra = {} if labeler is None else {"hf_label": [labeler(i, int(q)) for q in queries.tolist()]}
         height, width = sizes[i].tolist()
         image_boxes = xyxy[i, queries].cpu() * torch.tensor([width, height, width, height])
         image_labels = labels.cpu().to(torch.int64)
@@ -70,15 +79,18 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
             labels=image_labels,
             query_index=queries.to(torch.int64),
             class_names=[class_names[int(label)] for label in image_labels],
+            **extra,
         ))
     return results
 
 
-def _softmax_no_object(probs: torch.Tensor, score_threshold: float
+def _softmax_no_object(probs: torch.Tensor, score_threshold: float, query_scores: torch.Tensor | None = None
                        ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """probs (B, Q, C) -> per image (scores, labels, query indices on the CPU), sorted; one
-    detection per query."""
+    detection per query (query_scores (B, Q): the scores, when not the best class's)."""
     scores, labels = probs.max(-1)
+    if query_scores is not None:
+        scores = query_scores
     selected = []
     for i in range(probs.shape[0]):
         keep = torch.nonzero(scores[i] > score_threshold).flatten()

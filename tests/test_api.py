@@ -107,9 +107,9 @@ def test_a_named_model_loads_once_and_a_model_object_is_used_as_given(monkeypatc
     api.clear_model_cache()
     calls = []
 
-    def counting_load(name):
+    def counting_load(name, **options):
         calls.append(name)
-        return load_model(name)
+        return load_model(name, **options)
 
     monkeypatch.setattr(api, "load_model", counting_load)
     first = explain(IMAGES[0], device="cpu")

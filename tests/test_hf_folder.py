@@ -126,9 +126,9 @@ def test_remote_code_is_refused(yolos_folder, tmp_path) -> None:
 def test_unsupported_model_type_lists_the_supported_ones(yolos_folder, tmp_path) -> None:
     folder = _copy(yolos_folder, tmp_path)
     config = json.loads((folder / "config.json").read_text())
-    config["model_type"] = "owlvit"
+    config["model_type"] = "florence2"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="'owlvit' is not supported; supported model types: .*deformable_detr.*yolos"):
+    with pytest.raises(ValueError, match="'florence2' is not supported; supported model types: .*deformable_detr.*yolos"):
         load_model(folder)
     with pytest.raises(ValueError, match="supported model types"):
         family_of(None, "x")

@@ -26,17 +26,19 @@ from detection.attention.methods import AttentionRollout
 from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.attention.floors import BEST_BOX_ONLY, BOX_FAMILY, parse_floors
 from detection.cli.drise_options import add_drise_arguments, drise_options
+from detection.cli.prompt_options import add_prompt_arguments, prompt_from_args
 from detection.attention.methods import METHODS, MethodNotApplicable, applicable_methods, parse_methods
 from detection.data.ground_truth import GroundTruthError, load_coco_gt
 from detection.evaluation.classes import load_class_map, map_classes
 from detection.evaluation.mask_export import scored_mask_results
 from detection.evaluation.model_run import (DEFAULT_HEADS, DEFAULT_LAYERS, ModelEvaluationRun, ModelRunOptions,
                                             run_model_on_ranks)
+from detection.evaluation.prompt_runs import merge_prompt_runs
 from detection.evaluation.results import EvaluationError, results_for_subset
 from detection.evaluation.subsets import Subset, SubsetSpec, select_subset
 from detection.evaluation.writer import format_metric, write_evaluation
 from detection.io import write_json_atomic
-from detection.models.registry import load_model
+from detection.models.registry import is_prompted_model, load_model
 from detection.runtime.distributed import DistContext, init_distributed
 
 
@@ -50,6 +52,7 @@ EXAMPLES = examples(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help=MODEL_HELP)
+    add_prompt_arguments(parser)
     source.add_argument("--detections", help="score an existing COCO results JSON (any detector) instead of running a model")
     parser.add_argument("--match-file-names", action="store_true",
                         help="with --detections: take image ids from each result's file_name (e.g. detr-attn predict output)")
@@ -187,12 +190,28 @@ def _run_model(args: argparse.Namespace, gt_dataset: dict[str, Any], subset: Sub
                context: DistContext) -> ModelEvaluationRun | None:
     """Load the model, map its classes, run every rank's share; the merged run on rank 0."""
     # the Predictor's engine moves (a copy of) the model to the device; the CPU copy stays here
-    model = load_model(args.model, device="cpu")
+    try:
+        prompt = prompt_from_args(args)
+        if prompt is None and is_prompted_model(args.model):  # open vocabulary: the subset's category names
+            names = {int(c["id"]): str(c["name"]) for c in gt_dataset["categories"]}
+            prompt = tuple(names[i] for i in subset.category_ids)
+        # a prompt beyond the text encoder's limit runs in chunks that fit (the zero-shot protocol)
+        model = load_model(args.model, device="cpu", prompt=None if prompt is None else prompt[:1])
+        chunks = [None] if prompt is None else model.prompt_chunks(prompt)
+        models = [model] if prompt is None else [model.with_prompt(chunk) for chunk in chunks]
+    except ValueError as error:  # a bad prompt, or a prompt for a closed-set model
+        raise EvaluationError(f"--model {args.model}: {error}") from error
+    if len(models) > 1 and not args.no_attention:
+        raise EvaluationError(f"--model {args.model}: the category names need {len(models)} prompts (the text encoder's "
+                              "limit); the attention metrics of several prompts are not merged yet: add --no-attention")
     class_map = load_class_map(args.class_map) if args.class_map else None
+    # the classes of all prompts together map to the categories; each prompt takes its share
     label_to_category, mapping_warnings = map_classes(
-        model.config.class_names, gt_dataset["categories"], subset.category_ids, class_map,
-        args.class_map or "--class-map", args.allow_unmapped,
-    )
+        [name for each in models for name in each.config.class_names], gt_dataset["categories"],
+        subset.category_ids, class_map, args.class_map or "--class-map", args.allow_unmapped)
+    offsets = [sum(len(each.config.class_names) for each in models[:k]) for k in range(len(models))]
+    mappings = [{label: label_to_category[offset + label] for label in range(len(each.config.class_names))
+                 if offset + label in label_to_category} for each, offset in zip(models, offsets)]
     try:
         explain = parse_methods(args.explain) if args.explain else None
         drise = drise_options(args)
@@ -212,7 +231,9 @@ def _run_model(args: argparse.Namespace, gt_dataset: dict[str, Any], subset: Sub
         deletion_insertion=args.deletion_insertion, di_steps=args.di_steps, di_substrate=args.di_substrate,
         di_max_detections=args.di_max_detections, di_batch_size=args.di_batch_size, progress=not args.quiet and context.is_main,
     )
-    run = run_model_on_ranks(model, gt_dataset, subset, Path(args.images), label_to_category, options, context)
+    runs = [run_model_on_ranks(each, gt_dataset, subset, Path(args.images), mapping, options, context)
+            for each, mapping in zip(models, mappings)]
+    run = runs[0] if len(runs) == 1 or runs[0] is None else merge_prompt_runs(runs, chunks)
     context.barrier()
     if run is not None:
         run.warnings = mapping_warnings + run.warnings

@@ -18,6 +18,7 @@ from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.data.images import DEFAULT_MAX_PIXELS
 from detection.attention.methods import METHODS, parse_methods
 from detection.cli.drise_options import add_drise_arguments, drise_options
+from detection.cli.prompt_options import add_prompt_arguments, prompt_from_args
 from detection.cli.ray_options import add_ray_arguments, ray_settings_from_args
 from detection.runfolder.grids import DEFAULT_GRID_BUDGET
 from detection.engine.predict_methods import ExplainOptions
@@ -33,6 +34,7 @@ EXAMPLES = examples(
     'detr-attn predict photos/ --model demo --out runs/photos --overlays --save-attention',
     'detr-attn predict photos/ --model detr-r50 --out runs/r50 --explain raw,attn-grad --overlays',
     'detr-attn predict clip.mp4 --model hf:PekingU/rtdetr_r50vd --video-stride 10 --out runs/clip',
+    'detr-attn predict photos/ --model hf:google/owlvit-base-patch32 --prompt "cat. remote control." --out runs/owl',
 )
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 3
@@ -77,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="append", default=[], metavar="FILE",
                         help="text file with one path (or folder / glob) per line; repeatable")
     parser.add_argument("--model", default="demo", help=MODEL_HELP)
+    add_prompt_arguments(parser)
     parser.add_argument("--out", required=True,
                         help="output run folder (created; rerun to resume; one live run per folder)")
     parser.add_argument("--score-threshold", type=float, default=0.7)
@@ -172,7 +175,8 @@ def settings_from_args(args: argparse.Namespace) -> PredictSettings:
                               overlay_size=args.overlay_size),
         video_stride=args.video_stride, max_pixels=args.max_pixels or None,
         fold_bn=not args.no_fold_bn, channels_last=not args.no_channels_last, compile=args.compile,
-        writer_threads=args.writer_threads, overwrite=args.overwrite, progress=not args.quiet, explain=explain)
+        writer_threads=args.writer_threads, overwrite=args.overwrite, progress=not args.quiet, explain=explain,
+        prompt=prompt_from_args(args))
 
 
 def run(args: argparse.Namespace) -> int:

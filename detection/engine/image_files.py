@@ -11,14 +11,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from detection.attention.methods import DEFAULT_METHOD, MethodMaps
+from detection.attention.token_scores import TokenScores
 from detection.engine.display import viewer_image_jpeg
 from detection.render.cell_overlays import DEFAULT_OVERLAY_SIZE, encode_overlay, render_overlays
 from detection.engine.predictor import PredictionResult
 from detection.io import write_bytes_atomic
 from detection.runfolder.run_folder import RunFolder
 from detection.runfolder.grids import DEFAULT_GRID_BUDGET, build_grids, save_grids_npz
-from detection.runfolder.layout import attention_name, method_attention_name, overlay_name
+from detection.runfolder.layout import attention_name, method_attention_name, overlay_name, tokens_name
 from detection.runfolder.maps_npz import map_metadata, save_maps_npz
+from detection.runfolder.tokens_npz import save_tokens_npz
 from detection.runfolder.records import detection_record
 
 
@@ -59,13 +61,14 @@ class OutputOptions:
 
 def write_image_files(folder: RunFolder, result: PredictionResult, maps: dict[str, MethodMaps],
                       options: OutputOptions, category_ids: Sequence[int],
-                      explain: Sequence[str] | None = None) -> dict[str, Any]:
+                      explain: Sequence[str] | None = None, tokens: TokenScores | None = None) -> dict[str, Any]:
     """Write every file of one image (each atomically), then return its journal record.
 
     maps: method name -> the image's maps (`engine.explain.MethodRunner.method_maps`); the default
     method's are the run's attention maps (--heads / --layers). explain: the --explain methods with
     files of their own (None: no --explain, and the record lists no "methods"); a method without
-    maps (the image has no detection) writes nothing.
+    maps (the image has no detection) writes nothing. tokens: a prompted detector's token scores
+    of the image, written with --save-attention to attention/tokens/<key>.npz (record "tokens").
 
     In order: the record; with --save-attention the attention maps' npz (attention/<key>.npz) and
     the viewer's grids; with --overlays the combined and per-detection overlays of the attention
@@ -86,6 +89,9 @@ def write_image_files(folder: RunFolder, result: PredictionResult, maps: dict[st
                           attention_maps.input_size, {**meta, **_image_meta(item)})
             record["attention"] = attention_name(item.key)
             _write_grids(folder, result, options)
+            if tokens is not None:
+                save_tokens_npz(folder.tokens_path(item.key), tokens, _image_meta(item))
+                record["tokens"] = tokens_name(item.key)
         if options.overlays:
             overlays = render_overlays(overlay_source(result), detections, attention_maps.values, meta, options,
                                        result.attention)

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from detection.attention.token_scores import TokenScores, text_token_scores
+from detection.data.preprocess import image_to_input
 from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.attention.drise_saliency import DriseOptions
 from detection.attention.methods import (DEFAULT_METHOD, AttentionRollout, Drise, MethodMaps, MethodOptions, Targets,
@@ -78,3 +80,21 @@ def image_maps(runner: MethodRunner | None, result: PredictionResult) -> dict[st
         return {}
     return runner.method_maps(result.image, tuple(result.original_size), result.attention,
                               Targets.from_detections(result.detections), empty_keys=(DEFAULT_METHOD,))
+
+
+def token_scorer(predictor: Any, outputs: OutputOptions) -> Any:
+    """The prepared model that scores prompt tokens when the run saves attention and the model is a
+    prompted detector (`attention.token_scores.text_token_scores`); None otherwise."""
+    model = getattr(predictor.engine, "model", None)
+    return model if outputs.save_attention and hasattr(model, "prompt_layout") else None
+
+
+def image_token_scores(predictor: Any, result: PredictionResult) -> TokenScores:
+    """One predicted image's token scores, on the predictor's prepared model at its precision
+    (the decoded image is kept for this: `PredictorSettings.keep_images`)."""
+    if result.image is None:
+        raise ValueError("token scores need the decoded image (keep_images)")
+    engine = predictor.engine
+    images = image_to_input(result.image, engine.model.preprocess_spec)[None].to(engine.device)
+    with engine.autocast():
+        return text_token_scores(engine.model, images, result.detections.query_index, result.detections.labels)

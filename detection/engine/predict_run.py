@@ -20,7 +20,7 @@ from detection.engine.image_files import OutputOptions, write_image_files
 from detection.engine.output_size import OverlayProjection, folder_bytes
 from detection.engine.pending import PendingWrites
 from detection.engine.planning import shard_plan
-from detection.engine.predict_methods import image_maps
+from detection.engine.predict_methods import image_maps, image_token_scores, token_scorer
 from detection.engine.predictor import PredictionResult, Predictor
 from detection.engine.run_setup import (PredictInterrupted, PredictSettings, PredictSummary, PredictUsageError,
                                         build_run_model, check_inputs, start_run_info)
@@ -57,7 +57,7 @@ def run_predict(settings: PredictSettings, model: torch.nn.Module | None = None,
         try:
             device = resolve_device(settings.device, context.local_rank if context.enabled else None)
             if model is None:
-                model = load_model(settings.model, device="cpu")
+                model = load_model(settings.model, device="cpu", prompt=settings.prompt)
         except (ValueError, FileNotFoundError) as err:
             raise PredictUsageError(str(err)) from err
         predictor, runner, prepared = build_run_model(settings, model, device)
@@ -174,9 +174,11 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: Meth
 
     explain = settings.explain.extra_methods if settings.explain is not None else None
 
-    def write(result: PredictionResult, maps: dict[str, MethodMaps]) -> None:
+    scorer = token_scorer(predictor, settings.outputs)
+
+    def write(result: PredictionResult, maps: dict[str, MethodMaps], tokens=None) -> None:
         try:
-            record = write_image_files(folder, result, maps, settings.outputs, category_ids, explain)
+            record = write_image_files(folder, result, maps, settings.outputs, category_ids, explain, tokens)
         except OSError:
             raise  # disk full / permissions: stop, a rerun resumes
         except Exception as err:  # noqa: BLE001 - one image's output must not stop the run
@@ -200,10 +202,11 @@ def _predict_shard(settings: PredictSettings, predictor: Predictor, runner: Meth
             else:
                 try:
                     maps = image_maps(runner, result)
+                    tokens = image_token_scores(predictor, result) if scorer is not None else None
                 except Exception as err:  # noqa: BLE001 - one image's explanation must not stop the run
                     folder.append_error(result.item, f"explanation methods failed: {type(err).__name__}: {err}")
                 else:
-                    pending.add(pool.submit(write, result, maps), result, maps)
+                    pending.add(pool.submit(write, result, maps, tokens), result, maps)
                 processed += 1
             progress.update(1)
             if stop.requested:

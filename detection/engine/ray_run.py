@@ -96,7 +96,7 @@ def _prepare(settings: PredictSettings) -> _Prepared:
     """The driver's checks (those of a single-host run): model, methods, probe, inputs, fingerprint."""
     try:
         device = resolve_device(settings.device)
-        model = load_model(settings.model, device="cpu")
+        model = load_model(settings.model, device="cpu", prompt=settings.prompt)
         uris = [is_uri(source) for source in settings.inputs]
         if any(uris) and (not all(uris) or settings.list_files):
             raise ValueError("URI sources (s3://...) cannot be mixed with local paths or --list files")

@@ -32,7 +32,7 @@ from detection.engine.display import DisplaySpec
 from detection.engine.image_files import write_image_files
 from detection.engine.loading import BatchLoadingDataset, LoadedBatch
 from detection.engine.planning import PlannedBatch
-from detection.engine.predict_methods import image_maps
+from detection.engine.predict_methods import image_maps, image_token_scores, token_scorer
 from detection.engine.run_setup import build_run_model
 from detection.engine.ray_storage import Location, is_uri, localized
 from detection.models.registry import load_model
@@ -165,8 +165,9 @@ class ModelWorker:
         started = time.perf_counter()
         self.settings, self.control, self.unit_hook = settings, control, unit_hook
         device = resolve_device(settings.device)
-        model = load_model(settings.model, device="cpu")
+        model = load_model(settings.model, device="cpu", prompt=settings.prompt)
         self.predictor, self.runner, prepared = build_run_model(settings, model, device)
+        self.scorer = token_scorer(self.predictor, settings.outputs)  # a prompted model's token scores
         prepared.release_source()
         self.category_ids = self.predictor.config.category_ids
         self.explain = settings.explain.extra_methods if settings.explain is not None else None
@@ -207,13 +208,14 @@ class ModelWorker:
                 continue
             try:
                 maps = image_maps(self.runner, result)
+                tokens = image_token_scores(self.predictor, result) if self.scorer is not None else None
             except Exception as err:  # noqa: BLE001 - one image's explanation must not stop the run
                 rows.append(_record_row("error", error_record(
                     result.item, f"explanation methods failed: {type(err).__name__}: {err}")))
                 continue
             try:
                 record = write_image_files(self.folder, result, maps, self.settings.outputs, self.category_ids,
-                                           self.explain)
+                                           self.explain, tokens)
                 if self.remote is not None:
                     self.remote.upload_tree(self.folder.out)
             except OSError:

@@ -22,7 +22,7 @@ from detection.engine.model_failure import ModelRunError, probe
 from detection.engine.predict_methods import ExplainOptions, build_predict_methods
 from detection.engine.predictor import Predictor, PredictorSettings
 from detection.models.digest import weights_digest
-from detection.runfolder.versions import GRIDS_NPZ_FORMAT, MAPS_FORMAT_KEY, MAPS_NPZ_FORMAT
+from detection.runfolder.versions import GRIDS_NPZ_FORMAT, MAPS_FORMAT_KEY, MAPS_NPZ_FORMAT, TOKENS_NPZ_FORMAT
 from detection.text import plural, size
 from detection.version import __version__
 
@@ -62,6 +62,8 @@ class PredictSettings:
     progress: bool = True
     #: --explain (None: not given, the attention maps only; see engine.predict_methods)
     explain: ExplainOptions | None = None
+    #: --prompt / --prompt-file: the phrases of an open-vocabulary detector (None: a closed-set model)
+    prompt: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -115,6 +117,10 @@ def run_fingerprint(settings: PredictSettings, model: torch.nn.Module, precision
         **({"overlay_size": out.overlay_size} if out.overlays else {}),
         # the explanation methods: only with --explain, so runs without it resume as before
         **({"explain": settings.explain.fingerprint()} if settings.explain is not None else {}),
+        # the prompt of an open-vocabulary detector: only then, so closed-set runs resume as before
+        **({"prompt": list(settings.prompt)} if settings.prompt is not None else {}),
+        # its token scores' npz format, when they are written (with --save-attention)
+        **({"tokens_format": TOKENS_NPZ_FORMAT} if settings.prompt is not None and out.save_attention else {}),
     }
 
 
@@ -188,7 +194,8 @@ def _make_predictor(settings: PredictSettings, model: torch.nn.Module, device: t
         batching=settings.batching,
         # the full-resolution image only for methods that run the model on it: the writers
         # draw on display images the decoding workers make (engine.display)
-        keep_images=runner is not None and runner.needs_input,
+        keep_images=(runner is not None and runner.needs_input)
+        or (options.save_attention and hasattr(model, "prompt_layout")),  # token scores run the model on it
         display=DisplaySpec(overlays=options.overlays, overlay_size=options.overlay_size,
                             viewer_jpeg=options.save_attention) if options.needs_maps else None,
         rollout=options.save_encoder_attention or (runner is not None and runner.needs_self_attention),

@@ -13,7 +13,7 @@ from torch import nn
 
 ResizeRule = Literal["shortest_edge", "longest_edge", "fixed"]
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
-PostprocessKind = Literal["softmax_no_object", "sigmoid_topk"]
+PostprocessKind = Literal["softmax_no_object", "sigmoid_topk", "sigmoid_max"]
 SizeRounding = Literal["detr", "hf", "yolos"]
 ResizeBackend = Literal["opencv", "torch", "torchvision"]
 
@@ -128,6 +128,8 @@ class PostprocessRule:
     "sigmoid_topk" (Deformable DETR, RT-DETR, D-FINE): pred_logits (B, Q, C); independent
         sigmoid per class, then the `top_k` best of all Q x C (query, class) pairs, so one
         query may give several detections (one per class).
+    "sigmoid_max" (OWL-ViT, OWLv2: HF's `post_process_object_detection`): pred_logits (B, Q, C);
+        sigmoid of each query's best class logit gives it one (score, label).
     Either way every detection keeps `query_index`, the query it came from, and only scores
     strictly above the caller's threshold are kept.
     """
@@ -136,8 +138,9 @@ class PostprocessRule:
     top_k: int = 100
 
     def __post_init__(self) -> None:
-        if self.kind not in ("softmax_no_object", "sigmoid_topk"):
-            raise ValueError(f"PostprocessRule kind {self.kind!r} is not softmax_no_object or sigmoid_topk")
+        if self.kind not in ("softmax_no_object", "sigmoid_topk", "sigmoid_max"):
+            raise ValueError(f"PostprocessRule kind {self.kind!r} is not softmax_no_object, sigmoid_topk or "
+                             "sigmoid_max")
         if self.top_k < 1:
             raise ValueError(f"PostprocessRule top_k must be >= 1, got {self.top_k}")
 
@@ -148,6 +151,10 @@ class PostprocessRule:
     @classmethod
     def sigmoid_topk(cls, top_k: int = 100) -> "PostprocessRule":
         return cls(kind="sigmoid_topk", top_k=top_k)
+
+    @classmethod
+    def sigmoid_max(cls) -> "PostprocessRule":
+        return cls(kind="sigmoid_max")
 
     def logit_classes(self, num_classes: int) -> int:
         """Width of pred_logits for `num_classes` real classes (C + 1 or C)."""

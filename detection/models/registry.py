@@ -16,7 +16,7 @@ from detection.models import published
 from detection.models.configs import CONFIG_DIR, available_configs, load_config  # noqa: F401
 from detection.models.convert import convert_to_native, load_foreign
 from detection.models.detr import DETR, DetrConfig
-from detection.models.hf.families import NATIVE_MODEL_TYPES
+from detection.models.hf.families import FAMILIES, NATIVE_MODEL_TYPES
 from detection.models.hf.folder import CONFIG_FILE, read_model_type
 from detection.models.hf.hub import fetch_hub_folder, is_hub_name
 from detection.models.hf.load import load_hf_detector
@@ -41,7 +41,8 @@ def build_model(config: DetrConfig | dict | str | os.PathLike) -> DETR:
     return DETR(config)
 
 
-def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
+               prompt: Sequence[str] | None = None) -> nn.Module:
     """A detector with weights (a DETR, or an HFDetector), in eval mode, on `device`.
 
     name_or_path:
@@ -55,9 +56,15 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
       * "hf:ORG/NAME[@REVISION]": such a folder from the Hugging Face Hub (huggingface_hub's cache);
       * a published checkpoint name from weights/manifest.yaml (e.g. "detr-r50"), downloaded
         to the cache and converted on first use.
+    prompt: the phrases of an open-vocabulary HF detector (OWL-ViT, Grounding DINO; docs/prompted.md):
+    required for those, refused (ValueError) for every other model.
     """
     text = str(name_or_path)
     path = Path(name_or_path)
+    hf_folder = path.is_dir() and (path / CONFIG_FILE).is_file() and not is_native_folder(path)
+    if prompt is not None and not (hf_folder or is_hub_name(text)):
+        raise ValueError(f"--model {text}: a prompt applies to open-vocabulary Hugging Face detectors only; this "
+                         "model has fixed classes")
     if text == "demo":
         if not is_native_folder(DEMO_DIR):
             raise ValueError(f"the demo model is not available: {DEMO_DIR} has no {META_FILE}. "
@@ -65,11 +72,11 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
         model = load_native(DEMO_DIR)
     elif is_hub_name(text):
         folder, source = fetch_hub_folder(text)
-        model = _load_hf_folder(folder, source)
+        model = _load_hf_folder(folder, source, prompt)
+    elif hf_folder:
+        model = _load_hf_folder(path, None, prompt)
     elif is_native_folder(path):
         model = load_native(path)
-    elif path.is_dir() and (path / CONFIG_FILE).is_file():
-        model = _load_hf_folder(path, None)
     elif path.exists():
         model = load_foreign(path)
     else:
@@ -77,14 +84,28 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     return model.to(device).eval()
 
 
-def _load_hf_folder(folder: Path, source: str | None) -> nn.Module:
+def is_prompted_model(name_or_path: str | os.PathLike) -> bool:
+    """Whether `name_or_path` names an open-vocabulary HF detector (its classes come from a prompt);
+    a Hub name is fetched (or read from the cache) to read its config.json."""
+    text, path = str(name_or_path), Path(name_or_path)
+    if is_hub_name(text):
+        path = fetch_hub_folder(text)[0]
+    elif not (path.is_dir() and (path / CONFIG_FILE).is_file()) or is_native_folder(path):
+        return False
+    model_type = read_model_type(path)
+    return model_type in FAMILIES and FAMILIES[model_type].prompted
+
+
+def _load_hf_folder(folder: Path, source: str | None, prompt: Sequence[str] | None = None) -> nn.Module:
     """An HF folder: DETR's are converted to the native DETR, other families wrapped."""
     if read_model_type(folder) in NATIVE_MODEL_TYPES:
+        if prompt is not None:
+            raise ValueError(f"{folder}: a prompt applies to open-vocabulary detectors only; DETR has fixed classes")
         model = load_foreign(folder)
         if source is not None:
             model.source = source  # type: ignore[attr-defined]
         return model
-    return load_hf_detector(folder, source)
+    return load_hf_detector(folder, source, prompt)
 
 
 def replace_class_head(model: DETR, class_names: Sequence[str], category_ids: Sequence[int]) -> DETR:

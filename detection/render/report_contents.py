@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from detection.attention.methods import DEFAULT_METHOD
+from detection.attention.token_scores import TokenScores
 from detection.runfolder.reader import RunReader
+from detection.runfolder.tokens_npz import load_tokens_npz
 
 
 # -- reading the run folder (through runfolder, the layout's one owner) ----------------------
@@ -28,6 +30,8 @@ class ImageEntry:
     #: method -> per-detection overlays drawn with that explanation method (predict --explain;
     #: raw's are `detection_overlays`), in the order the run lists the methods
     method_overlays: dict[str, list[Path | None]] = field(default_factory=dict)
+    #: a prompted detector's token scores of the detections (predict --save-attention), or None
+    token_scores: TokenScores | None = None
 
 
 @dataclass
@@ -70,7 +74,18 @@ def _image_entry(row: dict, reader: RunReader) -> ImageEntry:
         overlay=overlay,
         detection_overlays=per_detection or [None] * len(row["detections"]),
         method_overlays=per_method,
+        token_scores=_token_scores(row, reader),
     )
+
+
+def _token_scores(row: dict, reader: RunReader) -> TokenScores | None:
+    path = reader.tokens(row)
+    if path is None:
+        return None
+    scores, _ = load_tokens_npz(path)
+    if len(scores) != len(row["detections"]):
+        raise ValueError(f"{path}: token scores of {len(scores)} detections for {len(row['detections'])}")
+    return scores
 
 
 def read_run(run_dir: str | os.PathLike) -> RunContents:

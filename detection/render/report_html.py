@@ -14,6 +14,7 @@ from detection.data.image_codec import decode_image, encode_image
 from detection.render.panel import fit_image
 from detection.render.report_contents import (ImageEntry, RunContents, detection_caption, detection_cells,
                                               method_columns, settings_rows)
+from detection.render.token_view import TOKEN_VIEW_CSS, token_table_html
 from detection.text import plural
 
 THUMB_WIDTH = 240
@@ -36,7 +37,7 @@ figure{margin:0;width:360px}figure img{width:360px;border:1px solid #ccc}
 figcaption{font-size:13px}.note{color:#a04000}.missing{color:#888;font-style:italic}
 .swatch{display:inline-block;width:10px;height:10px;margin-right:4px;border:1px solid #888}
 table.methods img{width:240px;border:1px solid #ccc}.picker{margin:8px 0}.picker label{margin-right:12px}
-"""
+""" + TOKEN_VIEW_CSS + "\n"
 
 
 def _escape(value: Any) -> str:
@@ -83,6 +84,8 @@ def _image_section(number: int, entry: ImageEntry, source: _ImageSource, classes
                 + "</tr>"
             )
         parts.append("</table>")
+    if entry.detections and entry.token_scores is not None:
+        parts.append(token_table_html(entry.token_scores, [str(det.get("class_name", "")) for det in entry.detections]))
     if entry.detections and entry.method_overlays:
         parts.append(_method_table(entry, source, classes))
     elif entry.detections:

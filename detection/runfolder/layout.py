@@ -11,6 +11,8 @@ Layout (docs/ARCHITECTURE.md "Predict run folder"):
                             (<method>-points: the point view); OUT/attention/<key>.npz
     OUT/attention/<method>/<key>.npz  with --explain, per method other than the default
     OUT/attention/grids/<key>.npz  the viewer's data (runfolder.grids), with --save-attention
+    OUT/attention/tokens/<key>.npz  a prompted detector's token scores (runfolder.tokens_npz), with
+                            --save-attention
     OUT/.parts/             per-rank journals of a torchrun run (merged by rank 0, then removed)
     OUT/.lock               pid + host of the live run writing OUT (removed when it ends; not an output)
 """
@@ -25,6 +27,7 @@ OVERLAYS_DIR = "overlays"
 ATTENTION_DIR = "attention"
 #: Inside ATTENTION_DIR (a key holds no '/', so no image's npz can be named like it).
 GRIDS_DIR = f"{ATTENTION_DIR}/grids"
+TOKENS_DIR = f"{ATTENTION_DIR}/tokens"
 #: The live run's lock (runfolder.lock): not an output, so `--overwrite` (run under the lock)
 #: keeps it; the run removes it when it ends.
 LOCK_FILE = ".lock"
@@ -78,6 +81,11 @@ def method_attention_name(key: str, method: str) -> str:
     """The npz of explanation method `method`'s maps of image `key` . A
     folder per method, not "<key>.<method>.npz": a key may itself end in ".<method>"."""
     return f"{ATTENTION_DIR}/{method}/{key}.npz"
+
+
+def tokens_name(key: str) -> str:
+    """A prompted detector's token scores of image `key` (runfolder.tokens_npz)."""
+    return f"{TOKENS_DIR}/{key}.npz"
 
 
 def grids_name(key: str) -> str:

@@ -98,6 +98,11 @@ class RunReader:
         path = self.root / attention_name(key)
         return path if path.is_file() else None
 
+    def tokens(self, record: dict[str, Any]) -> Path | None:
+        """A prompted detector's token scores of the record's image (predictions.jsonl's "tokens"),
+        or None when the run did not save them."""
+        return self._inside(record.get("tokens"))
+
     def grids(self, key: str) -> Path | None:
         """attention/grids/<key>.npz (the viewer's data), or None when the run did not save it."""
         path = self.root / grids_name(key)

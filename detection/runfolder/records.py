@@ -19,6 +19,7 @@ def detection_record(item: SourceItem, detections: Detections, category_ids: Seq
     scores = detections.scores.tolist()
     labels = detections.labels.tolist()
     queries = detections.query_index.tolist()
+    hf_labels = detections.get("hf_label") if detections.has("hf_label") else None
     for k in range(len(detections)):
         entries.append({
             "bbox": bboxes[k],
@@ -27,6 +28,8 @@ def detection_record(item: SourceItem, detections: Detections, category_ids: Seq
             "label": int(labels[k]),
             "class_name": detections.class_names[k],
             "query_index": int(queries[k]),
+            # prompted families: HF's own text label (Grounding DINO: the tokens above its text threshold)
+            **({"hf_label": str(hf_labels[k])} if hf_labels is not None else {}),
         })
     record: dict[str, Any] = {"file": item.file, "image_id": item.image_id, "key": item.key}
     if item.frame_index is not None:

@@ -14,7 +14,7 @@ from detection.runfolder.journal import Journal, dumps_record, read_journal, rep
 from detection.runfolder.layout import (ATTENTION_DIR, DETECTIONS_FILE, ERRORS_FILE, LOCK_FILE, OVERLAYS_DIR,
                                         OWN_OUTPUTS, PARTS_DIR, PREDICTIONS_FILE, RUN_FILE, attention_name,
                                         detection_overlay_name, grids_name, image_overlays_dir,
-                                        method_attention_name, overlay_name)
+                                        method_attention_name, overlay_name, tokens_name)
 from detection.runfolder.lock import RunLock
 from detection.runfolder.records import coco_results, error_record
 from detection.runfolder.versions import MAPS_FORMAT_KEY
@@ -88,6 +88,9 @@ class RunFolder:
 
     def grids_path(self, key: str) -> Path:
         return self.out / grids_name(key)
+
+    def tokens_path(self, key: str) -> Path:
+        return self.out / tokens_name(key)
 
     def method_attention_path(self, key: str, method: str) -> Path:
         return self.out / method_attention_name(key, method)

@@ -9,3 +9,6 @@ MAPS_NPZ_FORMAT_V1 = "detr-attn-maps/1"
 GRIDS_NPZ_FORMAT = "detr-attn-grids/1"
 #: The run.json fingerprint key that records the maps npz format of a folder.
 MAPS_FORMAT_KEY = "maps_format"
+#: The token-scores npz of prompted detectors (`runfolder.tokens_npz`): per-detection prompt-token
+#: and phrase scores.
+TOKENS_NPZ_FORMAT = "detr-attn-tokens/1"

@@ -32,6 +32,9 @@ class _GradientMethod(ExplanationMethod):
         kind = attention_kind(model)
         if not getattr(model, "gradient_capture", False) or kind not in ("dense", "sampled"):
             return f"{cls.name} needs the native DETR or a wrapped Hugging Face detector to take gradients through"
+        if cls.dense_only and getattr(model, "last_layer_attention_only", False):
+            return (f"{cls.name} needs every layer's attention; the {model_family(model)} record holds its last "
+                    "vision layer's self-attention only")
         if kind == "sampled" and cls.dense_only:
             return (f"{cls.name} needs dense attention throughout (encoder self-, decoder self- and "
                     f"cross-attention over one grid); the {model_family(model)} decoder samples points "

@@ -27,6 +27,8 @@ class AttentionRollout(ExplanationMethod):
     def refusal(cls, model: Any) -> str | None:
         if attention_kind(model) == "sampled":
             return "rollout needs dense attention (this family's cross-attention is sampled points)"
+        if getattr(model, "last_layer_attention_only", False):
+            return "rollout needs every layer's attention (this family's record holds its last layer's only)"
         return None
 
     def choices(self) -> list[str]:

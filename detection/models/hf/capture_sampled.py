@@ -52,15 +52,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detection.models.hf.backbone_strides import first_conv_stride, hf_backbone_strides
 from detection.models.outputs import AttentionGraph, AttentionRecord, SampledAttention
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "deimv2", "rf_detr", "lw_detr")
-_HOOKED_CORE = ("deformable_detr", "rt_detr", "rf_detr", "lw_detr")  # nn.Module `attn` inside the decoder module
+FAMILIES = ("deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "deimv2", "rf_detr", "lw_detr", "grounding-dino",
+            "mm-grounding-dino")
+_GROUNDING = ("grounding-dino", "mm-grounding-dino")  # Deformable DETR's layout, its backbone in conv_encoder
+_HOOKED_CORE = ("deformable_detr", "rt_detr", "rf_detr", "lw_detr", *_GROUNDING)  # nn.Module `attn` inside the decoder module
 _CORE_ATTRIBUTE = ("d_fine", "deimv2")  # instance attribute `ms_deformable_attn_core` of the decoder module
 _LW_DETR_LIKE = ("rf_detr", "lw_detr")  # decoder layers' `cross_attn`; the others' `encoder_attn`
-_MASKED = ("deformable_detr", "rf_detr", "lw_detr")  # the models that downsample pixel_mask
+_MASKED = ("deformable_detr", "rf_detr", "lw_detr", *_GROUNDING)  # the models that downsample pixel_mask
 _AIFI_FAMILIES = ("rt_detr", "rt_detr_v2", "d_fine", "deimv2")
 _CORE_ARGS = ("value", "value_spatial_shapes", "value_spatial_shapes_list", "level_start_index",
               "sampling_locations", "attention_weights", "im2col_step")
@@ -78,29 +81,6 @@ def _version() -> str:
     import transformers
 
     return transformers.__version__
-
-
-def _first_conv_stride(module: nn.Module) -> int:
-    for child in module.modules():
-        if isinstance(child, nn.Conv2d):
-            return int(child.stride[0])
-    raise ValueError(f"no convolution found in the extra-level projection {type(module).__name__}")
-
-
-def _hf_backbone_strides(backbone: nn.Module) -> list[int]:
-    """Strides of an HF (non-timm) backbone's outputs, from its config (ResNet-like stem + stages)."""
-    config = backbone.config
-    if config.model_type not in ("resnet", "rt_detr_resnet"):
-        raise ValueError(
-            f"cannot derive feature strides of a {config.model_type!r} backbone; supported: timm backbones, "
-            "HF ResNet"
-        )
-    stride, strides = 4, {}  # stem: stride-2 convolution + stride-2 max pool
-    for index in range(len(config.depths)):
-        if index > 0 or getattr(config, "downsample_in_first_stage", False):
-            stride *= 2
-        strides[f"stage{index + 1}"] = stride
-    return [strides[name] for name in backbone.out_features]
 
 
 def _read_cells(locations: torch.Tensor, level_sizes, counts) -> torch.Tensor:
@@ -319,11 +299,12 @@ class SampledCapture:
                 raise ValueError(f"{self.family}: patch size {patch} over scale factors {scales} gives no whole strides")
             strides = [int(stride) for stride in strides]
             projections = []
-        elif self.family == "deformable_detr":
-            backbone = base.backbone.model
+        elif self.family in ("deformable_detr", *_GROUNDING):
+            grounding = self.family in _GROUNDING
+            backbone = base.backbone.conv_encoder.model if grounding else base.backbone.model
             info = getattr(backbone, "feature_info", None)
-            strides = [int(s) for s in info.reduction()] if info is not None else _hf_backbone_strides(backbone)
-            projections = list(base.input_proj)
+            strides = [int(s) for s in info.reduction()] if info is not None else hf_backbone_strides(backbone)
+            projections = list(base.input_proj_vision if grounding else base.input_proj)
         else:
             strides = [int(s) for s in config.feat_strides]
             projections = list(base.decoder_input_proj)
@@ -331,9 +312,9 @@ class SampledCapture:
         for level in range(sources, levels):
             # Deformable DETR chains its extra levels; the RT-DETR family feeds every extra
             # level from the last encoder output (DEIMv2: through an identity when the widths agree)
-            previous = strides[-1] if self.family == "deformable_detr" else strides[sources - 1]
+            previous = strides[-1] if self.family in ("deformable_detr", *_GROUNDING) else strides[sources - 1]
             projection = projections[level]
-            strides.append(previous * (1 if isinstance(projection, nn.Identity) else _first_conv_stride(projection)))
+            strides.append(previous * (1 if isinstance(projection, nn.Identity) else first_conv_stride(projection)))
         return tuple(strides[:levels])
 
     def _check_strides(self, level_sizes, strides, input_size) -> None:

@@ -75,7 +75,7 @@ class HFDetector(nn.Module):
         self._preprocess = preprocess
         queries = config.num_queries
         top_k = family.top_k if family.top_k is not None else queries
-        self._postprocess = (PostprocessRule.softmax_no_object() if family.postprocess == "softmax_no_object"
+        self._postprocess = (PostprocessRule(kind=family.postprocess) if family.postprocess != "sigmoid_topk"
                              else PostprocessRule.sigmoid_topk(top_k))
         self.folded_batch_norms = 0
 

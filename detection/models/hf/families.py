@@ -26,12 +26,14 @@ class Family:
     model_class: the transformers `*ForObjectDetection` class.
     processor_class: the image processor its Hub folders use (preprocessor_config.json's
         `image_processor_type` overrides it where present).
-    postprocess: "softmax_no_object" or "sigmoid_topk" (see PostprocessRule);
+    postprocess: "softmax_no_object", "sigmoid_topk" or "sigmoid_max" (see PostprocessRule);
         top_k: the processor's top-k for sigmoid families (None = the number of queries).
     attention: "dense" (cross-attention over one grid) or "sampled" (deformable points).
     takes_padding: the model reads pixel_mask, so a padded batch gives each image what it
         gets alone (within float tolerance); otherwise only equal-size batches are run.
     cpu_bf16: bf16 autocast on the CPU keeps fp32's top detections (measured, see README).
+    prompted: the classes are a text prompt's phrases (open-vocabulary detectors: the model is
+        loaded with a prompt, `detection.models.hf.prompted`), not config.json's id2label.
     """
 
     model_type: str
@@ -43,6 +45,7 @@ class Family:
     attention: Literal["dense", "sampled"]
     takes_padding: bool
     cpu_bf16: bool = False
+    prompted: bool = False
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -70,6 +73,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # padded image does not get what it gets alone: equal sizes only, as RF-DETR
     Family("lw_detr", "LW-DETR", "LwDetrForObjectDetection", "DeformableDetrImageProcessor",
            "sigmoid_topk", 100, "sampled", takes_padding=False),
+    # prompted (open-vocabulary): the queries are the image's patch tokens
+    Family("owlvit", "OWL-ViT", "OwlViTForObjectDetection", "OwlViTImageProcessor",
+           "sigmoid_max", None, "dense", takes_padding=False, prompted=True),
+    # prompted: the queries are the decoder's; a phrase's logit is the maximum of its tokens'
+    Family("grounding-dino", "Grounding DINO", "GroundingDinoForObjectDetection", "GroundingDinoImageProcessor",
+           "sigmoid_max", None, "sampled", takes_padding=True, prompted=True),
+    Family("mm-grounding-dino", "MM-Grounding-DINO", "MMGroundingDinoForObjectDetection",
+           "GroundingDinoImageProcessor", "sigmoid_max", None, "sampled", takes_padding=True, prompted=True),
 )}
 
 # model_type "detr" folders are converted into the native DETR (models/convert.py) instead.

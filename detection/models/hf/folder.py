@@ -19,6 +19,7 @@ from detection.models.hf.families import Family, family_of
 
 CONFIG_FILE = "config.json"
 PROCESSOR_FILE = "preprocessor_config.json"
+COMBINED_PROCESSOR_FILE = "processor_config.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 # PIL resample codes as transformers stores them (PILImageResampling)
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
@@ -105,11 +106,17 @@ def read_hf_folder(folder: str | os.PathLike) -> HFFolder:
     model_type = read_model_type(folder)
     family = family_of(model_type, str(config_path))
     config = read_json(config_path)
-    if not isinstance(config.get("id2label"), dict) or not config["id2label"]:
+    if not family.prompted and (not isinstance(config.get("id2label"), dict) or not config["id2label"]):
         raise HFFolderError(config_path, "field 'id2label' is missing or empty: class names are needed")
     weights = check_weights(folder)
     processor_path = folder / PROCESSOR_FILE
     processor = read_json(processor_path) if processor_path.is_file() else None
+    combined = folder / COMBINED_PROCESSOR_FILE
+    if processor is None and combined.is_file():  # transformers 5 saves a multimodal processor's parts in one file
+        processor = read_json(combined).get("image_processor")
+        if not isinstance(processor, dict):
+            raise HFFolderError(combined, "field 'image_processor' is missing or not an object")
+        processor_path = combined
     preprocess = processor_spec(processor, family, processor_path)
     return HFFolder(folder, config, family, weights, processor, preprocess)
 
@@ -123,7 +130,7 @@ def _processor_defaults(class_name: str, origin: Path) -> dict[str, Any]:
                                     f"image processor")
     return {key: getattr(cls, key, None) for key in (
         "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
-        "image_mean", "image_std", "do_pad", "pad_size")}
+        "image_mean", "image_std", "do_pad", "pad_size", "default_to_square")}
 
 
 def processor_spec(processor: dict[str, Any] | None, family: Family, origin: Path) -> PreprocessSpec:
@@ -175,6 +182,9 @@ def processor_spec(processor: dict[str, Any] | None, family: Family, origin: Pat
     size = values["size"] or {}
     if not values["do_resize"]:
         raise fail("do_resize", "false is not supported: every family resizes its inputs")
+    if isinstance(size, int) and not isinstance(size, bool):  # older folders (google/owlvit-*): transformers'
+        # get_size_dict makes an int a square where the processor defaults to squares
+        size = {"height": size, "width": size} if values["default_to_square"] else {"shortest_edge": size}
     if not isinstance(size, dict):
         raise fail("size", f"expected a dict, got {size!r}")
     keys = {k for k, v in size.items() if v is not None}

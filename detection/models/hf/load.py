@@ -4,12 +4,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from detection.models.hf.detector import HFDetector, HFDetectorConfig
 from detection.models.hf.folder import CONFIG_FILE, HFFolderError, read_hf_folder
+from detection.models.hf.prompted import build_prompted
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,8 @@ def warn_known_bad_checkpoint(hf_model: nn.Module, model_type: str, origin: str)
             "after that fix", origin, layers, len(hf_model.model.decoder.layers))
 
 
-def load_hf_detector(folder: str | os.PathLike, source: str | None = None) -> HFDetector:
+def load_hf_detector(folder: str | os.PathLike, source: str | None = None,
+                     prompt: Sequence[str] | None = None) -> HFDetector:
     """An HF detector folder -> HFDetector in eval mode (CPU).
 
     source: what run.json records as the weights' origin (default: the folder's path; the Hub
@@ -57,11 +60,19 @@ def load_hf_detector(folder: str | os.PathLike, source: str | None = None) -> HF
     "eager" (the attention captures read eager attention modules) and with
     use_pretrained_backbone off: every tensor comes from the folder, nothing is downloaded. A
     folder with a known conversion bug loads with a warning naming the fix (warn_known_bad_checkpoint).
+    prompt: the phrases of a prompted (open-vocabulary) family, required there and refused
+    elsewhere (ValueError); the folder's tokenizer files tokenize it (hf.prompted).
     """
     import transformers
 
     checked = read_hf_folder(folder)
     family = checked.family
+    if family.prompted and prompt is None:
+        raise ValueError(f"{checked.path}: {family.title} is an open-vocabulary detector: give the classes as a "
+                         'prompt (--prompt "cat. remote control." or --prompt-file FILE; prompt= in the API)')
+    if not family.prompted and prompt is not None:
+        raise ValueError(f"{checked.path}: a prompt applies to open-vocabulary detectors only; {family.title} "
+                         "has the fixed classes of its config.json")
     config = transformers.AutoConfig.from_pretrained(str(checked.path), local_files_only=True)
     if getattr(config, "use_pretrained_backbone", False):
         config.use_pretrained_backbone = False
@@ -83,6 +94,8 @@ def load_hf_detector(folder: str | os.PathLike, source: str | None = None) -> HF
         raise HFFolderError(checked.weights, f"does not match {checked.path / CONFIG_FILE} "
                                              f"({family.model_class}): " + "; ".join(problems))
     warn_known_bad_checkpoint(model, family.model_type, source or str(checked.path))
+    if family.prompted:
+        return build_prompted(model.eval(), family, checked, prompt, source or str(Path(checked.path).resolve()))
     id2label = {int(k): str(v) for k, v in checked.config["id2label"].items()}
     label_ids = sorted(id2label)
     num_queries = int(getattr(config, "num_queries", None) or getattr(config, "num_detection_tokens", 0))

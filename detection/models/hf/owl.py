@@ -1,0 +1,209 @@
+"""OWL-ViT behind the detector contract: a text prompt's phrases are the classes, the image's patch
+tokens are the queries, and the last vision layer's self-attention is the dense attention record.
+
+`OwlDetector` holds the tokenized prompt (one row per phrase) and runs transformers'
+`OwlViTForObjectDetection` as HF's processor + model do; `text_token_scores` attributes a
+detection's logit to the prompt's tokens (gradient x input on the token embeddings).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from detection.models.contract import PreprocessSpec
+from detection.models.hf.detector import HFDetector, image_sizes_from_mask
+from detection.models.hf.families import Family
+from detection.models.hf.prompt import PromptError, PromptedConfig, check_phrases
+from detection.models.outputs import AttentionGraph, AttentionRecord
+
+#: What a detection's query_index means for OWL (run.json's model_config records it).
+OWL_QUERY_MEANING = ("patch token: the vision encoder's patch (row-major over the patch grid, [CLS] "
+                     "excluded) whose box head predicted the box")
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """The tokenized prompt: input_ids / attention_mask (P, S), one row per phrase (padded to S);
+    layout: per phrase, (position, text) of its real tokens (no special or padding token);
+    limit: the text encoder's most tokens per phrase."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    layout: tuple[tuple[tuple[int, str], ...], ...]
+    limit: int
+
+
+def tokenize_prompt(tokenizer: Any, phrases: Sequence[str], limit: int, title: str) -> PromptTokens:
+    """Each phrase tokenized as HF's OwlViTProcessor does (padding to `limit`); PromptError naming
+    the limit when a phrase needs more tokens than the text encoder has positions."""
+    phrases = check_phrases(phrases)
+    for phrase in phrases:
+        count = len(tokenizer(phrase)["input_ids"])
+        if count > limit:
+            raise PromptError(f"the phrase {phrase!r} has {count} tokens; {title}'s text encoder takes at most "
+                              f"{limit} tokens per phrase (special tokens included): shorten it")
+    encoded = tokenizer(list(phrases), padding="max_length", max_length=limit, return_tensors="pt")
+    ids = encoded["input_ids"].to(torch.int64)
+    mask = encoded["attention_mask"].to(torch.int64)
+    special = set(tokenizer.all_special_ids)
+    layout = tuple(
+        tuple((position, tokenizer.decode([token]).strip())
+              for position, (token, real) in enumerate(zip(row.tolist(), row_mask.tolist()))
+              if real and token not in special)
+        for row, row_mask in zip(ids, mask))
+    return PromptTokens(ids, mask, layout, limit)
+
+
+class OwlDetector(HFDetector):
+    """OWL-ViT with a prompt, through the contract.
+
+    forward(images (B, 3, H, W) normalised, padding_mask None or all False): pred_logits
+    (B, P, C) for the P = h*w patch tokens and the C phrases (HF's logits: masked phrases at the
+    float minimum), pred_boxes (B, P, 4) cxcywh relative to the input (= the image: the processor
+    resizes to a fixed size). With cross_attention the record holds ONE layer, the last vision
+    layer's self-attention rows of the patch tokens over the patch tokens ((1, B, heads, P, h, w),
+    the [CLS] column left out, rows not renormalised), stride = the patch size.
+    """
+
+    gradient_capture = "graph"
+    #: the record holds one layer (the last vision layer): methods that propagate through every layer refuse
+    last_layer_attention_only = True
+
+    def __init__(self, hf_model: nn.Module, family: Family, preprocess: PreprocessSpec, config: PromptedConfig,
+                 prompt: PromptTokens, tokenizer: Any) -> None:
+        super().__init__(hf_model, family, preprocess, config)
+        self.tokenizer = tokenizer
+        self.register_buffer("input_ids", prompt.input_ids, persistent=False)
+        self.register_buffer("text_attention_mask", prompt.attention_mask, persistent=False)
+        self._layout = prompt.layout
+        self.token_limit = prompt.limit
+
+    # -- the HF modules read ----------------------------------------------------------------------
+    def _internal(self, path: str) -> nn.Module:
+        module: Any = self.hf_model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+            if module is None:
+                import transformers
+
+                raise RuntimeError(f"{self.family.title}: {type(self.hf_model).__name__} has no '{path}' with "
+                                   f"transformers {transformers.__version__}: the module this code reads was "
+                                   "renamed; the OWL support needs updating")
+        return module
+
+    def _base(self) -> str:
+        return self.family.model_type  # OwlViTForObjectDetection.owlvit, Owlv2ForObjectDetection.owlv2
+
+    def last_vision_attention(self) -> nn.Module:
+        layers = self._internal(f"{self._base()}.vision_model.encoder.layers")
+        return self._internal_of(layers[-1], "self_attn")
+
+    def token_embedding(self) -> nn.Module:
+        return self._internal(f"{self._base()}.text_model.embeddings.token_embedding")
+
+    def _internal_of(self, module: nn.Module, name: str) -> nn.Module:
+        found = getattr(module, name, None)
+        if found is None:
+            raise RuntimeError(f"{self.family.title}: {type(module).__name__} has no '{name}': the module this "
+                               "code reads was renamed; the OWL support needs updating")
+        return found
+
+    def prompt_layout(self) -> tuple[tuple[tuple[int, str], ...], ...]:
+        """Per phrase, (position in its token row, token text) of its real tokens."""
+        return self._layout
+
+    def patch_grid(self) -> tuple[int, int]:
+        vision = self.hf_model.config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        return side, side
+
+    # -- forward ----------------------------------------------------------------------------------
+    def text_inputs(self, batch: int) -> dict[str, torch.Tensor]:
+        """input_ids / attention_mask (batch * C, S): the prompt once per image, image-major (HF's layout)."""
+        return {"input_ids": self.input_ids.repeat(batch, 1), "attention_mask": self.text_attention_mask.repeat(batch, 1)}
+
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None, *,
+                cross_attention: bool = False, encoder_attention: bool = False,
+                decoder_self_attention: bool = False, keep_graph: bool = False) -> dict[str, Any]:
+        batch, _, height, width = images.shape
+        if padding_mask is None:
+            padding_mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
+        elif bool(padding_mask.any()):
+            raise ValueError(f"{self.family.title} takes no padding mask: run images of one input size per batch")
+        if encoder_attention or decoder_self_attention:
+            raise ValueError(f"{self.family.title} records the last vision layer's self-attention only (no encoder "
+                             "self-attention grids, no decoder self-attention)")
+        if keep_graph and not cross_attention:
+            raise ValueError("keep_graph keeps captured attention: ask for some (cross_attention=True)")
+        kwargs = {"pixel_values": images, **self.text_inputs(batch)}
+        if not cross_attention:
+            outputs = self.hf_model(**kwargs)
+            return {"pred_logits": outputs.logits, "pred_boxes": outputs.pred_boxes, "aux_outputs": [],
+                    "attention": None}
+        captured: list[torch.Tensor | None] = []
+
+        def take(_module: nn.Module, _args: tuple, output: Any) -> None:
+            captured.append(output[1] if isinstance(output, tuple) and len(output) > 1 else None)
+
+        handle = self.last_vision_attention().register_forward_hook(take)
+        try:
+            outputs = self.hf_model(**kwargs)
+        finally:
+            handle.remove()
+        weights = captured[-1] if captured else None
+        if weights is None:
+            raise RuntimeError(f"{self.family.title}: the last vision layer returned no attention weights (the model "
+                               "must run eager attention; load it with load_model)")
+        record = self._record(weights, (int(height), int(width)), padding_mask)
+        result = {"pred_logits": outputs.logits, "pred_boxes": outputs.pred_boxes, "aux_outputs": [],
+                  "attention": record}
+        if keep_graph:
+            result["attention_graph"] = AttentionGraph(tokens=(weights,), detection_tokens=int(weights.shape[-1]) - 1)
+        return result
+
+    def _record(self, weights: torch.Tensor, input_size: tuple[int, int], padding_mask: torch.Tensor) -> AttentionRecord:
+        """(B, heads, 1 + h*w, 1 + h*w) -> the one-layer dense record of the patch rows over the patches."""
+        grid_h, grid_w = self.patch_grid()
+        if weights.shape[-1] != 1 + grid_h * grid_w:
+            raise RuntimeError(f"{self.family.title}: last-layer attention over {weights.shape[-1]} tokens for a "
+                               f"{grid_h}x{grid_w} patch grid (+ [CLS]): the vision model changed")
+        rows = weights.detach()[:, :, 1:, 1:].to(torch.float32, copy=True)
+        cross = rows.reshape(1, *rows.shape[:3], grid_h, grid_w)
+        batch = weights.shape[0]
+        return AttentionRecord(
+            decoder_cross=cross,
+            feature_padding_mask=torch.zeros((batch, grid_h, grid_w), dtype=torch.bool, device=cross.device),
+            feature_stride=int(self.hf_model.config.vision_config.patch_size),
+            input_size=input_size, image_sizes=image_sizes_from_mask(padding_mask).to(cross.device))
+
+    def prompt_chunks(self, phrases: Sequence[str]) -> list[tuple[str, ...]]:
+        """One prompt: OWL encodes each phrase apart, so any number of phrases fits (each phrase is
+        checked against the per-phrase limit; PromptError names it)."""
+        phrases = check_phrases(phrases)
+        tokenize_prompt(self.tokenizer, phrases, self.token_limit, self.family.title)
+        return [phrases]
+
+    def with_prompt(self, phrases: Sequence[str]) -> "OwlDetector":
+        """The same weights with another prompt (the HF module is shared, not copied)."""
+        phrases = check_phrases(phrases)
+        prompt = tokenize_prompt(self.tokenizer, phrases, self.token_limit, self.family.title)
+        config = dataclasses.replace(self.config, prompt=phrases, class_names=phrases,
+                                     category_ids=tuple(range(len(phrases))))
+        return OwlDetector(self.hf_model, self.family, self.preprocess_spec, config, prompt, self.tokenizer)
+
+
+def build_owl_detector(hf_model: nn.Module, family: Family, preprocess: PreprocessSpec, tokenizer: Any,
+                       phrases: Sequence[str], name: str, source: str) -> OwlDetector:
+    """An OwlDetector for `phrases` (PromptError when empty or a phrase is beyond the text encoder's limit)."""
+    phrases = check_phrases(phrases)
+    limit = int(hf_model.config.text_config.max_position_embeddings)
+    prompt = tokenize_prompt(tokenizer, phrases, limit, family.title)
+    side = int(hf_model.config.vision_config.image_size) // int(hf_model.config.vision_config.patch_size)
+    config = PromptedConfig(name=name, model_type=family.model_type, class_names=phrases,
+                            category_ids=tuple(range(len(phrases))), num_queries=side * side, source=source,
+                            prompt=phrases, query_meaning=OWL_QUERY_MEANING)
+    return OwlDetector(hf_model.eval(), family, preprocess, config, prompt, tokenizer)

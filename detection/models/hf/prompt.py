@@ -1,0 +1,72 @@
+"""Text prompts of open-vocabulary detectors: one rule that splits a prompt into phrases, for every
+family, and the errors a bad prompt gets (empty, unreadable, beyond the text encoder's limit)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from detection.models.hf.detector import HFDetectorConfig
+
+PROMPT_EXAMPLE = '--prompt "cat. remote control."'
+
+
+@dataclass(frozen=True)
+class PromptedConfig(HFDetectorConfig):
+    """An HFDetectorConfig whose classes are a prompt's phrases: class_names[i] = prompt[i],
+    category_ids[i] = i (the phrase's index in the prompt). query_meaning: what query_index is."""
+
+    prompt: tuple[str, ...] = ()
+    query_meaning: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        values = super().to_dict()
+        values["prompt"] = list(self.prompt)
+        return values
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be used; the message says why (and names the file or the limit)."""
+
+
+def parse_prompt(text: str) -> tuple[str, ...]:
+    """'cat. remote control.' -> ('cat', 'remote control'): phrases separated by '.', each stripped
+    of surrounding white space, inner white space collapsed to one space, empty pieces dropped.
+    Raises PromptError when no phrase is left."""
+    phrases = tuple(" ".join(piece.split()) for piece in str(text).split("."))
+    phrases = tuple(phrase for phrase in phrases if phrase)
+    if not phrases:
+        raise PromptError(f"the prompt {text!r} has no phrase: give phrases separated by '.', e.g. {PROMPT_EXAMPLE}")
+    return phrases
+
+
+def read_prompt_file(path: str | os.PathLike) -> tuple[str, ...]:
+    """One phrase per line (blank lines skipped, white space collapsed; a '.' inside a line is kept
+    as part of the phrase). PromptError names the file when it cannot be read or holds no phrase."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PromptError(f"{path}: cannot read the prompt file ({exc})") from exc
+    phrases = tuple(" ".join(line.split()) for line in lines)
+    phrases = tuple(phrase for phrase in phrases if phrase)
+    if not phrases:
+        raise PromptError(f"{path}: the prompt file holds no phrase (one phrase per line)")
+    return phrases
+
+
+def check_phrases(phrases: Sequence[str]) -> tuple[str, ...]:
+    """A prompt given as phrases (the API's list): each a non-empty string; PromptError otherwise."""
+    if isinstance(phrases, str):
+        return parse_prompt(phrases)
+    cleaned = tuple(" ".join(str(phrase).split()) for phrase in phrases)
+    if not cleaned or not all(cleaned):
+        raise PromptError(f"the prompt {list(phrases)!r} has an empty phrase or none: give non-empty phrases, "
+                          f"e.g. {PROMPT_EXAMPLE}")
+    return cleaned
+
+
+def prompt_text(phrases: Sequence[str]) -> str:
+    """The prompt as one string, the form run.json records and parse_prompt reads back."""
+    return " ".join(f"{phrase}." for phrase in phrases)
