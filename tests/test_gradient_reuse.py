@@ -1,0 +1,138 @@
+"""Gradients reusing the inference pass (issue #23 item 6): the native DETR's gradient methods take
+the backbone-stage output of the inference pass (`AttentionRecord.transformer_inputs`), record a
+graph over the transformer and heads only, never run the backbone again and never copy the model;
+their maps equal those of the images path (whose values test_gradient_maps checks against
+autograd, finite differences and Chefer et al.'s rules)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from detection.attention.gradients import attn_grad_maps, relevance_maps
+from detection.attention.methods import Targets
+from detection.data.preprocess import image_to_input, pad_batch
+from detection.engine.explain import build_methods
+from detection.engine.fast import PreparedModels
+from detection.engine.predictor import Predictor, PredictorSettings
+from detection.models.registry import build_model
+
+QUERIES = [0, 3, 7]
+LABELS = [1, 2, 0]
+# the same relative tolerance as the maps' reference (fp32); measured: see test messages
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("detr-tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    images = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    mask[1, 64:, :] = True
+    mask[1, :, 96:] = True
+    images[1][:, mask[1]] = 0.0
+    return images, mask
+
+
+class _Counter:
+    """Counts forward calls of a module (a forward hook)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, *_args) -> None:
+        self.calls += 1
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_forward_is_encode_then_decode_exactly(model, batch):
+    images, mask = batch
+    with torch.no_grad():
+        whole = model(images, mask, cross_attention=True, keep_features=True)
+        parts = model.decode_features(model.encode_features(images, mask), cross_attention=True)
+    assert torch.equal(whole["pred_logits"], parts["pred_logits"])
+    assert torch.equal(whole["attention"].decoder_cross, parts["attention"].decoder_cross)
+    with pytest.raises(ValueError, match="record"):
+        model(images, mask, keep_features=True)
+
+
+@pytest.mark.parametrize("image_index", [0, 1])
+def test_features_path_equals_images_path_without_a_backbone_forward(model, batch, image_index):
+    images, mask = batch
+    with torch.inference_mode():  # as InferenceModel runs: inference tensors in the record
+        record = model(images, mask, cross_attention=True, keep_features=True)["attention"]
+    features = record.select_image(image_index).transformer_inputs
+    single = (images[image_index:image_index + 1], mask[image_index:image_index + 1])
+    expected = {"attn-grad": attn_grad_maps(model, *single, 0, QUERIES, LABELS, layers="mean"),
+                "relevance": relevance_maps(model, *single, 0, QUERIES, LABELS)}
+    counter = _Counter(model.backbone)
+    try:
+        got = {"attn-grad": attn_grad_maps(model, None, None, 0, QUERIES, LABELS, layers="mean", features=features),
+               "relevance": relevance_maps(model, None, None, 0, QUERIES, LABELS, features=features)}
+    finally:
+        counter.handle.remove()
+    assert counter.calls == 0
+    assert not any(p.grad is not None for p in model.parameters())
+    for name, maps in expected.items():
+        # image 1 is padded in the batch: its valid cells are the same, its grid the batch's
+        assert got[name].shape == maps.shape
+        assert _relative(got[name], maps) <= TOLERANCE, (name, image_index, _relative(got[name], maps))
+        print(f"{name} image {image_index}: max |features - images path| / peak = {_relative(got[name], maps):.2e}")
+
+
+def test_features_are_the_native_detrs(model, batch):
+    images, mask = batch
+    with torch.no_grad():
+        record = model(images, mask, cross_attention=True, keep_features=True)["attention"]
+    with pytest.raises(ValueError, match="image_index"):
+        attn_grad_maps(model, None, None, 2, QUERIES, LABELS, features=record.transformer_inputs)
+    with pytest.raises(ValueError, match="images"):
+        attn_grad_maps(model, None, None, 0, QUERIES, LABELS)
+
+
+def test_run_reuses_the_predictors_copy_and_pass(model, batch, monkeypatch):
+    """build_methods + Predictor as predict / eval wire them: the gradient methods differentiate
+    the predictor's prepared float32 copy (no copy of their own), take the record's features, and
+    run the backbone once per image in all (the predictor's pass); maps equal the images path."""
+    images, _ = batch
+    rgb = (images[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    copies = []
+    real_deepcopy = copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda obj, *a: copies.append(type(obj)) or real_deepcopy(obj, *a))
+    prepared = PreparedModels(model)
+    runner = build_methods(model, ["attn-grad", "relevance"], "cpu", prepared=prepared)
+    assert runner.needs_features
+    predictor = Predictor(model, PredictorSettings(score_threshold=0.0, keep_images=True,
+                                                   keep_features=runner.needs_features), prepared)
+    engine_model = prepared.get("cpu", "fp32").model
+    assert all(method.model is engine_model for method in runner.methods)
+    counter = _Counter(engine_model.backbone)
+    try:
+        detections, record = predictor.predict_arrays([rgb])
+        targets = Targets.from_detections(detections[0], range(3))
+        cells = runner.image_cell_maps(rgb, tuple(rgb.shape[:2]), record.select_image(0), targets)
+    finally:
+        counter.handle.remove()
+    assert counter.calls == 1  # the inference pass only
+    # one copy of the model in all: the prepared one, shared by the predictor and both methods
+    assert [kind for kind in copies if issubclass(kind, torch.nn.Module)] == [type(model)]
+    assert record.transformer_inputs is not None
+    model_input, pad = pad_batch([image_to_input(rgb, model.preprocess_spec)], model.preprocess_spec.size_divisibility)
+    queries, labels = targets.query_index, targets.labels
+    reference = {"attn-grad/last": attn_grad_maps(model, model_input, pad, 0, queries, labels),
+                 "relevance": relevance_maps(model, model_input, pad, 0, queries, labels)}
+    for name, expected in reference.items():
+        error = _relative(cells[name].values, expected)
+        assert error <= TOLERANCE, (name, error)
+        print(f"{name}: max |run - images path| / peak = {error:.2e}")
