@@ -136,3 +136,19 @@ def test_run_reuses_the_predictors_copy_and_pass(model, batch, monkeypatch):
         error = _relative(cells[name].values, expected)
         assert error <= TOLERANCE, (name, error)
         print(f"{name}: max |run - images path| / peak = {error:.2e}")
+
+
+def test_rules_batched_over_detections_equal_one_at_a_time():
+    """relevance applies Chefer et al.'s rules to every detection's Ā at once (batched products):
+    the same values as the rules applied per detection."""
+    from detection.attention.aggregate import decoder_rollout, self_relevance
+
+    generator = torch.Generator().manual_seed(3)
+    encoder = torch.rand(4, 2, 6, 6, generator=generator)  # (N detections, L_enc, K, K)
+    cross = torch.rand(4, 3, 5, 6, generator=generator)  # (N, L_dec, Q, K)
+    decoder_self = torch.rand(4, 3, 5, 5, generator=generator)
+    batched = decoder_rollout(cross, decoder_self, self_relevance(encoder))
+    for n in range(4):
+        single = decoder_rollout(cross[n], decoder_self[n], self_relevance(encoder[n]))
+        assert torch.allclose(batched[n], single, rtol=1e-6, atol=0)
+    assert torch.allclose(decoder_rollout(cross)[1], decoder_rollout(cross[1]), rtol=1e-6, atol=0)

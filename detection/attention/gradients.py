@@ -303,13 +303,10 @@ def relevance(
         flat = valid_flat_indices(record.feature_size, valid_h, valid_w).to(weighted["rows"].device)
         maps = weighted["rows"][:, 1 + flat]
     else:
-        maps = []
-        for n, query in enumerate(queries.tolist()):
-            encoder = weighted.get("encoder")
-            relevance_ii = self_relevance(encoder[n]) if encoder is not None else None
-            relevance_qi = decoder_rollout(weighted["cross"][n], weighted["decoder_self"][n], relevance_ii)
-            maps.append(relevance_qi[query])
-        maps = torch.stack(maps)
+        encoder = weighted.get("encoder")  # the rules' products batched over the detections
+        relevance_ii = self_relevance(encoder) if encoder is not None else None  # (N, K, K)
+        relevance_qi = decoder_rollout(weighted["cross"], weighted["decoder_self"], relevance_ii)  # (N, Q, K)
+        maps = relevance_qi[torch.arange(len(queries)), queries.to(relevance_qi.device)]
     return MethodMaps(maps.reshape(len(queries), valid_h, valid_w).float(), *_geometry(record, int(image_index)))
 
 
