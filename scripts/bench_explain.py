@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -100,12 +98,14 @@ def cpu() -> str:
 
 
 def batched_backward(model: torch.nn.Module, inputs: Any, targets: Targets) -> tuple[torch.Tensor, ...]:
-    """The cost floor of the gradient maps: the transformer + heads with a graph from the
-    features, and ONE backward of the targets' class logits (batched one-hot rows) to them."""
+    """The cost floor of relevance: the transformer + heads with a graph from the features (the
+    forward relevance records: explicit attention weights), and ONE backward of the targets'
+    class logits (batched one-hot rows) to the features, through every layer."""
     inputs = inputs.to("cpu", torch.float32, copy=True)
     inputs = dataclasses.replace(inputs, features=inputs.features.requires_grad_(True))
     with torch.enable_grad():
-        logits = model.decode_features(inputs)["pred_logits"][0]
+        logits = model.decode_features(inputs, cross_attention=True, encoder_attention=True,  # relevance's forward
+                                       decoder_self_attention=True)["pred_logits"][0]
         chosen = logits[targets.query_index, targets.labels]
         return torch.autograd.grad(chosen, inputs.features, torch.eye(len(chosen)), is_grads_batched=True)
 
@@ -125,16 +125,19 @@ def bench_gradient_bf16(model: torch.nn.Module, rgb: np.ndarray, targets: Target
     args = (0, targets.query_index, targets.labels)
     for name, fn in (("attn-grad/last", attn_grad_maps), ("relevance", relevance_maps)):
         reference = fn(model, None, None, *args, features=records["fp32"])
+        fp32_on_bf16 = fn(model, None, None, *args, features=records["bf16"])  # a bf16 run's default
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fn(engine, None, None, *args, features=records["bf16"])  # warm-up
             seconds, low = timed(lambda: fn(engine, None, None, *args, features=records["bf16"]), repeats)
-        flat_ref, flat_low = reference.flatten(1).double(), low.float().flatten(1).double()
-        norm_ref = flat_ref / flat_ref.amax(1, keepdim=True).clamp_min(1e-30)
-        norm_low = flat_low / flat_low.amax(1, keepdim=True).clamp_min(1e-30)
-        spearman = min(float(torch.corrcoef(torch.stack((_ranks(a), _ranks(b))))[0, 1])
-                       for a, b in zip(flat_ref, flat_low))
-        print(f"  {name + ' bf16 (autocast, bf16 features)':<52} {seconds:8.3f} s/img {cpu()}   max |normalised "
-              f"map difference| {float((norm_ref - norm_low).abs().max()):.4f}, min Spearman {spearman:.4f}")
+        for label, maps in (("fp32 on a bf16 pass's features", fp32_on_bf16), ("bf16 autocast, bf16 features", low)):
+            flat_ref, flat_low = reference.flatten(1).double(), maps.float().flatten(1).double()
+            norm_ref = flat_ref / flat_ref.amax(1, keepdim=True).clamp_min(1e-30)
+            norm_low = flat_low / flat_low.amax(1, keepdim=True).clamp_min(1e-30)
+            spearman = min(float(torch.corrcoef(torch.stack((_ranks(a), _ranks(b))))[0, 1])
+                           for a, b in zip(flat_ref, flat_low))
+            timing = f"{seconds:8.3f} s/img {cpu()}" if label.startswith("bf16") else " " * 32
+            print(f"  {f'{name} {label}':<52} {timing}   max |normalised map difference| "
+                  f"{float((norm_ref - norm_low).abs().max()):.4f}, min Spearman {spearman:.4f}")
 
 
 def bench_model(name: str, model: torch.nn.Module, masks: int, detections: int, repeats: int,

@@ -34,11 +34,13 @@ class TransformerInputs:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None,
            copy: bool = False) -> "TransformerInputs":
-        """The inputs on `device` (features and position in `dtype` when given). copy: new tensors
-        even where nothing changes, so that inference-mode tensors (`InferenceModel`'s pass)
-        become ordinary tensors autograd may save for backward."""
+        """The inputs on `device` (features and position in `dtype` when given), contiguous (a
+        channels_last backbone's features are NHWC-strided). copy: new tensors even where nothing
+        changes, so that inference-mode tensors (`InferenceModel`'s pass) become ordinary tensors
+        autograd may save for backward."""
         def moved(tensor: torch.Tensor, cast: bool) -> torch.Tensor:
-            return tensor.to(device, dtype=dtype if cast and dtype is not None else tensor.dtype, copy=copy)
+            return tensor.to(device, dtype=dtype if cast and dtype is not None else tensor.dtype, copy=copy,
+                             memory_format=torch.contiguous_format)
         return dataclasses.replace(self, features=moved(self.features, True),
                                    feature_padding_mask=moved(self.feature_padding_mask, False),
                                    position=moved(self.position, True), image_sizes=moved(self.image_sizes, False))
