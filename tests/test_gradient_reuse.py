@@ -6,6 +6,7 @@ autograd, finite differences and Chefer et al.'s rules)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -152,3 +153,31 @@ def test_rules_batched_over_detections_equal_one_at_a_time():
         single = decoder_rollout(cross[n], decoder_self[n], self_relevance(encoder[n]))
         assert torch.allclose(batched[n], single, rtol=1e-6, atol=0)
     assert torch.allclose(decoder_rollout(cross)[1], decoder_rollout(cross[1]), rtol=1e-6, atol=0)
+
+
+def test_a_bf16_pass_s_features_are_not_reused(model, batch):
+    """The gradient maps stay the float32 maps after a bf16 inference pass: its features are
+    neither kept by the predictor nor taken by the methods (the backbone runs again in fp32)."""
+    images, _ = batch
+    rgb = (images[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    prepared = PreparedModels(model)
+    runner = build_methods(model, ["attn-grad"], "cpu", prepared=prepared)
+    predictor = Predictor(model, PredictorSettings(precision="bf16", score_threshold=0.0, keep_images=True,
+                                                   cross_attention=True, keep_features=True), prepared)
+    detections, record = predictor.predict_arrays([rgb])
+    assert record.transformer_inputs is None
+    with torch.no_grad():
+        low = model(images[:1], None, cross_attention=True, keep_features=True)["attention"]
+    inputs = low.transformer_inputs
+    low = dataclasses.replace(low, transformer_inputs=dataclasses.replace(inputs, features=inputs.features.bfloat16()))
+    targets = Targets.from_detections(detections[0], range(2))
+    engine_model = prepared.get("cpu", "fp32").model
+    counter = _Counter(engine_model.backbone)
+    try:
+        cells = runner.image_cell_maps(rgb, tuple(rgb.shape[:2]), low, targets)
+    finally:
+        counter.handle.remove()
+    assert counter.calls == 1  # the backbone ran again, in float32
+    model_input, pad = pad_batch([image_to_input(rgb, model.preprocess_spec)], model.preprocess_spec.size_divisibility)
+    expected = attn_grad_maps(model, model_input, pad, 0, targets.query_index, targets.labels)
+    assert _relative(cells["attn-grad/last"].values, expected) <= TOLERANCE

@@ -63,7 +63,8 @@ class PredictorSettings:
         of every layer and head; `rollout=True` adds decoder and encoder self-attention.
     keep_images: also return the decoded RGB image.
     keep_features: the records also carry the native DETR's backbone-stage output
-        (`AttentionRecord.transformer_inputs`), which the gradient methods reuse (implies a record).
+        (`AttentionRecord.transformer_inputs`), which the gradient methods reuse (implies a record;
+        float32 passes only: the gradient maps do not reuse a bf16 / fp16 pass's features).
     display: also return the display images (`engine.display.DisplaySpec`: the overlay base, the
         viewer's JPEG), made in the decoding workers.
     last_layer_only: keep only the last decoder layer in the returned records (L = 1).
@@ -121,7 +122,7 @@ class Predictor:
         self.batch_size = int(settings.batch_size)
         self.num_workers = int(settings.num_workers)
         self.score_threshold = float(settings.score_threshold)
-        self.keep_features = bool(settings.keep_features)
+        self.keep_features = bool(settings.keep_features) and self.precision == "fp32"
         self.cross_attention = bool(settings.cross_attention or settings.rollout or self.keep_features)
         self.rollout = bool(settings.rollout)
         self.batching = settings.batching

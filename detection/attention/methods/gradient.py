@@ -15,9 +15,13 @@ from detection.attention.methods.base import (ExplanationMethod, ImageInput, Met
 
 def _model_inputs(model: torch.nn.Module, image: ImageInput) -> dict[str, Any]:
     """The gradient functions' inputs: the inference pass's backbone-stage output when its record
-    carries one (native DETR: the backbone is not run again), else the image's model input."""
+    carries one from a float32 pass (native DETR: the backbone is not run again), else the image's
+    model input (the backbone runs again in float32, without a graph). A bf16 / fp16 pass's
+    features are not reused: the maps stay the float32 maps (on those features they would move by
+    up to 0.14 of their peak on the demo model: scripts/bench_explain.py --gradient-bf16)."""
     features = None if image.attention is None else image.attention.transformer_inputs
-    if features is not None and getattr(model, "gradient_capture", None) == "hooks":
+    if (features is not None and features.features.dtype == torch.float32
+            and getattr(model, "gradient_capture", None) == "hooks"):
         return {"images": None, "padding_mask": None, "features": features}
     if image.images is None or image.padding_mask is None:
         raise ValueError("gradient methods need the image's model input (ImageInput.images)")
