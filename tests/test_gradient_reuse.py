@@ -181,3 +181,27 @@ def test_a_bf16_pass_s_features_are_not_reused(model, batch):
     model_input, pad = pad_batch([image_to_input(rgb, model.preprocess_spec)], model.preprocess_spec.size_divisibility)
     expected = attn_grad_maps(model, model_input, pad, 0, targets.query_index, targets.labels)
     assert _relative(cells["attn-grad/last"].values, expected) <= TOLERANCE
+
+
+def test_demo_model_maps_through_the_run_equal_todays():
+    """The shipped demo model, as predict / eval run it (fp32): the gradient maps from the reused
+    features on the prepared copy equal the images path on the model itself within 1e-5 of the peak."""
+    from detection.data.images import load_image
+    from detection.models.registry import load_model
+
+    demo = load_model("demo").eval()
+    rgb = load_image("demo/images/shapes_1.png").rgb
+    prepared = PreparedModels(demo)
+    runner = build_methods(demo, ["attn-grad", "relevance"], "cpu", prepared=prepared)
+    predictor = Predictor(demo, PredictorSettings(score_threshold=0.0, keep_images=True, keep_features=True), prepared)
+    detections, record = predictor.predict_arrays([rgb])
+    targets = Targets.from_detections(detections[0], torch.argsort(detections[0].scores, descending=True)[:5].tolist())
+    cells = runner.image_cell_maps(rgb, tuple(rgb.shape[:2]), record.select_image(0), targets)
+    spec = demo.preprocess_spec
+    model_input, pad = pad_batch([image_to_input(rgb, spec)], spec.size_divisibility)
+    reference = {"attn-grad/last": attn_grad_maps(demo, model_input, pad, 0, targets.query_index, targets.labels),
+                 "relevance": relevance_maps(demo, model_input, pad, 0, targets.query_index, targets.labels)}
+    for name, expected in reference.items():
+        error = _relative(cells[name].values, expected)
+        assert error <= TOLERANCE, (name, error)
+        print(f"demo {name}: max |run - images path| / peak = {error:.2e}")
