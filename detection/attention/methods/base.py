@@ -98,7 +98,8 @@ class MethodOptions:
 class MethodContext:
     """What a method is built for: the detector, the device, the run's prepared inference model at
     a precision (`forward_at(precision)`, shared with the predictor: prepared once per run), and
-    one graph-recording float32 copy shared by every gradient method (`gradient_model()`)."""
+    the float32 model every gradient method differentiates (`gradient_model()`: the native DETR's
+    prepared fp32 copy, other families' own float32 copy)."""
 
     model: Any
     device: torch.device
