@@ -90,9 +90,10 @@ def reduce_layers(attention: torch.Tensor, layers: LayerChoice = "last", dim: in
     raise ValueError(f"layers must be 'last', 'mean', 'rollout' or an int layer index, got {layers!r}")
 
 
-def _check_square_stack(attention: torch.Tensor, name: str) -> None:
-    if attention.ndim != 3 or attention.shape[-1] != attention.shape[-2]:
-        raise ValueError(f"{name} must be (L, N, N) head-aggregated attention, got {tuple(attention.shape)}")
+def _check_square_stack(attention: torch.Tensor, name: str, batched: bool = False) -> None:
+    if attention.ndim != 3 + int(batched) or attention.shape[-1] != attention.shape[-2]:
+        shape = "(B, L, N, N)" if batched else "(L, N, N)"
+        raise ValueError(f"{name} must be {shape} head-aggregated attention, got {tuple(attention.shape)}")
 
 
 def encoder_rollout(self_attention: torch.Tensor) -> torch.Tensor:
@@ -112,11 +113,12 @@ def encoder_rollout(self_attention: torch.Tensor) -> torch.Tensor:
 
 
 def self_relevance(self_attention: torch.Tensor) -> torch.Tensor:
-    """Chefer et al. rule 6 for a self-attention stack (L, N, N): R = I; R += Ā_l · R per layer."""
-    _check_square_stack(self_attention, "self_attention")
+    """Chefer et al. rule 6 for a self-attention stack (L, N, N): R = I; R += Ā_l · R per layer.
+    A batch of stacks (B, L, N, N) (e.g. one per explained detection) -> (B, N, N), batched products."""
+    _check_square_stack(self_attention, "self_attention", batched=self_attention.ndim == 4)
     attention = self_attention.double()
     relevance = torch.eye(attention.shape[-1], dtype=attention.dtype, device=attention.device)
-    for layer in attention:
+    for layer in attention.unbind(-3):
         relevance = relevance + layer @ relevance
     return relevance.to(self_attention.dtype)
 
@@ -156,32 +158,35 @@ def decoder_rollout(
     cross_attention: (L, Q, K) head-aggregated decoder cross-attention, valid cells only.
     decoder_self_attention: optional (L, Q, Q) head-aggregated decoder self-attention.
     encoder_relevance: optional (K, K) R_ii (e.g. `self_relevance(encoder attention)`); I if None.
-    Returns (Q, K), same dtype as `cross_attention` (computed in float64).
+    Returns (Q, K), same dtype as `cross_attention` (computed in float64). A batch (e.g. one per
+    explained detection): (B, L, Q, K), (B, L, Q, Q), (B, K, K) -> (B, Q, K), batched products.
     """
-    if cross_attention.ndim != 3:
-        raise ValueError(f"cross_attention must be (L, Q, K), got {tuple(cross_attention.shape)}")
-    layers, queries, cells = cross_attention.shape
+    batched = cross_attention.ndim == 4
+    if cross_attention.ndim not in (3, 4):
+        raise ValueError(f"cross_attention must be (L, Q, K) or (B, L, Q, K), got {tuple(cross_attention.shape)}")
+    *batch, layers, queries, cells = cross_attention.shape
     cross = cross_attention.double()
     if decoder_self_attention is not None:
-        _check_square_stack(decoder_self_attention, "decoder_self_attention")
-        if tuple(decoder_self_attention.shape) != (layers, queries, queries):
+        _check_square_stack(decoder_self_attention, "decoder_self_attention", batched)
+        if tuple(decoder_self_attention.shape) != (*batch, layers, queries, queries):
             raise ValueError(
                 f"decoder_self_attention {tuple(decoder_self_attention.shape)} does not match "
                 f"cross_attention (L={layers}, Q={queries})"
             )
-    if encoder_relevance is not None and tuple(encoder_relevance.shape) != (cells, cells):
-        raise ValueError(f"encoder_relevance must be ({cells}, {cells}), got {tuple(encoder_relevance.shape)}")
+    if encoder_relevance is not None and tuple(encoder_relevance.shape) != (*batch, cells, cells):
+        raise ValueError(f"encoder_relevance must be {(*batch, cells, cells)}, got {tuple(encoder_relevance.shape)}")
     eye_cells = torch.eye(cells, dtype=torch.float64, device=cross.device)
     relevance_ii = eye_cells if encoder_relevance is None else encoder_relevance.double()
     relevance_ii_bar = residual_normalized(relevance_ii)
     relevance_qq = torch.eye(queries, dtype=torch.float64, device=cross.device)
-    relevance_qi = torch.zeros((queries, cells), dtype=torch.float64, device=cross.device)
+    relevance_qi = torch.zeros((*batch, queries, cells), dtype=torch.float64, device=cross.device)
     for layer in range(layers):
         if decoder_self_attention is not None:
-            self_layer = decoder_self_attention[layer].double()
+            self_layer = decoder_self_attention[..., layer, :, :].double()
             relevance_qq = relevance_qq + self_layer @ relevance_qq
             relevance_qi = relevance_qi + self_layer @ relevance_qi
-        relevance_qi = relevance_qi + residual_normalized(relevance_qq).T @ cross[layer] @ relevance_ii_bar
+        relevance_qi = relevance_qi + (residual_normalized(relevance_qq).transpose(-1, -2) @ cross[..., layer, :, :]
+                                       @ relevance_ii_bar)
     return relevance_qi.to(cross_attention.dtype)
 
 

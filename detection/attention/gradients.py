@@ -28,6 +28,8 @@ averaged over heads -- the splat is linear, so this is E_h of the per-head gradi
 
 How the gradients are taken. Native DETR: the model's attention modules return the softmax
 weights they multiply the values with; forward hooks on those modules capture these very tensors.
+The graph is recorded over the transformer and heads only (`DETR.decode_features`): the backbone
+stage runs without one, or not at all when the inference pass hands over its `TransformerInputs`.
 HF detectors: `forward(..., keep_graph=True)` returns them as an `AttentionGraph`
 (`detection.models.hf.capture_*`). The record of the same forward gives the geometry (valid
 cells, stride, input size). All targets of one image share ONE forward pass and one batched
@@ -42,8 +44,7 @@ relevance: every encoder self-attention, (h·w)² per head; YOLOS: (tokens)² pe
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -51,9 +52,11 @@ from torch import nn
 from detection.attention.aggregate import (ROLLOUT_LAYERS, LayerChoice, decoder_rollout, reduce_layers, self_relevance,
                                            self_relevance_rows)
 from detection.attention.cell_maps import MethodMaps
+from detection.attention.gradient_graph import hf_graph, native_graph
 from detection.attention.maps import valid_feature_size, valid_flat_indices
 from detection.attention.sampled import sampled_cell_maps
 from detection.models.outputs import AttentionRecord, SampledAttention
+from detection.models.transformer_inputs import TransformerInputs
 
 # Batched gradient values held at once (float32: 1 GiB); more targets than fit go in chunks.
 _GRADIENT_VALUES = 1 << 28
@@ -61,78 +64,11 @@ _GRADIENT_VALUES = 1 << 28
 Reducer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@contextmanager
-def _captured_attention(modules: Sequence[nn.Module]) -> Iterator[list[list[torch.Tensor]]]:
-    """Collect, per module, the attention weights (second output) each forward call returns."""
-    captured: list[list[torch.Tensor]] = [[] for _ in modules]
-    handles = []
-    for slot, module in zip(captured, modules):
-        def hook(_module: nn.Module, _inputs: object, output: tuple, slot: list = slot) -> None:
-            if output[1] is not None:
-                slot.append(output[1])
-        handles.append(module.register_forward_hook(hook))
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _as_index_tensor(values: torch.Tensor | Sequence[int], name: str) -> torch.Tensor:
     index = torch.as_tensor(values, dtype=torch.int64).reshape(-1)
     if index.numel() == 0:
         raise ValueError(f"{name} is empty: no detection to explain")
     return index
-
-
-def _native_graph(model: nn.Module, images: torch.Tensor, padding_mask: torch.Tensor | None,
-                  with_self_attention: bool) -> tuple[dict[str, Any], list[str], list[torch.Tensor]]:
-    """Native DETR: forward with hooks -> (outputs, kind per tensor, weights (B, heads, Lq, Lk))."""
-    transformer = model.transformer
-    kinds = {"cross": [layer.multihead_attn for layer in transformer.decoder.layers]}
-    if with_self_attention:
-        kinds["decoder_self"] = [layer.self_attn for layer in transformer.decoder.layers]
-        kinds["encoder"] = [layer.self_attn for layer in transformer.encoder.layers]
-    names = [name for name, modules in kinds.items() for _ in modules]
-    modules = [module for group in kinds.values() for module in group]
-    with torch.enable_grad(), _parameters_in_graph(model), _captured_attention(modules) as captured:
-        out = model(images, padding_mask, cross_attention=True, encoder_attention=with_self_attention,
-                    decoder_self_attention=with_self_attention)
-    return out, names, [slot[0] for slot in captured]  # one call per module
-
-
-@contextmanager
-def _parameters_in_graph(model: nn.Module) -> Iterator[None]:
-    """Parameters that require no grad (a prepared inference copy, `prepare_for_inference`: BN
-    folded, channels_last, bf16) require it for the forward, so every attention -- also the first
-    decoder self-attention, a function of parameters only -- lies on an autograd path. Only the
-    attention tensors' gradients are asked for (`autograd.grad`): no parameter gets a .grad."""
-    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
-    for parameter in frozen:
-        parameter.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for parameter in frozen:
-            parameter.requires_grad_(False)
-
-
-def _hf_graph(model: nn.Module, images: torch.Tensor, padding_mask: torch.Tensor | None,
-              with_self_attention: bool) -> tuple[dict[str, Any], list[str], list[torch.Tensor], int]:
-    """HF detector: forward keeping the graph -> (outputs, kind per tensor, tensors, detection tokens).
-
-    The graph holds every attention of a dense model whatever the record holds, so the record
-    is asked for the cross-attention only (its geometry is all that is read of it)."""
-    with torch.enable_grad(), _parameters_in_graph(model):
-        out = model(images, padding_mask, cross_attention=True, keep_graph=True)
-    graph = out["attention_graph"]
-    if graph.tokens:
-        return out, ["tokens"] * len(graph.tokens), list(graph.tokens), graph.detection_tokens
-    groups = {"cross": graph.cross}
-    if with_self_attention:
-        groups.update(decoder_self=graph.decoder_self, encoder=graph.encoder)
-    names = [name for name, tensors in groups.items() for _ in tensors]
-    return out, names, [tensor for tensors in groups.values() for tensor in tensors], 0
 
 
 def _class_targets(model: nn.Module, logits: torch.Tensor, queries: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -210,6 +146,7 @@ def _gradient_weighted(
     with_self_attention: bool,
     finish: Callable[[dict[str, torch.Tensor], torch.Tensor, AttentionRecord], dict[str, torch.Tensor]] | None = None,
     cross_layer: LayerChoice | None = None,
+    features: TransformerInputs | None = None,
 ) -> tuple[dict[str, torch.Tensor], AttentionRecord, torch.Tensor]:
     """One forward, one batched backward -> gradient-weighted attention of image `image_index`.
 
@@ -221,7 +158,8 @@ def _gradient_weighted(
     chunk's result into the result kept (default: kept as is), so that big Ā need not outlive a chunk.
     cross_layer: without self-attention, a layer choice other than "mean" ("last", an index) takes
     the gradient of that cross-attention layer only ("cross" then holds L = 1): the backward stops
-    there instead of running through every layer.
+    there instead of running through every layer. features: the native DETR's inference-pass
+    `TransformerInputs` of the batch (`images` may then be None): the backbone is not run again.
     """
     if model.training:
         raise ValueError("put the model in eval mode (dropout would change the attention)")
@@ -229,15 +167,20 @@ def _gradient_weighted(
     classes = _as_index_tensor(labels, "labels")
     if queries.shape != classes.shape:
         raise ValueError(f"{len(queries)} query indices but {len(classes)} labels")
-    if not 0 <= int(image_index) < images.shape[0]:
-        raise ValueError(f"image_index {image_index} out of range for a batch of {images.shape[0]}")
+    capture = getattr(model, "gradient_capture", None)
+    if features is not None and capture != "hooks":
+        raise ValueError("features (TransformerInputs) are the native DETR's; this model takes images")
+    if features is None and images is None:
+        raise ValueError("give the images (or, for the native DETR, the inference pass's features)")
+    batch = int(features.features.shape[0] if features is not None else images.shape[0])
+    if not 0 <= int(image_index) < batch:
+        raise ValueError(f"image_index {image_index} out of range for a batch of {batch}")
     image_index = int(image_index)
     detections = 0
-    capture = getattr(model, "gradient_capture", None)
     if capture == "hooks":
-        out, names, tensors = _native_graph(model, images, padding_mask, with_self_attention)
+        out, names, tensors = native_graph(model, images, padding_mask, with_self_attention, features)
     elif capture == "graph":
-        out, names, tensors, detections = _hf_graph(model, images, padding_mask, with_self_attention)
+        out, names, tensors, detections = hf_graph(model, images, padding_mask, with_self_attention)
     else:
         raise ValueError("gradient explanations need the native DETR (a model with .transformer) or a wrapped "
                          "Hugging Face detector (forward(..., keep_graph=True))")
@@ -288,6 +231,7 @@ def attn_grad(
     query_index: torch.Tensor | Sequence[int],
     labels: torch.Tensor | Sequence[int],
     layers: LayerChoice = "last",
+    features: TransformerInputs | None = None,
 ) -> MethodMaps:
     """Gradient-weighted decoder cross-attention of each detection: values (N, hv, wv) float32, >= 0.
 
@@ -296,11 +240,14 @@ def attn_grad(
     Map n = row query_index[n] of E_h[(∇A ⊙ A)⁺] for the cross-attention A of the chosen layer
     ("last", "mean" over layers, or an index), ∇ of the class logit labels[n] at that query.
     Sampled (deformable) attention: the per-point products of that query, splatted (module docstring).
+    features: the native DETR's inference-pass `TransformerInputs` (then `images` may be None and
+    the backbone is not run again).
     """
     if layers == ROLLOUT_LAYERS:
         raise ValueError("layers='rollout' is relevance_maps; attn_grad_maps takes 'last', 'mean' or an index")
     weighted, record, queries = _gradient_weighted(
-        model, images, padding_mask, image_index, query_index, labels, with_self_attention=False, cross_layer=layers)
+        model, images, padding_mask, image_index, query_index, labels, with_self_attention=False, cross_layer=layers,
+        features=features)
     valid_h, valid_w = valid_feature_size(record.feature_padding_mask[int(image_index)])
     computed = "mean" if layers == "mean" else "last"  # a single chosen layer is all that was computed
     if record.kind == "sampled":
@@ -323,6 +270,7 @@ def relevance(
     image_index: int,
     query_index: torch.Tensor | Sequence[int],
     labels: torch.Tensor | Sequence[int],
+    features: TransformerInputs | None = None,
 ) -> MethodMaps:
     """Chefer et al. (ICCV 2021) relevance of each detection over the valid cells: (N, hv, wv).
 
@@ -331,7 +279,7 @@ def relevance(
     R_qi = `decoder_rollout`(Ā_cross, Ā_self, R_ii) (see `detection.attention.aggregate` for the
     rules); map n = row query_index[n] of its R_qi. ViT detectors (YOLOS): R = I, R += Ā·R per
     layer over all tokens; map n = R's row of detection token query_index[n] over the patches.
-    Float32, >= 0. Dense attention only (ValueError for deformable families).
+    Float32, >= 0. Dense attention only (ValueError for deformable families). features: as `attn_grad`.
     """
     family = getattr(model, "family", None)
     if family is not None and getattr(family, "attention", "dense") != "dense":
@@ -348,19 +296,17 @@ def relevance(
         return {"rows": torch.stack(rows)}  # (n, T)
 
     weighted, record, queries = _gradient_weighted(
-        model, images, padding_mask, image_index, query_index, labels, with_self_attention=True, finish=tokens_rows)
+        model, images, padding_mask, image_index, query_index, labels, with_self_attention=True, finish=tokens_rows,
+        features=features)
     valid_h, valid_w = valid_feature_size(record.feature_padding_mask[int(image_index)])
     if "rows" in weighted:  # YOLOS: patch tokens 1 .. h·w, row-major
         flat = valid_flat_indices(record.feature_size, valid_h, valid_w).to(weighted["rows"].device)
         maps = weighted["rows"][:, 1 + flat]
     else:
-        maps = []
-        for n, query in enumerate(queries.tolist()):
-            encoder = weighted.get("encoder")
-            relevance_ii = self_relevance(encoder[n]) if encoder is not None else None
-            relevance_qi = decoder_rollout(weighted["cross"][n], weighted["decoder_self"][n], relevance_ii)
-            maps.append(relevance_qi[query])
-        maps = torch.stack(maps)
+        encoder = weighted.get("encoder")  # the rules' products batched over the detections
+        relevance_ii = self_relevance(encoder) if encoder is not None else None  # (N, K, K)
+        relevance_qi = decoder_rollout(weighted["cross"], weighted["decoder_self"], relevance_ii)  # (N, Q, K)
+        maps = relevance_qi[torch.arange(len(queries)), queries.to(relevance_qi.device)]
     return MethodMaps(maps.reshape(len(queries), valid_h, valid_w).float(), *_geometry(record, int(image_index)))
 
 
@@ -372,9 +318,10 @@ def attn_grad_maps(
     query_index: torch.Tensor | Sequence[int],
     labels: torch.Tensor | Sequence[int],
     layers: LayerChoice = "last",
+    features: TransformerInputs | None = None,
 ) -> torch.Tensor:
     """`attn_grad`'s values: (N, hv, wv) float32, >= 0."""
-    return attn_grad(model, images, padding_mask, image_index, query_index, labels, layers).values
+    return attn_grad(model, images, padding_mask, image_index, query_index, labels, layers, features).values
 
 
 def relevance_maps(
@@ -384,8 +331,9 @@ def relevance_maps(
     image_index: int,
     query_index: torch.Tensor | Sequence[int],
     labels: torch.Tensor | Sequence[int],
+    features: TransformerInputs | None = None,
 ) -> torch.Tensor:
     """`relevance`'s values: (N, hv, wv) float32, >= 0."""
-    return relevance(model, images, padding_mask, image_index, query_index, labels).values
+    return relevance(model, images, padding_mask, image_index, query_index, labels, features).values
 
 

@@ -48,6 +48,11 @@ class MethodRunner:
     def needs_input(self) -> bool:
         return any(m.needs_input for m in self.methods)
 
+    @property
+    def needs_features(self) -> bool:
+        """The inference pass should keep the backbone-stage output (`PredictorSettings.keep_features`)."""
+        return any(m.needs_features for m in self.methods)
+
     def choices(self) -> list[str]:
         return [choice for method in self.methods for choice in method.choices()]
 

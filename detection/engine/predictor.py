@@ -62,6 +62,9 @@ class PredictorSettings:
     cross_attention: also return each image's AttentionRecord with the decoder cross-attention
         of every layer and head; `rollout=True` adds decoder and encoder self-attention.
     keep_images: also return the decoded RGB image.
+    keep_features: the records also carry the native DETR's backbone-stage output
+        (`AttentionRecord.transformer_inputs`), which the gradient methods reuse (implies a record;
+        float32 passes only: the gradient maps do not reuse a bf16 / fp16 pass's features).
     display: also return the display images (`engine.display.DisplaySpec`: the overlay base, the
         viewer's JPEG), made in the decoding workers.
     last_layer_only: keep only the last decoder layer in the returned records (L = 1).
@@ -77,6 +80,7 @@ class PredictorSettings:
     cross_attention: bool = False
     batching: str = "exact"
     keep_images: bool = False
+    keep_features: bool = False
     rollout: bool = False
     fold_bn: bool = True
     channels_last: bool = True
@@ -118,7 +122,8 @@ class Predictor:
         self.batch_size = int(settings.batch_size)
         self.num_workers = int(settings.num_workers)
         self.score_threshold = float(settings.score_threshold)
-        self.cross_attention = bool(settings.cross_attention or settings.rollout)
+        self.keep_features = bool(settings.keep_features) and self.precision == "fp32"
+        self.cross_attention = bool(settings.cross_attention or settings.rollout or self.keep_features)
         self.rollout = bool(settings.rollout)
         self.batching = settings.batching
         self.keep_images = settings.keep_images
@@ -185,7 +190,8 @@ class Predictor:
         start = time.perf_counter()
         try:
             outputs = self.engine(batch, mask, cross_attention=self.cross_attention,
-                                  decoder_self_attention=self.rollout, encoder_attention=self.rollout)
+                                  decoder_self_attention=self.rollout, encoder_attention=self.rollout,
+                                  **({"keep_features": True} if self.keep_features else {}))
         except Exception as error:  # noqa: BLE001 - the model's own code failed: say where, per image
             raise ModelRunError(describe_failure(error, tuple(batch.shape[-2:]))) from error
         detections = postprocess(outputs, torch.tensor(original_sizes), self.config.class_names,

@@ -158,6 +158,7 @@ def run_model(
         num_workers=options.num_workers, score_threshold=options.score_threshold,
         cross_attention=runner is not None and runner.needs_attention,
         rollout=runner is not None and runner.needs_self_attention,
+        keep_features=runner is not None and runner.needs_features,
         keep_images=options.deletion_insertion or (runner is not None and runner.needs_input)), prepared)
     try:  # before any output: a model that cannot run is an error about the model
         probe(predictor)

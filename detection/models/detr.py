@@ -19,6 +19,7 @@ from detection.models.detr_inference import prepare_detr_for_inference
 from detection.models.outputs import AttentionRecord
 from detection.models.position import SinePositionEncoding
 from detection.models.transformer import Transformer
+from detection.models.transformer_inputs import TransformerInputs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -192,7 +193,7 @@ class DETR(nn.Module):
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None, *,
                 cross_attention: bool = False, encoder_attention: bool = False,
-                decoder_self_attention: bool = False) -> dict[str, Any]:
+                decoder_self_attention: bool = False, keep_features: bool = False) -> dict[str, Any]:
         """Detect objects in a padded batch.
 
         images: (B, 3, H, W) float RGB in [0, 1], each image at the top-left, padded bottom/right.
@@ -204,7 +205,9 @@ class DETR(nn.Module):
             pred_logits (B, Q, num_classes + 1) raw logits, the last class is "no object";
             pred_boxes (B, Q, 4) sigmoid cxcywh normalised to each image's UNPADDED size;
             aux_outputs: list of L_dec - 1 dicts {pred_logits, pred_boxes}, decoder layers 0..L-2;
-            attention: AttentionRecord or None. decoder_cross (L_dec, B, heads, Q, h, w) float32.
+            attention: AttentionRecord or None. decoder_cross (L_dec, B, heads, Q, h, w) float32;
+            keep_features (with a record): the record's `transformer_inputs` are this pass's
+            `encode_features` output, for the gradient methods to reuse.
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
@@ -214,14 +217,30 @@ class DETR(nn.Module):
         if padding_mask.shape != (images.shape[0], *images.shape[-2:]) or padding_mask.dtype != torch.bool:
             raise ValueError(f"padding_mask must be bool (B, H, W) = {(images.shape[0], *images.shape[-2:])}, "
                              f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
-        want_record = cross_attention or encoder_attention or decoder_self_attention
+        return self.decode_features(self.encode_features(images, padding_mask), cross_attention=cross_attention,
+                                    encoder_attention=encoder_attention,
+                                    decoder_self_attention=decoder_self_attention, keep_features=keep_features)
 
+    def encode_features(self, images: torch.Tensor, padding_mask: torch.Tensor) -> TransformerInputs:
+        """The backbone stage of `forward`: images (B, 3, H, W) in [0, 1] and their padding_mask
+        (B, H, W) True = pad -> the projected features, feature mask and position encoding."""
         x = (images - self.image_mean) / self.image_std
         # Padding is 0 AFTER normalisation, like the authors' NestedTensor and HF's processor.
         x = x.masked_fill(padding_mask[:, None], 0.0)
         features, feature_mask = self.backbone(x, padding_mask)
         pos = self.position_encoding(feature_mask).to(features.dtype)
-        out = self.transformer(self.input_proj(features), feature_mask, self.query_embed.weight, pos,
+        return TransformerInputs(features=self.input_proj(features), feature_padding_mask=feature_mask, position=pos,
+                                 input_size=(int(images.shape[-2]), int(images.shape[-1])),
+                                 image_sizes=image_sizes_from_mask(padding_mask))
+
+    def decode_features(self, inputs: TransformerInputs, *, cross_attention: bool = False,
+                        encoder_attention: bool = False, decoder_self_attention: bool = False,
+                        keep_features: bool = False) -> dict[str, Any]:
+        """The transformer and heads of `forward` on `encode_features`' output: `forward`'s
+        outputs (flags as there). The gradient methods record a graph over this stage only."""
+        want_record = cross_attention or encoder_attention or decoder_self_attention
+        feature_mask = inputs.feature_padding_mask
+        out = self.transformer(inputs.features, feature_mask, self.query_embed.weight, inputs.position,
                                encoder_attention=encoder_attention,
                                decoder_self_attention=decoder_self_attention,
                                decoder_cross_attention=want_record)
@@ -233,15 +252,18 @@ class DETR(nn.Module):
             "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])],
             "attention": None,
         }
+        if keep_features and not want_record:
+            raise ValueError("keep_features puts the features in the attention record: ask for one too")
         if want_record:
             h, w = feature_mask.shape[-2:]
             result["attention"] = AttentionRecord(
                 decoder_cross=out.decoder_cross.float().unflatten(-1, (h, w)),
                 feature_padding_mask=feature_mask,
                 feature_stride=self.feature_stride,
-                input_size=(int(images.shape[-2]), int(images.shape[-1])),
-                image_sizes=image_sizes_from_mask(padding_mask),
+                input_size=inputs.input_size,
+                image_sizes=inputs.image_sizes,
                 encoder_self=None if out.encoder_self is None else out.encoder_self.float(),
                 decoder_self=None if out.decoder_self is None else out.decoder_self.float(),
+                transformer_inputs=inputs if keep_features else None,
             )
         return result

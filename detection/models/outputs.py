@@ -27,6 +27,8 @@ from typing import Literal, Sequence
 
 import torch
 
+from detection.models.transformer_inputs import TransformerInputs
+
 AttentionKind = Literal["dense", "sampled"]
 Sampler = Literal["bilinear", "nearest"]
 LevelCombination = Literal["footprint", "at_points"]
@@ -226,6 +228,8 @@ class AttentionRecord:
         the record's) and when there is no encoder_self.
     encoder_self_stride: input pixels per cell of that grid; None likewise.
     decoder_self: optional (L_dec, B, heads, Q, Q) (either kind).
+    transformer_inputs: optional, the native DETR's backbone-stage output of this pass
+        (`forward(..., keep_features=True)`), which the gradient methods reuse.
     """
 
     decoder_cross: torch.Tensor | None = None
@@ -238,6 +242,7 @@ class AttentionRecord:
     decoder_cross_sampled: SampledAttention | None = None
     encoder_self_size: tuple[int, int] | None = None
     encoder_self_stride: int | None = None
+    transformer_inputs: TransformerInputs | None = None
 
     def __post_init__(self) -> None:
         if (self.decoder_cross is None) == (self.decoder_cross_sampled is None):
@@ -315,6 +320,7 @@ class AttentionRecord:
             image_sizes=self.image_sizes[sl],
             encoder_self=None if self.encoder_self is None else self.encoder_self[:, sl],
             decoder_self=None if self.decoder_self is None else self.decoder_self[:, sl],
+            transformer_inputs=None if self.transformer_inputs is None else self.transformer_inputs.select_image(index),
             encoder_self_size=self.encoder_self_size,
             encoder_self_stride=self.encoder_self_stride,
         )
@@ -330,6 +336,7 @@ class AttentionRecord:
             image_sizes=self.image_sizes.to(device),
             encoder_self=_move(self.encoder_self, device),
             decoder_self=_move(self.decoder_self, device),
+            transformer_inputs=None if self.transformer_inputs is None else self.transformer_inputs.to(device),
             encoder_self_size=self.encoder_self_size,
             encoder_self_stride=self.encoder_self_stride,
         )

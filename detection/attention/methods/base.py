@@ -98,7 +98,8 @@ class MethodOptions:
 class MethodContext:
     """What a method is built for: the detector, the device, the run's prepared inference model at
     a precision (`forward_at(precision)`, shared with the predictor: prepared once per run), and
-    one graph-recording float32 copy shared by every gradient method (`gradient_model()`)."""
+    the float32 model every gradient method differentiates (`gradient_model()`: the native DETR's
+    prepared fp32 copy, other families' own float32 copy)."""
 
     model: Any
     device: torch.device
@@ -106,10 +107,16 @@ class MethodContext:
     _gradient_model: torch.nn.Module | None = field(default=None, repr=False)
 
     def gradient_model(self) -> torch.nn.Module:
-        """A float32 copy on `device` in eval mode, made on first use (`attention.gradients` puts
-        frozen parameters in the graph itself)."""
+        """The float32 model on `device` in eval mode that the gradient methods differentiate
+        (`attention.gradients` puts frozen parameters in the graph itself). Native DETR: the run's
+        prepared float32 copy (`forward_at("fp32")`, the predictor's own at fp32: no copy of its
+        own; transformer and heads are the model's, the backbone BN-folded, which the gradient
+        maps never differentiate). Other families: a float32 copy, made on first use."""
         if self._gradient_model is None:
-            self._gradient_model = copy.deepcopy(self.model).to(self.device).eval()
+            if getattr(self.model, "gradient_capture", None) == "hooks":
+                self._gradient_model = self.forward_at("fp32").model
+            else:
+                self._gradient_model = copy.deepcopy(self.model).to(self.device).eval()
         return self._gradient_model
 
 
@@ -122,7 +129,9 @@ class ExplanationMethod:
 
     needs_attention: the inference pass must return an attention record (self-attention too
     with needs_self_attention); the maps are then made from the record, whose geometry describes
-    them. needs_input: `ImageInput.images` / `padding_mask` must be set.
+    them. needs_input: `ImageInput.images` / `padding_mask` must be set. needs_features: the
+    inference pass should keep the native DETR's backbone-stage output in its record
+    (`AttentionRecord.transformer_inputs`), which the method reuses.
     """
 
     name: ClassVar[str] = ""
@@ -130,6 +139,7 @@ class ExplanationMethod:
     needs_attention: ClassVar[bool] = False
     needs_self_attention: ClassVar[bool] = False
     needs_input: ClassVar[bool] = False
+    needs_features: bool = False
 
     @classmethod
     def refusal(cls, model: Any) -> str | None:

@@ -13,11 +13,20 @@ from detection.attention.methods.base import (ExplanationMethod, ImageInput, Met
                                               MethodOptions, Targets, attention_kind, model_family)
 
 
-def _model_inputs(model: torch.nn.Module, image: ImageInput) -> tuple[torch.Tensor, torch.Tensor]:
+def _model_inputs(model: torch.nn.Module, image: ImageInput) -> dict[str, Any]:
+    """The gradient functions' inputs: the inference pass's backbone-stage output when its record
+    carries one from a float32 pass (native DETR: the backbone is not run again), else the image's
+    model input (the backbone runs again in float32, without a graph). A bf16 / fp16 pass's
+    features are not reused: the maps stay the float32 maps (on those features they would move by
+    up to 0.14 of their peak on the demo model: scripts/bench_explain.py --gradient-bf16)."""
+    features = None if image.attention is None else image.attention.transformer_inputs
+    if (features is not None and features.features.dtype == torch.float32
+            and getattr(model, "gradient_capture", None) == "hooks"):
+        return {"images": None, "padding_mask": None, "features": features}
     if image.images is None or image.padding_mask is None:
         raise ValueError("gradient methods need the image's model input (ImageInput.images)")
     device = next(model.parameters()).device
-    return image.images.to(device), image.padding_mask.to(device)
+    return {"images": image.images.to(device), "padding_mask": image.padding_mask.to(device)}
 
 
 class _GradientMethod(ExplanationMethod):
@@ -26,6 +35,7 @@ class _GradientMethod(ExplanationMethod):
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
+        self.needs_features = getattr(model, "gradient_capture", None) == "hooks"
 
     @classmethod
     def refusal(cls, model: Any) -> str | None:
@@ -64,9 +74,9 @@ class AttnGrad(_GradientMethod):
         return [f"{self.name}/{layers}" for layers in self.layers]
 
     def explain(self, image: ImageInput, targets: Targets) -> dict[str, MethodMaps]:
-        images, mask = _model_inputs(self.model, image)
-        return {f"{self.name}/{layers}": attn_grad(self.model, images, mask, 0, targets.query_index,
-                                                   targets.labels, layers=layers)
+        inputs = _model_inputs(self.model, image)
+        return {f"{self.name}/{layers}": attn_grad(self.model, image_index=0, query_index=targets.query_index,
+                                                   labels=targets.labels, layers=layers, **inputs)
                 for layers in self.layers}
 
 
@@ -82,5 +92,6 @@ class Relevance(_GradientMethod):
         return cls(context.gradient_model())
 
     def explain(self, image: ImageInput, targets: Targets) -> dict[str, MethodMaps]:
-        images, mask = _model_inputs(self.model, image)
-        return {self.name: relevance(self.model, images, mask, 0, targets.query_index, targets.labels)}
+        inputs = _model_inputs(self.model, image)
+        return {self.name: relevance(self.model, image_index=0, query_index=targets.query_index, labels=targets.labels,
+                                     **inputs)}
