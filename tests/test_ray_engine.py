@@ -188,6 +188,8 @@ def test_ray_records_dataset_holds_the_run_records(cluster, corpus, reference, t
     table = pq.read_table(tmp_path / "parquet")
     assert table.schema.remove_metadata() == records_schema(["raw", "attn-grad"])
     rows = sorted(table.to_pylist(), key=lambda row: row["image_id"])
+    names = [n["name"] if isinstance(n, dict) else n for n in ray.util.list_named_actors()]
+    assert not [name for name in names if name.startswith(CONTROL_PREFIX)]  # no run's control actor left behind
     snapshot = reference["snapshot"]
     predictions = snapshot["predictions.jsonl"].decode().splitlines()
     errors = snapshot["errors.jsonl"].decode().splitlines()

@@ -148,7 +148,7 @@ def ray_records(settings: PredictSettings, ray_settings: RaySettings = RaySettin
     probed, plan = _plan(settings, run)
     methods = map_methods(settings.outputs.save_attention,
                           settings.explain.extra_methods if settings.explain is not None else None)
-    control = start_control(settings.out, ray_settings.max_attempts)
+    control = start_control(settings.out, ray_settings.max_attempts, named=False)
     records = build_records_dataset(settings, ray_settings, unit_rows(plan, frozenset()), run, control, methods)
     failed = [error_row(error_record(item, item.error)) for item in probed if item.error is not None]
     return records.union(ray.data.from_arrow(records_table(failed, methods))) if failed else records

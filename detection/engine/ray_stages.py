@@ -140,13 +140,18 @@ class RunControl:
 CONTROL_PREFIX = "detection-ray-control-"
 
 
-def start_control(out: str | os.PathLike, max_attempts: int):
-    """The run's control actor (a CPU-less named actor on the driver's cluster; see RunControl)."""
+def start_control(out: str | os.PathLike, max_attempts: int, named: bool = True):
+    """The run's control actor (a CPU-less actor on the driver's cluster; see RunControl). named: a
+    run's (killed by its driver at the end, found by name meanwhile); unnamed: a records dataset's
+    (`ray_run.ray_records`), which lives while a handle does (the dataset's), then goes."""
     import ray
 
+    actor = ray.remote(num_cpus=0, max_restarts=0)(RunControl)
+    if not named:
+        return actor.remote(max_attempts)
     name = (CONTROL_PREFIX + hashlib.sha1(os.path.abspath(os.fspath(out)).encode()).hexdigest()[:12]
             + "-" + uuid.uuid4().hex[:8])
-    return ray.remote(num_cpus=0, max_restarts=0)(RunControl).options(name=name).remote(max_attempts)
+    return actor.options(name=name).remote(max_attempts)
 
 
 class ModelWorker:
