@@ -24,8 +24,12 @@ from detection.cli import main as cli_main
 from detection.engine.image_files import OutputOptions
 from detection.engine.predict_methods import ExplainOptions
 from detection.engine.predict_run import PredictSettings
+from detection.boxes import coco_xywh
+from detection.engine.ray_records import records_schema
 from detection.engine.ray_run import RaySettings, ray_records, run_predict_ray
 from detection.engine.ray_stages import CONTROL_PREFIX, DEFAULT_MAX_ATTEMPTS
+from detection.runfolder.maps_npz import load_maps_npz
+from detection.runfolder.run_folder import RunFolder
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -172,15 +176,50 @@ def test_ray_run_equals_single_host_run(cluster, corpus, reference, tmp_path: Pa
 
 
 def test_ray_records_dataset_holds_the_run_records(cluster, corpus, reference, tmp_path: Path) -> None:
-    """The Python entry point: a ray.data.Dataset of every input's record, its lines those of the
-    single-host run's predictions.jsonl and errors.jsonl (image files written as it executes)."""
-    dataset = ray_records(_settings(corpus, tmp_path / "out"))
-    rows = sorted(dataset.take_all(), key=lambda row: row["image_id"])
+    """The Python entry point: a ray.data.Dataset of every input's record, written to Parquet and
+    read back with pyarrow: its journal lines those of the single-host run's predictions.jsonl and
+    errors.jsonl, its typed columns the same values (boxes and scores at full precision: the
+    journal's after its rounding), its map columns every array of the maps npz files (written by
+    its actors as it executes)."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    ray_records(_settings(corpus, out)).write_parquet(str(tmp_path / "parquet"))
+    table = pq.read_table(tmp_path / "parquet")
+    assert table.schema.remove_metadata() == records_schema(["raw", "attn-grad"])
+    rows = sorted(table.to_pylist(), key=lambda row: row["image_id"])
+    names = [n["name"] if isinstance(n, dict) else n for n in ray.util.list_named_actors()]
+    assert not [name for name in names if name.startswith(CONTROL_PREFIX)]  # no run's control actor left behind
     snapshot = reference["snapshot"]
-    assert [row["record"] for row in rows if row["kind"] == "prediction"] == \
-        snapshot["predictions.jsonl"].decode().splitlines()
-    assert [row["record"] for row in rows if row["kind"] == "error"] == snapshot["errors.jsonl"].decode().splitlines()
-    assert (tmp_path / "out" / "attention" / "attn-grad" / "shapes_1.npz").is_file()
+    predictions = snapshot["predictions.jsonl"].decode().splitlines()
+    errors = snapshot["errors.jsonl"].decode().splitlines()
+    assert [row["record"] for row in rows if row["kind"] == "prediction"] == predictions
+    assert [row["record"] for row in rows if row["kind"] == "error"] == errors
+    for row, line in zip([row for row in rows if row["kind"] == "error"], errors):
+        error = json.loads(line)
+        assert (row["key"], row["image_id"], row["file"], row["error"]) == \
+            (error["key"], error["image_id"], error["file"], error["reason"])
+        assert row["boxes"] is row["width"] is row["maps_raw"] is None
+    folder = RunFolder(out)
+    for row, line in zip([row for row in rows if row["kind"] == "prediction"], predictions):
+        record, entries = json.loads(line), json.loads(line)["detections"]
+        assert row["error"] is None and row["frame_index"] is None
+        assert [row[name] for name in ("key", "image_id", "file", "width", "height")] == \
+            [record[name] for name in ("key", "image_id", "file", "width", "height")]
+        for column, name in (("labels", "label"), ("category_ids", "category_id"), ("class_names", "class_name"),
+                             ("query_index", "query_index")):
+            assert row[column] == [entry[name] for entry in entries]
+        assert coco_xywh(row["boxes"], decimals=3) == [e["bbox"] for e in entries]
+        assert [round(score, 6) for score in row["scores"]] == [entry["score"] for entry in entries]
+        for method, path in (("raw", folder.attention_path(row["key"])),
+                             ("attn-grad", folder.method_attention_path(row["key"], "attn-grad"))):
+            cells, meta = load_maps_npz(path, size=None)
+            column = row[f"maps_{method}"]
+            assert (row["boxes"], row["scores"]) == (meta["boxes"], meta["scores"])
+            assert [column[name] for name in ("grid_size", "feature_stride", "input_size")] == \
+                [meta[name] for name in ("valid_feature_size", "feature_stride", "input_size")]
+            stored = np.asarray(column["cells"], dtype=np.float32).reshape(-1, *column["grid_size"])
+            assert len(stored) == len(entries) and np.array_equal(stored, cells)
 
 
 def test_gpu_actors_go_only_to_the_node_with_gpus(cluster, corpus, reference, tmp_path: Path) -> None:

@@ -29,10 +29,10 @@ from detection.engine.ray_stages import (DEFAULT_MAX_ATTEMPTS, DecodeSpec, Model
                                          start_control, unit_rows)
 from detection.engine.output_size import folder_bytes
 from detection.engine.planning import plan_batches
+from detection.engine.ray_records import error_row, map_methods, records_table
 from detection.engine.ray_storage import Location, StagedOutput, expand_uri_sources, is_uri
 from detection.engine.stop_signals import StopOnSignals
 from detection.models.registry import load_model
-from detection.runfolder.journal import dumps_record
 from detection.runfolder.layout import DETECTIONS_FILE, ERRORS_FILE, PREDICTIONS_FILE, RUN_FILE
 from detection.runfolder.lock import RunFolderLocked
 from detection.runfolder.records import error_record
@@ -110,9 +110,10 @@ def _prepare(settings: PredictSettings) -> _Prepared:
 
 
 def build_records_dataset(settings: PredictSettings, ray_settings: RaySettings, rows: list[dict[str, Any]],
-                          run: _Prepared, control: Any):
-    """The Ray Data pipeline over planned unit rows -> the `ray.data.Dataset` of records (lazy).
-    The actors run at the precision the driver resolved (the fingerprint's), whatever their device."""
+                          run: _Prepared, control: Any, methods: list[str] | None = None):
+    """The Ray Data pipeline over planned unit rows -> the `ray.data.Dataset` of records (lazy): the
+    journal's columns, or with `methods` the typed columns of `engine.ray_records`. The actors run
+    at the precision the driver resolved (the fingerprint's), whatever their device."""
     import ray.data
 
     decode = _decode_spec(run)
@@ -126,13 +127,16 @@ def build_records_dataset(settings: PredictSettings, ray_settings: RaySettings, 
     return dataset.map_batches(
         ModelWorker, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=ray_settings.actors),
-        fn_constructor_kwargs={"settings": settings, "control": control, "unit_hook": ray_settings.unit_hook},
+        fn_constructor_kwargs={"settings": settings, "control": control, "unit_hook": ray_settings.unit_hook,
+                               "methods": methods},
         num_cpus=ray_settings.cpus_per_actor, num_gpus=ray_settings.gpus_per_actor or None)
 
 
 def ray_records(settings: PredictSettings, ray_settings: RaySettings = RaySettings()):
-    """The Python entry point: a `ray.data.Dataset` of the run's records, one row per input
-    (columns key, image_id, kind "prediction" | "error", record: its predictions.jsonl /
+    """The Python entry point: a `ray.data.Dataset` of the run's records, one row per input, in
+    the typed columns of `engine.ray_records` (key, image_id, file, kind, error, width, height, the
+    per-detection boxes / scores / labels / category_ids / class_names / query_index, a maps_<method>
+    column per method with an npz: the cell maps and their geometry; record: the predictions.jsonl /
     errors.jsonl line), for composing further (write_parquet, joins). Each image's files are
     written to settings.out by the model actors as the dataset executes; nothing is journalled or
     merged (`run_predict_ray` does that). Needs a Ray initialised in this process (ray.init)."""
@@ -142,15 +146,12 @@ def ray_records(settings: PredictSettings, ray_settings: RaySettings = RaySettin
     settings = dataclasses.replace(settings, outputs=settings.outputs or OutputOptions())
     run = _prepare(settings)
     probed, plan = _plan(settings, run)
-    control = start_control(settings.out, ray_settings.max_attempts)
-    records = build_records_dataset(settings, ray_settings, unit_rows(plan, frozenset()), run, control)
-    failed = [{"key": item.key, "image_id": item.image_id, "kind": "error", "record": _error_line(item)}
-              for item in probed if item.error is not None]
-    return records.union(ray.data.from_items(failed)) if failed else records
-
-
-def _error_line(item) -> str:
-    return dumps_record(error_record(item, item.error))
+    methods = map_methods(settings.outputs.save_attention,
+                          settings.explain.extra_methods if settings.explain is not None else None)
+    control = start_control(settings.out, ray_settings.max_attempts, named=False)
+    records = build_records_dataset(settings, ray_settings, unit_rows(plan, frozenset()), run, control, methods)
+    failed = [error_row(error_record(item, item.error)) for item in probed if item.error is not None]
+    return records.union(ray.data.from_arrow(records_table(failed, methods))) if failed else records
 
 
 def _decode_spec(run: _Prepared) -> DecodeSpec:

@@ -7,7 +7,8 @@ Rows between the stages (one per work unit: a still-image batch, or a whole vide
     planned  {"unit": int64, "batches": bytes (pickled list[PlannedBatch]), "skip": bytes (pickled keys)}
     decoded  {"unit": int64, "loaded": bytes (pickled list[LoadedBatch]), "skip": bytes}
     records  {"key": str, "image_id": int64, "kind": "prediction" | "error", "record": str}
-             (record: the predictions.jsonl or errors.jsonl line, `runfolder.journal.dumps_record`)
+             (record: the predictions.jsonl or errors.jsonl line, `runfolder.journal.dumps_record`);
+             with typed columns (`ray_run.ray_records`) the Arrow rows of `engine.ray_records`
 """
 from __future__ import annotations
 
@@ -34,11 +35,11 @@ from detection.engine.loading import BatchLoadingDataset, LoadedBatch
 from detection.engine.planning import PlannedBatch
 from detection.engine.predict_methods import image_maps, image_token_scores, token_scorer
 from detection.engine.run_setup import build_run_model
+from detection.engine.ray_records import error_row, journal_columns, prediction_row, records_table
 from detection.engine.ray_storage import Location, is_uri, localized
 from detection.models.registry import load_model
 from detection.runtime.device import resolve_device
 from detection.models.contract import PreprocessSpec
-from detection.runfolder.journal import dumps_record
 from detection.runfolder.records import error_record
 from detection.runfolder.run_folder import RunFolder
 
@@ -139,31 +140,34 @@ class RunControl:
 CONTROL_PREFIX = "detection-ray-control-"
 
 
-def start_control(out: str | os.PathLike, max_attempts: int):
-    """The run's control actor (a CPU-less named actor on the driver's cluster; see RunControl)."""
+def start_control(out: str | os.PathLike, max_attempts: int, named: bool = True):
+    """The run's control actor (a CPU-less actor on the driver's cluster; see RunControl). named: a
+    run's (killed by its driver at the end, found by name meanwhile); unnamed: a records dataset's
+    (`ray_run.ray_records`), which lives while a handle does (the dataset's), then goes."""
     import ray
 
+    actor = ray.remote(num_cpus=0, max_restarts=0)(RunControl)
+    if not named:
+        return actor.remote(max_attempts)
     name = (CONTROL_PREFIX + hashlib.sha1(os.path.abspath(os.fspath(out)).encode()).hexdigest()[:12]
             + "-" + uuid.uuid4().hex[:8])
-    return ray.remote(num_cpus=0, max_restarts=0)(RunControl).options(name=name).remote(max_attempts)
-
-
-def _record_row(kind: str, record: dict[str, Any]) -> dict[str, Any]:
-    return {"key": str(record["key"]), "image_id": int(record["image_id"]), "kind": kind,
-            "record": dumps_record(record)}
+    return actor.options(name=name).remote(max_attempts)
 
 
 class ModelWorker:
     """Model stage (a Ray actor): loads and prepares the model once, as a single-host run does
     (`run_setup.build_run_model`), then for each decoded unit runs the model and the --explain
     methods and writes each image's files through `image_files.write_image_files`; returns the
-    unit's records. `unit_hook(keys)`, when given, is called before a unit runs (fault injection)."""
+    unit's records: the journal's columns, or with `methods` (not None) the typed columns of
+    `engine.ray_records` with a map column per method. `unit_hook(keys)`, when given, is called
+    before a unit runs (fault injection)."""
 
-    def __init__(self, settings: Any, control: Any, unit_hook: Callable[[list[str]], None] | None = None) -> None:
+    def __init__(self, settings: Any, control: Any, unit_hook: Callable[[list[str]], None] | None = None,
+                 methods: Sequence[str] | None = None) -> None:
         import ray
 
         started = time.perf_counter()
-        self.settings, self.control, self.unit_hook = settings, control, unit_hook
+        self.settings, self.control, self.unit_hook, self.methods = settings, control, unit_hook, methods
         device = resolve_device(settings.device)
         model = load_model(settings.model, device="cpu", prompt=settings.prompt)
         self.predictor, self.runner, prepared = build_run_model(settings, model, device)
@@ -178,7 +182,7 @@ class ModelWorker:
         self.max_attempts = ray.get(control.register.remote(os.getpid(), ray.get_runtime_context().get_node_id(),
                                                             round(time.perf_counter() - started, 3)))
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         import ray
 
         rows: list[dict[str, Any]] = []
@@ -190,27 +194,26 @@ class ModelWorker:
             if attempt > self.max_attempts:  # it killed its model process every time: no endless retry loop
                 reason = (f"the model process died on each of {self.max_attempts} tries at this image's batch "
                           f"(killed or crashed: out of memory, a native crash); not tried again")
-                rows.extend(_record_row("error", error_record(item, reason)) for item in items)
+                rows.extend(error_row(error_record(item, reason)) for item in items)
                 continue
             if self.unit_hook is not None:
                 self.unit_hook([item.key for item in items])
             for part in loaded:
                 rows.extend(self._run(part, skip))
-        columns = ("key", "image_id", "kind", "record")
-        return {name: np.array([row[name] for row in rows], dtype=object) for name in columns}
+        return journal_columns(rows) if self.methods is None else records_table(rows, self.methods)
 
     def _run(self, loaded: LoadedBatch, skip: set[str]) -> list[dict[str, Any]]:
         """One planned batch, as the single-host run's `_predict_shard` does for each result."""
         rows = []
         for result in self.predictor._run_loaded(loaded, skip):  # noqa: SLF001 - the engine's own predictor
             if result.error is not None:
-                rows.append(_record_row("error", error_record(result.item, result.error)))
+                rows.append(error_row(error_record(result.item, result.error)))
                 continue
             try:
                 maps = image_maps(self.runner, result)
                 tokens = image_token_scores(self.predictor, result) if self.scorer is not None else None
             except Exception as err:  # noqa: BLE001 - one image's explanation must not stop the run
-                rows.append(_record_row("error", error_record(
+                rows.append(error_row(error_record(
                     result.item, f"explanation methods failed: {type(err).__name__}: {err}")))
                 continue
             try:
@@ -221,13 +224,13 @@ class ModelWorker:
             except OSError:
                 raise  # disk full / permissions: the task fails (Ray retries it), a rerun resumes
             except Exception as err:  # noqa: BLE001 - one image's output must not stop the run
-                rows.append(_record_row("error", error_record(
+                rows.append(error_row(error_record(
                     result.item, f"writing outputs failed: {type(err).__name__}: {err}")))
                 continue
             finally:
                 if self.remote is not None:  # the staging holds one image's files at a time
                     shutil.rmtree(self.folder.out, ignore_errors=True)
-            rows.append(_record_row("prediction", record))
+            rows.append(prediction_row(record, result.detections, maps, self.methods or ()))
         return rows
 
 
