@@ -114,7 +114,7 @@ def test_the_cli_says_it_in_one_paragraph_with_exit_2(tmp_path, monkeypatch, cap
     from detection.engine import predict_run as module
 
     _images(tmp_path / "in", [40])
-    monkeypatch.setattr(module, "load_model", lambda name, device="cpu": TableDetector(max_width=10))
+    monkeypatch.setattr(module, "load_model", lambda name, device="cpu", **options: TableDetector(max_width=10))
     status = main(["predict", str(tmp_path / "in"), "--model", "table-folder", "--out", str(tmp_path / "out"),
                    "--device", "cpu", "--workers", "0", "--quiet"])
     err = capsys.readouterr().err
@@ -135,7 +135,7 @@ def test_explain_and_eval_probe_the_model_first(tmp_path, monkeypatch, capsys):
                    "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 30],
                                     "area": 600, "iscrowd": 0}]}
     (tmp_path / "gt.json").write_text(json.dumps(annotations))
-    monkeypatch.setattr(eval_cli, "load_model", lambda name, device="cpu": TableDetector(max_width=10))
+    monkeypatch.setattr(eval_cli, "load_model", lambda name, device="cpu", **options: TableDetector(max_width=10))
     status = main(["eval", "--model", "table-folder", "--ann", str(tmp_path / "gt.json"), "--images",
                    str(tmp_path / "in"), "--out", str(tmp_path / "eval"), "--device", "cpu", "--quiet"])
     err = capsys.readouterr().err
