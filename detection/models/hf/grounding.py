@@ -18,7 +18,7 @@ from detection.models.contract import PreprocessSpec
 from detection.models.hf.capture_sampled import SampledCapture
 from detection.models.hf.detector import HFDetector, image_sizes_from_mask
 from detection.models.hf.families import Family
-from detection.models.hf.prompt import PromptError, PromptedConfig, check_phrases, prompt_text
+from detection.models.hf.prompt import PromptedDetector, PromptError, PromptedConfig, check_phrases, prompt_text
 
 #: What a detection's query_index means for Grounding DINO (run.json's model_config records it).
 GROUNDING_QUERY_MEANING = "decoder query (of config.num_queries, chosen by the encoder's two-stage selection)"
@@ -67,7 +67,7 @@ def tokenize_grounding_prompt(tokenizer: Any, phrases: Sequence[str], limit: int
                            phrase_of_token, tuple(tuple(pieces) for pieces in layout), limit)
 
 
-class GroundingDetector(HFDetector):
+class GroundingDetector(PromptedDetector, HFDetector):
     """Grounding DINO / MM-Grounding-DINO with a prompt, through the contract.
 
     forward(images (B, 3, H, W), padding_mask (B, H, W) True on padding): pred_logits (B, Q, C) the
@@ -80,6 +80,8 @@ class GroundingDetector(HFDetector):
     """
 
     gradient_capture = "graph"
+
+    tokenize = staticmethod(tokenize_grounding_prompt)  # PromptedDetector.with_prompt
 
     def __init__(self, hf_model: nn.Module, family: Family, preprocess: PreprocessSpec, config: PromptedConfig,
                  prompt: GroundingPrompt, tokenizer: Any) -> None:
@@ -218,14 +220,6 @@ class GroundingDetector(HFDetector):
         if not outputs["text_attention_graph"][-1].requires_grad:
             raise self._renamed("model.decoder.layers[-1](hidden_states=...)")
         return outputs
-
-    def with_prompt(self, phrases: Sequence[str]) -> "GroundingDetector":
-        """The same weights with another prompt (the HF module is shared, not copied)."""
-        phrases = check_phrases(phrases)
-        prompt = tokenize_grounding_prompt(self.tokenizer, phrases, self.token_limit, self.family.title)
-        config = dataclasses.replace(self.config, prompt=phrases, class_names=phrases,
-                                     category_ids=tuple(range(len(phrases))))
-        return GroundingDetector(self.hf_model, self.family, self.preprocess_spec, config, prompt, self.tokenizer)
 
 
 def build_grounding_detector(hf_model: nn.Module, family: Family, preprocess: PreprocessSpec, tokenizer: Any,

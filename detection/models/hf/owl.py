@@ -7,7 +7,6 @@ detection's logit to the prompt's tokens (gradient x input on the token embeddin
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -17,7 +16,7 @@ from torch import nn
 from detection.models.contract import PreprocessSpec
 from detection.models.hf.detector import HFDetector, image_sizes_from_mask
 from detection.models.hf.families import Family
-from detection.models.hf.prompt import PromptError, PromptedConfig, check_phrases
+from detection.models.hf.prompt import PromptedDetector, PromptError, PromptedConfig, check_phrases
 from detection.models.outputs import AttentionGraph, AttentionRecord
 
 #: What a detection's query_index means for OWL (run.json's model_config records it).
@@ -58,7 +57,7 @@ def tokenize_prompt(tokenizer: Any, phrases: Sequence[str], limit: int, title: s
     return PromptTokens(ids, mask, layout, limit)
 
 
-class OwlDetector(HFDetector):
+class OwlDetector(PromptedDetector, HFDetector):
     """OWL-ViT with a prompt, through the contract.
 
     forward(images (B, 3, H, W) normalised, padding_mask None or all False): pred_logits
@@ -72,6 +71,8 @@ class OwlDetector(HFDetector):
     gradient_capture = "graph"
     #: the record holds one layer (the last vision layer): methods that propagate through every layer refuse
     last_layer_attention_only = True
+
+    tokenize = staticmethod(tokenize_prompt)  # PromptedDetector.with_prompt
 
     def __init__(self, hf_model: nn.Module, family: Family, preprocess: PreprocessSpec, config: PromptedConfig,
                  prompt: PromptTokens, tokenizer: Any) -> None:
@@ -186,14 +187,6 @@ class OwlDetector(HFDetector):
         phrases = check_phrases(phrases)
         tokenize_prompt(self.tokenizer, phrases, self.token_limit, self.family.title)
         return [phrases]
-
-    def with_prompt(self, phrases: Sequence[str]) -> "OwlDetector":
-        """The same weights with another prompt (the HF module is shared, not copied)."""
-        phrases = check_phrases(phrases)
-        prompt = tokenize_prompt(self.tokenizer, phrases, self.token_limit, self.family.title)
-        config = dataclasses.replace(self.config, prompt=phrases, class_names=phrases,
-                                     category_ids=tuple(range(len(phrases))))
-        return OwlDetector(self.hf_model, self.family, self.preprocess_spec, config, prompt, self.tokenizer)
 
 
 def build_owl_detector(hf_model: nn.Module, family: Family, preprocess: PreprocessSpec, tokenizer: Any,

@@ -3,6 +3,7 @@ family, and the errors a bad prompt gets (empty, unreadable, beyond the text enc
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -70,3 +71,19 @@ def check_phrases(phrases: Sequence[str]) -> tuple[str, ...]:
 def prompt_text(phrases: Sequence[str]) -> str:
     """The prompt as one string, the form run.json records and parse_prompt reads back."""
     return " ".join(f"{phrase}." for phrase in phrases)
+
+
+class PromptedDetector:
+    """What every prompted family's detector shares (mixed in before HFDetector): `with_prompt`.
+    A subclass sets `tokenize` (tokenizer, phrases, limit, title) -> its prompt tokens, and takes
+    (hf_model, family, preprocess, config, prompt, tokenizer) in its constructor."""
+
+    tokenize: Any
+
+    def with_prompt(self, phrases: Sequence[str]) -> Any:
+        """The same weights with another prompt (the HF module is shared, not copied)."""
+        phrases = check_phrases(phrases)
+        prompt = type(self).tokenize(self.tokenizer, phrases, self.token_limit, self.family.title)
+        config = dataclasses.replace(self.config, prompt=phrases, class_names=phrases,
+                                     category_ids=tuple(range(len(phrases))))
+        return type(self)(self.hf_model, self.family, self.preprocess_spec, config, prompt, self.tokenizer)
