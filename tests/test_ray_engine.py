@@ -26,7 +26,7 @@ from detection.engine.predict_methods import ExplainOptions
 from detection.engine.predict_run import PredictSettings
 from detection.boxes import coco_xywh
 from detection.engine.ray_records import records_schema
-from detection.engine.ray_run import RaySettings, ray_records, run_predict_ray
+from detection.engine.ray_run import RaySettings, ray_records, resolve_ray_settings, run_predict_ray
 from detection.engine.ray_stages import CONTROL_PREFIX, DEFAULT_MAX_ATTEMPTS
 from detection.runfolder.maps_npz import load_maps_npz
 from detection.runfolder.run_folder import RunFolder
@@ -164,11 +164,32 @@ def _model_workers(timeout: float = 120.0) -> list[tuple[int, str]]:
 
 
 # -- tests ---------------------------------------------------------------------------------------
-def test_ray_run_equals_single_host_run(cluster, corpus, reference, tmp_path: Path) -> None:
+def test_defaults_resolve_for_one_machine_and_for_a_cluster() -> None:
+    """Embedded (one machine): min(4, cores) actors sharing the cores, decoding in the actors; on a
+    cluster: one actor of one CPU, decoding in tasks; what is given is kept."""
+    one_machine = resolve_ray_settings(RaySettings(num_cpus=2), embedded=True)
+    assert (one_machine.actors, one_machine.cpus_per_actor, one_machine.decode) == (2, 1.0, "actor")
+    big = resolve_ray_settings(RaySettings(num_cpus=16), embedded=True)
+    assert (big.actors, big.cpus_per_actor, big.decode) == (4, 4.0, "actor")
+    gpu = resolve_ray_settings(RaySettings(num_cpus=16, gpus_per_actor=1), embedded=True)
+    assert (gpu.actors, gpu.cpus_per_actor) == (1, 16.0)
+    cluster = resolve_ray_settings(RaySettings(num_cpus=16), embedded=False)
+    assert (cluster.actors, cluster.cpus_per_actor, cluster.decode) == (1, 1.0, "tasks")
+    given = resolve_ray_settings(RaySettings(actors=3, cpus_per_actor=0.5, decode="tasks"), embedded=True)
+    assert (given.actors, given.cpus_per_actor, given.decode) == (3, 0.5, "tasks")
+    with pytest.raises(ValueError, match="decode must be auto, tasks or actor"):
+        resolve_ray_settings(RaySettings(decode="gpu"), embedded=True)
+
+
+@pytest.mark.parametrize("decode", ["tasks", "actor"])
+def test_ray_run_equals_single_host_run(cluster, corpus, reference, tmp_path: Path, decode: str) -> None:
+    """Decoding in CPU tasks (the cluster's default) or in the model actors (one machine's)."""
     out = tmp_path / "out"
-    assert cli_main(_options(corpus, out, "--engine", "ray")) == 1
+    assert cli_main(_options(corpus, out, "--engine", "ray", "--ray-decode", decode)) == 1
     assert _snapshot(out) == reference["snapshot"]
     ray_info = json.loads((out / "run.json").read_text())
+    assert ray_info["settings"]["ray"] == {"address": None, "actors": 1, "gpus_per_actor": 0.0, "cpus_per_actor": 1.0,
+                                           "decode": decode}  # a Ray already initialised: a cluster's defaults
     host_info = json.loads((reference["out"] / "run.json").read_text())
     assert ray_info["fingerprint"] == host_info["fingerprint"]  # the engine is not part of it
     assert ray_info["settings"]["engine"] == "ray" and ray_info["status"] == "complete"
@@ -260,9 +281,15 @@ def test_killed_model_actor_is_retried_and_changes_nothing(cluster, corpus, refe
     assert _snapshot(out) == reference["snapshot"]
 
 
-def test_poison_image_becomes_an_error_record_after_k_tries(cluster, corpus, reference, tmp_path: Path) -> None:
+@pytest.mark.parametrize("decode, units_per_block", [("tasks", 1), ("actor", 5)])
+def test_poison_image_becomes_an_error_record_after_k_tries(cluster, corpus, reference, tmp_path: Path,
+                                                            decode: str, units_per_block: int) -> None:
+    """With five units per block (all), the units before the poison one run again with each retry of
+    their block, and are not counted as dying: only the poison image becomes an error."""
     out = tmp_path / "out"
-    run_predict_ray(_settings(corpus, out, corpus["poison"]), RaySettings(unit_hook=functools.partial(exit_on, "poison")))
+    run_predict_ray(_settings(corpus, out, corpus["poison"]),
+                    RaySettings(unit_hook=functools.partial(exit_on, "poison"), decode=decode,
+                                units_per_block=units_per_block))
     snapshot = _snapshot(out)
     errors = [json.loads(line) for line in snapshot["errors.jsonl"].splitlines()]
     assert [e["key"] for e in errors] == ["corrupt", "dangling", "poison"]

@@ -16,19 +16,27 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray-address", metavar="ADDR",
                        help="join this Ray cluster (auto, HOST:6379, ray://HOST:10001); default: an embedded local "
                             "Ray started for the run")
-    group.add_argument("--ray-actors", type=int, default=1, metavar="N", help="model actors (each loads the model once)")
+    group.add_argument("--ray-actors", type=int, metavar="N",
+                       help="model actors (each loads the model once); default: min(4, cores) on the embedded local "
+                            "Ray, 1 on a cluster")
     group.add_argument("--gpus-per-actor", type=float, default=0.0, metavar="G", help="GPUs each model actor reserves")
-    group.add_argument("--cpus-per-actor", type=float, default=1.0, metavar="C",
-                       help="CPUs each model actor reserves (its torch threads)")
+    group.add_argument("--cpus-per-actor", type=float, metavar="C",
+                       help="CPUs each model actor reserves (its torch threads); default: the cores shared between "
+                            "the actors on the embedded local Ray, 1 on a cluster")
+    group.add_argument("--ray-decode", choices=["auto", "tasks", "actor"], default="auto",
+                       help="where images are decoded: tasks (CPU tasks anywhere in the cluster, handed to the actors "
+                            "through the object store), actor (in the model actors, no hand-off: one machine); auto: "
+                            "actor on the embedded local Ray, tasks on a cluster (--ray-address)")
 
 
 def ray_settings_from_args(args: argparse.Namespace) -> RaySettings | None:
     """None for --engine local; ValueError names a bad option, or the missing extra."""
     if args.engine != "ray":
         return None
-    if args.ray_actors < 1 or args.gpus_per_actor < 0 or args.cpus_per_actor <= 0:
+    if (args.ray_actors is not None and args.ray_actors < 1) or args.gpus_per_actor < 0 or \
+            (args.cpus_per_actor is not None and args.cpus_per_actor <= 0):
         raise ValueError("--ray-actors must be >= 1, --gpus-per-actor >= 0 and --cpus-per-actor > 0")
     if not ray_available():
         raise ValueError(MISSING_RAY)
     return RaySettings(address=args.ray_address, actors=args.ray_actors, gpus_per_actor=args.gpus_per_actor,
-                       cpus_per_actor=args.cpus_per_actor)
+                       cpus_per_actor=args.cpus_per_actor, decode=args.ray_decode)

@@ -56,16 +56,27 @@ class RaySettings:
         already initialised in this process (ray.init) is used as it is and left running.
     actors: model actors (each loads the model once); gpus_per_actor / cpus_per_actor: what each
         reserves (Ray sets OMP_NUM_THREADS to its CPUs). decode_cpus: CPUs of each decoding task.
+    decode: where images are decoded: "tasks" (CPU tasks of their own, anywhere in the cluster; the
+        decoded batches reach the actors through the object store), "actor" (in the model actors:
+        no hand-off, the choice for one machine), "auto": "actor" on an embedded local Ray, "tasks"
+        on a cluster joined or a Ray already initialised.
+    The defaults (None, "auto") are resolved by `resolve_ray_settings`: on an embedded local Ray,
+    min(4, cores) actors sharing the cores, decoding in the actors; on a cluster, one actor of one
+    CPU, decoding in tasks.
+    units_per_block: work units (batches) per Ray Data block, the unit of scheduling and retry
+        (each block costs the scheduler about 10 ms); None: up to 8, with at least 4 blocks per actor.
     max_attempts: attempts at a unit whose model process dies before its images become error records.
     unit_hook: called in the model actor with a unit's keys before it runs (fault injection, tests).
     """
 
     address: str | None = None
-    actors: int = 1
+    actors: int | None = None
     gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None
     decode_cpus: float = 1.0
+    decode: str = "auto"
     num_cpus: int | None = None
+    units_per_block: int | None = None
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     unit_hook: Callable[[list[str]], None] | None = None
 
@@ -118,17 +129,21 @@ def build_records_dataset(settings: PredictSettings, ray_settings: RaySettings, 
 
     decode = _decode_spec(run)
     settings = dataclasses.replace(settings, precision=run.predictor.precision)
-    dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    dataset = dataset.map_batches(decode_units, batch_size=1, batch_format="numpy", fn_kwargs={"spec": decode},
-                                  num_cpus=ray_settings.decode_cpus,
-                                  # one thread per decoding task; an environment of its own also keeps Ray
-                                  # Data from fusing the decoding into the model actors (a stage of its own)
-                                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    ray_settings = resolve_ray_settings(ray_settings, embedded=False)  # no-op when resolved by the caller
+    per_block = ray_settings.units_per_block or max(1, min(8, len(rows) // (4 * ray_settings.actors)))
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / per_block)))
+    in_actor = ray_settings.decode == "actor"
+    if not in_actor:
+        dataset = dataset.map_batches(decode_units, batch_size=1, batch_format="numpy", fn_kwargs={"spec": decode},
+                                      num_cpus=ray_settings.decode_cpus,
+                                      # one thread per decoding task; an environment of its own also keeps Ray
+                                      # Data from fusing the decoding into the model actors (a stage of its own)
+                                      runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     return dataset.map_batches(
         ModelWorker, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=ray_settings.actors),
         fn_constructor_kwargs={"settings": settings, "control": control, "unit_hook": ray_settings.unit_hook,
-                               "methods": methods},
+                               "methods": methods, "decode": decode if in_actor else None},
         num_cpus=ray_settings.cpus_per_actor, num_gpus=ray_settings.gpus_per_actor or None)
 
 
@@ -160,6 +175,20 @@ def _decode_spec(run: _Prepared) -> DecodeSpec:
                       max_pixels=predictor.max_pixels, display=predictor.display, source=run.inputs)
 
 
+def resolve_ray_settings(ray_settings: RaySettings, embedded: bool) -> RaySettings:
+    """The defaults resolved (`embedded`: the run starts a local Ray of its own, one machine):
+    embedded, min(4, cores) actors with the cores shared between them, decoding in the actors
+    (no decoded batch crosses the object store); on a cluster, one actor of one CPU, decoding in
+    CPU tasks anywhere in the cluster. ValueError names a bad `decode`."""
+    if ray_settings.decode not in ("auto", "tasks", "actor"):
+        raise ValueError(f"decode must be auto, tasks or actor, not {ray_settings.decode!r}")
+    decode = ray_settings.decode if ray_settings.decode != "auto" else ("actor" if embedded else "tasks")
+    cores = ray_settings.num_cpus or os.cpu_count() or 1
+    actors = ray_settings.actors or (min(4, cores) if embedded and not ray_settings.gpus_per_actor else 1)
+    cpus = ray_settings.cpus_per_actor or (max(1, cores // actors) if embedded else 1.0)
+    return dataclasses.replace(ray_settings, decode=decode, actors=actors, cpus_per_actor=float(cpus))
+
+
 def _plan(settings: PredictSettings, run: _Prepared):
     """(items with header errors, planned batches): headers probed locally; objects are not (their
     batches group by the decoded size, `Predictor._groups`)."""
@@ -179,9 +208,10 @@ def _connect(ray_settings: RaySettings, progress: bool) -> tuple[bool, float]:
     if not ray.is_initialized():
         if ray_settings.address is not None:
             ray.init(address=ray_settings.address, log_to_driver=False, logging_level=logging.WARNING)
-        else:  # the embedded local Ray of a laptop run: all cores, and at least what the actors and one
-            # decoding task reserve (else the decoding would wait forever for a free CPU)
-            needed = math.ceil(ray_settings.actors * ray_settings.cpus_per_actor + ray_settings.decode_cpus)
+        else:  # the embedded local Ray of a laptop run: all cores, and at least what the actors (and one
+            # decoding task, when decoding in tasks) reserve (else the decoding would wait forever for a CPU)
+            tasks = ray_settings.decode == "tasks"
+            needed = math.ceil(ray_settings.actors * ray_settings.cpus_per_actor + tasks * ray_settings.decode_cpus)
             ray.init(num_cpus=ray_settings.num_cpus or max(os.cpu_count() or 1, needed), include_dashboard=False,
                      log_to_driver=False, logging_level=logging.WARNING)
         started = True
@@ -228,6 +258,10 @@ def run_predict_ray(settings: PredictSettings, ray_settings: RaySettings = RaySe
                 folder.check_compatible(run.fingerprint)
             except RunFolderMismatch as err:
                 raise PredictUsageError(str(err)) from err
+            import ray
+
+            ray_settings = resolve_ray_settings(ray_settings, embedded=ray_settings.address is None
+                                                and not ray.is_initialized())
             started_ray, start_seconds = _connect(ray_settings, settings.progress)
             try:  # ray.init installs its own SIGTERM handler (which aborts the driver): ours again, on top
                 with StopOnSignals() as stop_on_ray:
@@ -261,11 +295,13 @@ def _run_locked(settings: PredictSettings, ray_settings: RaySettings, run: _Prep
     run_info = start_run_info(settings, run.fingerprint, config, run.source, predictor.device, world_size=1,
                               engine="ray", ray={"address": ray_settings.address, "actors": ray_settings.actors,
                                                  "gpus_per_actor": ray_settings.gpus_per_actor,
-                                                 "cpus_per_actor": ray_settings.cpus_per_actor})
+                                                 "cpus_per_actor": ray_settings.cpus_per_actor,
+                                                 "decode": ray_settings.decode})
     write_run_info(run_info)
     done = folder.open()
     synced = time.time()
     received = 0
+    seen: set[str] = set()
     control = None
     load_seconds: list[float] = []
     try:
@@ -277,6 +313,9 @@ def _run_locked(settings: PredictSettings, ray_settings: RaySettings, run: _Prep
             control = start_control(folder.out, ray_settings.max_attempts)
             dataset = build_records_dataset(settings, ray_settings, rows, run, control)
             for row in dataset.iter_rows():
+                if row["key"] in seen:  # a record again (a block retried after its actor died): once only
+                    continue
+                seen.add(row["key"])
                 record = parse_record(row)
                 if row["kind"] == "prediction":
                     folder.append_prediction(record)

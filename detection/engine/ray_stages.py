@@ -77,30 +77,34 @@ class DecodeSpec:
     source: Location | None = None
 
 
+def decode_unit(blob: bytes, spec: DecodeSpec) -> list[LoadedBatch]:
+    """One planned unit (a pickled list[PlannedBatch]) decoded by the single-host loader (EXIF,
+    modes, size guard; a file that fails is a sample with its error record's reason). Objects of
+    URI inputs are copied to a local temporary folder for the loader; the samples keep the URIs."""
+    batches: list[PlannedBatch] = pickle.loads(blob)
+    with tempfile.TemporaryDirectory(prefix="detection-ray-in-") as local:
+        originals = {}
+        if spec.source is not None:  # objects -> local files for the one loader; records keep the URIs
+            for position, planned in enumerate(batches):
+                copies = localized(planned.items, spec.source, Path(local) / str(position))
+                originals.update({copy.key: item for copy, item in zip(copies, planned.items)})
+                batches[position] = dataclasses.replace(planned, items=tuple(copies))
+        dataset = BatchLoadingDataset(batches, spec.preprocess, keep_rgb=spec.keep_rgb,
+                                      max_pixels=spec.max_pixels, display=spec.display)
+        decoded = list(dataset)
+    for part in decoded:
+        for sample in part.samples:
+            sample.item = originals.get(sample.item.key, sample.item)
+    return decoded
+
+
 def decode_units(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np.ndarray]:
-    """Decoding stage (a CPU task): planned rows -> decoded rows, by the single-host loader
-    (EXIF, modes, size guard; a file that fails is a sample with its error record's reason)."""
+    """Decoding stage (a CPU task, one thread): planned rows -> decoded rows (`decode_unit`)."""
     import cv2
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    loaded = []
-    for blob in batch["batches"]:
-        batches: list[PlannedBatch] = pickle.loads(blob)
-        with tempfile.TemporaryDirectory(prefix="detection-ray-in-") as local:
-            originals = {}
-            if spec.source is not None:  # objects -> local files for the one loader; records keep the URIs
-                for position, planned in enumerate(batches):
-                    copies = localized(planned.items, spec.source, Path(local) / str(position))
-                    originals.update({copy.key: item for copy, item in zip(copies, planned.items)})
-                    batches[position] = dataclasses.replace(planned, items=tuple(copies))
-            dataset = BatchLoadingDataset(batches, spec.preprocess, keep_rgb=spec.keep_rgb,
-                                          max_pixels=spec.max_pixels, display=spec.display)
-            decoded = list(dataset)
-        for part in decoded:
-            for sample in part.samples:
-                sample.item = originals.get(sample.item.key, sample.item)
-        loaded.append(pickle.dumps(decoded))
+    loaded = [pickle.dumps(decode_unit(blob, spec)) for blob in batch["batches"]]
     return {"unit": batch["unit"], "loaded": np.array(loaded, dtype=object), "skip": batch["skip"]}
 
 
@@ -112,13 +116,22 @@ class RunControl:
     def __init__(self, max_attempts: int) -> None:
         self.max_attempts = max_attempts
         self.attempts: dict[int, int] = {}
+        self.finished: set[int] = set()
         self.workers: list[tuple[int, str]] = []
         self.load_seconds: list[float] = []
 
     def begin(self, unit: int) -> int:
-        """Count one more attempt at `unit`; returns the attempt number (1 = the first)."""
+        """Count one more attempt at `unit`; returns the attempt number (1 = the first). A unit
+        that finished once counts 1 when it runs again (a block of units retried whole after a
+        later unit killed its process: only the unit that was running counts the death)."""
+        if unit in self.finished:
+            return 1
         self.attempts[unit] = self.attempts.get(unit, 0) + 1
         return self.attempts[unit]
+
+    def finish(self, unit: int) -> None:
+        """`unit` ran to its records."""
+        self.finished.add(unit)
 
     def register(self, pid: int, node_id: str, load_seconds: float) -> int:
         """A model actor started (or restarted) in process `pid` on node `node_id` and loaded the
@@ -159,15 +172,18 @@ class ModelWorker:
     (`run_setup.build_run_model`), then for each decoded unit runs the model and the --explain
     methods and writes each image's files through `image_files.write_image_files`; returns the
     unit's records: the journal's columns, or with `methods` (not None) the typed columns of
-    `engine.ray_records` with a map column per method. `unit_hook(keys)`, when given, is called
-    before a unit runs (fault injection)."""
+    `engine.ray_records` with a map column per method. With `decode` (a DecodeSpec) the rows are
+    the planned ones and the actor decodes them itself (`decode_unit`: no decoded batch crosses
+    the object store; the choice for one machine); without, they come from the decoding tasks.
+    `unit_hook(keys)`, when given, is called before a unit runs (fault injection)."""
 
     def __init__(self, settings: Any, control: Any, unit_hook: Callable[[list[str]], None] | None = None,
-                 methods: Sequence[str] | None = None) -> None:
+                 methods: Sequence[str] | None = None, decode: DecodeSpec | None = None) -> None:
         import ray
 
         started = time.perf_counter()
         self.settings, self.control, self.unit_hook, self.methods = settings, control, unit_hook, methods
+        self.decode = decode
         device = resolve_device(settings.device)
         model = load_model(settings.model, device="cpu", prompt=settings.prompt)
         self.predictor, self.runner, prepared = build_run_model(settings, model, device)
@@ -186,20 +202,25 @@ class ModelWorker:
         import ray
 
         rows: list[dict[str, Any]] = []
-        for unit, blob, skip_blob in zip(batch["unit"], batch["loaded"], batch["skip"]):
-            loaded: list[LoadedBatch] = pickle.loads(blob)
+        blobs = batch["loaded"] if self.decode is None else batch["batches"]
+        for unit, blob, skip_blob in zip(batch["unit"], blobs, batch["skip"]):
             skip = set(pickle.loads(skip_blob))
-            items = [sample.item for part in loaded for sample in part.samples if sample.item.key not in skip]
+            # counted before decoding: an image that kills its decoding in this process counts too
             attempt = ray.get(self.control.begin.remote(int(unit)))
             if attempt > self.max_attempts:  # it killed its model process every time: no endless retry loop
+                items = ([sample.item for part in pickle.loads(blob) for sample in part.samples] if self.decode is None
+                         else [item for planned in pickle.loads(blob) for item in planned.items])
                 reason = (f"the model process died on each of {self.max_attempts} tries at this image's batch "
                           f"(killed or crashed: out of memory, a native crash); not tried again")
-                rows.extend(error_row(error_record(item, reason)) for item in items)
+                rows.extend(error_row(error_record(item, reason)) for item in items if item.key not in skip)
                 continue
+            loaded: list[LoadedBatch] = pickle.loads(blob) if self.decode is None else decode_unit(blob, self.decode)
             if self.unit_hook is not None:
-                self.unit_hook([item.key for item in items])
+                self.unit_hook([sample.item.key for part in loaded for sample in part.samples
+                                if sample.item.key not in skip])
             for part in loaded:
                 rows.extend(self._run(part, skip))
+            ray.get(self.control.finish.remote(int(unit)))
         return journal_columns(rows) if self.methods is None else records_table(rows, self.methods)
 
     def _run(self, loaded: LoadedBatch, skip: set[str]) -> list[dict[str, Any]]:
