@@ -298,6 +298,45 @@ def test_poison_image_becomes_an_error_record_after_k_tries(cluster, corpus, ref
     assert snapshot["predictions.jsonl"] == reference["snapshot"]["predictions.jsonl"]
 
 
+def test_image_that_kills_its_decoding_task_becomes_an_error_record_after_k_tries(cluster, corpus, reference,
+                                                                                 tmp_path: Path) -> None:
+    """Ray Data retries a decoding task whose process dies without end: the run's control bounds
+    it. All five units in one block: the four decoded before the poison one run again with each
+    retry and are not counted."""
+    out = tmp_path / "out"
+    run_predict_ray(_settings(corpus, out, corpus["poison"]),
+                    RaySettings(decode="tasks", decode_hook=functools.partial(exit_on, "poison"), units_per_block=5))
+    snapshot = _snapshot(out)
+    errors = [json.loads(line) for line in snapshot["errors.jsonl"].splitlines()]
+    assert [e["key"] for e in errors] == ["corrupt", "dangling", "poison"]
+    assert f"the decoding process died on each of {DEFAULT_MAX_ATTEMPTS} tries" in errors[-1]["reason"]
+    assert snapshot["predictions.jsonl"] == reference["snapshot"]["predictions.jsonl"]
+
+
+def test_video_on_ray_equals_single_host(cluster, tmp_path: Path) -> None:
+    """A video is one unit (all its sampled frames): its frames' records and files equal the
+    single-host run's, decoding in tasks or in the actor."""
+    import cv2
+
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 120))
+    if not writer.isOpened():
+        pytest.skip("OpenCV cannot write MJPG video here")
+    frame = cv2.imread(str(REPO / "demo" / "images" / "shapes_2.png"))
+    for index in range(7):
+        writer.write(cv2.resize(np.roll(frame, 9 * index, axis=1), (160, 120)))
+    writer.release()
+    options = ["predict", str(video), "--video-stride", "2", "--model", "demo", "--device", "cpu", "--precision",
+               "fp32", "--batch-size", "2", "--workers", "0", "--save-attention", "--explain", "attn-grad", "--quiet"]
+    assert cli_main([*options, "--out", str(tmp_path / "host")]) == 0
+    reference = _snapshot(tmp_path / "host")
+    assert reference["predictions.jsonl"].count(b"\n") == 4  # frames 0, 2, 4, 6
+    for decode in ("tasks", "actor"):
+        out = tmp_path / decode
+        assert cli_main([*options, "--out", str(out), "--engine", "ray", "--ray-decode", decode]) == 0
+        assert _snapshot(out) == reference
+
+
 def _signal_driver(command: list[str], journal: Path, signum: int, lines: int) -> tuple[int, str]:
     """Run the driver in a subprocess, send `signum` once `lines` records are journalled."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")

@@ -66,7 +66,8 @@ class RaySettings:
     units_per_block: work units (batches) per Ray Data block, the unit of scheduling and retry
         (each block costs the scheduler about 10 ms); None: up to 8, with at least 4 blocks per actor.
     max_attempts: attempts at a unit whose model process dies before its images become error records.
-    unit_hook: called in the model actor with a unit's keys before it runs (fault injection, tests).
+    unit_hook: called in the model actor with a unit's keys before it runs (fault injection, tests);
+    decode_hook: the same in the decoding task, before it decodes (with decode="tasks").
     """
 
     address: str | None = None
@@ -79,6 +80,7 @@ class RaySettings:
     units_per_block: int | None = None
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     unit_hook: Callable[[list[str]], None] | None = None
+    decode_hook: Callable[[list[str]], None] | None = None
 
 
 def ray_available() -> bool:
@@ -134,7 +136,9 @@ def build_records_dataset(settings: PredictSettings, ray_settings: RaySettings, 
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / per_block)))
     in_actor = ray_settings.decode == "actor"
     if not in_actor:
-        dataset = dataset.map_batches(decode_units, batch_size=1, batch_format="numpy", fn_kwargs={"spec": decode},
+        dataset = dataset.map_batches(decode_units, batch_size=1, batch_format="numpy",
+                                      fn_kwargs={"spec": decode, "control": control, "unit_hook": ray_settings.decode_hook,
+                                                 "max_attempts": ray_settings.max_attempts},
                                       num_cpus=ray_settings.decode_cpus,
                                       # one thread per decoding task; an environment of its own also keeps Ray
                                       # Data from fusing the decoding into the model actors (a stage of its own)

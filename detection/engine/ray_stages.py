@@ -98,14 +98,50 @@ def decode_unit(blob: bytes, spec: DecodeSpec) -> list[LoadedBatch]:
     return decoded
 
 
-def decode_units(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np.ndarray]:
-    """Decoding stage (a CPU task, one thread): planned rows -> decoded rows (`decode_unit`)."""
+@dataclass
+class UnitFailed:
+    """A unit whose decoding process died on each of its tries: its images (not yet done) and the
+    reason their error records give. Travels in place of the decoded unit, to the model stage."""
+
+    items: list
+    reason: str
+
+
+def _died_reason(stage: str, tries: int) -> str:
+    return (f"the {stage} process died on each of {tries} tries at this image's batch "
+            f"(killed or crashed: out of memory, a native crash); not tried again")
+
+
+def decode_units(batch: dict[str, np.ndarray], spec: DecodeSpec, control: Any, max_attempts: int,
+                 unit_hook: Callable[[list[str]], None] | None = None) -> dict[str, np.ndarray]:
+    """Decoding stage (a CPU task, one thread): planned rows -> decoded rows (`decode_unit`). Ray
+    Data retries a task whose process dies without end; the run's control actor counts the tries
+    at each unit, and a unit past `max_attempts` goes on as `UnitFailed` (error records). A unit
+    that decoded once counts 1 when its block runs again. `unit_hook(keys)`: fault injection."""
     import cv2
+    import ray
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    loaded = [pickle.dumps(decode_unit(blob, spec)) for blob in batch["batches"]]
+    loaded = []
+    for unit, blob in zip(batch["unit"], batch["batches"]):
+        attempt = ray.get(control.begin.remote(int(unit), "decode"))
+        if attempt > max_attempts:
+            loaded.append(pickle.dumps(UnitFailed(_unit_items(pickle.loads(blob)), _died_reason("decoding", max_attempts))))
+            continue
+        if unit_hook is not None:
+            unit_hook([item.key for item in _unit_items(pickle.loads(blob))])
+        loaded.append(pickle.dumps(decode_unit(blob, spec)))
+        ray.get(control.finish.remote(int(unit), "decode"))
     return {"unit": batch["unit"], "loaded": np.array(loaded, dtype=object), "skip": batch["skip"]}
+
+
+def _unit_items(unit: list[PlannedBatch] | list[LoadedBatch] | UnitFailed) -> list:
+    """The items of a planned, decoded or failed unit."""
+    if isinstance(unit, UnitFailed):
+        return unit.items
+    return [item for part in unit for item in (part.items if isinstance(part, PlannedBatch)
+                                                else [sample.item for sample in part.samples])]
 
 
 class RunControl:
@@ -115,23 +151,24 @@ class RunControl:
 
     def __init__(self, max_attempts: int) -> None:
         self.max_attempts = max_attempts
-        self.attempts: dict[int, int] = {}
-        self.finished: set[int] = set()
+        self.attempts: dict[tuple[int, str], int] = {}
+        self.finished: set[tuple[int, str]] = set()
         self.workers: list[tuple[int, str]] = []
         self.load_seconds: list[float] = []
 
-    def begin(self, unit: int) -> int:
-        """Count one more attempt at `unit`; returns the attempt number (1 = the first). A unit
-        that finished once counts 1 when it runs again (a block of units retried whole after a
-        later unit killed its process: only the unit that was running counts the death)."""
-        if unit in self.finished:
+    def begin(self, unit: int, stage: str = "model") -> int:
+        """Count one more attempt at `unit` in `stage` ("model" or "decode"); returns the attempt
+        number (1 = the first). A unit that finished the stage once counts 1 when it runs again
+        (a block of units retried whole after a later unit killed its process: only the unit that
+        was running counts the death)."""
+        if (unit, stage) in self.finished:
             return 1
-        self.attempts[unit] = self.attempts.get(unit, 0) + 1
-        return self.attempts[unit]
+        self.attempts[unit, stage] = self.attempts.get((unit, stage), 0) + 1
+        return self.attempts[unit, stage]
 
-    def finish(self, unit: int) -> None:
-        """`unit` ran to its records."""
-        self.finished.add(unit)
+    def finish(self, unit: int, stage: str = "model") -> None:
+        """`unit` went through `stage`."""
+        self.finished.add((unit, stage))
 
     def register(self, pid: int, node_id: str, load_seconds: float) -> int:
         """A model actor started (or restarted) in process `pid` on node `node_id` and loaded the
@@ -208,13 +245,16 @@ class ModelWorker:
             # counted before decoding: an image that kills its decoding in this process counts too
             attempt = ray.get(self.control.begin.remote(int(unit)))
             if attempt > self.max_attempts:  # it killed its model process every time: no endless retry loop
-                items = ([sample.item for part in pickle.loads(blob) for sample in part.samples] if self.decode is None
-                         else [item for planned in pickle.loads(blob) for item in planned.items])
-                reason = (f"the model process died on each of {self.max_attempts} tries at this image's batch "
-                          f"(killed or crashed: out of memory, a native crash); not tried again")
+                items = _unit_items(pickle.loads(blob))
+                reason = _died_reason("model", self.max_attempts)
                 rows.extend(error_row(error_record(item, reason)) for item in items if item.key not in skip)
                 continue
-            loaded: list[LoadedBatch] = pickle.loads(blob) if self.decode is None else decode_unit(blob, self.decode)
+            loaded = pickle.loads(blob) if self.decode is None else decode_unit(blob, self.decode)
+            if isinstance(loaded, UnitFailed):  # its decoding tasks died each time
+                rows.extend(error_row(error_record(item, loaded.reason)) for item in loaded.items
+                            if item.key not in skip)
+                ray.get(self.control.finish.remote(int(unit)))
+                continue
             if self.unit_hook is not None:
                 self.unit_hook([sample.item.key for part in loaded for sample in part.samples
                                 if sample.item.key not in skip])
