@@ -1,21 +1,22 @@
-"""The report's multi-page PDF: a cover page, then pages per image composed
-with OpenCV and written by Pillow (the same run folder gives the same bytes)."""
+"""The report's multi-page PDF: a cover page, then pages per image composed with OpenCV, with
+their text as an invisible text layer (`pdf_pages`; the same run folder gives the same bytes)."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import cv2
 import numpy as np
-from PIL import Image
 
+from detection.attention.token_scores import TokenScores
 from detection.data.image_codec import decode_image
 from detection.io import write_bytes_atomic
 from detection.render.labels import ascii_text
 from detection.render.panel import compose_grid, fit_image
+from detection.render.pdf_pages import RasterPage, pdf_bytes
 from detection.render.report_contents import (ImageEntry, RunContents, detection_caption, detection_cells,
                                               method_columns, settings_rows)
+from detection.render.token_view import token_colors
 from detection.text import plural
 
 PDF_DPI = 100
@@ -27,43 +28,67 @@ _TEXT_SCALE = 0.5  # Hershey simplex: ~11 px capitals at 100 dpi (about 8 pt)
 _LINE_HEIGHT = 18
 
 
-def _blank_page() -> np.ndarray:
-    return np.full((*PDF_PAGE, 3), 255, np.uint8)
+def _blank_page() -> RasterPage:
+    return RasterPage(np.full((*PDF_PAGE, 3), 255, np.uint8))
 
 
-def _write_lines(page: np.ndarray, lines: Iterable[str], top: int, scale: float = _TEXT_SCALE) -> int:
+def _write_lines(page: RasterPage, lines: Iterable[str], top: int, scale: float = _TEXT_SCALE) -> int:
     """Draw text lines (cut to the page width) from `top`; returns the y below the last line."""
-    width = page.shape[1] - 2 * _PAGE_MARGIN
+    width = page.pixels.shape[1] - 2 * _PAGE_MARGIN
     line_height = int(round(_LINE_HEIGHT * scale / _TEXT_SCALE))
     for line in lines:
         text = ascii_text(line)
         while text and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width:
             text = text[:-4] + "..."
         top += line_height
-        cv2.putText(page, text, (_PAGE_MARGIN, top), cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), 1, cv2.LINE_AA)
+        page.put_text(text, (_PAGE_MARGIN, top), scale, (20, 20, 20))
     return top + line_height // 2
 
 
 _TABLE_COLUMNS = (0, 40, 300, 380, 620)  # x offsets of the detection table's columns
 
 
-def _write_table(page: np.ndarray, header: list[str], rows: list[list[str]], top: int) -> int:
-    """Draw a table with fixed column offsets (Hershey fonts are proportional, so no padding)."""
-    for line in [header, *rows]:
+def _write_table(page: RasterPage, header: list[str], rows: list[list[str]], top: int,
+                 below: list[Callable[[int], int]] | None = None) -> int:
+    """Draw a table with fixed column offsets (Hershey fonts are proportional, so no padding);
+    below[k](top) draws under row k and returns the y below it."""
+    for k, line in enumerate([header, *rows]):
         top += _LINE_HEIGHT
         for offset, cell in zip(_TABLE_COLUMNS, line):
-            text = ascii_text(cell)[:32]
-            origin = (_PAGE_MARGIN + offset, top)
-            cv2.putText(page, text, origin, cv2.FONT_HERSHEY_SIMPLEX, _TEXT_SCALE, (20, 20, 20), 1, cv2.LINE_AA)
+            page.put_text(ascii_text(cell)[:32], (_PAGE_MARGIN + offset, top), _TEXT_SCALE, (20, 20, 20))
+        if below and 0 < k <= len(below):
+            top = below[k - 1](top)
     return top + _LINE_HEIGHT // 2
 
 
-def _paste(page: np.ndarray, image: np.ndarray, top: int, max_height: int) -> int:
+def _write_token_row(page: RasterPage, scores: TokenScores, k: int, top: int) -> int:
+    """Detection k's prompt under its table row (the report's token view): each token on its colour
+    (`token_view.token_colors` blended over the white page), phrases separated by '.'; tokens past
+    the page width go on a further line. Returns the y below the last line."""
+    x_start, right = _PAGE_MARGIN + _TABLE_COLUMNS[1], page.pixels.shape[1] - _PAGE_MARGIN
+    x, top, previous = x_start, top + _LINE_HEIGHT, None
+    for text, phrase, (color, opacity) in zip(scores.tokens, scores.token_phrase.tolist(), token_colors(scores.scores[k])):
+        text = ascii_text(text)
+        width = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, _TEXT_SCALE, 1)[0][0]
+        gap = 14 if previous is not None and phrase != previous else 4
+        if x > x_start and x + gap + width + 6 > right:
+            x, top, gap = x_start, top + _LINE_HEIGHT, 0
+        if gap == 14:
+            page.put_text(".", (x + 4, top), _TEXT_SCALE, (150, 150, 150))
+        x += gap
+        background = np.round(255 * (1 - opacity) + np.asarray(color) * opacity).astype(np.uint8)
+        page.pixels[top - 13 : top + 5, x : x + width + 6] = background
+        page.put_text(text, (x + 3, top), _TEXT_SCALE, (20, 20, 20), word=True)
+        x, previous = x + width + 6, phrase
+    return top + 4
+
+
+def _paste(page: RasterPage, image: np.ndarray, top: int, max_height: int) -> int:
     """Paste `image` scaled to fit the page width and `max_height` (enlarged at most 2x) at `top`;
     returns its bottom."""
-    max_width = min(page.shape[1] - 2 * _PAGE_MARGIN, 2 * image.shape[1])
+    max_width = min(page.pixels.shape[1] - 2 * _PAGE_MARGIN, 2 * image.shape[1])
     fitted = fit_image(image, max_width, max(1, min(max_height, 2 * image.shape[0])))
-    page[top : top + fitted.shape[0], _PAGE_MARGIN : _PAGE_MARGIN + fitted.shape[1]] = fitted
+    page.pixels[top : top + fitted.shape[0], _PAGE_MARGIN : _PAGE_MARGIN + fitted.shape[1]] = fitted
     return top + fitted.shape[0]
 
 
@@ -71,7 +96,7 @@ def _fit_scale(image: np.ndarray, max_height: int) -> float:
     return min((PDF_PAGE[1] - 2 * _PAGE_MARGIN) / image.shape[1], max_height / image.shape[0])
 
 
-def _cover_page(run: RunContents, title: str, shown: int) -> np.ndarray:
+def _cover_page(run: RunContents, title: str, shown: int) -> RasterPage:
     page = _blank_page()
     top = _write_lines(page, [title], _PAGE_MARGIN, scale=0.9)
     summary = [
@@ -92,7 +117,7 @@ def _cover_page(run: RunContents, title: str, shown: int) -> np.ndarray:
     return page
 
 
-def _image_pages(entry: ImageEntry) -> list[np.ndarray]:
+def _image_pages(entry: ImageEntry) -> list[RasterPage]:
     page = _blank_page()
     header = f"{entry.file}  ({entry.width} x {entry.height} px, {plural(len(entry.detections), 'detection')})"
     top = _write_lines(page, [header], _PAGE_MARGIN, scale=0.6)
@@ -103,7 +128,12 @@ def _image_pages(entry: ImageEntry) -> list[np.ndarray]:
         top = _write_lines(page, ["(no combined overlay in this run folder)"], top)
     if entry.detections:
         shown = [detection_cells(i, d) for i, d in enumerate(entry.detections[:12])]
-        top = _write_table(page, ["#", "class", "score", "box x, y, w, h", "query"], shown, top)
+        tokens = entry.token_scores
+        if tokens is not None:  # a prompted run: each detection's prompt, shaded, under its row
+            top = _write_lines(page, [f"under each detection: its prompt tokens, {tokens.token_method}"], top)
+        below = None if tokens is None else [
+            lambda y, k=k: _write_token_row(page, tokens, k, y) for k in range(len(shown))]
+        top = _write_table(page, ["#", "class", "score", "box x, y, w, h", "query"], shown, top, below)
     if len(entry.detections) > 12:
         top = _write_lines(page, [f"... and {len(entry.detections) - 12} more (see the HTML report)"], top - _LINE_HEIGHT // 2)
     pages = [page]
@@ -130,7 +160,7 @@ def _image_pages(entry: ImageEntry) -> list[np.ndarray]:
     return pages
 
 
-def _settings_page(run: RunContents) -> np.ndarray:
+def _settings_page(run: RunContents) -> RasterPage:
     """The appendix: the run's model and settings."""
     page = _blank_page()
     top = _write_lines(page, ["Model and run settings"], _PAGE_MARGIN, scale=0.9)
@@ -145,18 +175,5 @@ def write_pdf(run: RunContents, path: Path, title: str, max_images: int | None =
     for entry in shown:
         pages.extend(_image_pages(entry))
     pages.append(_settings_page(run))
-    pil_pages = [Image.fromarray(page) for page in pages]
-    buffer = io.BytesIO()
-    # no creation/modification dates: the same run folder gives the same bytes
-    pil_pages[0].save(
-        buffer,
-        "PDF",
-        save_all=True,
-        append_images=pil_pages[1:],
-        resolution=float(PDF_DPI),
-        title=ascii_text(title),
-        creationDate=None,
-        modDate=None,
-    )
-    write_bytes_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, pdf_bytes(pages, title, float(PDF_DPI)))
     return len(pages)
