@@ -192,3 +192,30 @@ def test_a_closed_set_run_shows_no_token_view(driver, demo_run) -> None:
     browser_tests.wait_ready(driver)
     assert not driver.find_element(By.ID, "token-view").is_displayed()
     assert driver.execute_script("return document.querySelectorAll('#token-view span').length") == 0
+
+
+def test_a_long_prompt_wraps_and_continues_on_new_pages() -> None:
+    """80 phrases x 12 detections: every token of every row is drawn, on the page, in prompt order."""
+    from detection.attention.token_scores import TokenScores
+    from detection.render.report_contents import ImageEntry
+    from detection.render.report_pdf import PDF_PAGE
+
+    phrases = tuple(f"phrase{c}" for c in range(80))
+    tokens = tuple(word for c in range(80) for word in (f"word{c}", "thing"))
+    rng = np.random.default_rng(0)
+    scores = TokenScores(phrases=phrases, tokens=tokens, token_phrase=np.repeat(np.arange(80), 2),
+                         scores=rng.normal(size=(12, 160)).astype(np.float32),
+                         phrase_scores=rng.normal(size=(12, 80)).astype(np.float32),
+                         token_method="hand-made", phrase_method="hand-made")
+    detections = [{"bbox": [1, 2, 3, 4], "score": 0.5, "class_name": phrases[k], "query_index": 100 + k} for k in range(12)]
+    entry = ImageEntry(file="long.png", image_id=1, width=10, height=10, detections=detections, stem=None,
+                       overlay=None, token_scores=scores)
+    pages = _image_pages(entry)
+    assert len(pages) > 1
+    drawn = [word.strip() for page in pages for _, _, _, _, word in page.texts if word.endswith(" ")]
+    assert drawn == list(tokens) * 12
+    for page in pages:
+        assert all(0 < x and baseline + 5 <= PDF_PAGE[0] and x + width <= PDF_PAGE[1]
+                   for x, baseline, _, width, _ in page.texts)
+    numbers = [text for page in pages for _, _, _, _, text in page.texts if text.isdigit()]
+    assert numbers == [str(v) for k in range(12) for v in (k, 100 + k)]  # each row once, in order

@@ -3,7 +3,7 @@ their text as an invisible text layer (`pdf_pages`; the same run folder gives th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import cv2
 import numpy as np
@@ -48,39 +48,68 @@ def _write_lines(page: RasterPage, lines: Iterable[str], top: int, scale: float 
 _TABLE_COLUMNS = (0, 40, 300, 380, 620)  # x offsets of the detection table's columns
 
 
-def _write_table(page: RasterPage, header: list[str], rows: list[list[str]], top: int,
-                 below: list[Callable[[int], int]] | None = None) -> int:
-    """Draw a table with fixed column offsets (Hershey fonts are proportional, so no padding);
-    below[k](top) draws under row k and returns the y below it."""
-    for k, line in enumerate([header, *rows]):
+def _write_table(page: RasterPage, header: list[str] | None, rows: list[list[str]], top: int) -> int:
+    """Draw a table with fixed column offsets (Hershey fonts are proportional, so no padding)."""
+    for line in ([header] if header else []) + rows:
         top += _LINE_HEIGHT
         for offset, cell in zip(_TABLE_COLUMNS, line):
             page.put_text(ascii_text(cell)[:32], (_PAGE_MARGIN + offset, top), _TEXT_SCALE, (20, 20, 20))
-        if below and 0 < k <= len(below):
-            top = below[k - 1](top)
     return top + _LINE_HEIGHT // 2
 
 
-def _write_token_row(page: RasterPage, scores: TokenScores, k: int, top: int) -> int:
-    """Detection k's prompt under its table row (the report's token view): each token on its colour
-    (`token_view.token_colors` blended over the white page), phrases separated by '.'; tokens past
-    the page width go on a further line. Returns the y below the last line."""
-    x_start, right = _PAGE_MARGIN + _TABLE_COLUMNS[1], page.pixels.shape[1] - _PAGE_MARGIN
-    x, top, previous = x_start, top + _LINE_HEIGHT, None
+_TOKEN_PAD, _TOKEN_GAP, _PHRASE_GAP = 3, 4, 14  # px: inside a token's background, between tokens, between phrases
+
+
+def _token_lines(scores: TokenScores, k: int, width: int) -> list[list[tuple[int, str, tuple[int, int, int], float, bool]]]:
+    """Detection k's prompt laid out in lines of at most `width` px: (x, token, colour, opacity,
+    a phrase separator before it) per token, colours by `token_view.token_colors`."""
+    lines: list[list] = [[]]
+    x, previous = 0, None
     for text, phrase, (color, opacity) in zip(scores.tokens, scores.token_phrase.tolist(), token_colors(scores.scores[k])):
         text = ascii_text(text)
-        width = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, _TEXT_SCALE, 1)[0][0]
-        gap = 14 if previous is not None and phrase != previous else 4
-        if x > x_start and x + gap + width + 6 > right:
-            x, top, gap = x_start, top + _LINE_HEIGHT, 0
-        if gap == 14:
-            page.put_text(".", (x + 4, top), _TEXT_SCALE, (150, 150, 150))
-        x += gap
-        background = np.round(255 * (1 - opacity) + np.asarray(color) * opacity).astype(np.uint8)
-        page.pixels[top - 13 : top + 5, x : x + width + 6] = background
-        page.put_text(text, (x + 3, top), _TEXT_SCALE, (20, 20, 20), word=True)
-        x, previous = x + width + 6, phrase
+        size = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, _TEXT_SCALE, 1)[0][0] + 2 * _TOKEN_PAD
+        separator = previous is not None and phrase != previous
+        gap = (_PHRASE_GAP if separator else _TOKEN_GAP) if lines[-1] else 0
+        if lines[-1] and x + gap + size > width:
+            lines.append([])
+            x, gap = 0, 0
+        lines[-1].append((x + gap, text, color, opacity, separator))
+        x, previous = x + gap + size, phrase
+    return lines
+
+
+def _write_token_row(page: RasterPage, lines: list[list], top: int) -> int:
+    """Draw `_token_lines` under a table row from `top`: each token on its colour blended over the
+    white page, '.' between phrases. Returns the y below the last line."""
+    left = _PAGE_MARGIN + _TABLE_COLUMNS[1]
+    for line in lines:
+        top += _LINE_HEIGHT
+        for x, text, color, opacity, separator in line:
+            x += left
+            if separator and x - _PHRASE_GAP > left:
+                page.put_text(".", (x - _PHRASE_GAP + 4, top), _TEXT_SCALE, (150, 150, 150))
+            width = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, _TEXT_SCALE, 1)[0][0] + 2 * _TOKEN_PAD
+            page.pixels[top - 13 : top + 5, x : x + width] = np.round(
+                255 * (1 - opacity) + np.asarray(color) * opacity).astype(np.uint8)
+            page.put_text(text, (x + _TOKEN_PAD, top), _TEXT_SCALE, (20, 20, 20), word=True)
     return top + 4
+
+
+def _write_prompted_table(pages: list[RasterPage], title: str, header: list[str], rows: list[list[str]],
+                          scores: TokenScores, top: int) -> int:
+    """The detections table with each detection's prompt tokens under its row (the report's token
+    view); a row that does not fit goes on a new page (appended to `pages`). Returns the last top."""
+    top = _write_lines(pages[-1], [f"under each detection: its prompt tokens, {scores.token_method}"], top)
+    top = _write_table(pages[-1], header, [], top) - _LINE_HEIGHT // 2
+    width = PDF_PAGE[1] - 2 * _PAGE_MARGIN - _TABLE_COLUMNS[1]
+    for k, cells in enumerate(rows):
+        lines = _token_lines(scores, k, width)
+        if top + _LINE_HEIGHT * (len(lines) + 2) > PDF_PAGE[0] - _PAGE_MARGIN:
+            pages.append(_blank_page())
+            top = _write_lines(pages[-1], [f"{title} (continued)"], _PAGE_MARGIN, scale=0.6)
+            top = _write_table(pages[-1], header, [], top) - _LINE_HEIGHT // 2
+        top = _write_token_row(pages[-1], lines, _write_table(pages[-1], None, [cells], top) - _LINE_HEIGHT // 2)
+    return top + _LINE_HEIGHT // 2
 
 
 def _paste(page: RasterPage, image: np.ndarray, top: int, max_height: int) -> int:
@@ -126,17 +155,17 @@ def _image_pages(entry: ImageEntry) -> list[RasterPage]:
         top = _paste(page, decode_image(entry.overlay.read_bytes(), str(entry.overlay)), top, int(PDF_PAGE[0] * 0.38)) + 8
     else:
         top = _write_lines(page, ["(no combined overlay in this run folder)"], top)
+    pages = [page]
     if entry.detections:
         shown = [detection_cells(i, d) for i, d in enumerate(entry.detections[:12])]
-        tokens = entry.token_scores
-        if tokens is not None:  # a prompted run: each detection's prompt, shaded, under its row
-            top = _write_lines(page, [f"under each detection: its prompt tokens, {tokens.token_method}"], top)
-        below = None if tokens is None else [
-            lambda y, k=k: _write_token_row(page, tokens, k, y) for k in range(len(shown))]
-        top = _write_table(page, ["#", "class", "score", "box x, y, w, h", "query"], shown, top, below)
+        header = ["#", "class", "score", "box x, y, w, h", "query"]
+        if entry.token_scores is None:
+            top = _write_table(page, header, shown, top)
+        else:  # a prompted run: each detection's prompt, shaded, under its row
+            top = _write_prompted_table(pages, entry.file, header, shown, entry.token_scores, top)
     if len(entry.detections) > 12:
-        top = _write_lines(page, [f"... and {len(entry.detections) - 12} more (see the HTML report)"], top - _LINE_HEIGHT // 2)
-    pages = [page]
+        top = _write_lines(pages[-1], [f"... and {len(entry.detections) - 12} more (see the HTML report)"],
+                           top - _LINE_HEIGHT // 2)
     # with explanation methods: a row per detection, a tile per method (as the HTML compares them)
     columns = method_columns(entry) if entry.method_overlays else [("", entry.detection_overlays)]
     tiles = [
