@@ -60,9 +60,9 @@ def _write_table(page: RasterPage, header: list[str] | None, rows: list[list[str
 _TOKEN_PAD, _TOKEN_GAP, _PHRASE_GAP = 3, 4, 14  # px: inside a token's background, between tokens, between phrases
 
 
-def _token_lines(scores: TokenScores, k: int, width: int) -> list[list[tuple[int, str, tuple[int, int, int], float, bool]]]:
-    """Detection k's prompt laid out in lines of at most `width` px: (x, token, colour, opacity,
-    a phrase separator before it) per token, colours by `token_view.token_colors`."""
+def _token_lines(scores: TokenScores, k: int, width: int) -> list[list[tuple[int, int, str, tuple[int, int, int], float, bool]]]:
+    """Detection k's prompt laid out in lines of at most `width` px: (x, width of its background,
+    token, colour, opacity, a phrase separator before it) per token, colours by `token_view.token_colors`."""
     lines: list[list] = [[]]
     x, previous = 0, None
     for text, phrase, (color, opacity) in zip(scores.tokens, scores.token_phrase.tolist(), token_colors(scores.scores[k])):
@@ -73,7 +73,7 @@ def _token_lines(scores: TokenScores, k: int, width: int) -> list[list[tuple[int
         if lines[-1] and x + gap + size > width:
             lines.append([])
             x, gap = 0, 0
-        lines[-1].append((x + gap, text, color, opacity, separator))
+        lines[-1].append((x + gap, size, text, color, opacity, separator))
         x, previous = x + gap + size, phrase
     return lines
 
@@ -84,11 +84,10 @@ def _write_token_row(page: RasterPage, lines: list[list], top: int) -> int:
     left = _PAGE_MARGIN + _TABLE_COLUMNS[1]
     for line in lines:
         top += _LINE_HEIGHT
-        for x, text, color, opacity, separator in line:
+        for x, width, text, color, opacity, separator in line:
             x += left
             if separator and x - _PHRASE_GAP > left:
                 page.put_text(".", (x - _PHRASE_GAP + 4, top), _TEXT_SCALE, (150, 150, 150))
-            width = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, _TEXT_SCALE, 1)[0][0] + 2 * _TOKEN_PAD
             page.pixels[top - 13 : top + 5, x : x + width] = np.round(
                 255 * (1 - opacity) + np.asarray(color) * opacity).astype(np.uint8)
             page.put_text(text, (x + _TOKEN_PAD, top), _TEXT_SCALE, (20, 20, 20), word=True)
