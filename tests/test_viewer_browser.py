@@ -49,8 +49,8 @@ def viewer(tmp_path_factory):
     return root / "run"
 
 
-@pytest.fixture(scope="module")
-def driver():
+def start_chrome():
+    """Headless Chromium at 1400 x 1000, scale factor 1, driven through Debian's chromedriver by path."""
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -65,6 +65,12 @@ def driver():
             os.environ.pop("SE_OFFLINE", None)
         else:
             os.environ["SE_OFFLINE"] = previous
+    return browser
+
+
+@pytest.fixture(scope="module")
+def driver():
+    browser = start_chrome()
     yield browser
     browser.quit()
 

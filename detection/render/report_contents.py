@@ -74,11 +74,13 @@ def _image_entry(row: dict, reader: RunReader) -> ImageEntry:
         overlay=overlay,
         detection_overlays=per_detection or [None] * len(row["detections"]),
         method_overlays=per_method,
-        token_scores=_token_scores(row, reader),
+        token_scores=read_token_scores(row, reader),
     )
 
 
-def _token_scores(row: dict, reader: RunReader) -> TokenScores | None:
+def read_token_scores(row: dict, reader: RunReader) -> TokenScores | None:
+    """The token scores of a predictions.jsonl row (detection k = row k), or None when the run saved
+    none (a closed-set model, or predict without --save-attention). ValueError names the file."""
     path = reader.tokens(row)
     if path is None:
         return None

@@ -1,5 +1,6 @@
 """The token view of a prompted detector's detection: the prompt with each token shaded by how much
-that detection came from it (`attention.token_scores.TokenScores`), as HTML for the report."""
+that detection came from it (`attention.token_scores.TokenScores`); the one colour rule, as HTML for
+the report and the viewer and as colours for the PDF."""
 from __future__ import annotations
 
 import html
@@ -9,7 +10,7 @@ import numpy as np
 from detection.attention.token_scores import TokenScores
 
 #: Shading: positive scores orange, negative ones blue (gradient x input can be negative).
-_POSITIVE, _NEGATIVE = (230, 110, 20), (40, 110, 220)
+TOKEN_POSITIVE, TOKEN_NEGATIVE = (230, 110, 20), (40, 110, 220)
 
 TOKEN_VIEW_CSS = (".tokens td{font-size:14px}.tok{padding:1px 3px;margin:0 1px;border-radius:3px;"
                   "border:1px solid #ddd}.sep{color:#999;margin:0 2px}")
@@ -22,19 +23,31 @@ def token_shades(scores: np.ndarray) -> np.ndarray:
     return np.abs(scores) / peak if peak > 0 else np.zeros_like(scores)
 
 
+def token_colors(scores: np.ndarray) -> list[tuple[tuple[int, int, int], float]]:
+    """(T,) scores -> per token (RGB, opacity): orange for a score >= 0, blue below, opacity
+    `token_shades` rounded to 3 decimals (as the HTML's rgba() writes it)."""
+    scores = np.asarray(scores)
+    return [(TOKEN_POSITIVE if value >= 0 else TOKEN_NEGATIVE, round(float(shade), 3))
+            for value, shade in zip(scores.tolist(), token_shades(scores).tolist())]
+
+
+def token_title(scores: TokenScores, k: int, t: int) -> str:
+    """The hover text of detection k's token t: its phrase, the token's score and the phrase's."""
+    phrase = int(scores.token_phrase[t])
+    return f"{scores.phrases[phrase]}: token {scores.scores[k, t]:.4g}; phrase {scores.phrase_scores[k, phrase]:.4g}"
+
+
 def token_row_html(scores: TokenScores, k: int) -> str:
     """Detection k's prompt: every token a span shaded by its score (title: the score), phrases
     separated by '.', the detection's phrase scores in the phrase's title."""
-    row, shades = scores.scores[k], token_shades(scores.scores[k])
     parts, previous = [], None
-    for t, (text, phrase) in enumerate(zip(scores.tokens, scores.token_phrase.tolist())):
+    for t, (text, phrase, ((red, green, blue), shade)) in enumerate(
+            zip(scores.tokens, scores.token_phrase.tolist(), token_colors(scores.scores[k]))):
         if previous is not None and phrase != previous:
             parts.append('<span class="sep">.</span>')
         previous = phrase
-        red, green, blue = _POSITIVE if row[t] >= 0 else _NEGATIVE
-        title = f"{scores.phrases[phrase]}: token {row[t]:.4g}; phrase {scores.phrase_scores[k, phrase]:.4g}"
-        parts.append(f'<span class="tok" style="background:rgba({red},{green},{blue},{shades[t]:.3f})" '
-                     f'title="{html.escape(title, quote=True)}">{html.escape(text)}</span>')
+        parts.append(f'<span class="tok" style="background:rgba({red},{green},{blue},{shade:.3f})" '
+                     f'title="{html.escape(token_title(scores, k, t), quote=True)}">{html.escape(text)}</span>')
     return "".join(parts)
 
 

@@ -13,11 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from detection.attention.token_scores import TokenScores
 from detection.runfolder.maps_npz import load_maps_npz
 from detection.runfolder.grids import AttentionGrids, MethodGrids, load_grids_npz
 from detection.runfolder.reader import RunReader
 from detection.io import write_text_atomic
 from detection.render.colors import DEFAULT_COLORMAP, apply_colormap, class_color
+from detection.render.report_contents import read_token_scores
+from detection.render.token_view import token_row_html
 from detection.data.image_codec import decode_image
 from detection.render.viewer_page import viewer_html
 
@@ -52,10 +55,23 @@ def colormap_table(colormap: int = DEFAULT_COLORMAP) -> list[list[int]]:
     return apply_colormap(levels, colormap)[0].astype(int).tolist()
 
 
-def image_entry(row: dict[str, Any], key: str, grids: AttentionGrids) -> dict[str, Any]:
+def token_entry(scores: TokenScores) -> dict[str, Any]:
+    """A prompted run's token view of one image: the scores as saved (float32 values; detection k =
+    row k) and each detection's prompt as the report's shaded HTML row (`token_view.token_row_html`)."""
+    return {
+        "method": scores.token_method, "phrase_method": scores.phrase_method, "phrases": list(scores.phrases),
+        "tokens": list(scores.tokens), "token_phrase": scores.token_phrase.tolist(),
+        "scores": scores.scores.tolist(), "phrase_scores": scores.phrase_scores.tolist(),
+        "rows": [token_row_html(scores, k) for k in range(len(scores))],
+    }
+
+
+def image_entry(row: dict[str, Any], key: str, grids: AttentionGrids,
+                token_scores: TokenScores | None = None) -> dict[str, Any]:
     """One image of the viewer: detections in original pixels, grids as base64 float16. Maps are
     drawn on a canvas of size "canvas" (the stored image's size "display" times an integer zoom)
-    exactly as `cells_to_image(cells, stride, input, canvas)` gives them."""
+    exactly as `cells_to_image(cells, stride, input, canvas)` gives them. "tokens": a prompted
+    run's `token_entry`, absent for a closed-set run (the viewer then shows no token view)."""
     if grids.image_jpeg is None:
         raise ValueError(f"attention/grids/{key}.npz holds no image")
     display = decode_image(grids.image_jpeg, f"attention/grids/{key}.npz image").shape[:2]
@@ -73,7 +89,7 @@ def image_entry(row: dict[str, Any], key: str, grids: AttentionGrids) -> dict[st
                "grids": _float16_base64(method.grids)}
         for name, method in grids.methods.items()
     }
-    return {
+    entry = {
         "file": str(row["file"]), "key": key, "size": list(grids.image_size), "display": list(display),
         "canvas": [display[0] * zoom, display[1] * zoom],
         "image": "data:image/jpeg;base64," + base64.b64encode(grids.image_jpeg).decode("ascii"),
@@ -82,6 +98,9 @@ def image_entry(row: dict[str, Any], key: str, grids: AttentionGrids) -> dict[st
         "detail": grids.detail, "detections": detections, "methods": methods,
         "encoder": None if grids.encoder_self is None else _float16_base64(grids.encoder_self),
     }
+    if token_scores is not None:
+        entry["tokens"] = token_entry(token_scores)
+    return entry
 
 
 def with_saved_methods(reader: RunReader, row: dict[str, Any], key: str, grids: AttentionGrids) -> AttentionGrids:
@@ -117,7 +136,8 @@ def viewer_payload(run_dir: str | os.PathLike, title: str | None = None) -> tupl
         if path is None:
             skipped.append(str(row["file"]))
             continue
-        images.append(image_entry(row, key, with_saved_methods(reader, row, key, load_grids_npz(path))))
+        images.append(image_entry(row, key, with_saved_methods(reader, row, key, load_grids_npz(path)),
+                                  read_token_scores(row, reader)))
     if not images:
         raise NoSavedAttention(
             f"{reader.root}: no saved attention grids (attention/grids/*.npz) for any of its images; run "

@@ -7,6 +7,7 @@ import html
 import json
 from typing import Any
 
+from detection.render.token_view import TOKEN_VIEW_CSS
 from detection.render.viewer_map_script import MAP_SCRIPT
 from detection.render.viewer_view_script import VIEW_SCRIPT
 
@@ -23,7 +24,8 @@ tr.det{cursor:pointer}tr.det.selected{background:#ffe9a8}tr.det.nomap{color:#999
 .enc{display:flex;gap:16px;flex-wrap:wrap}figure{margin:0}
 figcaption{font-size:13px;line-height:1.4;max-width:480px}.help{font-size:12px;color:#666;margin-bottom:8px}.note{color:#a04000;font-size:13px}
 .swatch{display:inline-block;width:10px;height:10px;margin-right:4px;border:1px solid #888}
-"""
+#token-view{margin-top:8px;max-width:480px}#token-row{font-size:14px;line-height:1.9}
+""" + TOKEN_VIEW_CSS + "\n"
 
 _BODY = """
 <h1 id="title"></h1>
@@ -50,7 +52,9 @@ _BODY = """
   <figcaption>encoder, incoming: which cells look at it (its column)</figcaption></figure>
  </div>
  <div><table id="det-table"><thead><tr><th>#</th><th>class</th><th>score</th><th>query</th></tr></thead>
- <tbody></tbody></table><p class="note" id="notes"></p></div>
+ <tbody></tbody></table>
+ <div id="token-view"><div class="help" id="token-method"></div><div id="token-row"></div></div>
+ <p class="note" id="notes"></p></div>
 </div>
 """
 

@@ -113,6 +113,7 @@ function render() {
   $("stage").classList.toggle("pointmode", pointMode);
   $("encoder").style.display = image.encoder && s.point ? "" : "none";
   renderTable(image, s);
+  renderTokens(image, s.det);
   const det = image.detections[s.det];
   $("caption").textContent = det ? "detection " + s.det + ": " + det.class_name + " " + det.score.toFixed(3) + " (query " +
     det.query_index + ") \u00b7 " + s.method + " \u00b7 layer " + s.layer + " \u00b7 head " + s.head : "no detections";
@@ -151,6 +152,11 @@ function renderTable(image, s) {
   if (!image.encoder && image.kind !== "sampled") notes.push("encoder self-attention not saved (--save-encoder-attention)");
   $("notes").textContent = notes.join("; ");
 }
+function renderTokens(image, k) {  // a prompted run: detection k's prompt, each token shaded (the report's row)
+  $("token-view").style.display = image.tokens ? "" : "none";
+  $("token-method").textContent = image.tokens ? "prompt tokens of detection " + k + ": " + image.tokens.method : "";
+  $("token-row").innerHTML = image.tokens && image.detections.length ? image.tokens.rows[k] : "";
+}
 function renderBoxes(image, s, height, width) {
   const svg = $("boxes"), sx = width / image.size[1], sy = height / image.size[0];
   svgSized(svg, height, width);
@@ -183,6 +189,7 @@ function renderEncoder(e, image, s) {
 function preview(k) {  // hover: show detection k's map (null: the selected one) without changing the state
   if (hoverDet === k) return;
   hoverDet = k;
+  renderTokens(DATA.images[state.image], k !== null ? k : state.det);
   const e = entry(state.image);
   if (e.base) paintMain(e, DATA.images[state.image], state);
 }
