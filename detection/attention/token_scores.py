@@ -192,5 +192,6 @@ def embedding_token_scores(model: nn.Module, images: torch.Tensor, query_index: 
                                                                                       outputs["logits"].shape[-1])
     return TokenScores(phrases=tuple(model.config.prompt), tokens=tuple(tokens),
                        token_phrase=np.asarray(token_phrase, dtype=np.int64), scores=scores,
-                       phrase_scores=logits.astype(np.float32), token_method="gradient x input (token embedding)",
-                       phrase_method="logit")
+                       phrase_scores=logits.astype(np.float32),
+                       token_method=getattr(model, "token_method", "gradient x input (token embedding)"),
+                       phrase_method=getattr(model, "phrase_method", "logit"))
