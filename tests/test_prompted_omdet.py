@@ -241,3 +241,92 @@ def test_predict_saves_maps_and_phrase_scores_report_export_and_explain(omdet, t
     api.clear_model_cache()
     explained = detection.explain(str(images[0]), model=str(folder), prompt=prompt, score_threshold=0.2, device="cpu")
     assert np.allclose(explained.token_scores.scores, saved.scores, rtol=1e-4, atol=1e-7)
+
+
+def test_a_batch_matches_the_hf_batched_pipeline(omdet) -> None:
+    """Two images in one batch (the processor's fixed size: no padding) give HF's batched results."""
+    from detection.engine.predictor import Predictor, PredictorSettings
+
+    folder, images = omdet
+    model = load_model(folder, prompt=PHRASES)
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in images]
+    ours, _ = Predictor(model, PredictorSettings(score_threshold=0.1, batch_size=2, device="cpu",
+                                                 precision="fp32")).predict_arrays(arrays)
+    processor = transformers.OmDetTurboProcessor.from_pretrained(folder)
+    inputs = processor(images=arrays, text=[list(PHRASES)] * 2, return_tensors="pt")
+    with torch.no_grad():
+        outputs = transformers.OmDetTurboForObjectDetection.from_pretrained(folder).eval()(**inputs)
+    expected = processor.post_process_grounded_object_detection(
+        outputs, text_labels=[list(PHRASES)] * 2, threshold=0.1, target_sizes=[a.shape[:2] for a in arrays])
+    for mine, theirs in zip(ours, expected):
+        assert len(mine) == len(theirs["scores"]) > 0
+        assert torch.allclose(mine.scores, theirs["scores"], atol=1e-4)
+        assert (mine.boxes - theirs["boxes"]).abs().max() <= 0.05
+        assert mine.class_names == theirs["text_labels"]
+
+
+def test_eval_with_the_category_names_as_the_prompt(omdet, tmp_path) -> None:
+    """Without --prompt, eval's category names are the prompt (one prompt: each name is encoded apart),
+    its detections matched back to the categories by name; with attention metrics too."""
+    folder, images = omdet
+    names = ["cat", "zebra", "remote control"]
+    gt = {"images": [{"id": i + 1, "file_name": p.name, "height": h, "width": w}
+                     for i, (p, (h, w)) in enumerate(zip(images, [(70, 90), (100, 61)]))],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [10, 10, 30, 20], "area": 600,
+                           "iscrowd": 0}],
+          "categories": [{"id": 7 + i, "name": name} for i, name in enumerate(names)]}
+    ann = tmp_path / "gt.json"
+    ann.write_text(json.dumps(gt))
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(folder), "--ann", str(ann), "--images", str(images[0].parent), "--out",
+                 str(out), "--device", "cpu", "--precision", "fp32", "--workers", "0", "--score-threshold", "0.2",
+                 "--quiet"]) == 0
+    found = json.loads((out / "detections.json").read_text())
+    model = load_model(folder, prompt=names)
+    expected = []
+    for image_id, path in enumerate(images, start=1):
+        with torch.no_grad():
+            outputs = model(_input(model, path))
+        scores = outputs["pred_logits"][0].sigmoid()
+        # every kept (query, phrase) pair is one of the model's, mapped to its category by name
+        expected.append((image_id, scores))
+    assert found and {r["category_id"] for r in found} <= {7, 8, 9}
+    for r in found:
+        scores = dict(expected)[r["image_id"]]
+        assert (scores[:, r["category_id"] - 7] - r["score"]).abs().min() <= 1e-4
+    assert (out / "metrics.json").is_file()
+
+
+def test_a_hub_name_fetches_the_tokenizer_files(omdet, tmp_path, monkeypatch) -> None:
+    """hf:ORG/NAME of a prompted family: the snapshot's file patterns include the processor and
+    tokenizer files (a stand-in snapshot_download copies only the files the patterns allow)."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    from detection.models.hf import hub
+
+    folder, images = omdet
+    snapshot = tmp_path / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snapshot.mkdir(parents=True)
+
+    def hf_hub_download(repo, filename, **_):
+        shutil.copy(folder / filename, snapshot / filename)
+        return str(snapshot / filename)
+
+    def snapshot_download(repo, allow_patterns, **_):
+        for path in folder.iterdir():
+            if any(fnmatch.fnmatch(path.name, pattern) for pattern in allow_patterns):
+                shutil.copy(path, snapshot / path.name)
+        return str(snapshot)
+
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    model = load_model("hf:tiny-org/omdet-turbo", prompt=PHRASES)
+    assert model.config.source == f"hf:tiny-org/omdet-turbo@{snapshot.name}"
+    with torch.no_grad():
+        ours = model(_input(model, images[0]))["pred_logits"]
+        theirs = load_model(folder, prompt=PHRASES)(_input(model, images[0]))["pred_logits"]
+    assert torch.equal(ours, theirs)
