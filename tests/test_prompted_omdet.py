@@ -211,17 +211,18 @@ def test_predict_saves_maps_and_phrase_scores_report_export_and_explain(omdet, t
     model = load_model(folder, prompt=PHRASES)
     assert applicable_methods(model) == ["raw", "attn-grad", "drise"]
     out = tmp_path / "run"
-    prompt = PROMPT + " zebra."  # a phrase absent from the image
+    prompt = PROMPT + " dog."  # a phrase no detection has (checked below)
     common = ["--model", str(folder), "--prompt", prompt, "--device", "cpu", "--workers", "0", "--quiet"]
     assert main(["predict", str(images[0].parent), "--out", str(out), "--score-threshold", "0.2",
                  "--save-attention", "--explain", "raw,attn-grad", "--overlays", *common]) == 0
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     record = records[0]
     assert record["detections"] and (out / record["methods"]["attn-grad"]).is_file()
+    assert "dog" not in {d["class_name"] for r in records for d in r["detections"]}
     saved, meta = load_tokens_npz(out / record["tokens"])
-    assert saved.tokens == (*PHRASES, "zebra") and len(saved) == len(record["detections"])
+    assert saved.tokens == (*PHRASES, "dog") and len(saved) == len(record["detections"])
     assert "each phrase is one token" in meta["token_method"]
-    expected = text_token_scores(model.with_prompt([*PHRASES, "zebra"]), _input(model, images[0]),
+    expected = text_token_scores(model.with_prompt([*PHRASES, "dog"]), _input(model, images[0]),
                                  torch.tensor([d["query_index"] for d in record["detections"]]),
                                  torch.tensor([d["category_id"] for d in record["detections"]]))
     assert np.allclose(saved.scores, expected.scores, rtol=1e-4, atol=1e-7)
