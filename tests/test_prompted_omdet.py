@@ -229,6 +229,7 @@ def test_predict_saves_maps_and_phrase_scores_report_export_and_explain(omdet, t
     assert main(["report", str(out)]) == 0
     page = (out / "report" / "index.html").read_text(encoding="utf-8")
     assert page.count('class="tok"') == sum(4 * len(r["detections"]) for r in records)
+    assert main(["report", str(out), "--viewer"]) == 0 and (out / "report" / "viewer.html").is_file()
     assert main(["export", str(out), "--format", "coco-masks", "--method", "attn-grad", "--out",
                  str(tmp_path / "masks.json")]) == 0
     assert len(json.loads((tmp_path / "masks.json").read_text())) == sum(len(r["detections"]) for r in records)
@@ -331,3 +332,19 @@ def test_a_hub_name_fetches_the_tokenizer_files(omdet, tmp_path, monkeypatch) ->
         ours = model(_input(model, images[0]))["pred_logits"]
         theirs = load_model(folder, prompt=PHRASES)(_input(model, images[0]))["pred_logits"]
     assert torch.equal(ours, theirs)
+
+
+def test_a_task_prompt_beyond_77_tokens_is_truncated_as_hf_s_processor_does(omdet) -> None:
+    folder, images = omdet
+    phrases = [f"{word} {letter}" for word in ("cat", "dog", "red car", "bicycle") for letter in "abcdefgh"]
+    model = load_model(folder, prompt=phrases)
+    assert len(model.tokenizer(model.config.task)["input_ids"]) > 77 and int(model.tasks_attention_mask.sum()) == 77
+    processor = transformers.OmDetTurboProcessor.from_pretrained(folder)
+    image = np.asarray(Image.open(images[0]).convert("RGB"))
+    inputs = processor(images=image, text=phrases, return_tensors="pt")
+    assert torch.equal(inputs["tasks_input_ids"], model.tasks_input_ids)
+    assert torch.equal(inputs["classes_input_ids"], model.classes_input_ids)
+    with torch.no_grad():
+        theirs = transformers.OmDetTurboForObjectDetection.from_pretrained(folder).eval()(**inputs)
+        ours = model(_input(model, images[0]))
+    assert torch.allclose(ours["pred_logits"], theirs.decoder_class_logits, atol=1e-4)
