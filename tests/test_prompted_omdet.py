@@ -160,6 +160,10 @@ def test_a_renamed_hf_internal_fails_loudly(omdet, monkeypatch) -> None:
     with torch.no_grad(), pytest.raises(RuntimeError, match="no decoder deformable attention.*internals"):
         model(images, cross_attention=True)
     monkeypatch.undo()
+    monkeypatch.delitem(model.hf_model._modules, "decoder")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="no 'decoder.layers'.*internals"):
+        model(images, cross_attention=True)
+    monkeypatch.undo()
     monkeypatch.delattr(model.hf_model, "language_cache_prompt")
     with pytest.raises(RuntimeError, match="language_cache_prompt.*renamed"):
         text_token_scores(model, images, torch.tensor([0]), torch.tensor([0]))

@@ -115,7 +115,10 @@ class OmDetCapture(SampledCapture):
         self._graph, self._undo, self._active_layer = {}, [], None
         self._cross, self._self, self._encoder_layers = {}, {}, []
         self._encoder_grid = self._encoder_stride = None
-        self._decoder_layers = list(hf_model.decoder.layers)
+        layers = getattr(getattr(hf_model, "decoder", None), "layers", None)
+        if layers is None:
+            raise self._nothing("no 'decoder.layers' on the model")
+        self._decoder_layers = list(layers)
 
     def _install(self) -> None:
         for index, layer in enumerate(self._decoder_layers):
@@ -125,7 +128,9 @@ class OmDetCapture(SampledCapture):
 
     def level_strides(self, levels: int) -> tuple[int, ...]:
         """The hybrid encoder keeps each backbone level's size: the strides are the backbone's."""
-        backbone = self.model.vision_backbone.vision_backbone
+        backbone = getattr(getattr(self.model, "vision_backbone", None), "vision_backbone", None)
+        if backbone is None:
+            raise self._nothing("no 'vision_backbone.vision_backbone' on the model")
         info = getattr(getattr(backbone, "_backbone", None), "feature_info", None)  # timm (the published Swin)
         strides = [int(s) for s in info.reduction()] if info is not None else hf_backbone_strides(backbone)
         if len(strides) < levels:
