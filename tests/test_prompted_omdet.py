@@ -352,3 +352,18 @@ def test_a_task_prompt_beyond_77_tokens_is_truncated_as_hf_s_processor_does(omde
         theirs = transformers.OmDetTurboForObjectDetection.from_pretrained(folder).eval()(**inputs)
         ours = model(_input(model, images[0]))
     assert torch.allclose(ours["pred_logits"], theirs.decoder_class_logits, atol=1e-4)
+
+
+def test_a_folder_without_tokenizer_files_is_refused_naming_them(omdet, tmp_path) -> None:
+    """AutoTokenizer alone would build an empty-vocabulary tokenizer from such a folder."""
+    import shutil
+
+    from detection.models.hf.folder import HFFolderError
+
+    folder, _ = omdet
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "processor_config.json"):
+        shutil.copy(folder / name, bare / name)
+    with pytest.raises(HFFolderError, match="no tokenizer files.*vocab.json \\+ merges.txt"):
+        load_model(bare, prompt=PHRASES)
