@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import torch
+from torchvision.ops import batched_nms
 
 from detection.boxes import cxcywh_to_xyxy
 from detection.models.contract import PostprocessRule
@@ -41,7 +42,8 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
     also carries `hf_label`, HF's own text label (the tokens above its text threshold).
     Detections are sorted by descending score, ties by query index (then label). Boxes are
     xyxy float32 in original pixels, not clipped (an object may extend slightly beyond the
-    image, as the model predicts).
+    image, as the model predicts) -- except under a rule with `class_nms_iou` (OmDet-Turbo):
+    class-wise NMS, then boxes clipped to the image.
     """
     rule = rule or SOFTMAX_NO_OBJECT
     logits = outputs["pred_logits"]
@@ -72,6 +74,9 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
         height, width = sizes[i].tolist()
         image_boxes = xyxy[i, queries].cpu() * torch.tensor([width, height, width, height])
         image_labels = labels.cpu().to(torch.int64)
+        if rule.class_nms_iou is not None:
+            image_boxes, scores, image_labels, queries, extra = _class_nms(
+                image_boxes, scores.cpu(), image_labels, queries, extra, rule.class_nms_iou, (height, width))
         results.append(Detections(
             (int(height), int(width)),
             boxes=image_boxes.to(torch.float32),
@@ -113,3 +118,18 @@ def _sigmoid_topk(probs: torch.Tensor, score_threshold: float, top_k: int
         order = order[probs[i, order] > score_threshold].cpu()
         selected.append((probs[i, order], order % num_classes, order // num_classes))
     return selected
+
+
+def _class_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor,
+               extra: dict, iou: float, size: tuple[float, float]) -> tuple:
+    """Class-wise NMS at `iou` on (N, 4) xyxy original-pixel boxes (kept in descending score), then the
+    boxes clipped to the (height, width) image, as OmDet-Turbo's HF post-processing does."""
+    keep = batched_nms(boxes.float(), scores.float(), labels, iou)
+    keep = keep[torch.argsort(scores[keep], descending=True, stable=True)]
+    height, width = size
+    clipped = torch.stack([boxes[keep, 0].clamp(0, width), boxes[keep, 1].clamp(0, height),
+                           boxes[keep, 2].clamp(0, width), boxes[keep, 3].clamp(0, height)], dim=-1)
+    kept = keep.tolist()
+    return (clipped, scores[keep], labels[keep], queries[keep.to(queries.device)],
+            {key: [values[k] for k in kept] for key, values in extra.items()})
+

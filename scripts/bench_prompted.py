@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Prompted HF families (OWL-ViT, Grounding DINO): transformers (eager) vs ours, and the cost of the
+"""Prompted HF families (OWL-ViT, Grounding DINO, OmDet-Turbo): transformers (eager) vs ours, and the cost of the
 per-detection maps and prompt-token scores.
 
 Each family at its default configuration (random weights, no download; OWL-ViT: ViT-B/32 at 768;
-Grounding DINO: Swin-T + BERT-base, 900 queries) runs one image with the prompt PROMPT. Timed in
+Grounding DINO: Swin-T + BERT-base, 900 queries; OmDet-Turbo: timm Swin-T + CLIP text, 900 queries at 640)
+runs one image with the prompt PROMPT. Timed in
 one run (interleaved), same weights, same input, fp32:
   * HF eager: the transformers model itself on the processor's tensors (image + tokenized prompt);
   * ours: the same module through our detector (OwlDetector / GroundingDetector) + InferenceModel;
@@ -36,11 +37,12 @@ from detection.engine.fast import InferenceModel  # noqa: E402
 from detection.models.hf.families import FAMILIES  # noqa: E402
 from detection.models.hf.folder import processor_spec  # noqa: E402
 from detection.models.hf.grounding import build_grounding_detector  # noqa: E402
+from detection.models.hf.omdet import build_omdet_detector  # noqa: E402
 from detection.models.hf.owl import build_owl_detector  # noqa: E402
 from detection.postprocess import postprocess  # noqa: E402
 
 PROMPT = ("cat", "remote control", "bicycle")
-INPUTS = {"owlvit": (768, 768), "grounding-dino": (800, 1066)}
+INPUTS = {"owlvit": (768, 768), "grounding-dino": (800, 1066), "omdet-turbo": (640, 640)}
 
 
 def build(family_name: str, folder: Path):
@@ -58,6 +60,18 @@ def build(family_name: str, folder: Path):
         detector = build_owl_detector(hf, family, processor_spec(None, family, folder / "x"), tokenizer, PROMPT,
                                       "owlvit-random", "random weights")
         text = detector.text_inputs(1)
+    elif family_name == "omdet-turbo":
+        hf_prompted_models.write_clip_tokenizer(folder, 77)
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+        config = transformers.OmDetTurboConfig(attn_implementation="eager")
+        config.backbone_config.use_pretrained_backbone = False  # timm's Swin-T, random weights
+        hf = transformers.OmDetTurboForObjectDetection(config).eval()
+        detector = build_omdet_detector(hf, family, processor_spec(
+            {"image_processor_type": "DetrImageProcessor", "size": {"height": height, "width": width}}, family,
+            folder / "x"), tokenizer, PROMPT, "omdet-turbo-random", "random weights")
+        text = {"classes_input_ids": detector.classes_input_ids, "classes_attention_mask": detector.classes_attention_mask,
+                "tasks_input_ids": detector.tasks_input_ids, "tasks_attention_mask": detector.tasks_attention_mask,
+                "classes_structure": torch.tensor([len(PROMPT)])}
     else:
         hf_prompted_models.write_bert_tokenizer(folder)
         tokenizer = transformers.BertTokenizer.from_pretrained(folder)

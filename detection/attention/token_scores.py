@@ -171,7 +171,9 @@ def embedding_token_scores(model: nn.Module, images: torch.Tensor, query_index: 
         `prompt_layout()` -> per phrase, [(position in its row, token text), ...] of its real tokens.
     images: (1, 3, H, W) the model input; query_index / labels: (N,) each detection's query and
         phrase. scores: gradient x input of logit[0, query, label] on each token embedding;
-        phrase_scores: logit[0, query, :] as the model computed it.
+        phrase_scores: logit[0, query, :] as the model computed it. A model whose rows hold one
+        pooled embedding per phrase (OmDet-Turbo: (C, 1, D)) says so in its `token_method` /
+        `phrase_method` attributes, which then name the scores.
     """
     if images.shape[0] != 1:
         raise ValueError(f"text_token_scores takes one image at a time, got a batch of {images.shape[0]}")
@@ -192,5 +194,6 @@ def embedding_token_scores(model: nn.Module, images: torch.Tensor, query_index: 
                                                                                       outputs["logits"].shape[-1])
     return TokenScores(phrases=tuple(model.config.prompt), tokens=tuple(tokens),
                        token_phrase=np.asarray(token_phrase, dtype=np.int64), scores=scores,
-                       phrase_scores=logits.astype(np.float32), token_method="gradient x input (token embedding)",
-                       phrase_method="logit")
+                       phrase_scores=logits.astype(np.float32),
+                       token_method=getattr(model, "token_method", "gradient x input (token embedding)"),
+                       phrase_method=getattr(model, "phrase_method", "logit"))

@@ -132,10 +132,14 @@ class PostprocessRule:
         sigmoid of each query's best class logit gives it one (score, label).
     Either way every detection keeps `query_index`, the query it came from, and only scores
     strictly above the caller's threshold are kept.
+    class_nms_iou: then non-maximum suppression per class at this IoU, in original pixels, and
+        the kept boxes clipped to the image (OmDet-Turbo: HF's `post_process_grounded_object_detection`);
+        None (the default): neither.
     """
 
     kind: PostprocessKind = "softmax_no_object"
     top_k: int = 100
+    class_nms_iou: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("softmax_no_object", "sigmoid_topk", "sigmoid_max"):
@@ -143,6 +147,8 @@ class PostprocessRule:
                              "sigmoid_max")
         if self.top_k < 1:
             raise ValueError(f"PostprocessRule top_k must be >= 1, got {self.top_k}")
+        if self.class_nms_iou is not None and not 0.0 <= self.class_nms_iou <= 1.0:
+            raise ValueError(f"PostprocessRule class_nms_iou must be in [0, 1], got {self.class_nms_iou}")
 
     @classmethod
     def softmax_no_object(cls) -> "PostprocessRule":

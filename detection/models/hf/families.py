@@ -81,6 +81,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            "sigmoid_max", None, "sampled", takes_padding=True, prompted=True),
     Family("mm-grounding-dino", "MM-Grounding-DINO", "MMGroundingDinoForObjectDetection",
            "GroundingDinoImageProcessor", "sigmoid_max", None, "sampled", takes_padding=True, prompted=True),
+    # prompted: each phrase pooled into one embedding; top-k over queries x phrases, then class-wise NMS (omdet.py)
+    Family("omdet-turbo", "OmDet-Turbo", "OmDetTurboForObjectDetection", "DetrImageProcessor",
+           "sigmoid_topk", None, "sampled", takes_padding=False, prompted=True),
 )}
 
 # model_type "detr" folders are converted into the native DETR (models/convert.py) instead.

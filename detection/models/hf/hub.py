@@ -7,11 +7,14 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-from detection.models.hf.folder import CONFIG_FILE, PROCESSOR_FILE, read_model_type
+from detection.models.hf.folder import COMBINED_PROCESSOR_FILE, CONFIG_FILE, PROCESSOR_FILE, read_model_type
 
 HUB_PREFIX = "hf:"
-_PATTERNS = [CONFIG_FILE, PROCESSOR_FILE, "model.safetensors", "model.safetensors.index.json",
-             "model-*.safetensors"]
+#: What a Hub folder's snapshot fetches: config, weights, the processor's settings, and the tokenizer
+#: files the prompted families need (CLIP: vocab.json + merges.txt; BERT: vocab.txt; or tokenizer.json).
+_PATTERNS = [CONFIG_FILE, PROCESSOR_FILE, COMBINED_PROCESSOR_FILE, "model.safetensors", "model.safetensors.index.json",
+             "model-*.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+             "merges.txt", "vocab.txt"]
 
 
 def is_hub_name(name: str) -> bool:

@@ -11,11 +11,16 @@ from detection.models.hf.detector import HFDetector
 from detection.models.hf.families import Family
 from detection.models.hf.folder import HFFolder, HFFolderError
 from detection.models.hf.grounding import build_grounding_detector
+from detection.models.hf.omdet import build_omdet_detector
 from detection.models.hf.owl import build_owl_detector
 
 #: model_type -> the builder of its detector (hf_model, family, preprocess, tokenizer, phrases, name, source).
 _BUILDERS = {"owlvit": build_owl_detector, "grounding-dino": build_grounding_detector,
-             "mm-grounding-dino": build_grounding_detector}
+             "mm-grounding-dino": build_grounding_detector, "omdet-turbo": build_omdet_detector}
+
+
+#: The files of a tokenizer, any one set: a fast tokenizer's, CLIP's byte-level BPE, BERT's WordPiece.
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("vocab.txt",))
 
 
 def load_tokenizer(folder: Path) -> Any:
@@ -23,6 +28,10 @@ def load_tokenizer(folder: Path) -> Any:
     naming the folder when its tokenizer files are missing or unreadable."""
     import transformers
 
+    # without its files AutoTokenizer still builds a tokenizer, with an empty vocabulary (every word unknown)
+    if not any(all((Path(folder) / name).is_file() for name in files) for files in TOKENIZER_FILES):
+        raise HFFolderError(folder, "has no tokenizer files, which a prompted detector needs beside config.json: "
+                                    + " or ".join(" + ".join(files) for files in TOKENIZER_FILES))
     try:
         return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
