@@ -221,3 +221,72 @@ def test_cli_predict_report_viewer_export_round_trip(owlv2, tmp_path) -> None:
     exported = json.loads((tmp_path / "masks.json").read_text())
     assert len(exported) == sum(len(r["detections"]) for r in records)
     assert {r["category_id"] for r in exported} <= {0, 1, 2, 3}
+
+
+def test_maps_are_the_patch_row_over_the_square_cropped_to_the_image(owlv2) -> None:
+    """raw: the head mean of the detection's patch row over the patches; attn-grad: the head mean of
+    (dlogit/dA * A)+ on it; both on the square's valid patches only, drawn over the image's extent
+    inside the square (image_sizes), not the whole square."""
+    import detection
+    from detection import api
+    from detection.attention.maps import maps_from_cells
+
+    folder, images = owlv2
+    api.clear_model_cache()
+    model = load_model(folder, prompt=PHRASES)
+    path = images[1]  # tall: the square's right part is padding
+    height, width = IMAGE_SIZES[1]
+    pixels = image_to_input(rgb(path), model.preprocess_spec)[None]
+    with torch.enable_grad():
+        outputs = model(pixels, cross_attention=True, keep_graph=True)
+    (weights,) = outputs["attention_graph"].tokens
+    grid = SIZE // PATCH
+    cols = int(np.ceil(width * SIZE / height / PATCH))
+    inside = (SIZE, round(width * SIZE / height))
+    assert cols < grid
+    for method in ("raw", "attn-grad"):
+        explained = detection.explain(str(path), model=str(folder), prompt=PROMPT, method=method,
+                                      score_threshold=0.3, device="cpu")
+        found = explained.detections
+        assert len(found) > 0
+        assert explained.maps.shape == (len(found), height, width)
+        cells = explained.method_maps  # made with the maps
+        assert tuple(cells.input_size) == inside and cells.values.shape[-2:] == (grid, cols)
+        for k, (query, label) in enumerate(zip(found.query_index.tolist(), found.labels.tolist())):
+            if method == "raw":
+                expected = weights.detach()[0, :, 1 + query, 1:].mean(0)
+            else:
+                (gradient,) = torch.autograd.grad(outputs["pred_logits"][0, query, label], weights, retain_graph=True)
+                expected = (gradient * weights.detach())[0, :, 1 + query, 1:].clamp(min=0).mean(0)
+            expected = expected.reshape(grid, grid)[:, :cols]
+            assert torch.allclose(torch.as_tensor(cells.values[k]), expected, atol=1e-6), (method, k)
+            drawn = maps_from_cells(expected[None].numpy(), PATCH, inside, (height, width), explained.normalize)
+            assert np.allclose(explained.maps[k], drawn[0], atol=1e-5), (method, k)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--prompt", " . "], "has no phrase"),
+    (["--prompt", "cat " * 20], "OWLv2's text encoder takes at most 16 tokens per phrase"),
+])
+def test_bad_prompts_are_usage_errors(owlv2, tmp_path, capsys, options, message) -> None:
+    folder, images = owlv2
+    assert predict(folder, images[0], tmp_path / "run", *options) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "predictions.jsonl").exists()
+
+
+def test_processors_that_do_not_pad_to_the_model_s_square_are_refused(owlv2, tmp_path) -> None:
+    """do_pad false (a stretched image) is not OWLv2's geometry: the folder is refused naming the field;
+    a square other than the vision model's image size is refused naming both."""
+    from detection.models.hf.families import FAMILIES
+    from detection.models.hf.folder import HFFolderError, processor_spec
+    from detection.models.hf.owlv2 import build_owlv2_detector
+
+    saved = {"image_processor_type": "Owlv2ImageProcessor", "do_pad": False, "size": {"height": SIZE, "width": SIZE}}
+    with pytest.raises(HFFolderError, match="preprocessor_config.json: field 'do_pad'"):
+        processor_spec(saved, FAMILIES["owlv2"], tmp_path / "preprocessor_config.json")
+    saved.update(do_pad=True, size={"height": 2 * SIZE, "width": 2 * SIZE})
+    spec = processor_spec(saved, FAMILIES["owlv2"], tmp_path / "preprocessor_config.json")
+    model = load_model(owlv2[0], prompt=PHRASES)
+    with pytest.raises(ValueError, match=f"resizes to \\({2 * SIZE}, {2 * SIZE}\\).*{SIZE}x{SIZE}"):
+        build_owlv2_detector(model.hf_model, FAMILIES["owlv2"], spec, model.tokenizer, PHRASES, "x", "x")
