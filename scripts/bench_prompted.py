@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Prompted HF families (OWL-ViT, Grounding DINO): transformers (eager) vs ours, and the cost of the
+"""Prompted HF families (OWL-ViT, OWLv2, Grounding DINO): transformers (eager) vs ours, and the cost of the
 per-detection maps and prompt-token scores.
 
 Each family at its default configuration (random weights, no download; OWL-ViT: ViT-B/32 at 768;
-Grounding DINO: Swin-T + BERT-base, 900 queries) runs one image with the prompt PROMPT. Timed in
-one run (interleaved), same weights, same input, fp32:
+OWLv2: ViT-B/16 at 960, as the published models, on a 720x1280 image; Grounding DINO: Swin-T +
+BERT-base, 900 queries) runs one image with the prompt PROMPT. Timed in one run (interleaved),
+same weights, same input, fp32:
   * HF eager: the transformers model itself on the processor's tensors (image + tokenized prompt);
+    OWLv2: Owlv2ImageProcessor's square (pad, blur, resize, on the uint8 image) + the model, since
+    ours makes that square inside its forward (from the image at its size, normalised: not timed);
   * ours: the same module through our detector (OwlDetector / GroundingDetector) + InferenceModel;
   * ours + maps: attention capture, post-processing and the maps of the top --top-k detections;
   * + tokens: that plus the prompt-token scores of those detections (text_token_scores).
@@ -37,10 +40,11 @@ from detection.models.hf.families import FAMILIES  # noqa: E402
 from detection.models.hf.folder import processor_spec  # noqa: E402
 from detection.models.hf.grounding import build_grounding_detector  # noqa: E402
 from detection.models.hf.owl import build_owl_detector  # noqa: E402
+from detection.models.hf.owlv2 import build_owlv2_detector  # noqa: E402
 from detection.postprocess import postprocess  # noqa: E402
 
 PROMPT = ("cat", "remote control", "bicycle")
-INPUTS = {"owlvit": (768, 768), "grounding-dino": (800, 1066)}
+INPUTS = {"owlvit": (768, 768), "owlv2": (720, 1280), "grounding-dino": (800, 1066)}
 
 
 def build(family_name: str, folder: Path):
@@ -57,6 +61,14 @@ def build(family_name: str, folder: Path):
         hf = transformers.OwlViTForObjectDetection(transformers.OwlViTConfig(attn_implementation="eager")).eval()
         detector = build_owl_detector(hf, family, processor_spec(None, family, folder / "x"), tokenizer, PROMPT,
                                       "owlvit-random", "random weights")
+        text = detector.text_inputs(1)
+    elif family_name == "owlv2":
+        hf_prompted_models.write_clip_tokenizer(folder, 16)
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+        config = transformers.Owlv2Config(vision_config={"image_size": 960}, attn_implementation="eager")
+        hf = transformers.Owlv2ForObjectDetection(config).eval()
+        detector = build_owlv2_detector(hf, family, processor_spec(None, family, folder / "x"), tokenizer, PROMPT,
+                                        "owlv2-random", "random weights")
         text = detector.text_inputs(1)
     else:
         hf_prompted_models.write_bert_tokenizer(folder)
@@ -79,10 +91,19 @@ def bench_family(name: str, args: argparse.Namespace) -> dict[str, float]:
     images = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
     mask = torch.zeros((1, height, width), dtype=torch.bool)
     engine = InferenceModel(detector, "cpu", "fp32")
+    hf_pixels = lambda: images  # noqa: E731 - the processor's tensor is the input itself
+    if name == "owlv2":  # ours takes the image at its size, normalised; HF's processor makes the square
+        import transformers
+
+        processor = transformers.Owlv2ImageProcessor()
+        uint8 = (images[0] * 255).round().to(torch.uint8)
+        hf_pixels = lambda: processor(images=uint8, return_tensors="pt")["pixel_values"]  # noqa: E731
+        spec = detector.preprocess_spec
+        images = (uint8[None].float() / 255 - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
 
     def run_hf():
         with torch.inference_mode():
-            return hf(pixel_values=images, **text)
+            return hf(pixel_values=hf_pixels(), **text)
 
     def run_ours():
         return engine(images, mask)

@@ -212,7 +212,8 @@ def test_cli_predict_report_viewer_export_round_trip(owlv2, tmp_path) -> None:
                                      queries, labels)
         assert np.allclose(scores.scores, expected.scores, atol=1e-6)
         assert np.allclose(scores.phrase_scores, expected.phrase_scores, atol=1e-5)
-        for k, label in enumerate(labels.tolist()):
+        for k, label in enumerate(labels.tolist()):  # the logits of the square's patch: HF's score
+            assert abs(1 / (1 + np.exp(-scores.phrase_scores[k, label])) - record["detections"][k]["score"]) <= 1e-4
             other = scores.token_phrase != label
             assert np.all(scores.scores[k, other] == 0) and np.any(scores.scores[k, ~other] != 0)
     assert main(["report", str(out)]) == 0 and main(["report", str(out), "--viewer"]) == 0
@@ -290,3 +291,26 @@ def test_processors_that_do_not_pad_to_the_model_s_square_are_refused(owlv2, tmp
     model = load_model(owlv2[0], prompt=PHRASES)
     with pytest.raises(ValueError, match=f"resizes to \\({2 * SIZE}, {2 * SIZE}\\).*{SIZE}x{SIZE}"):
         build_owlv2_detector(model.hf_model, FAMILIES["owlv2"], spec, model.tokenizer, PHRASES, "x", "x")
+
+
+def test_eval_takes_the_category_names_as_the_prompt(owlv2, tmp_path) -> None:
+    """eval on a COCO-format set of non-square images, the category names as the prompt, with the
+    attention metrics (maps cut to each image's extent in the square)."""
+    folder, images = owlv2
+    categories = [{"id": 7, "name": "cat"}, {"id": 3, "name": "remote control"}, {"id": 11, "name": "bicycle"}]
+    gt = {"images": [{"id": i + 1, "file_name": p.name, "height": h, "width": w}
+                     for i, (p, (h, w)) in enumerate(zip(images, IMAGE_SIZES))],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [10, 10, 30, 20], "area": 600, "iscrowd": 0},
+                          {"id": 2, "image_id": 2, "category_id": 11, "bbox": [5, 30, 40, 50], "area": 2000, "iscrowd": 0}],
+          "categories": categories}
+    ann = tmp_path / "gt.json"
+    ann.write_text(json.dumps(gt))
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(folder), "--ann", str(ann), "--images", str(images[0].parent), "--out", str(out),
+                 "--device", "cpu", "--precision", "fp32", "--workers", "0", "--score-threshold", "0.3", "--quiet"]) == 0
+    predicted = json.loads((out / "detections.json").read_text())
+    assert predicted and {d["category_id"] for d in predicted} <= {7, 3, 11}
+    metrics = json.loads((out / "metrics.json").read_text())
+    counted = {row["category_id"]: row["num_detections"] for row in metrics["per_category"]}
+    assert counted == {c: sum(d["category_id"] == c for d in predicted) for c in (7, 3, 11)}
+    assert metrics["attention"]["last/mean"]["num_detections"] > 0
