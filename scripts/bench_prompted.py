@@ -99,7 +99,8 @@ def bench_family(name: str, args: argparse.Namespace) -> dict[str, float]:
         uint8 = (images[0] * 255).round().to(torch.uint8)
         hf_pixels = lambda: processor(images=uint8, return_tensors="pt")["pixel_values"]  # noqa: E731
         spec = detector.preprocess_spec
-        images = (uint8[None].float() / 255 - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+        mean, std = (torch.tensor(values).view(1, 3, 1, 1) for values in (spec.mean, spec.std))
+        images = (uint8[None].float() / 255 - mean) / std
 
     def run_hf():
         with torch.inference_mode():

@@ -82,6 +82,7 @@ def hf_pipeline(folder: Path, model, image_path: Path, threshold: float) -> tupl
         outputs = model(**inputs)
     result = processor.post_process_grounded_object_detection(
         outputs, threshold=threshold, target_sizes=[image.shape[:2]], text_labels=[PHRASES])[0]
+    result["objectness_logits"] = outputs.objectness_logits[0]
     return result, outputs.logits[0].max(-1).values.sigmoid(), inputs["pixel_values"][0]
 
 
@@ -122,6 +123,9 @@ def test_predict_matches_the_hf_pipeline_in_original_pixels(owlv2, hf_model, tmp
             assert mine["class_name"] == expected["text_labels"][k] == PHRASES[mine["category_id"]]
             assert mine["query_index"] == int(kept[k])
             assert np.abs(np.array(mine["bbox"]) - np.array([x0, y0, x1 - x0, y1 - y0])).max() <= 0.05
+            # HF's objectness of the patch, kept (relative bound: see the padded-batch test)
+            hf_objectness = float(expected["objectness_logits"][kept[k]])
+            assert abs(mine["objectness_logit"] - hf_objectness) <= 1e-3 + 2e-5 * abs(hf_objectness)
             compared += 1
     assert compared >= 3
     config = json.loads((out / "run.json").read_text())["fingerprint"]["model_config"]

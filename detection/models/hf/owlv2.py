@@ -95,13 +95,15 @@ class Owlv2Detector(OwlDetector):
         handle = self.hf_model.register_forward_hook(
             lambda _module, _args, output: objectness.append(getattr(output, "objectness_logits", None)))
         try:
-            outputs = super().forward(pixels, None, cross_attention=cross_attention, encoder_attention=encoder_attention,
+            outputs = super().forward(pixels, None, cross_attention=cross_attention,
+                                      encoder_attention=encoder_attention,
                                       decoder_self_attention=decoder_self_attention, keep_graph=keep_graph)
         finally:
             handle.remove()
         if not objectness or objectness[-1] is None:
             raise RuntimeError(f"{self.family.title}: {type(self.hf_model).__name__}'s output has no "
-                               "'objectness_logits': the model this code reads was renamed; the OWLv2 support needs updating")
+                               "'objectness_logits': the model this code reads was renamed; the OWLv2 support "
+                               "needs updating")
         sides = extents.max(dim=1).values.to(torch.float32)
         scale = sides[:, None] / extents.flip(1).to(torch.float32)  # (B, 2): s / w, s / h
         outputs["pred_boxes"] = outputs["pred_boxes"] * scale.repeat(1, 2)[:, None, :].to(outputs["pred_boxes"].dtype)
@@ -136,8 +138,9 @@ def build_owlv2_detector(hf_model: nn.Module, family: Family, preprocess: Prepro
     phrases = check_phrases(phrases)
     side = int(hf_model.config.vision_config.image_size)
     if preprocess.resize != "fixed" or tuple(preprocess.fixed_size) != (side, side):
-        raise ValueError(f"{family.title}: the image processor resizes to {preprocess.fixed_size or preprocess.resize}, "
-                         f"but the vision model takes {side}x{side} squares")
+        resized = preprocess.fixed_size or preprocess.resize
+        raise ValueError(f"{family.title}: the image processor resizes to {resized}, but the vision model takes "
+                         f"{side}x{side} squares")
     limit = int(hf_model.config.text_config.max_position_embeddings)
     prompt = tokenize_prompt(tokenizer, phrases, limit, family.title)
     grid = side // int(hf_model.config.vision_config.patch_size)
