@@ -199,12 +199,13 @@ def test_cli_predict_report_viewer_export_round_trip(owlv2, tmp_path) -> None:
     scores saved equal the direct computation (gradient x input; other phrases' tokens 0); the maps
     cover each image's extent only; report, the viewer and export read the run."""
     from detection.attention.token_scores import text_token_scores
+    from detection.runfolder.maps_npz import load_maps_npz
     from detection.runfolder.tokens_npz import load_tokens_npz
 
     folder, images = owlv2
     out = tmp_path / "run"
     assert predict(folder, images[0].parent, out, "--prompt", PROMPT + " zebra.", "--score-threshold", "0.3",
-                   "--save-attention", "--overlays", "--explain", "raw,attn-grad") == 0
+                   "--save-attention", "--overlays", "--explain", "raw,attn-grad,drise", "--drise-masks", "16") == 0
     model = load_model(folder, prompt=PHRASES + ["zebra"])
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert sum(len(r["detections"]) for r in records) >= 2
@@ -216,6 +217,10 @@ def test_cli_predict_report_viewer_export_round_trip(owlv2, tmp_path) -> None:
                                      queries, labels)
         assert np.allclose(scores.scores, expected.scores, atol=1e-6)
         assert np.allclose(scores.phrase_scores, expected.phrase_scores, atol=1e-5)
+        assert set(record["methods"]) == {"attn-grad", "drise"}  # raw's maps are the record's
+        for method, path in record["methods"].items():  # at the ORIGINAL image's size, each detection's
+            maps, meta = load_maps_npz(out / path)
+            assert maps.shape == (len(queries), record["height"], record["width"]) and meta["query_index"] == queries.tolist()
         for k, label in enumerate(labels.tolist()):  # the logits of the square's patch: HF's score
             assert abs(1 / (1 + np.exp(-scores.phrase_scores[k, label])) - record["detections"][k]["score"]) <= 1e-4
             other = scores.token_phrase != label
