@@ -363,8 +363,8 @@ def explain(images: Any, model: str | os.PathLike | torch.nn.Module = "demo", me
         `detection.attention.methods` says which apply to which family (a refusal names them).
     heads / layers / normalize: see `detection.attention.maps.detection_maps`.
     device / precision: see `detection.runtime.device`.
-    prompt: the classes of an open-vocabulary detector (OWL-ViT, Grounding DINO): "cat. remote control." (phrases
-        separated by ".") or a list of phrases; each Explanation then carries `token_scores`
+    prompt: the classes of an open-vocabulary detector (OWL-ViT, OWLv2, Grounding DINO, OmDet-Turbo):
+        "cat. remote control." (phrases separated by ".") or a list of phrases; each Explanation then carries `token_scores`
         (docs/prompted.md). Refused (ValueError) for a closed-set model.
     """
     check_names([method])

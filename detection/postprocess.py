@@ -39,7 +39,8 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
     prompt token, HF's score), the score is its sigmoid and the label still the best class.
     Each detection carries `query_index`, its decoder query, to find its attention. Where outputs
     hold "text_labeler" (a callable (image index, query) -> str: Grounding DINO's), each detection
-    also carries `hf_label`, HF's own text label (the tokens above its text threshold).
+    also carries `hf_label`, HF's own text label (the tokens above its text threshold); where they
+    hold "objectness_logits" (B, Q) (OWLv2's class-agnostic objectness), `objectness_logit`.
     Detections are sorted by descending score, ties by query index (then label). Boxes are
     xyxy float32 in original pixels, not clipped (an object may extend slightly beyond the
     image, as the model predicts) -- except under a rule with `class_nms_iou` (OmDet-Turbo):
@@ -71,6 +72,8 @@ def postprocess(outputs: Mapping[str, Any], original_sizes: torch.Tensor | Seque
     results = []
     for i, (scores, labels, queries) in enumerate(selected):
         extra = {} if labeler is None else {"hf_label": [labeler(i, int(q)) for q in queries.tolist()]}
+        if outputs.get("objectness_logits") is not None:
+            extra["objectness_logit"] = outputs["objectness_logits"][i, queries.to(logits.device)].float().cpu()
         height, width = sizes[i].tolist()
         image_boxes = xyxy[i, queries].cpu() * torch.tensor([width, height, width, height])
         image_labels = labels.cpu().to(torch.int64)

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Prompted HF families (OWL-ViT, Grounding DINO, OmDet-Turbo): transformers (eager) vs ours, and the cost of the
-per-detection maps and prompt-token scores.
+"""Prompted HF families (OWL-ViT, OWLv2, Grounding DINO, OmDet-Turbo): transformers (eager) vs ours, and the
+cost of the per-detection maps and prompt-token scores.
 
 Each family at its default configuration (random weights, no download; OWL-ViT: ViT-B/32 at 768;
-Grounding DINO: Swin-T + BERT-base, 900 queries; OmDet-Turbo: timm Swin-T + CLIP text, 900 queries at 640)
-runs one image with the prompt PROMPT. Timed in
-one run (interleaved), same weights, same input, fp32:
+OWLv2: ViT-B/16 at 960, as the published models, on a 720x1280 image; Grounding DINO: Swin-T +
+BERT-base, 900 queries; OmDet-Turbo: timm Swin-T + CLIP text, 900 queries at 640) runs one image with
+the prompt PROMPT. Timed in one run (interleaved), same weights, same input, fp32:
   * HF eager: the transformers model itself on the processor's tensors (image + tokenized prompt);
+    OWLv2: Owlv2ImageProcessor's square (pad, blur, resize, on the uint8 image) + the model, since
+    ours makes that square inside its forward (from the image at its size, normalised: not timed);
   * ours: the same module through our detector (OwlDetector / GroundingDetector) + InferenceModel;
   * ours + maps: attention capture, post-processing and the maps of the top --top-k detections;
   * + tokens: that plus the prompt-token scores of those detections (text_token_scores).
@@ -39,10 +41,11 @@ from detection.models.hf.folder import processor_spec  # noqa: E402
 from detection.models.hf.grounding import build_grounding_detector  # noqa: E402
 from detection.models.hf.omdet import build_omdet_detector  # noqa: E402
 from detection.models.hf.owl import build_owl_detector  # noqa: E402
+from detection.models.hf.owlv2 import build_owlv2_detector  # noqa: E402
 from detection.postprocess import postprocess  # noqa: E402
 
 PROMPT = ("cat", "remote control", "bicycle")
-INPUTS = {"owlvit": (768, 768), "grounding-dino": (800, 1066), "omdet-turbo": (640, 640)}
+INPUTS = {"owlvit": (768, 768), "owlv2": (720, 1280), "grounding-dino": (800, 1066), "omdet-turbo": (640, 640)}
 
 
 def build(family_name: str, folder: Path):
@@ -72,6 +75,14 @@ def build(family_name: str, folder: Path):
         text = {"classes_input_ids": detector.classes_input_ids, "classes_attention_mask": detector.classes_attention_mask,
                 "tasks_input_ids": detector.tasks_input_ids, "tasks_attention_mask": detector.tasks_attention_mask,
                 "classes_structure": torch.tensor([len(PROMPT)])}
+    elif family_name == "owlv2":
+        hf_prompted_models.write_clip_tokenizer(folder, 16)
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+        config = transformers.Owlv2Config(vision_config={"image_size": 960}, attn_implementation="eager")
+        hf = transformers.Owlv2ForObjectDetection(config).eval()
+        detector = build_owlv2_detector(hf, family, processor_spec(None, family, folder / "x"), tokenizer, PROMPT,
+                                        "owlv2-random", "random weights")
+        text = detector.text_inputs(1)
     else:
         hf_prompted_models.write_bert_tokenizer(folder)
         tokenizer = transformers.BertTokenizer.from_pretrained(folder)
@@ -93,10 +104,20 @@ def bench_family(name: str, args: argparse.Namespace) -> dict[str, float]:
     images = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
     mask = torch.zeros((1, height, width), dtype=torch.bool)
     engine = InferenceModel(detector, "cpu", "fp32")
+    hf_pixels = lambda: images  # noqa: E731 - the processor's tensor is the input itself
+    if name == "owlv2":  # ours takes the image at its size, normalised; HF's processor makes the square
+        import transformers
+
+        processor = transformers.Owlv2ImageProcessor()
+        uint8 = (images[0] * 255).round().to(torch.uint8)
+        hf_pixels = lambda: processor(images=uint8, return_tensors="pt")["pixel_values"]  # noqa: E731
+        spec = detector.preprocess_spec
+        mean, std = (torch.tensor(values).view(1, 3, 1, 1) for values in (spec.mean, spec.std))
+        images = (uint8[None].float() / 255 - mean) / std
 
     def run_hf():
         with torch.inference_mode():
-            return hf(pixel_values=images, **text)
+            return hf(pixel_values=hf_pixels(), **text)
 
     def run_ours():
         return engine(images, mask)

@@ -9,8 +9,8 @@ from detection.models.hf.prompt import parse_prompt, read_prompt_file
 def add_prompt_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--prompt", metavar="TEXT",
-                       help='the classes of an open-vocabulary detector (OWL-ViT, Grounding DINO): phrases separated '
-                            'by ".", e.g. "cat. remote control."; category_id = the phrase\'s index (docs/prompted.md)')
+                       help='the classes of an open-vocabulary detector (OWL-ViT, OWLv2, Grounding DINO, '
+                            'OmDet-Turbo): phrases separated by ".", e.g. "cat. remote control."; category_id = the phrase\'s index (docs/prompted.md)')
     group.add_argument("--prompt-file", metavar="FILE", help="the prompt's phrases, one per line")
 
 

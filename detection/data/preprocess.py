@@ -77,6 +77,8 @@ def resized_size(height: int, width: int, min_size: PreprocessSpec | int | None 
     facebookresearch/detr `datasets/transforms.get_size_with_aspect_ratio`.
     """
     spec = _as_spec(min_size, max_size)
+    if spec.resize == "none":
+        return height, width
     if spec.resize == "fixed":
         return int(spec.fixed_size[0]), int(spec.fixed_size[1])
     if spec.resize == "longest_edge":

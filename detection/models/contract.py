@@ -11,7 +11,7 @@ from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
-ResizeRule = Literal["shortest_edge", "longest_edge", "fixed"]
+ResizeRule = Literal["shortest_edge", "longest_edge", "fixed", "none"]
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 PostprocessKind = Literal["softmax_no_object", "sigmoid_topk", "sigmoid_max"]
 SizeRounding = Literal["detr", "hf", "yolos"]
@@ -29,7 +29,9 @@ class PreprocessSpec:
           already at the target is left as it is;
       "longest_edge": the longer side becomes `max_size`, the shorter one keeps the aspect ratio
           (rounded to the nearest pixel, at least 1);
-      "fixed": exactly `fixed_size` = (height, width), aspect ratio not kept.
+      "fixed": exactly `fixed_size` = (height, width), aspect ratio not kept;
+      "none": the image at its own size (the model resizes inside, as OWLv2 pads each image to a
+          square before its resize: `detection.models.hf.owlv2`).
     interpolation / antialias: antialias=False resizes the uint8 image with OpenCV
       (`cv2.resize`, INTER_LINEAR / INTER_CUBIC / INTER_NEAREST: pixel centres at +0.5, no
       low-pass filter when shrinking, result rounded back to uint8), then converts to float32
@@ -75,8 +77,8 @@ class PreprocessSpec:
         elif self.resize == "fixed" and not (self.fixed_size and len(self.fixed_size) == 2
                                              and min(self.fixed_size) > 0):
             problems.append("fixed needs fixed_size = (height, width) > 0")
-        elif self.resize not in ("shortest_edge", "longest_edge", "fixed"):
-            problems.append(f"resize {self.resize!r} is not shortest_edge, longest_edge or fixed")
+        elif self.resize not in ("shortest_edge", "longest_edge", "fixed", "none"):
+            problems.append(f"resize {self.resize!r} is not shortest_edge, longest_edge, fixed or none")
         if self.interpolation not in ("bilinear", "bicubic", "nearest"):
             problems.append(f"interpolation {self.interpolation!r} is not bilinear, bicubic or nearest")
         if self.antialias and self.interpolation == "nearest" and self.backend != "torchvision":
@@ -117,6 +119,11 @@ class PreprocessSpec:
     def fixed(cls, height: int, width: int, **options: Any) -> "PreprocessSpec":
         """Every image resized to (height, width)."""
         return cls(resize="fixed", min_size=None, max_size=None, fixed_size=(height, width), **options)
+
+    @classmethod
+    def unresized(cls, **options: Any) -> "PreprocessSpec":
+        """Every image at its own size (the model resizes inside)."""
+        return cls(resize="none", min_size=None, max_size=None, **options)
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,8 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
       * "hf:ORG/NAME[@REVISION]": such a folder from the Hugging Face Hub (huggingface_hub's cache);
       * a published checkpoint name from weights/manifest.yaml (e.g. "detr-r50"), downloaded
         to the cache and converted on first use.
-    prompt: the phrases of an open-vocabulary HF detector (OWL-ViT, Grounding DINO; docs/prompted.md):
-    required for those, refused (ValueError) for every other model.
+    prompt: the phrases of an open-vocabulary HF detector (OWL-ViT, OWLv2, Grounding DINO,
+    OmDet-Turbo; docs/prompted.md): required for those, refused (ValueError) for every other model.
     """
     text = str(name_or_path)
     path = Path(name_or_path)

@@ -20,6 +20,7 @@ def detection_record(item: SourceItem, detections: Detections, category_ids: Seq
     labels = detections.labels.tolist()
     queries = detections.query_index.tolist()
     hf_labels = detections.get("hf_label") if detections.has("hf_label") else None
+    objectness = detections.get("objectness_logit").tolist() if detections.has("objectness_logit") else None
     for k in range(len(detections)):
         entries.append({
             "bbox": bboxes[k],
@@ -30,6 +31,8 @@ def detection_record(item: SourceItem, detections: Detections, category_ids: Seq
             "query_index": int(queries[k]),
             # prompted families: HF's own text label (Grounding DINO: the tokens above its text threshold)
             **({"hf_label": str(hf_labels[k])} if hf_labels is not None else {}),
+            # OWLv2: HF's class-agnostic objectness logit of the box's patch
+            **({"objectness_logit": round(float(objectness[k]), 6)} if objectness is not None else {}),
         })
     record: dict[str, Any] = {"file": item.file, "image_id": item.image_id, "key": item.key}
     if item.frame_index is not None:

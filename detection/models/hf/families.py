@@ -76,6 +76,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     # prompted (open-vocabulary): the queries are the image's patch tokens
     Family("owlvit", "OWL-ViT", "OwlViTForObjectDetection", "OwlViTImageProcessor",
            "sigmoid_max", None, "dense", takes_padding=False, prompted=True),
+    # prompted: OWL-ViT's queries; each image cut out of the batch and padded to its square inside the model
+    Family("owlv2", "OWLv2", "Owlv2ForObjectDetection", "Owlv2ImageProcessor",
+           "sigmoid_max", None, "dense", takes_padding=True, prompted=True),
     # prompted: the queries are the decoder's; a phrase's logit is the maximum of its tokens'
     Family("grounding-dino", "Grounding DINO", "GroundingDinoForObjectDetection", "GroundingDinoImageProcessor",
            "sigmoid_max", None, "sampled", takes_padding=True, prompted=True),

@@ -163,6 +163,9 @@ def processor_spec(processor: dict[str, Any] | None, family: Family, origin: Pat
     factor = values["rescale_factor"]
     if factor is not None and abs(float(factor) - _RESCALE) > 1e-12:
         raise fail("rescale_factor", f"{factor} is not supported; only 1/255")
+    if class_name.startswith("Owlv2") and values["do_pad"] is False:
+        raise fail("do_pad", "false is not supported: OWLv2 inputs are padded to a square "
+                             "(Owlv2ImageProcessor's default)")
     if values["pad_size"]:
         raise fail("pad_size", f"{values['pad_size']} (padding to a fixed size) is not supported")
     mean = std = None

@@ -13,9 +13,10 @@ from detection.models.hf.folder import HFFolder, HFFolderError
 from detection.models.hf.grounding import build_grounding_detector
 from detection.models.hf.omdet import build_omdet_detector
 from detection.models.hf.owl import build_owl_detector
+from detection.models.hf.owlv2 import build_owlv2_detector
 
 #: model_type -> the builder of its detector (hf_model, family, preprocess, tokenizer, phrases, name, source).
-_BUILDERS = {"owlvit": build_owl_detector, "grounding-dino": build_grounding_detector,
+_BUILDERS = {"owlvit": build_owl_detector, "owlv2": build_owlv2_detector, "grounding-dino": build_grounding_detector,
              "mm-grounding-dino": build_grounding_detector, "omdet-turbo": build_omdet_detector}
 
 
