@@ -145,10 +145,13 @@ def test_scores_from_the_kept_inputs_equal_the_whole_model_run_again_without_the
     engine, outputs, kept = _kept_inputs(model, images)
     assert kept.per_image["image_feats"].shape[:2] == outputs["pred_logits"].shape[:2]  # (1, patches)
     queries, labels = torch.tensor([3, 5, 5, 9, 15]), torch.tensor([0, 1, 2, 0, 0])  # phrase 0 twice, patch 5 twice
-    vision_calls = []
+    vision_calls, text_rows = [], []
     engine.model.hf_model.owlvit.vision_model.register_forward_hook(lambda *_: vision_calls.append(1))
+    engine.model.token_embedding().register_forward_hook(lambda _m, _a, out: text_rows.append(tuple(out.shape[:2])))
     new = text_token_scores(engine.model, None, queries, labels, kept=kept)
     assert vision_calls == []  # the vision tower does not run again
+    longest = int(model.text_attention_mask.sum(-1).max())  # the text tower runs one row per detection, no padding
+    assert text_rows == [(len(queries), longest)] and longest < model.input_ids.shape[1]
     old = text_token_scores(model, images, queries, labels)
     assert np.abs(new.scores - old.scores).max() <= 1e-5 * max(1.0, np.abs(old.scores).max())
     assert np.abs(new.phrase_scores - old.phrase_scores).max() <= 1e-5 * max(1.0, np.abs(old.phrase_scores).max())

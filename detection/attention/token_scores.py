@@ -1,8 +1,8 @@
 """Text-side attribution of prompted detectors: how much each prompt token made each detection.
 
 `TokenScores` holds one image's scores (per detection x prompt token, and per detection x phrase);
-`gradient_x_input` is the attribution core (gradient of a logit with respect to a token embedding,
-times that embedding, summed over its features), independent of the model family.
+`gradient_x_input` / `summed_gradient_x_input` are the attribution core (gradient of a logit with
+respect to a token embedding, times that embedding, summed over its features), family-independent.
 """
 from __future__ import annotations
 

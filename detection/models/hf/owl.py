@@ -201,8 +201,9 @@ class OwlDetector(PromptedDetector, HFDetector):
                               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each detection's logit from one image's kept class-head inputs (`forward(..., keep_features=True)`):
         the vision tower does not run again; the text tower runs here on one token row per detection
-        (row n = phrase labels[n]: its token embedding (N, S, D) is computed once, and logit n depends
-        on row n only, so one backward of their sum gives every detection's gradient).
+        (row n = phrase labels[n], without the padding after the rows' last real token: its token
+        embedding (N, S', D) is computed once, S' <= S, and logit n depends on row n only, so one
+        backward of their sum gives every detection's gradient).
 
         kept: image_feats (1, P, D_v), query_embeds (1, C, D_t) the normalised text embeddings,
         query_mask (1, C). Returns (logits (N,) in the graph of the text tower, phrase logits (N, C)
@@ -215,8 +216,13 @@ class OwlDetector(PromptedDetector, HFDetector):
         head = self._internal("class_head")
         with torch.no_grad():
             phrase_logits = head(image_feats, kept.per_image["query_embeds"], kept.per_image["query_mask"])[0][0]
+        input_ids, attention_mask = self.input_ids[rows], self.text_attention_mask[rows]
+        # the text model's attention is causal and it pools the token at input_ids' argmax (the end
+        # token): the padding after both changes nothing of the pooled output, so it is not run
+        # (the check below holds the result to the inference pass's)
+        length = int(max(attention_mask.sum(-1).max(), input_ids.argmax(-1).max() + 1))
         base = self._internal(self._base())
-        text = base.get_text_features(input_ids=self.input_ids[rows], attention_mask=self.text_attention_mask[rows])
+        text = base.get_text_features(input_ids=input_ids[:, :length], attention_mask=attention_mask[:, :length])
         text = text.pooler_output if hasattr(text, "pooler_output") else text
         text = text / torch.linalg.norm(text, ord=2, dim=-1, keepdim=True)  # as OwlViTModel.forward's text_embeds
         expected = kept.per_image["query_embeds"][0, rows]
