@@ -249,7 +249,8 @@ def _prepared(model: str | os.PathLike | torch.nn.Module, method: str, score_thr
                                          drise=DriseOptions(), drise_precision=precision), prepared)
     predictor = Predictor(module, PredictorSettings(
         device=device, precision=precision, score_threshold=score_threshold, cross_attention=True,
-        keep_images=True, keep_features=runner.needs_features or hasattr(module, "prompt_layout"), rollout=runner.needs_self_attention,
+        keep_images=True, keep_features=runner.needs_features or hasattr(module, "prompt_layout"),
+        rollout=runner.needs_self_attention,
         last_layer_only=layers == "last"), prepared)
     if key is not None:
         # a model loaded by name is probed once, when it is prepared (a model object is prepared on every

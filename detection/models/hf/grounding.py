@@ -149,7 +149,8 @@ class GroundingDetector(PromptedDetector, HFDetector):
         if encoder_attention:
             raise ValueError(f"{self.family.title}'s encoder is deformable: no dense encoder self-attention to record")
         if (keep_graph or keep_features) and not cross_attention:
-            raise ValueError("keep_graph / keep_features go in the attention record: ask for one (cross_attention=True)")
+            raise ValueError("keep_graph / keep_features go in the attention record: ask for one "
+                             "(cross_attention=True)")
         kwargs = {"pixel_values": images, "pixel_mask": (~padding_mask).long(),
                   "input_ids": self.input_ids.repeat(batch, 1), "token_type_ids": self.token_type_ids.repeat(batch, 1),
                   "attention_mask": self.text_attention_mask.repeat(batch, 1)}
@@ -225,6 +226,7 @@ class GroundingDetector(PromptedDetector, HFDetector):
             def hook(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
                 kept[name] = dict(kwargs)
             return hook
+
         def logits(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
             kept["logits"] = {"token_logits": output}
         return [layer.register_forward_pre_hook(keep("layer"), with_kwargs=True),
@@ -257,7 +259,8 @@ class GroundingDetector(PromptedDetector, HFDetector):
         text cross-attention (1, heads, Q, S),)} -- what `text_gradient_forward` returns of a whole
         forward. kept: on the model's device, ordinary tensors (`KeptInputs.to(device, copy=True)`)."""
         layer, norm, head = self._last_layer_and_head()
-        arguments = {name.split(".", 1)[1]: value for name, value in kept.per_image.items() if name.startswith("layer.")}
+        arguments = {name.split(".", 1)[1]: value for name, value in kept.per_image.items()
+                     if name.startswith("layer.")}
         arguments["hidden_states"] = arguments["hidden_states"].detach().requires_grad_(True)
         weights: list[torch.Tensor] = []
         handle = self.text_cross_attention_modules()[-1].register_forward_hook(
@@ -265,7 +268,8 @@ class GroundingDetector(PromptedDetector, HFDetector):
         try:
             with torch.enable_grad():
                 hidden = layer(**arguments, **kept.shared, output_attentions=False)[0]
-                token_logits = head(vision_hidden_state=norm(hidden), text_hidden_state=kept.per_image["head.text_hidden_state"],
+                token_logits = head(vision_hidden_state=norm(hidden),
+                                    text_hidden_state=kept.per_image["head.text_hidden_state"],
                                     text_token_mask=kept.per_image["head.text_token_mask"])
         finally:
             handle.remove()
@@ -274,7 +278,8 @@ class GroundingDetector(PromptedDetector, HFDetector):
         expected = kept.per_image["check.token_logits"]
         finite = expected.isfinite()
         if not torch.allclose(token_logits.detach()[finite], expected[finite], rtol=1e-3, atol=1e-4):
-            raise self._renamed("the last decoder layer's inputs (its replay does not give the inference pass's logits)")
+            raise self._renamed("the last decoder layer's inputs (its replay does not give the inference pass's "
+                                "logits)")
         return {"pred_logits": self.phrase_logits(token_logits[..., : self.input_ids.shape[1]]),
                 "text_attention_graph": (weights[0],)}
 

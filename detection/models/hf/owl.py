@@ -143,7 +143,8 @@ class OwlDetector(PromptedDetector, HFDetector):
             raise ValueError(f"{self.family.title} records the last vision layer's self-attention only (no encoder "
                              "self-attention grids, no decoder self-attention)")
         if (keep_graph or keep_features) and not cross_attention:
-            raise ValueError("keep_graph / keep_features go in the attention record: ask for one (cross_attention=True)")
+            raise ValueError("keep_graph / keep_features go in the attention record: ask for one "
+                             "(cross_attention=True)")
         kwargs = {"pixel_values": images, **self.text_inputs(batch)}
         if not cross_attention:
             outputs = self.hf_model(**kwargs)
