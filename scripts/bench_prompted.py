@@ -11,6 +11,7 @@ one run (interleaved), same weights, same input, fp32:
     --save-attention does), post-processing and the maps of the top --top-k detections;
   * + tokens: that plus the prompt-token scores of those detections (text_token_scores on the
     pass's kept inputs: OWL's text tower, Grounding DINO's last decoder layer run again);
+  * scores alone: the token scores by themselves, on one pass's kept inputs (their share of ours);
   * --rerun-tokens adds + tokens (rerun): the scores from the whole model run again (the path of
     bf16 / fp16 passes, and the one before the kept inputs).
 Printed: seconds (median of --repeats after --warmup), ours / HF, and the overheads in percent.
@@ -107,7 +108,13 @@ def bench_family(name: str, args: argparse.Namespace) -> dict[str, float]:
         detections, maps, _ = run_maps()
         return maps, text_token_scores(engine.model, images, detections.query_index, detections.labels)
 
-    runs = {"hf": run_hf, "ours": run_ours, "maps": run_maps, "tokens": run_tokens}
+    _, _, kept_once = run_maps()
+    top = run_maps()[0]
+
+    def run_token_part():  # the token scores alone, on one pass's kept inputs
+        return text_token_scores(engine.model, None, top.query_index, top.labels, kept=kept_once.to("cpu", copy=True))
+
+    runs = {"hf": run_hf, "ours": run_ours, "maps": run_maps, "tokens": run_tokens, "part": run_token_part}
     if args.rerun_tokens:
         runs["rerun"] = run_rerun_tokens
     times = interleaved(runs, args.warmup, args.repeats)
@@ -134,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
           f"token scores of the top {args.top_k}")
     print(f"{'family':<16}{'input':>10}{'HF eager s':>12}{'ours s':>9}{'ours/HF':>9}{'+maps s':>9}{'maps +%':>9}"
           f"{'+tokens s':>11}{'tokens +%':>11}{'min: ours/HF':>14}{'min: tokens +%':>16}"
+          f"{'scores alone s':>15}{'alone +%':>10}"
           + (f"{'+rerun s':>10}{'rerun +%':>10}" if args.rerun_tokens else ""))
     for name in args.families:
         row = bench_family(name, args)
@@ -141,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['maps']:>9.3f}{100 * (row['maps'] / row['ours'] - 1):>8.1f}%"
               f"{row['tokens']:>11.3f}{100 * (row['tokens'] / row['ours'] - 1):>10.1f}%"
               f"{row['ours_min'] / row['hf_min']:>14.2f}{100 * (row['tokens_min'] / row['ours_min'] - 1):>15.1f}%"
+              f"{row['part']:>15.3f}{100 * row['part'] / row['ours']:>9.1f}%"
               + (f"{row['rerun']:>10.3f}{100 * (row['rerun'] / row['ours'] - 1):>9.1f}%" if args.rerun_tokens else ""),
               flush=True)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
