@@ -249,7 +249,8 @@ def _prepared(model: str | os.PathLike | torch.nn.Module, method: str, score_thr
                                          drise=DriseOptions(), drise_precision=precision), prepared)
     predictor = Predictor(module, PredictorSettings(
         device=device, precision=precision, score_threshold=score_threshold, cross_attention=True,
-        keep_images=True, keep_features=runner.needs_features, rollout=runner.needs_self_attention,
+        keep_images=True, keep_features=runner.needs_features or hasattr(module, "prompt_layout"),
+        rollout=runner.needs_self_attention,
         last_layer_only=layers == "last"), prepared)
     if key is not None:
         # a model loaded by name is probed once, when it is prepared (a model object is prepared on every
@@ -261,10 +262,15 @@ def _prepared(model: str | os.PathLike | torch.nn.Module, method: str, score_thr
 
 def _token_scores(module: torch.nn.Module, explanation: Explanation) -> TokenScores:
     """The prompt tokens' scores of the explanation's detections (a prompted detector), computed on
-    the loaded model's own device and precision from the image's model input."""
+    the loaded model's own device and precision from the inference pass's kept inputs (a float32
+    pass) or else from the image's model input."""
     device = next(module.parameters()).device
-    images = image_to_input(explanation.image, module.preprocess_spec)[None].to(device)
     detections = explanation.detections
+    kept = None if explanation.attention is None else explanation.attention.kept_inputs
+    if kept is not None:
+        return text_token_scores(module, None, detections.query_index, detections.labels,
+                                 kept=kept.to(device, copy=True))
+    images = image_to_input(explanation.image, module.preprocess_spec)[None].to(device)
     return text_token_scores(module, images, detections.query_index, detections.labels)
 
 

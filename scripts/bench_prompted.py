@@ -10,8 +10,13 @@ the prompt PROMPT. Timed in one run (interleaved), same weights, same input, fp3
     OWLv2: Owlv2ImageProcessor's square (pad, blur, resize, on the uint8 image) + the model, since
     ours makes that square inside its forward (from the image at its size, normalised: not timed);
   * ours: the same module through our detector (OwlDetector / GroundingDetector) + InferenceModel;
-  * ours + maps: attention capture, post-processing and the maps of the top --top-k detections;
-  * + tokens: that plus the prompt-token scores of those detections (text_token_scores).
+  * ours + maps: attention capture (keeping what the token scores reuse, as predict
+    --save-attention does), post-processing and the maps of the top --top-k detections;
+  * + tokens: that plus the prompt-token scores of those detections (text_token_scores on the
+    pass's kept inputs: OWL's text tower, Grounding DINO's last decoder layer run again);
+  * scores alone: the token scores by themselves, on one pass's kept inputs (their share of ours);
+  * --rerun-tokens adds + tokens (rerun): the scores from the whole model run again (the path of
+    bf16 / fp16 passes, and the one before the kept inputs).
 Printed: seconds (median of --repeats after --warmup), ours / HF, and the overheads in percent.
 
     .venv/bin/python scripts/bench_prompted.py --repeats 3
@@ -123,16 +128,30 @@ def bench_family(name: str, args: argparse.Namespace) -> dict[str, float]:
         return engine(images, mask)
 
     def run_maps():
-        outputs = engine(images, mask, cross_attention=True)
+        outputs = engine(images, mask, cross_attention=True, keep_features=True)
         detections = postprocess(outputs, [(height, width)], detector.config.class_names, 0.0,
                                  rule=detector.postprocess_rule)[0][: args.top_k]
-        return detections, detection_maps(outputs["attention"], 0, detections.query_index, (height, width))
+        maps = detection_maps(outputs["attention"], 0, detections.query_index, (height, width))
+        return detections, maps, outputs["attention"].kept_inputs
 
     def run_tokens():
-        detections, maps = run_maps()
+        detections, maps, kept = run_maps()
+        return maps, text_token_scores(engine.model, None, detections.query_index, detections.labels,
+                                       kept=kept.to("cpu", copy=True))
+
+    def run_rerun_tokens():
+        detections, maps, _ = run_maps()
         return maps, text_token_scores(engine.model, images, detections.query_index, detections.labels)
 
-    runs = {"hf": run_hf, "ours": run_ours, "maps": run_maps, "tokens": run_tokens}
+    _, _, kept_once = run_maps()
+    top = run_maps()[0]
+
+    def run_token_part():  # the token scores alone, on one pass's kept inputs
+        return text_token_scores(engine.model, None, top.query_index, top.labels, kept=kept_once.to("cpu", copy=True))
+
+    runs = {"hf": run_hf, "ours": run_ours, "maps": run_maps, "tokens": run_tokens, "part": run_token_part}
+    if args.rerun_tokens:
+        runs["rerun"] = run_rerun_tokens
     times = interleaved(runs, args.warmup, args.repeats)
     return {"input": f"{height}x{width}", **{key: statistics.median(t) for key, t in times.items()},
             **{f"{key}_min": min(t) for key, t in times.items()}}
@@ -144,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--rerun-tokens", action="store_true",
+                        help="also time the token scores from the whole model run again (the path before reuse)")
     args = parser.parse_args(argv)
     import transformers
 
@@ -154,13 +175,18 @@ def main(argv: list[str] | None = None) -> int:
           f"config; prompt {'. '.join(PROMPT)}.; median of {args.repeats} after {args.warmup} warm-up; maps and "
           f"token scores of the top {args.top_k}")
     print(f"{'family':<16}{'input':>10}{'HF eager s':>12}{'ours s':>9}{'ours/HF':>9}{'+maps s':>9}{'maps +%':>9}"
-          f"{'+tokens s':>11}{'tokens +%':>11}{'min: ours/HF':>14}")
+          f"{'+tokens s':>11}{'tokens +%':>11}{'min: ours/HF':>14}{'min: tokens +%':>16}"
+          f"{'scores alone s':>15}{'alone +%':>10}"
+          + (f"{'+rerun s':>10}{'rerun +%':>10}" if args.rerun_tokens else ""))
     for name in args.families:
         row = bench_family(name, args)
         print(f"{name:<16}{row['input']:>10}{row['hf']:>12.3f}{row['ours']:>9.3f}{row['ours'] / row['hf']:>9.2f}"
               f"{row['maps']:>9.3f}{100 * (row['maps'] / row['ours'] - 1):>8.1f}%"
               f"{row['tokens']:>11.3f}{100 * (row['tokens'] / row['ours'] - 1):>10.1f}%"
-              f"{row['ours_min'] / row['hf_min']:>14.2f}", flush=True)
+              f"{row['ours_min'] / row['hf_min']:>14.2f}{100 * (row['tokens_min'] / row['ours_min'] - 1):>15.1f}%"
+              f"{row['part']:>15.3f}{100 * row['part'] / row['ours']:>9.1f}%"
+              + (f"{row['rerun']:>10.3f}{100 * (row['rerun'] / row['ours'] - 1):>9.1f}%" if args.rerun_tokens else ""),
+              flush=True)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -203,6 +203,39 @@ def test_token_scores_are_the_query_s_text_attention_raw_and_gradient_weighted(g
     assert np.allclose(together.phrase_scores, outputs["pred_logits"].detach()[0, queries].numpy(), atol=1e-6)
 
 
+def test_token_scores_from_the_kept_inputs_equal_the_whole_model_run_again(grounding) -> None:
+    """The inference pass keeps the last decoder layer's inputs: the token scores replay that layer
+    and the class head only (no backbone, no encoder), one backward for the detections of distinct
+    queries, and equal the scores of the whole model run again within 1e-5."""
+    from detection.attention.token_scores import text_token_scores
+    from detection.engine.fast import InferenceModel
+
+    _, folder, _ = grounding
+    model = load_model(folder, prompt=PHRASES)
+    images = torch.rand(1, 3, 64, 82, generator=torch.Generator().manual_seed(3))
+    engine = InferenceModel(model, "cpu", "fp32")
+    outputs = engine(images, torch.zeros((1, 64, 82), dtype=torch.bool), cross_attention=True, keep_features=True)
+    kept = outputs["attention"].select_image(0).kept_inputs.to("cpu", copy=True)
+    queries, labels = torch.tensor([0, 4, 4, 9, 11]), torch.tensor([1, 0, 2, 1, 1])  # query 4 twice
+    encoder_calls = []
+    engine.model.hf_model.model.encoder.register_forward_hook(lambda *_: encoder_calls.append(1))
+    new = text_token_scores(engine.model, None, queries, labels, kept=kept)
+    assert encoder_calls == []
+    old = text_token_scores(model, images, queries, labels)
+    for name in ("scores", "raw_scores", "phrase_scores"):
+        reference = getattr(old, name)
+        assert np.abs(getattr(new, name) - reference).max() <= 1e-5 * max(1.0, np.abs(reference).max()), name
+    assert new.scores.any()
+    for n in range(len(queries)):  # batched (two backward passes here: query 4 twice) equals one at a time
+        alone = text_token_scores(engine.model, None, queries[n:n + 1], labels[n:n + 1], kept=kept)
+        assert np.abs(alone.scores[0] - new.scores[n]).max() <= 1e-7 * max(1.0, np.abs(new.scores).max())
+        assert np.array_equal(alone.raw_scores[0], new.raw_scores[n])
+    # a replay that does not give the inference pass's logits (a changed HF internal) fails loudly
+    kept.per_image["layer.hidden_states"].add_(1.0)
+    with pytest.raises(RuntimeError, match="replay does not give the inference pass's logits"):
+        text_token_scores(engine.model, None, queries, labels, kept=kept)
+
+
 def test_predict_saves_maps_and_token_scores_and_explain_returns_them(grounding, tmp_path) -> None:
     from detection import api
     from detection.attention.methods import applicable_methods

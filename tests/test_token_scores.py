@@ -1,6 +1,8 @@
 """Text-side attribution (issue 24, item 3): gradient x input on token embeddings finds the one token
 a toy detector's logit depends on, equals finite differences on a float64 OWL-ViT, and is the same
-batched as one detection at a time; explain(..., prompt=) returns it with the maps."""
+batched as one detection at a time; the scores from the inference pass's kept inputs (the text
+tower alone runs again, one backward) equal the whole model run again; explain(..., prompt=)
+returns them with the maps."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,7 +17,9 @@ from test_hf_equivalence import write_images  # noqa: E402
 
 import detection  # noqa: E402
 from detection import api  # noqa: E402
-from detection.attention.token_scores import TokenScores, gradient_x_input, text_token_scores  # noqa: E402
+from detection.attention.token_scores import (TokenScores, distinct_query_groups, gradient_x_input,  # noqa: E402
+                                              summed_gradient_x_input, text_token_scores)
+from detection.engine.fast import InferenceModel  # noqa: E402
 from detection.data.preprocess import image_to_input  # noqa: E402
 from detection.models.registry import load_model  # noqa: E402
 
@@ -124,6 +128,81 @@ def test_batched_equals_one_detection_at_a_time(owl) -> None:
         assert np.array_equal(alone.phrase_scores[0], together.phrase_scores[n])
     assert together.tokens == tuple(text for phrase in model.prompt_layout() for _, text in phrase)
     assert together.tokens[:2] == ("red", "car")
+
+
+def _kept_inputs(model, images: torch.Tensor):
+    """The inference pass's kept inputs of one image (InferenceModel: inference mode, a prepared copy)."""
+    engine = InferenceModel(model, "cpu", "fp32")
+    mask = torch.zeros((1, *images.shape[-2:]), dtype=torch.bool)
+    outputs = engine(images, mask, cross_attention=True, keep_features=True)
+    return engine, outputs, outputs["attention"].select_image(0).kept_inputs.to("cpu", copy=True)
+
+
+def test_scores_from_the_kept_inputs_equal_the_whole_model_run_again_without_the_vision_tower(owl) -> None:
+    folder, image = owl
+    model = load_model(folder, prompt=PHRASES)
+    images = _input(model, image)
+    engine, outputs, kept = _kept_inputs(model, images)
+    assert kept.per_image["image_feats"].shape[:2] == outputs["pred_logits"].shape[:2]  # (1, patches)
+    queries, labels = torch.tensor([3, 5, 5, 9, 15]), torch.tensor([0, 1, 2, 0, 0])  # phrase 0 twice, patch 5 twice
+    vision_calls, text_rows = [], []
+    engine.model.hf_model.owlvit.vision_model.register_forward_hook(lambda *_: vision_calls.append(1))
+    engine.model.token_embedding().register_forward_hook(lambda _m, _a, out: text_rows.append(tuple(out.shape[:2])))
+    new = text_token_scores(engine.model, None, queries, labels, kept=kept)
+    assert vision_calls == []  # the vision tower does not run again
+    longest = int(model.text_attention_mask.sum(-1).max())  # the text tower runs one row per detection, no padding
+    assert text_rows == [(len(queries), longest)] and longest < model.input_ids.shape[1]
+    old = text_token_scores(model, images, queries, labels)
+    assert np.abs(new.scores - old.scores).max() <= 1e-5 * max(1.0, np.abs(old.scores).max())
+    assert np.abs(new.phrase_scores - old.phrase_scores).max() <= 1e-5 * max(1.0, np.abs(old.phrase_scores).max())
+    assert np.allclose(new.phrase_scores, outputs["pred_logits"][0, queries].numpy(), atol=1e-5)
+    assert new.scores[:, new.token_phrase == 0][[1, 2]].sum() == 0 and new.scores[0].any()  # other phrases: 0
+    # one backward for all equals one detection at a time: exactly up to rounding, so in float64 (in
+    # float32 the text tower's matrix products over 1 or N rows round differently, ~1e-6 relative)
+    model64 = model.double()
+    with torch.no_grad():
+        kept64 = model64(images.double(), cross_attention=True, keep_features=True)["attention"].kept_inputs
+    together = text_token_scores(model64, None, queries, labels, kept=kept64)
+    assert np.allclose(together.scores, new.scores, rtol=1e-5, atol=1e-6)
+    for n in range(len(queries)):
+        alone = text_token_scores(model64, None, queries[n:n + 1], labels[n:n + 1], kept=kept64)
+        assert np.abs(alone.scores[0] - together.scores[n]).max() <= 1e-12
+        assert np.array_equal(alone.phrase_scores[0], together.phrase_scores[n])
+    empty = text_token_scores(engine.model, None, torch.tensor([], dtype=torch.int64),
+                              torch.tensor([], dtype=torch.int64), kept=kept)
+    assert empty.scores.shape == (0, len(new.tokens)) and empty.phrase_scores.shape == (0, 3)
+
+
+def test_kept_inputs_that_are_not_the_model_s_fail_loudly(owl) -> None:
+    folder, image = owl
+    model = load_model(folder, prompt=PHRASES)
+    _, _, kept = _kept_inputs(model, _input(model, image))
+    kept.per_image["query_embeds"].mul_(-1)  # as if HF had changed how it embeds the text
+    with pytest.raises(RuntimeError, match="text embeddings recomputed .* differ .* needs updating"):
+        text_token_scores(model, None, torch.tensor([3]), torch.tensor([1]), kept=kept)
+    with pytest.raises(ValueError, match="model input or the inference pass's kept inputs"):
+        text_token_scores(model, None, torch.tensor([3]), torch.tensor([1]))
+
+
+def test_one_backward_of_a_sum_equals_one_backward_per_output_where_they_do_not_share_rows() -> None:
+    embedding = nn.Embedding(10, 4)
+    weights = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([[1, 2], [3, 4], [1, 5]])  # rows share token 1's vector, but not an embedding output
+
+    def run() -> torch.Tensor:
+        rows = embedding(ids)  # (3, 2, 4)
+        return (torch.tanh(rows) * weights[:, None]).sum((1, 2))  # output n reads row n only
+
+    summed = summed_gradient_x_input(run, embedding)
+    one_by_one = gradient_x_input(run, embedding, [(n,) for n in range(3)])
+    assert torch.allclose(summed, one_by_one[torch.arange(3), torch.arange(3)], atol=1e-7)
+    assert summed.shape == (3, 2) and summed.abs().min() > 0
+
+
+def test_detections_of_one_query_go_to_separate_backward_groups() -> None:
+    assert distinct_query_groups([0, 4, 4, 9]) == [[0, 1, 3], [2]]
+    assert distinct_query_groups([7, 7, 7]) == [[0], [1], [2]]
+    assert distinct_query_groups([]) == []
 
 
 def test_explain_with_a_prompt_returns_maps_and_token_scores(owl) -> None:

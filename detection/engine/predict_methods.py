@@ -90,11 +90,18 @@ def token_scorer(predictor: Any, outputs: OutputOptions) -> Any:
 
 
 def image_token_scores(predictor: Any, result: PredictionResult) -> TokenScores:
-    """One predicted image's token scores, on the predictor's prepared model at its precision
-    (the decoded image is kept for this: `PredictorSettings.keep_images`)."""
-    if result.image is None:
-        raise ValueError("token scores need the decoded image (keep_images)")
+    """One predicted image's token scores, on the predictor's prepared model at its precision: from
+    the inference pass's kept inputs when its record carries them (`PredictorSettings.keep_features`,
+    float32 passes: only the part the gradient needs runs again), else from the decoded image (kept
+    for this: `PredictorSettings.keep_images`; the model runs again)."""
     engine = predictor.engine
+    kept = None if result.attention is None else result.attention.kept_inputs
+    if kept is not None:
+        with engine.autocast():
+            return text_token_scores(engine.model, None, result.detections.query_index, result.detections.labels,
+                                     kept=kept.to(engine.device, copy=True))
+    if result.image is None:
+        raise ValueError("token scores need the decoded image (keep_images) or the kept inputs (keep_features)")
     images = image_to_input(result.image, engine.model.preprocess_spec)[None].to(engine.device)
     with engine.autocast():
         return text_token_scores(engine.model, images, result.detections.query_index, result.detections.labels)

@@ -196,7 +196,8 @@ def _make_predictor(settings: PredictSettings, model: torch.nn.Module, device: t
         # draw on display images the decoding workers make (engine.display)
         keep_images=(runner is not None and runner.needs_input)
         or (options.save_attention and hasattr(model, "prompt_layout")),  # token scores run the model on it
-        keep_features=runner is not None and runner.needs_features,
+        keep_features=(runner is not None and runner.needs_features)
+        or (options.save_attention and hasattr(model, "prompt_layout")),  # token scores reuse the pass
         display=DisplaySpec(overlays=options.overlays, overlay_size=options.overlay_size,
                             viewer_jpeg=options.save_attention) if options.needs_maps else None,
         rollout=options.save_encoder_attention or (runner is not None and runner.needs_self_attention),

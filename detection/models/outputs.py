@@ -27,7 +27,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from detection.models.transformer_inputs import TransformerInputs
+from detection.models.transformer_inputs import KeptInputs, TransformerInputs
 
 AttentionKind = Literal["dense", "sampled"]
 Sampler = Literal["bilinear", "nearest"]
@@ -230,6 +230,7 @@ class AttentionRecord:
     decoder_self: optional (L_dec, B, heads, Q, Q) (either kind).
     transformer_inputs: optional, the native DETR's backbone-stage output of this pass
         (`forward(..., keep_features=True)`), which the gradient methods reuse.
+    kept_inputs: optional, a prompted detector's `KeptInputs` of this pass, which its token scores reuse.
     """
 
     decoder_cross: torch.Tensor | None = None
@@ -243,6 +244,7 @@ class AttentionRecord:
     encoder_self_size: tuple[int, int] | None = None
     encoder_self_stride: int | None = None
     transformer_inputs: TransformerInputs | None = None
+    kept_inputs: KeptInputs | None = None
 
     def __post_init__(self) -> None:
         if (self.decoder_cross is None) == (self.decoder_cross_sampled is None):
@@ -321,6 +323,7 @@ class AttentionRecord:
             encoder_self=None if self.encoder_self is None else self.encoder_self[:, sl],
             decoder_self=None if self.decoder_self is None else self.decoder_self[:, sl],
             transformer_inputs=None if self.transformer_inputs is None else self.transformer_inputs.select_image(index),
+            kept_inputs=None if self.kept_inputs is None else self.kept_inputs.select_image(index),
             encoder_self_size=self.encoder_self_size,
             encoder_self_stride=self.encoder_self_stride,
         )
@@ -337,6 +340,7 @@ class AttentionRecord:
             encoder_self=_move(self.encoder_self, device),
             decoder_self=_move(self.decoder_self, device),
             transformer_inputs=None if self.transformer_inputs is None else self.transformer_inputs.to(device),
+            kept_inputs=None if self.kept_inputs is None else self.kept_inputs.to(device),
             encoder_self_size=self.encoder_self_size,
             encoder_self_stride=self.encoder_self_stride,
         )

@@ -1,9 +1,10 @@
-"""What the native DETR's transformer reads of an image batch: the inference pass hands it to the
-gradient methods, which then record a graph over the transformer and heads only (issue #23)."""
+"""What the inference pass keeps for the gradients that follow it: the native DETR's transformer
+inputs (issue #23), and a prompted detector's inputs of the part its token scores differentiate."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,3 +45,33 @@ class TransformerInputs:
         return dataclasses.replace(self, features=moved(self.features, True),
                                    feature_padding_mask=moved(self.feature_padding_mask, False),
                                    position=moved(self.position, True), image_sizes=moved(self.image_sizes, False))
+
+
+@dataclass(frozen=True)
+class KeptInputs:
+    """The inputs of the part of a prompted detector that its token scores differentiate, kept by
+    the inference pass (`forward(..., keep_features=True)`), so that only that part runs again
+    with a graph (OWL: the class head's image features, the text tower runs again; Grounding DINO:
+    the last decoder layer's inputs and the class head's text features).
+
+    per_image: name -> tensor whose first dimension is the batch (B, ...); shared: name -> what
+    every image of the batch shares (e.g. the feature levels' shapes). The names are the family's
+    own (`OwlDetector` / `GroundingDetector` read them back).
+    """
+
+    per_image: dict[str, torch.Tensor]
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def select_image(self, index: int) -> "KeptInputs":
+        """The inputs of one image of the batch (batch dimension kept, size 1)."""
+        return KeptInputs({name: tensor[index:index + 1] for name, tensor in self.per_image.items()}, self.shared)
+
+    def to(self, device: torch.device | str, copy: bool = False) -> "KeptInputs":
+        """The inputs on `device`; copy: new tensors even where nothing moves, so that inference-mode
+        tensors (`InferenceModel`'s pass) become ordinary tensors autograd may save for backward."""
+        def moved(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value.to(device, copy=copy)
+            return value
+        return KeptInputs({name: moved(tensor) for name, tensor in self.per_image.items()},
+                          {name: moved(value) for name, value in self.shared.items()})

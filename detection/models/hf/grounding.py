@@ -19,6 +19,7 @@ from detection.models.hf.capture_sampled import SampledCapture
 from detection.models.hf.detector import HFDetector, image_sizes_from_mask
 from detection.models.hf.families import Family
 from detection.models.hf.prompt import PromptedDetector, PromptError, PromptedConfig, check_phrases, prompt_text
+from detection.models.transformer_inputs import KeptInputs
 
 #: What a detection's query_index means for Grounding DINO (run.json's model_config records it).
 GROUNDING_QUERY_MEANING = "decoder query (of config.num_queries, chosen by the encoder's two-stage selection)"
@@ -76,7 +77,9 @@ class GroundingDetector(PromptedDetector, HFDetector):
     token_logits (B, Q, S) HF's logits over the prompt's S positions; pred_boxes (B, Q, 4) cxcywh
     relative to each image's unpadded extent. With cross_attention, `attention` is the sampled
     record of the decoder's image cross-attention and `text_attention` the decoder's text
-    cross-attention, (L, B, heads, Q, S) softmax weights over the prompt positions.
+    cross-attention, (L, B, heads, Q, S) softmax weights over the prompt positions. keep_features
+    (with cross_attention): the record's `kept_inputs` are the last decoder layer's inputs and the
+    class head's text inputs (`replay_last_decoder_layer`).
     """
 
     gradient_capture = "graph"
@@ -138,14 +141,16 @@ class GroundingDetector(PromptedDetector, HFDetector):
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None, *,
                 cross_attention: bool = False, encoder_attention: bool = False,
-                decoder_self_attention: bool = False, keep_graph: bool = False) -> dict[str, Any]:
+                decoder_self_attention: bool = False, keep_graph: bool = False,
+                keep_features: bool = False) -> dict[str, Any]:
         batch, _, height, width = images.shape
         if padding_mask is None:
             padding_mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
         if encoder_attention:
             raise ValueError(f"{self.family.title}'s encoder is deformable: no dense encoder self-attention to record")
-        if keep_graph and not cross_attention:
-            raise ValueError("keep_graph keeps captured attention: ask for some (cross_attention=True)")
+        if (keep_graph or keep_features) and not cross_attention:
+            raise ValueError("keep_graph / keep_features go in the attention record: ask for one "
+                             "(cross_attention=True)")
         kwargs = {"pixel_values": images, "pixel_mask": (~padding_mask).long(),
                   "input_ids": self.input_ids.repeat(batch, 1), "token_type_ids": self.token_type_ids.repeat(batch, 1),
                   "attention_mask": self.text_attention_mask.repeat(batch, 1)}
@@ -157,15 +162,19 @@ class GroundingDetector(PromptedDetector, HFDetector):
             handles = [module.register_forward_hook(
                 lambda _m, _a, out: text_weights.append(out[1] if isinstance(out, tuple) and len(out) > 1 else None))
                 for module in self.text_cross_attention_modules()]
+            kept: dict[str, dict] = {}
+            keep_handles = self._keep_last_layer_inputs(kept) if keep_features else []
             try:
                 with capture:
                     outputs = self.hf_model(**kwargs)
             finally:
-                for handle in handles:
+                for handle in handles + keep_handles:
                     handle.remove()
             record = capture.record(outputs, input_size=(int(height), int(width)),
                                     image_sizes=image_sizes_from_mask(padding_mask), padding_mask=padding_mask)
             graph = capture.graph() if keep_graph else None
+            if keep_features:
+                record = dataclasses.replace(record, kept_inputs=self._kept_inputs(kept, batch))
             if len(text_weights) != len(handles) or any(w is None for w in text_weights):
                 raise self._renamed("the decoder's text cross-attention weights")
         else:
@@ -199,6 +208,80 @@ class GroundingDetector(PromptedDetector, HFDetector):
 
     def _fits(self, phrases: tuple[str, ...]) -> bool:
         return len(self.tokenizer(prompt_text(phrases))["input_ids"]) <= self.token_limit
+
+    #: the last decoder layer's arguments every image of a batch shares (the others are batch-first tensors)
+    SHARED_LAYER_INPUTS = ("spatial_shapes", "spatial_shapes_list", "level_start_index")
+
+    def _last_layer_and_head(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """(the last decoder layer, the decoder's layer norm, the class head of the last level)."""
+        layers = self._internal("model.decoder.layers")
+        return layers[-1], self._internal("model.decoder.layer_norm"), self._internal("class_embed")[len(layers) - 1]
+
+    def _keep_last_layer_inputs(self, kept: dict[str, dict]) -> list[Any]:
+        """Forward pre-hooks that put the last decoder layer's and the last class head's keyword
+        arguments in kept["layer"] / kept["head"] (a head shared by every level: the last call wins)."""
+        layer, _, head = self._last_layer_and_head()
+
+        def keep(name: str) -> Any:
+            def hook(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
+                kept[name] = dict(kwargs)
+            return hook
+
+        def logits(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+            kept["logits"] = {"token_logits": output}
+        return [layer.register_forward_pre_hook(keep("layer"), with_kwargs=True),
+                head.register_forward_pre_hook(keep("head"), with_kwargs=True), head.register_forward_hook(logits)]
+
+    def _kept_inputs(self, kept: dict[str, dict], batch: int) -> KeptInputs:
+        if set(kept) != {"layer", "head", "logits"} or "hidden_states" not in kept["layer"]:
+            raise self._renamed("model.decoder.layers[-1](hidden_states=...) / class_embed[-1](text_hidden_state=...)")
+        per_image, shared = {}, {}
+        for name, value in kept["layer"].items():
+            if name in self.SHARED_LAYER_INPUTS:
+                shared[name] = value
+            elif isinstance(value, torch.Tensor):
+                if value.shape[0] != batch:
+                    raise self._renamed(f"model.decoder.layers[-1]({name}=...) (not batch-first)")
+                per_image[f"layer.{name}"] = value.detach()
+            elif value is not None and name != "output_attentions":
+                raise self._renamed(f"model.decoder.layers[-1]({name}=...) (not a tensor)")
+        for name in ("text_hidden_state", "text_token_mask"):
+            if not isinstance(kept["head"].get(name), torch.Tensor):
+                raise self._renamed(f"class_embed[-1]({name}=...)")
+            per_image[f"head.{name}"] = kept["head"][name].detach()
+        per_image["check.token_logits"] = kept["logits"]["token_logits"].detach()  # the replay must give them again
+        return KeptInputs(per_image, shared)
+
+    def replay_last_decoder_layer(self, kept: KeptInputs) -> dict[str, Any]:
+        """The last decoder layer, the decoder's layer norm and the class head run again on one
+        image's kept inputs (`forward(..., keep_features=True)`), with a graph from the layer's
+        input on: {"pred_logits": (1, Q, C) the phrase logits, "text_attention_graph": (the layer's
+        text cross-attention (1, heads, Q, S),)} -- what `text_gradient_forward` returns of a whole
+        forward. kept: on the model's device, ordinary tensors (`KeptInputs.to(device, copy=True)`)."""
+        layer, norm, head = self._last_layer_and_head()
+        arguments = {name.split(".", 1)[1]: value for name, value in kept.per_image.items()
+                     if name.startswith("layer.")}
+        arguments["hidden_states"] = arguments["hidden_states"].detach().requires_grad_(True)
+        weights: list[torch.Tensor] = []
+        handle = self.text_cross_attention_modules()[-1].register_forward_hook(
+            lambda _m, _a, out: weights.append(out[1] if isinstance(out, tuple) and len(out) > 1 else None))
+        try:
+            with torch.enable_grad():
+                hidden = layer(**arguments, **kept.shared, output_attentions=False)[0]
+                token_logits = head(vision_hidden_state=norm(hidden),
+                                    text_hidden_state=kept.per_image["head.text_hidden_state"],
+                                    text_token_mask=kept.per_image["head.text_token_mask"])
+        finally:
+            handle.remove()
+        if len(weights) != 1 or weights[0] is None or not weights[0].requires_grad:
+            raise self._renamed("the last decoder layer's text cross-attention weights")
+        expected = kept.per_image["check.token_logits"]
+        finite = expected.isfinite()
+        if not torch.allclose(token_logits.detach()[finite], expected[finite], rtol=1e-3, atol=1e-4):
+            raise self._renamed("the last decoder layer's inputs (its replay does not give the inference pass's "
+                                "logits)")
+        return {"pred_logits": self.phrase_logits(token_logits[..., : self.input_ids.shape[1]]),
+                "text_attention_graph": (weights[0],)}
 
     def text_gradient_forward(self, images: torch.Tensor) -> dict[str, Any]:
         """forward(images, cross_attention=True, keep_graph=True) whose autograd graph starts at the

@@ -215,7 +215,10 @@ class OmDetDetector(PromptedDetector, HFDetector):
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None, *,
                 cross_attention: bool = False, encoder_attention: bool = False,
-                decoder_self_attention: bool = False, keep_graph: bool = False) -> dict[str, Any]:
+                decoder_self_attention: bool = False, keep_graph: bool = False,
+                keep_features: bool = False) -> dict[str, Any]:
+        # keep_features: nothing is kept (the record's kept_inputs stay None): the phrase scores
+        # run the whole model again on the kept image (attention.token_scores)
         batch, _, height, width = images.shape
         if padding_mask is None:
             padding_mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)

@@ -7,6 +7,7 @@ detection's logit to the prompt's tokens (gradient x input on the token embeddin
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -18,6 +19,7 @@ from detection.models.hf.detector import HFDetector, image_sizes_from_mask
 from detection.models.hf.families import Family
 from detection.models.hf.prompt import PromptedDetector, PromptError, PromptedConfig, check_phrases
 from detection.models.outputs import AttentionGraph, AttentionRecord
+from detection.models.transformer_inputs import KeptInputs
 
 #: What a detection's query_index means for OWL (run.json's model_config records it).
 OWL_QUERY_MEANING = ("patch token: the vision encoder's patch (row-major over the patch grid, [CLS] "
@@ -65,7 +67,8 @@ class OwlDetector(PromptedDetector, HFDetector):
     float minimum), pred_boxes (B, P, 4) cxcywh relative to the input (= the image: the processor
     resizes to a fixed size). With cross_attention the record holds ONE layer, the last vision
     layer's self-attention rows of the patch tokens over the patch tokens ((1, B, heads, P, h, w),
-    the [CLS] column left out, rows not renormalised), stride = the patch size.
+    the [CLS] column left out, rows not renormalised), stride = the patch size. keep_features (with
+    cross_attention): the record's `kept_inputs` are the class head's inputs (`detection_text_logits`).
     """
 
     gradient_capture = "graph"
@@ -129,7 +132,8 @@ class OwlDetector(PromptedDetector, HFDetector):
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None, *,
                 cross_attention: bool = False, encoder_attention: bool = False,
-                decoder_self_attention: bool = False, keep_graph: bool = False) -> dict[str, Any]:
+                decoder_self_attention: bool = False, keep_graph: bool = False,
+                keep_features: bool = False) -> dict[str, Any]:
         batch, _, height, width = images.shape
         if padding_mask is None:
             padding_mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
@@ -138,8 +142,9 @@ class OwlDetector(PromptedDetector, HFDetector):
         if encoder_attention or decoder_self_attention:
             raise ValueError(f"{self.family.title} records the last vision layer's self-attention only (no encoder "
                              "self-attention grids, no decoder self-attention)")
-        if keep_graph and not cross_attention:
-            raise ValueError("keep_graph keeps captured attention: ask for some (cross_attention=True)")
+        if (keep_graph or keep_features) and not cross_attention:
+            raise ValueError("keep_graph / keep_features go in the attention record: ask for one "
+                             "(cross_attention=True)")
         kwargs = {"pixel_values": images, **self.text_inputs(batch)}
         if not cross_attention:
             outputs = self.hf_model(**kwargs)
@@ -150,16 +155,28 @@ class OwlDetector(PromptedDetector, HFDetector):
         def take(_module: nn.Module, _args: tuple, output: Any) -> None:
             captured.append(output[1] if isinstance(output, tuple) and len(output) > 1 else None)
 
-        handle = self.last_vision_attention().register_forward_hook(take)
+        head_inputs: list[tuple] = []
+        handles = [self.last_vision_attention().register_forward_hook(take)]
+        if keep_features:
+            handles.append(self._internal("class_head").register_forward_pre_hook(
+                lambda _module, args: head_inputs.append(args)))
         try:
             outputs = self.hf_model(**kwargs)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         weights = captured[-1] if captured else None
         if weights is None:
             raise RuntimeError(f"{self.family.title}: the last vision layer returned no attention weights (the model "
                                "must run eager attention; load it with load_model)")
         record = self._record(weights, (int(height), int(width)), padding_mask)
+        if keep_features:
+            if len(head_inputs) != 1 or len(head_inputs[0]) != 3:
+                raise RuntimeError(f"{self.family.title}: the class head was not called once with (image features, "
+                                   "query embeddings, query mask): the OWL support needs updating")
+            image_feats, query_embeds, query_mask = (tensor.detach() for tensor in head_inputs[0])
+            record = dataclasses.replace(record, kept_inputs=KeptInputs(
+                {"image_feats": image_feats, "query_embeds": query_embeds, "query_mask": query_mask}))
         result = {"pred_logits": outputs.logits, "pred_boxes": outputs.pred_boxes, "aux_outputs": [],
                   "attention": record}
         if keep_graph:
@@ -180,6 +197,42 @@ class OwlDetector(PromptedDetector, HFDetector):
             feature_padding_mask=torch.zeros((batch, grid_h, grid_w), dtype=torch.bool, device=cross.device),
             feature_stride=int(self.hf_model.config.vision_config.patch_size),
             input_size=input_size, image_sizes=image_sizes_from_mask(padding_mask).to(cross.device))
+
+    def detection_text_logits(self, kept: KeptInputs, query_index: Sequence[int], labels: Sequence[int]
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each detection's logit from one image's kept class-head inputs (`forward(..., keep_features=True)`):
+        the vision tower does not run again; the text tower runs here on one token row per detection
+        (row n = phrase labels[n], without the padding after the rows' last real token: its token
+        embedding (N, S', D) is computed once, S' <= S, and logit n depends on row n only, so one
+        backward of their sum gives every detection's gradient).
+
+        kept: image_feats (1, P, D_v), query_embeds (1, C, D_t) the normalised text embeddings,
+        query_mask (1, C). Returns (logits (N,) in the graph of the text tower, phrase logits (N, C)
+        the detections' logits for every phrase, from the kept query embeddings, no graph).
+        RuntimeError when the recomputed text embeddings are not the kept ones (renamed HF internals).
+        """
+        queries = torch.as_tensor(list(query_index), dtype=torch.int64, device=kept.per_image["image_feats"].device)
+        rows = torch.as_tensor(list(labels), dtype=torch.int64, device=queries.device)
+        image_feats = kept.per_image["image_feats"][0, queries][None]  # (1, N, D_v)
+        head = self._internal("class_head")
+        with torch.no_grad():
+            phrase_logits = head(image_feats, kept.per_image["query_embeds"], kept.per_image["query_mask"])[0][0]
+        input_ids, attention_mask = self.input_ids[rows], self.text_attention_mask[rows]
+        # the text model's attention is causal and it pools the token at input_ids' argmax (the end
+        # token): the padding after both changes nothing of the pooled output, so it is not run
+        # (the check below holds the result to the inference pass's)
+        length = int(max(attention_mask.sum(-1).max(), input_ids.argmax(-1).max() + 1))
+        base = self._internal(self._base())
+        text = base.get_text_features(input_ids=input_ids[:, :length], attention_mask=attention_mask[:, :length])
+        text = text.pooler_output if hasattr(text, "pooler_output") else text
+        text = text / torch.linalg.norm(text, ord=2, dim=-1, keepdim=True)  # as OwlViTModel.forward's text_embeds
+        expected = kept.per_image["query_embeds"][0, rows]
+        if not torch.allclose(text.detach().to(expected.dtype), expected, rtol=1e-3, atol=1e-5):
+            raise RuntimeError(f"{self.family.title}: the text embeddings recomputed for the token scores differ from "
+                               "the inference pass's (largest difference "
+                               f"{float((text.detach() - expected).abs().max()):.3g}): the OWL support needs updating")
+        logits = head(image_feats, text[None], kept.per_image["query_mask"][:, rows])[0][0]  # (N, N): patch n, row m
+        return logits.diagonal(), phrase_logits
 
     def prompt_chunks(self, phrases: Sequence[str]) -> list[tuple[str, ...]]:
         """One prompt: OWL encodes each phrase apart, so any number of phrases fits (each phrase is

@@ -84,7 +84,8 @@ class Owlv2Detector(OwlDetector):
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None, *,
                 cross_attention: bool = False, encoder_attention: bool = False,
-                decoder_self_attention: bool = False, keep_graph: bool = False) -> dict[str, Any]:
+                decoder_self_attention: bool = False, keep_graph: bool = False,
+                keep_features: bool = False) -> dict[str, Any]:
         batch, _, height, width = images.shape
         if padding_mask is None:
             padding_mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
@@ -97,7 +98,8 @@ class Owlv2Detector(OwlDetector):
         try:
             outputs = super().forward(pixels, None, cross_attention=cross_attention,
                                       encoder_attention=encoder_attention,
-                                      decoder_self_attention=decoder_self_attention, keep_graph=keep_graph)
+                                      decoder_self_attention=decoder_self_attention, keep_graph=keep_graph,
+                                      keep_features=keep_features)
         finally:
             handle.remove()
         if not objectness or objectness[-1] is None:
