@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
@@ -22,6 +23,7 @@ from detection.models.hf.capture_sampled import SampledCapture
 from detection.models.hf.detector import HFDetector, image_sizes_from_mask
 from detection.models.hf.families import Family
 from detection.models.hf.prompt import PromptedDetector, PromptError, PromptedConfig, check_phrases
+from detection.models.transformer_inputs import KeptInputs
 
 #: What a detection's query_index means for OmDet-Turbo (run.json's model_config records it).
 OMDET_QUERY_MEANING = "decoder query (of config.num_queries, chosen by the encoder's top-k query selection)"
@@ -217,8 +219,6 @@ class OmDetDetector(PromptedDetector, HFDetector):
                 cross_attention: bool = False, encoder_attention: bool = False,
                 decoder_self_attention: bool = False, keep_graph: bool = False,
                 keep_features: bool = False) -> dict[str, Any]:
-        # keep_features: nothing is kept (the record's kept_inputs stay None): the phrase scores
-        # run the whole model again on the kept image (attention.token_scores)
         batch, _, height, width = images.shape
         if padding_mask is None:
             padding_mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
@@ -227,8 +227,9 @@ class OmDetDetector(PromptedDetector, HFDetector):
         if encoder_attention or decoder_self_attention:
             raise ValueError(f"{self.family.title} records its decoder's image cross-attention only (sampled points; "
                              "no encoder self-attention grids, no decoder self-attention)")
-        if keep_graph and not cross_attention:
-            raise ValueError("keep_graph keeps captured attention: ask for some (cross_attention=True)")
+        if (keep_graph or keep_features) and not cross_attention:
+            raise ValueError("keep_graph / keep_features go in the attention record: ask for one "
+                             "(cross_attention=True)")
         kwargs = {"pixel_values": images, "classes_input_ids": self.classes_input_ids.repeat(batch, 1),
                   "classes_attention_mask": self.classes_attention_mask.repeat(batch, 1),
                   "tasks_input_ids": self.tasks_input_ids.repeat(batch, 1),
@@ -240,12 +241,20 @@ class OmDetDetector(PromptedDetector, HFDetector):
         with text:
             if cross_attention:
                 capture = OmDetCapture(self.hf_model, keep_graph=keep_graph)
-                with capture:
-                    outputs = self.hf_model(**kwargs)
+                kept: dict[str, list] = {"query_features": [], "class_projected": []}
+                handles = self._keep_hooks(kept) if keep_features else []
+                try:
+                    with capture:
+                        outputs = self.hf_model(**kwargs)
+                finally:
+                    for handle in handles:
+                        handle.remove()
                 # the record checks its queries against `logits`, which OmDet's output names decoder_class_logits
                 record = capture.record(SimpleNamespace(logits=outputs.decoder_class_logits), input_size=(int(height), int(width)),
                                         image_sizes=image_sizes_from_mask(padding_mask), padding_mask=None)
                 graph = capture.graph() if keep_graph else None
+                if keep_features:
+                    record = dataclasses.replace(record, kept_inputs=self._kept(kept))
             else:
                 outputs = self.hf_model(**kwargs)
         result = {"pred_logits": outputs.decoder_class_logits, "pred_boxes": outputs.decoder_coord_logits,
@@ -253,6 +262,58 @@ class OmDetDetector(PromptedDetector, HFDetector):
         if keep_graph:
             result["attention_graph"] = graph
         return result
+
+
+    def _decoder_part(self, name: str) -> Any:
+        decoder = getattr(self.hf_model, "decoder", None)
+        if not hasattr(decoder, name):
+            raise self._renamed(f"decoder.{name}")
+        return getattr(decoder, name)
+
+    def _keep_hooks(self, kept: dict[str, list]) -> list:
+        """Hooks keeping what the phrase scores differentiate: the last decoder layer's query
+        features (B, Q, H) and its class head's projected phrase embeddings (C, B, H)."""
+        layer, head = self._decoder_part("layers")[-1], self._decoder_part("decoder_class_head")[-1]
+        return [layer.register_forward_hook(lambda _m, _a, output: kept["query_features"].append(output[0])),
+                head.register_forward_hook(lambda _m, _a, output: kept["class_projected"].append(output))]
+
+    def _kept(self, kept: dict[str, list]) -> KeptInputs:
+        if len(kept["query_features"]) != 1 or len(kept["class_projected"]) != 1:
+            raise RuntimeError(f"{self.family.title}: the last decoder layer or its class head did not run once "
+                               "per forward: the OmDet-Turbo support needs updating")
+        return KeptInputs({"query_features": kept["query_features"][0].detach(),
+                           "class_projected": kept["class_projected"][0].detach().permute(1, 0, 2)})
+
+    def detection_text_logits(self, kept: KeptInputs, query_index: Sequence[int], labels: Sequence[int]
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each detection's logit from one image's kept inputs (`forward(..., keep_features=True)`):
+        the image side does not run again; the phrase path (language backbone -> the last class
+        head) runs here on one phrase row per detection (row n = phrase labels[n]), and HF's own
+        class similarity (cosine or dot, the decoder's `class_distance_type`) of detection n's query
+        features with row n gives logit n (one backward of their sum: every detection's gradient).
+
+        kept: query_features (1, Q, H), class_projected (1, C, H). Returns (logits (N,) in the graph,
+        phrase logits (N, C) from the kept projections, no graph). RuntimeError when the recomputed
+        projections are not the kept ones (renamed HF internals)."""
+        features = kept.per_image["query_features"]
+        queries = torch.as_tensor(list(query_index), dtype=torch.int64, device=features.device)
+        rows = torch.as_tensor(list(labels), dtype=torch.int64, device=features.device)
+        similarity = getattr(sys.modules[type(self.hf_model.decoder).__module__], "get_class_similarity", None)
+        if similarity is None:
+            raise self._renamed("get_class_similarity")
+        distance = self._decoder_part("class_distance_type")
+        query_features = features[0, queries][None]  # (1, N, H)
+        projected = kept.per_image["class_projected"]  # (1, C, H)
+        with torch.no_grad():
+            phrase_logits = similarity(distance, query_features, projected.transpose(1, 2))[0]  # (N, C)
+        embeddings = self.phrase_embedding(self.classes_input_ids[rows.to(self.classes_input_ids.device)])  # (N, 1, D)
+        rows_projected = self._decoder_part("decoder_class_head")[-1](embeddings[:, 0])  # (N, H)
+        expected = projected[0, rows]
+        if not torch.allclose(rows_projected.detach().to(expected.dtype), expected, rtol=1e-3, atol=1e-5):
+            raise RuntimeError(f"{self.family.title}: the phrase projections recomputed for the phrase scores differ "
+                               "from the inference pass's: the OmDet-Turbo support needs updating")
+        logits = similarity(distance, query_features, rows_projected.T[None])[0]  # (N, N): query n, row m
+        return logits.diagonal(), phrase_logits
 
 
 def build_omdet_detector(hf_model: nn.Module, family: Family, preprocess: PreprocessSpec, tokenizer: Any,
