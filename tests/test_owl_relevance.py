@@ -168,3 +168,19 @@ def test_cli_predict_explain_relevance_writes_the_maps(folders, tmp_path) -> Non
         cells = relevance(model, our_input(model, Path(record["file"])), None, 0, queries, labels)
         stored, _ = load_maps_npz(out / record["methods"]["relevance"], size=None)  # the un-normalised cells
         assert np.allclose(stored, cells.values.numpy(), atol=1e-6)
+
+
+def test_explain_api_returns_the_relevance_cells(folders) -> None:
+    """detection.explain(..., method="relevance") (OWL-ViT): its cells are `relevance`'s for its detections."""
+    import detection
+    from detection import api
+
+    folder, images = folders["owlvit"]
+    api.clear_model_cache()
+    explained = detection.explain(str(images[0]), model=str(folder), prompt=PROMPT, method="relevance",
+                                  score_threshold=0.3, device="cpu")
+    found = explained.detections
+    assert len(found) > 0 and explained.maps.shape[0] == len(found)
+    model = load_model(folder, prompt=PHRASES)
+    cells = relevance(model, our_input(model, images[0]), None, 0, found.query_index, found.labels)
+    assert torch.allclose(torch.as_tensor(explained.method_maps.values), cells.values, atol=1e-6)
