@@ -149,7 +149,7 @@ def test_captured_attention_rebuilds_the_last_vision_layer(owl) -> None:
 def outputs_graph_weights(model, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         graph = model(images, cross_attention=True, keep_graph=True)["attention_graph"]
-    (weights,) = graph.tokens
+    weights = graph.tokens[-1]  # every vision layer; the record holds the last
     assert graph.detection_tokens == weights.shape[-1] - 1
     return weights
 
@@ -166,7 +166,7 @@ def test_a_renamed_hf_internal_fails_loudly(owl, monkeypatch) -> None:
 def test_image_maps_raw_and_attn_grad_are_the_patch_token_s_row(owl) -> None:
     """raw: the head mean of the detection's patch row of the last vision layer over the patches;
     attn-grad: the head mean of (dlogit/dA * A)+ on that row (target: the detection's phrase logit);
-    rollout and relevance (every layer's attention) are refused by name."""
+    rollout (every layer's raw attention) is refused by name (relevance: tests/test_owl_relevance.py)."""
     import detection
     from detection import api
     from detection.attention.methods import MethodNotApplicable, applicable_methods
@@ -174,7 +174,7 @@ def test_image_maps_raw_and_attn_grad_are_the_patch_token_s_row(owl) -> None:
     folder, images = owl
     api.clear_model_cache()
     model = load_model(folder, prompt=PHRASES)
-    assert applicable_methods(model) == ["raw", "attn-grad", "drise"]
+    assert applicable_methods(model) == ["raw", "attn-grad", "relevance", "drise"]
     grid = model.patch_grid()
     rgb = np.asarray(Image.open(images[0]).convert("RGB"))
     from detection.data.preprocess import image_to_input
@@ -182,7 +182,7 @@ def test_image_maps_raw_and_attn_grad_are_the_patch_token_s_row(owl) -> None:
     pixels = image_to_input(rgb, model.preprocess_spec)[None]
     with torch.enable_grad():
         outputs = model(pixels, cross_attention=True, keep_graph=True)
-    (weights,) = outputs["attention_graph"].tokens
+    weights = outputs["attention_graph"].tokens[-1]
     for method in ("raw", "attn-grad"):
         explained = detection.explain(str(images[0]), model=str(folder), prompt=PROMPT, method=method,
                                       score_threshold=0.3, device="cpu")
@@ -199,9 +199,8 @@ def test_image_maps_raw_and_attn_grad_are_the_patch_token_s_row(owl) -> None:
                 values = explained.attention.decoder_cross[-1, 0, :, query].mean(0)
             assert torch.allclose(values.reshape(-1), expected.reshape(-1), atol=1e-6), (method, k)
             assert tuple(values.shape[-2:]) == grid
-    for method in ("rollout", "relevance"):
-        with pytest.raises(MethodNotApplicable, match=f"'{method}' does not apply to the OWL-ViT family.*every layer"):
-            detection.explain(str(images[0]), model=str(folder), prompt=PROMPT, method=method, device="cpu")
+    with pytest.raises(MethodNotApplicable, match="'rollout' does not apply to the OWL-ViT family.*every layer"):
+        detection.explain(str(images[0]), model=str(folder), prompt=PROMPT, method="rollout", device="cpu")
 
 
 def test_saved_token_scores_round_trip_and_the_run_folder_serves_report_and_export(owl, tmp_path) -> None:

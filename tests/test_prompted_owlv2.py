@@ -168,7 +168,7 @@ def test_captured_attention_rebuilds_the_last_vision_layer(owlv2) -> None:
         outputs = model(batch, mask, cross_attention=True, keep_graph=True)
     hook.remove()
     record = outputs["attention"]
-    (weights,) = outputs["attention_graph"].tokens
+    weights = outputs["attention_graph"].tokens[-1]
     assert torch.equal(record.decoder_cross[0].flatten(-2), weights[:, :, 1:, 1:])
     hidden = seen["x"]
     count, tokens, width = hidden.shape
@@ -249,7 +249,7 @@ def test_maps_are_the_patch_row_over_the_square_cropped_to_the_image(owlv2) -> N
     pixels = image_to_input(rgb(path), model.preprocess_spec)[None]
     with torch.enable_grad():
         outputs = model(pixels, cross_attention=True, keep_graph=True)
-    (weights,) = outputs["attention_graph"].tokens
+    weights = outputs["attention_graph"].tokens[-1]
     grid = SIZE // PATCH
     cols = int(np.ceil(width * SIZE / height / PATCH))
     inside = (SIZE, round(width * SIZE / height))

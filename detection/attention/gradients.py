@@ -21,9 +21,11 @@ averaged over heads -- the splat is linear, so this is E_h of the per-head gradi
   R̄_qqᵀ·Ā·R̄_ii with R̄ = rownorm(R − I) + I, through `detection.attention.aggregate`
   (`self_relevance`, `decoder_rollout`), which implements exactly these rules on given Ā; the
   map is row q of R_qi;
-* ViT detectors (YOLOS): the self-attention rule over ALL tokens, as in the authors' ViT code
-  (`generate_relevance`: R = I; R += Ā·R per block, every Ā over [CLS] + patches + detection
-  tokens); the map of a detection is the row of its detection token over the patch tokens
+* ViT detectors (YOLOS; OWL-ViT / OWLv2): the self-attention rule over ALL tokens, as in the
+  authors' ViT code (`generate_relevance`: R = I; R += Ā·R per block, every Ā over [CLS] +
+  patches (+ YOLOS's detection tokens)); the map of a detection is the row of its detection
+  token (YOLOS: the last `num_queries` tokens; OWL: the patch token 1 + q itself, its
+  `AttentionGraph.detection_tokens` = every patch) over the valid patch tokens
   (`aggregate.self_relevance_rows` computes that row of R without forming R).
 
 How the gradients are taken. Native DETR: the model's attention modules return the softmax
@@ -121,7 +123,7 @@ def _head_mean(kind: str, flat: torch.Tensor) -> Reducer:
 
 
 def _token_reducer(flat: torch.Tensor, detections: int, all_tokens: bool) -> Reducer:
-    """YOLOS (n, heads, T, T) products -> Ā over all tokens (n, T, T), or (all_tokens False) the
+    """ViT (YOLOS, OWL) (n, heads, T, T) products -> Ā over all tokens (n, T, T), or (all_tokens False) the
     detection tokens' rows over the valid patches (n, D, K), the dense "cross" layout."""
     def reduce(products: torch.Tensor, _queries: torch.Tensor) -> torch.Tensor:
         if all_tokens:
@@ -184,10 +186,13 @@ def _gradient_weighted(
     else:
         raise ValueError("gradient explanations need the native DETR (a model with .transformer) or a wrapped "
                          "Hugging Face detector (forward(..., keep_graph=True))")
+    record = out["attention"]
+    if detections and not with_self_attention and record.kind == "dense":
+        # attn-grad weights the layers the record holds (OWL: the last; YOLOS: all), as raw shows them
+        names, tensors = names[-record.decoder_cross.shape[0]:], tensors[-record.decoder_cross.shape[0]:]
     if cross_layer is not None and cross_layer != "mean" and not with_self_attention:
         picked = int(reduce_layers(torch.arange(len(tensors)), cross_layer, dim=0))  # validates the choice
         names, tensors = names[picked:picked + 1], tensors[picked:picked + 1]
-    record = out["attention"]
     targets = _class_targets(model, out["pred_logits"][image_index], queries, classes)
     valid_h, valid_w = valid_feature_size(record.feature_padding_mask[image_index])
     flat = valid_flat_indices(record.feature_size, valid_h, valid_w).to(targets.device)
@@ -277,8 +282,10 @@ def relevance(
     Encoder-decoder detectors: Ā = E_h[(∇A ⊙ A)⁺] of every encoder self-, decoder self- and
     decoder cross-attention for the detection's class logit; R_ii = `self_relevance`(Ā_enc) and
     R_qi = `decoder_rollout`(Ā_cross, Ā_self, R_ii) (see `detection.attention.aggregate` for the
-    rules); map n = row query_index[n] of its R_qi. ViT detectors (YOLOS): R = I, R += Ā·R per
-    layer over all tokens; map n = R's row of detection token query_index[n] over the patches.
+    rules); map n = row query_index[n] of its R_qi. ViT detectors (YOLOS, OWL-ViT, OWLv2): R = I,
+    R += Ā·R per layer over all tokens; map n = R's row of detection token query_index[n] (the
+    graph's last `record.num_queries` tokens: YOLOS's detection tokens, OWL's patch tokens) over
+    the valid patches.
     Float32, >= 0. Dense attention only (ValueError for deformable families). features: as `attn_grad`.
     """
     family = getattr(model, "family", None)

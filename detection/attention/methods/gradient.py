@@ -42,7 +42,8 @@ class _GradientMethod(ExplanationMethod):
         kind = attention_kind(model)
         if not getattr(model, "gradient_capture", False) or kind not in ("dense", "sampled"):
             return f"{cls.name} needs the native DETR or a wrapped Hugging Face detector to take gradients through"
-        if cls.dense_only and getattr(model, "last_layer_attention_only", False):
+        if (cls.dense_only and getattr(model, "last_layer_attention_only", False)
+                and not getattr(model, "every_layer_in_graph", False)):
             return (f"{cls.name} needs every layer's attention; the {model_family(model)} record holds its last "
                     "vision layer's self-attention only")
         if kind == "sampled" and cls.dense_only:
@@ -82,7 +83,7 @@ class AttnGrad(_GradientMethod):
 
 class Relevance(_GradientMethod):
     """Chefer et al.'s relevance (rules on gradient-weighted attention, no LRP): R_qi for
-    encoder-decoder detectors, the self-attention rule over all tokens for YOLOS."""
+    encoder-decoder detectors, the self-attention rule over all tokens for YOLOS and OWL."""
 
     name = "relevance"
     dense_only = True

@@ -67,13 +67,18 @@ class OwlDetector(PromptedDetector, HFDetector):
     float minimum), pred_boxes (B, P, 4) cxcywh relative to the input (= the image: the processor
     resizes to a fixed size). With cross_attention the record holds ONE layer, the last vision
     layer's self-attention rows of the patch tokens over the patch tokens ((1, B, heads, P, h, w),
-    the [CLS] column left out, rows not renormalised), stride = the patch size. keep_features (with
-    cross_attention): the record's `kept_inputs` are the class head's inputs (`detection_text_logits`).
+    the [CLS] column left out, rows not renormalised), stride = the patch size. keep_graph also
+    returns every vision layer's weights (B, heads, 1 + P, 1 + P) as the graph's `tokens` ([CLS]
+    first, then the P patch tokens as the detection tokens), for relevance; plain inference hooks
+    the last layer only. keep_features (with cross_attention): the record's `kept_inputs` are the
+    class head's inputs (`detection_text_logits`).
     """
 
     gradient_capture = "graph"
-    #: the record holds one layer (the last vision layer): methods that propagate through every layer refuse
+    #: the record holds one layer (the last vision layer): rollout (raw attention of every layer) refuses
     last_layer_attention_only = True
+    #: the gradient graph holds every layer (keep_graph): relevance applies
+    every_layer_in_graph = True
 
     tokenize = staticmethod(tokenize_prompt)  # PromptedDetector.with_prompt
 
@@ -102,9 +107,13 @@ class OwlDetector(PromptedDetector, HFDetector):
     def _base(self) -> str:
         return self.family.model_type  # OwlViTForObjectDetection.owlvit, Owlv2ForObjectDetection.owlv2
 
-    def last_vision_attention(self) -> nn.Module:
+    def vision_attentions(self) -> list[nn.Module]:
+        """Every vision layer's self-attention module, first to last."""
         layers = self._internal(f"{self._base()}.vision_model.encoder.layers")
-        return self._internal_of(layers[-1], "self_attn")
+        return [self._internal_of(layer, "self_attn") for layer in layers]
+
+    def last_vision_attention(self) -> nn.Module:
+        return self.vision_attentions()[-1]
 
     def token_embedding(self) -> nn.Module:
         return self._internal(f"{self._base()}.text_model.embeddings.token_embedding")
@@ -150,13 +159,15 @@ class OwlDetector(PromptedDetector, HFDetector):
             outputs = self.hf_model(**kwargs)
             return {"pred_logits": outputs.logits, "pred_boxes": outputs.pred_boxes, "aux_outputs": [],
                     "attention": None}
-        captured: list[torch.Tensor | None] = []
-
-        def take(_module: nn.Module, _args: tuple, output: Any) -> None:
-            captured.append(output[1] if isinstance(output, tuple) and len(output) > 1 else None)
-
+        # plain inference hooks the last layer only; the gradient graph (relevance) holds every layer
+        modules = self.vision_attentions() if keep_graph else [self.last_vision_attention()]
+        captured: list[list[torch.Tensor | None]] = [[] for _ in modules]
+        handles = []
+        for slot, module in zip(captured, modules):
+            def take(_module: nn.Module, _args: tuple, output: Any, slot: list = slot) -> None:
+                slot.append(output[1] if isinstance(output, tuple) and len(output) > 1 else None)
+            handles.append(module.register_forward_hook(take))
         head_inputs: list[tuple] = []
-        handles = [self.last_vision_attention().register_forward_hook(take)]
         if keep_features:
             handles.append(self._internal("class_head").register_forward_pre_hook(
                 lambda _module, args: head_inputs.append(args)))
@@ -165,11 +176,11 @@ class OwlDetector(PromptedDetector, HFDetector):
         finally:
             for handle in handles:
                 handle.remove()
-        weights = captured[-1] if captured else None
-        if weights is None:
-            raise RuntimeError(f"{self.family.title}: the last vision layer returned no attention weights (the model "
+        layers = [slot[-1] if slot else None for slot in captured]
+        if any(weights is None for weights in layers):
+            raise RuntimeError(f"{self.family.title}: a vision layer returned no attention weights (the model "
                                "must run eager attention; load it with load_model)")
-        record = self._record(weights, (int(height), int(width)), padding_mask)
+        record = self._record(layers[-1], (int(height), int(width)), padding_mask)
         if keep_features:
             if len(head_inputs) != 1 or len(head_inputs[0]) != 3:
                 raise RuntimeError(f"{self.family.title}: the class head was not called once with (image features, "
@@ -179,8 +190,9 @@ class OwlDetector(PromptedDetector, HFDetector):
                 {"image_feats": image_feats, "query_embeds": query_embeds, "query_mask": query_mask}))
         result = {"pred_logits": outputs.logits, "pred_boxes": outputs.pred_boxes, "aux_outputs": [],
                   "attention": record}
-        if keep_graph:
-            result["attention_graph"] = AttentionGraph(tokens=(weights,), detection_tokens=int(weights.shape[-1]) - 1)
+        if keep_graph:  # every layer's (B, heads, 1 + P, 1 + P); the P patch tokens are the "detection tokens"
+            result["attention_graph"] = AttentionGraph(tokens=tuple(layers),
+                                                       detection_tokens=int(layers[-1].shape[-1]) - 1)
         return result
 
     def _record(self, weights: torch.Tensor, input_size: tuple[int, int], padding_mask: torch.Tensor) -> AttentionRecord:
