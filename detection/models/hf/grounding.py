@@ -111,21 +111,6 @@ class GroundingDetector(PromptedDetector, HFDetector):
             raise self._renamed("model.decoder.layers[i].encoder_attn_text")
         return modules
 
-    def _renamed(self, path: str) -> RuntimeError:
-        import transformers
-
-        return RuntimeError(f"{self.family.title}: {type(self.hf_model).__name__} has no '{path}' with transformers "
-                            f"{transformers.__version__}: the module this code reads was renamed; the Grounding DINO "
-                            "support needs updating")
-
-    def _internal(self, path: str) -> Any:
-        module: Any = self.hf_model
-        for name in path.split("."):
-            module = getattr(module, name, None)
-            if module is None:
-                raise self._renamed(path)
-        return module
-
     def hf_text_label(self, token_logits: torch.Tensor) -> str:
         """HF's own label of a query (`post_process_grounded_object_detection`, text threshold
         TEXT_THRESHOLD): its tokens with probability above the threshold, the first and the

@@ -153,6 +153,7 @@ class OmDetDetector(PromptedDetector, HFDetector):
     gradient_capture = "graph"
 
     tokenize = staticmethod(tokenize_omdet_prompt)  # PromptedDetector.with_prompt
+    recorded = "its decoder's image cross-attention (sampled points)"  # PromptedDetector._checked_padding
 
     def __init__(self, hf_model: nn.Module, family: Family, preprocess: PreprocessSpec, config: OmDetConfig,
                  prompt: OmDetPrompt, tokenizer: Any) -> None:
@@ -166,21 +167,6 @@ class OmDetDetector(PromptedDetector, HFDetector):
 
     token_method = PHRASE_TOKEN_METHOD
     phrase_method = PHRASE_LOGIT_METHOD
-
-    def _internal(self, path: str) -> Any:
-        module: Any = self.hf_model
-        for name in path.split("."):
-            module = getattr(module, name, None)
-            if module is None:
-                raise self._renamed(path)
-        return module
-
-    def _renamed(self, path: str) -> RuntimeError:
-        import transformers
-
-        return RuntimeError(f"{self.family.title}: {type(self.hf_model).__name__} has no '{path}' with transformers "
-                            f"{transformers.__version__}: the module this code reads was renamed; the OmDet-Turbo "
-                            "support needs updating")
 
     def token_embedding(self) -> nn.Module:
         """The module whose output (C, 1, D) holds each phrase's embedding (row c = phrase c)."""
@@ -220,16 +206,10 @@ class OmDetDetector(PromptedDetector, HFDetector):
                 decoder_self_attention: bool = False, keep_graph: bool = False,
                 keep_features: bool = False) -> dict[str, Any]:
         batch, _, height, width = images.shape
-        if padding_mask is None:
-            padding_mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
-        elif bool(padding_mask.any()):
-            raise ValueError(f"{self.family.title} takes no padding mask: run images of one input size per batch")
-        if encoder_attention or decoder_self_attention:
-            raise ValueError(f"{self.family.title} records its decoder's image cross-attention only (sampled points; "
-                             "no encoder self-attention grids, no decoder self-attention)")
-        if (keep_graph or keep_features) and not cross_attention:
-            raise ValueError("keep_graph / keep_features go in the attention record: ask for one "
-                             "(cross_attention=True)")
+        padding_mask = self._checked_padding(images, padding_mask, cross_attention=cross_attention,
+                                             encoder_attention=encoder_attention,
+                                             decoder_self_attention=decoder_self_attention, keep_graph=keep_graph,
+                                             keep_features=keep_features)
         kwargs = {"pixel_values": images, "classes_input_ids": self.classes_input_ids.repeat(batch, 1),
                   "classes_attention_mask": self.classes_attention_mask.repeat(batch, 1),
                   "tasks_input_ids": self.tasks_input_ids.repeat(batch, 1),

@@ -81,6 +81,7 @@ class OwlDetector(PromptedDetector, HFDetector):
     every_layer_in_graph = True
 
     tokenize = staticmethod(tokenize_prompt)  # PromptedDetector.with_prompt
+    recorded = "the last vision layer's self-attention"  # PromptedDetector._checked_padding
 
     def __init__(self, hf_model: nn.Module, family: Family, preprocess: PreprocessSpec, config: PromptedConfig,
                  prompt: PromptTokens, tokenizer: Any) -> None:
@@ -92,18 +93,6 @@ class OwlDetector(PromptedDetector, HFDetector):
         self.token_limit = prompt.limit
 
     # -- the HF modules read ----------------------------------------------------------------------
-    def _internal(self, path: str) -> nn.Module:
-        module: Any = self.hf_model
-        for name in path.split("."):
-            module = getattr(module, name, None)
-            if module is None:
-                import transformers
-
-                raise RuntimeError(f"{self.family.title}: {type(self.hf_model).__name__} has no '{path}' with "
-                                   f"transformers {transformers.__version__}: the module this code reads was "
-                                   "renamed; the OWL support needs updating")
-        return module
-
     def _base(self) -> str:
         return self.family.model_type  # OwlViTForObjectDetection.owlvit, Owlv2ForObjectDetection.owlv2
 
@@ -144,16 +133,10 @@ class OwlDetector(PromptedDetector, HFDetector):
                 decoder_self_attention: bool = False, keep_graph: bool = False,
                 keep_features: bool = False) -> dict[str, Any]:
         batch, _, height, width = images.shape
-        if padding_mask is None:
-            padding_mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
-        elif bool(padding_mask.any()):
-            raise ValueError(f"{self.family.title} takes no padding mask: run images of one input size per batch")
-        if encoder_attention or decoder_self_attention:
-            raise ValueError(f"{self.family.title} records the last vision layer's self-attention only (no encoder "
-                             "self-attention grids, no decoder self-attention)")
-        if (keep_graph or keep_features) and not cross_attention:
-            raise ValueError("keep_graph / keep_features go in the attention record: ask for one "
-                             "(cross_attention=True)")
+        padding_mask = self._checked_padding(images, padding_mask, cross_attention=cross_attention,
+                                             encoder_attention=encoder_attention,
+                                             decoder_self_attention=decoder_self_attention, keep_graph=keep_graph,
+                                             keep_features=keep_features)
         kwargs = {"pixel_values": images, **self.text_inputs(batch)}
         if not cross_attention:
             outputs = self.hf_model(**kwargs)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from detection.models.hf.detector import HFDetectorConfig
 
 PROMPT_EXAMPLE = '--prompt "cat. remote control."'
@@ -74,11 +76,49 @@ def prompt_text(phrases: Sequence[str]) -> str:
 
 
 class PromptedDetector:
-    """What every prompted family's detector shares (mixed in before HFDetector): `with_prompt`.
-    A subclass sets `tokenize` (tokenizer, phrases, limit, title) -> its prompt tokens, and takes
-    (hf_model, family, preprocess, config, prompt, tokenizer) in its constructor."""
+    """What every prompted family's detector shares (mixed in before HFDetector): `with_prompt`,
+    the HF internals it reads (`_internal`, `_renamed`) and the forward options' checks. A subclass
+    sets `tokenize` (tokenizer, phrases, limit, title) -> its prompt tokens and `recorded` (what its
+    attention record holds, for the refusal of other attention), and takes (hf_model, family,
+    preprocess, config, prompt, tokenizer) in its constructor."""
 
     tokenize: Any
+    recorded: str = ""
+
+    def _renamed(self, path: str) -> RuntimeError:
+        """The error for an HF internal this code reads that is not there (renamed by transformers)."""
+        import transformers
+
+        return RuntimeError(f"{self.family.title}: {type(self.hf_model).__name__} has no '{path}' with transformers "
+                            f"{transformers.__version__}: the module this code reads was renamed; the "
+                            f"{self.family.title} support needs updating")
+
+    def _internal(self, path: str) -> Any:
+        """hf_model's attribute at the dotted `path` (`_renamed` when a part is missing)."""
+        module: Any = self.hf_model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+            if module is None:
+                raise self._renamed(path)
+        return module
+
+    def _checked_padding(self, images: Any, padding_mask: Any, *, cross_attention: bool, encoder_attention: bool,
+                         decoder_self_attention: bool, keep_graph: bool, keep_features: bool,
+                         padded: bool = False) -> Any:
+        """The forward's options checked (ValueError names the problem); returns the padding mask
+        (B, H, W), all False when none is given. padded: the family takes padded batches."""
+        batch, _, height, width = images.shape
+        if padding_mask is None:
+            padding_mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
+        elif not padded and bool(padding_mask.any()):
+            raise ValueError(f"{self.family.title} takes no padding mask: run images of one input size per batch")
+        if encoder_attention or decoder_self_attention:
+            raise ValueError(f"{self.family.title} records {self.recorded} only (no encoder self-attention grids, "
+                             "no decoder self-attention)")
+        if (keep_graph or keep_features) and not cross_attention:
+            raise ValueError("keep_graph / keep_features go in the attention record: ask for one "
+                             "(cross_attention=True)")
+        return padding_mask
 
     def with_prompt(self, phrases: Sequence[str]) -> Any:
         """The same weights with another prompt (the HF module is shared, not copied)."""
