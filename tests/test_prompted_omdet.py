@@ -234,6 +234,14 @@ def test_phrase_scores_from_the_kept_inputs_equal_the_whole_model_run_again(omde
     kept.per_image["class_projected"].add_(1.0)  # not the projections the model computes: fails loudly
     with pytest.raises(RuntimeError, match="phrase projections recomputed"):
         text_token_scores(engine.model, None, queries, labels, kept=kept)
+    # in float64 the two paths agree to rounding: the reuse (and the padding it skips) changes nothing
+    model64 = load_model(folder, prompt=PHRASES).double()
+    inputs64 = inputs.double()
+    with torch.no_grad():
+        kept64 = model64(inputs64, cross_attention=True, keep_features=True)["attention"].kept_inputs
+    new64 = text_token_scores(model64, None, queries, labels, kept=kept64)
+    old64 = text_token_scores(model64, inputs64, queries, labels)
+    assert np.abs(new64.scores - old64.scores).max() <= 1e-9 * np.abs(old64.scores).max()
 
 
 def test_predict_saves_maps_and_phrase_scores_report_export_and_explain(omdet, tmp_path, capsys) -> None:
@@ -260,8 +268,9 @@ def test_predict_saves_maps_and_phrase_scores_report_export_and_explain(omdet, t
     expected = text_token_scores(model.with_prompt([*PHRASES, "dog"]), _input(model, images[0]),
                                  torch.tensor([d["query_index"] for d in record["detections"]]),
                                  torch.tensor([d["category_id"] for d in record["detections"]]))
-    # from the inference pass's kept inputs: equal to the whole model run again within 1e-5 of the largest
-    assert np.abs(saved.scores - expected.scores).max() <= 1e-5 * np.abs(expected.scores).max()
+    # from the inference pass's kept inputs: equal to the whole model run again within float32's noise on
+    # gradients (5e-5 of the largest; the float64 test above holds the two paths to 1e-9)
+    assert np.abs(saved.scores - expected.scores).max() <= 5e-5 * np.abs(expected.scores).max()
     assert main(["report", str(out)]) == 0
     page = (out / "report" / "index.html").read_text(encoding="utf-8")
     assert page.count('class="tok"') == sum(4 * len(r["detections"]) for r in records)
@@ -278,7 +287,7 @@ def test_predict_saves_maps_and_phrase_scores_report_export_and_explain(omdet, t
     assert "at most 77 tokens per phrase" in capsys.readouterr().err
     api.clear_model_cache()
     explained = detection.explain(str(images[0]), model=str(folder), prompt=prompt, score_threshold=0.2, device="cpu")
-    assert np.abs(explained.token_scores.scores - saved.scores).max() <= 1e-5 * np.abs(saved.scores).max()
+    assert np.abs(explained.token_scores.scores - saved.scores).max() <= 5e-5 * np.abs(saved.scores).max()
 
 
 def test_a_batch_matches_the_hf_batched_pipeline(omdet) -> None:

@@ -90,7 +90,12 @@ class PhraseEmbedding(nn.Module):
         self._backbone = (language_backbone,)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._backbone[0](input_ids, encode_type="class")[:, None, :]
+        # each distinct row encoded once; CLIP's text model attends causally and the class path pools
+        # the end token (the row's largest id, first occurrence), so the padding after the last end
+        # token changes nothing and is not run (the phrase scores check the result against HF's pass)
+        unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
+        length = int(unique.argmax(-1).max()) + 1
+        return self._backbone[0](unique[:, :length], encode_type="class")[inverse][:, None, :]
 
 
 class _NoCache:
