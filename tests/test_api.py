@@ -204,7 +204,7 @@ def test_a_method_the_family_lacks_is_refused_by_name(tmp_path: Path) -> None:
     from test_hf_equivalence import hf_folder
 
     model = load_model(hf_folder("rt_detr", tmp_path / "model"))
-    with pytest.raises(ValueError, match="'relevance' does not apply to the RT-DETR family.*raw, attn-grad, drise"):
+    with pytest.raises(ValueError, match="'relevance' does not apply to the RT-DETR family.*raw, attn-grad, drise, in-box"):
         explain(IMAGES[0], model=model, method="relevance", device="cpu")
 
 

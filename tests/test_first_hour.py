@@ -158,7 +158,7 @@ def test_a_method_the_family_lacks_is_refused_before_any_work_with_one_message(t
 
     monkeypatch.setattr(Predictor, "predict_tensors", never)
     expected = ("explanation method 'rollout' does not apply to the RT-DETR family: rollout needs dense attention "
-                "(this family's cross-attention is sampled points); methods that apply: raw, attn-grad, drise")
+                "(this family's cross-attention is sampled points); methods that apply: raw, attn-grad, drise, in-box")
     with pytest.raises(MethodNotApplicable) as error:
         detection.explain(np.zeros((64, 64, 3), np.uint8), model=str(folder), method="rollout", device="cpu")
     assert str(error.value) == expected

@@ -298,14 +298,14 @@ def test_keep_graph_changes_no_output(models, variant):
 def test_methods_apply_by_family_and_refuse_naming_it(models):
     dense, deformable = models("table-transformer"), models("deformable_detr")
     assert applicable_methods(dense) == list(METHODS)
-    assert applicable_methods(deformable) == ["raw", "attn-grad", "drise"]
+    assert applicable_methods(deformable) == ["raw", "attn-grad", "drise", "in-box"]
     check_methods(["raw", "attn-grad", "relevance"], dense)
     check_methods(["raw", "attn-grad"], deformable)
     with pytest.raises(MethodNotApplicable) as error:
         check_methods(["attn-grad", "relevance"], deformable)
     message = str(error.value)
     assert "'relevance' does not apply to the Deformable DETR family" in message
-    assert message.endswith("methods that apply: raw, attn-grad, drise")
+    assert message.endswith("methods that apply: raw, attn-grad, drise, in-box")
     images, mask = _padded_batch()
     with pytest.raises(ValueError, match="Deformable DETR"):
         relevance(deformable, images, mask, 0, [0], [0])
@@ -343,4 +343,4 @@ def test_eval_explain_on_hf_folders(tmp_path_factory, tmp_path, capsys, variant,
         capsys.readouterr()
         assert evaluate("raw,relevance", "refused") != 0
         err = capsys.readouterr().err
-        assert "Deformable DETR" in err and "raw, attn-grad, drise" in err
+        assert "Deformable DETR" in err and "raw, attn-grad, drise, in-box" in err

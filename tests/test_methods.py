@@ -79,7 +79,8 @@ class _HFStandIn:
 
 def test_every_method_applies_to_the_native_detr(setup):
     model, _, _ = setup
-    assert applicable_methods(model) == list(METHODS) == ["raw", "rollout", "attn-grad", "relevance", "drise"]
+    assert applicable_methods(model) == list(METHODS) == ["raw", "rollout", "attn-grad", "relevance", "drise",
+                                                                       "in-box"]
     check_methods(list(METHODS), model)
 
 
@@ -88,14 +89,14 @@ def test_a_method_that_does_not_apply_is_refused_naming_the_family_and_what_appl
         assert applicable_methods(_HFStandIn(family)) == list(METHODS)
     for family in ("deformable_detr", "rt_detr", "rt_detr_v2", "d_fine", "rf_detr", "deimv2",
                    "lw_detr"):  # sampled: no rollout, relevance
-        assert applicable_methods(_HFStandIn(family)) == ["raw", "attn-grad", "drise"]
+        assert applicable_methods(_HFStandIn(family)) == ["raw", "attn-grad", "drise", "in-box"]
     detector = _HFStandIn("deformable_detr")
     for name in ("relevance", "rollout"):
         with pytest.raises(MethodNotApplicable) as error:
             check_methods(["raw", name], detector)
         message = str(error.value)
         assert f"{name!r} does not apply to the Deformable DETR family" in message
-        assert message.endswith("methods that apply: raw, attn-grad, drise")
+        assert message.endswith("methods that apply: raw, attn-grad, drise, in-box")
     check_methods(["raw", "attn-grad", "drise"], detector)
     with pytest.raises(MethodNotApplicable, match="'relevance' does not apply to the object family"):
         check_methods(["relevance"], object())  # neither the native DETR nor a wrapped family

@@ -159,7 +159,7 @@ def test_a_method_that_does_not_apply_is_a_usage_error_that_writes_nothing(tmp_p
                  "cpu", "--workers", "0", "--quiet", "--explain", "raw,relevance"]) == 2
     message = capsys.readouterr().err
     assert "'relevance' does not apply to the RT-DETR family" in message
-    assert "methods that apply: raw, attn-grad, drise" in message
+    assert "methods that apply: raw, attn-grad, drise, in-box" in message
     assert not out.exists()
 
 

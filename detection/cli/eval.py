@@ -89,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 "--layers choices, plus rollout when listed there); metrics.json `attention` gets one "
                                 "entry per method and choice, e.g. last/mean, attn-grad/last, relevance, drise")
     attention.add_argument("--attn-grad-layers", default="last", help="comma list of attn-grad layer choices: last, mean, or an index")
+    attention.add_argument("--in-box-power", type=float, default=None,
+                           help="in-box maps: the contrast exponent (default 0.5, chosen on the hard-shapes "
+                                "selection split; docs/methods.md)")
     add_drise_arguments(attention, "--precision")
     attention.add_argument("--gaussian-sigma", type=float, default=0.25, help="baseline Gaussian sigma as a fraction of box width/height")
     attention.add_argument("--floors", default="gaussian",
@@ -226,7 +229,8 @@ def _run_model(args: argparse.Namespace, gt_dataset: dict[str, Any], subset: Sub
         score_threshold=args.score_threshold, attention=not args.no_attention,
         attention_threshold=args.attention_threshold, layers=_layer_choices(args.layers, model),
         heads=_parse_choice_list(args.heads), explain=explain, attn_grad_layers=_parse_choice_list(args.attn_grad_layers),
-        drise=drise, drise_precision=args.drise_precision, gaussian_sigma=args.gaussian_sigma,
+        drise=drise, drise_precision=args.drise_precision, in_box_power=args.in_box_power,
+        gaussian_sigma=args.gaussian_sigma,
         floors=floors, best_box_only=args.best_box_only, class_agnostic_maps=args.class_agnostic_maps,
         deletion_insertion=args.deletion_insertion, di_steps=args.di_steps, di_substrate=args.di_substrate,
         di_max_detections=args.di_max_detections, di_batch_size=args.di_batch_size, progress=not args.quiet and context.is_main,

@@ -60,6 +60,7 @@ class ModelRunOptions:
     attn_grad_layers: Sequence[str] = ("last",)
     drise: DriseOptions = field(default_factory=DriseOptions)
     drise_precision: str | None = None  # None: `precision`
+    in_box_power: float | None = None  # None: in-box's frozen default (`attention.methods.in_box`)
     gaussian_sigma: float = 0.25
     floors: Sequence[str] = (GAUSSIAN_BASELINE,)  # `attention.floors`: scored like the methods
     best_box_only: str | None = None  # the box-only family member frozen as the best-box-only floor
@@ -144,7 +145,8 @@ def run_model(
     if options.attention:
         method_options = MethodOptions(layers=options.layers, heads=options.heads,
                                        attn_grad_layers=options.attn_grad_layers, drise=options.drise,
-                                       drise_precision=options.drise_precision or options.precision)
+                                       drise_precision=options.drise_precision or options.precision,
+                                       in_box_power=options.in_box_power)
         runner = build_methods(model, method_names(options.explain, options.layers), options.device, method_options,
                                prepared)
     accumulator = (
@@ -351,6 +353,8 @@ def _explain_settings(options: ModelRunOptions) -> dict[str, Any]:
     settings: dict[str, Any] = {"explain": list(options.explain or ())}
     if AttnGrad.name in settings["explain"]:
         settings["attn_grad_layers"] = list(options.attn_grad_layers)
+    if options.in_box_power is not None:
+        settings["in_box_power"] = options.in_box_power
     if Drise.name in settings["explain"]:
         settings[Drise.name] = dict(vars(options.drise), precision=options.drise_precision or options.precision)
     return settings

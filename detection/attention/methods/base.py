@@ -84,7 +84,8 @@ class MethodOptions:
 
     layers / heads: raw and rollout choices (`attention.aggregate`); attn_grad_layers: attn-grad's
     layer choices; drise: D-RISE's masks; drise_precision: the precision of D-RISE's forwards
-    ("auto": bf16 where the device runs it natively and the family allows it).
+    ("auto": bf16 where the device runs it natively and the family allows it); in_box_power: the
+    contrast exponent of in-box maps (None: `attention.methods.in_box.DEFAULT_POWER`).
     """
 
     layers: Sequence[Any] = ("last", "mean")
@@ -92,6 +93,7 @@ class MethodOptions:
     attn_grad_layers: Sequence[Any] = ("last",)
     drise: DriseOptions = DriseOptions()
     drise_precision: str = "fp32"
+    in_box_power: float | None = None
 
 
 @dataclass

@@ -7,10 +7,11 @@ from typing import Any, Sequence
 from detection.attention.methods.base import ExplanationMethod, MethodNotApplicable, model_family
 from detection.attention.methods.drise import Drise
 from detection.attention.methods.gradient import AttnGrad, Relevance
+from detection.attention.methods.in_box import InBoxAttention
 from detection.attention.methods.raw import RawAttention
 from detection.attention.methods.rollout import AttentionRollout
 
-_TABLE: tuple[type[ExplanationMethod], ...] = (RawAttention, AttentionRollout, AttnGrad, Relevance, Drise)
+_TABLE: tuple[type[ExplanationMethod], ...] = (RawAttention, AttentionRollout, AttnGrad, Relevance, Drise, InBoxAttention)
 
 #: name -> method class, in the order help texts list them.
 METHODS: dict[str, type[ExplanationMethod]] = {method.name: method for method in _TABLE}
