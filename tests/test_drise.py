@@ -141,6 +141,14 @@ def test_masked_pixels_become_black_in_the_models_input_space():
     masks = random_masks((8, 8), options).masks(0, 4)
     expected = 2.0 * masks + (-2.0) * (1.0 - masks)  # black = (0 - 0.5) / 0.25
     np.testing.assert_allclose(seen[0][:, 0].numpy(), expected.numpy(), atol=1e-6)
+    # fill "mean": masked pixels take the image's mean colour, per channel (normalisation is affine)
+    seen.clear()
+    image = torch.stack([torch.full((8, 8), 2.0), torch.zeros(8, 8), torch.zeros(8, 8)])
+    image[1, :4] = 1.0  # channel 1: half at 1, half at 0 -> mean 0.5
+    drise_saliency(forward, image, torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([0]), spec, SIGMOID,
+                   DriseOptions(num_masks=4, grid_size=2, probability=0.5, seed=1, fill="mean"))
+    np.testing.assert_allclose(seen[0][:, 0].numpy(), (2.0 * masks + 2.0 * (1.0 - masks)).numpy(), atol=1e-6)
+    np.testing.assert_allclose(seen[0][:, 1].numpy(), (image[1] * masks + 0.5 * (1.0 - masks)).numpy(), atol=1e-6)
 
 
 def test_options_are_checked():
@@ -148,3 +156,5 @@ def test_options_are_checked():
         DriseOptions(probability=0.0)
     with pytest.raises(ValueError, match="num_masks"):
         DriseOptions(num_masks=0)
+    with pytest.raises(ValueError, match="fill"):
+        DriseOptions(fill="grey")

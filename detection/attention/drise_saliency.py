@@ -33,12 +33,16 @@ from detection.models.contract import PostprocessRule, PreprocessSpec
 ForwardFn = Callable[[torch.Tensor, torch.Tensor], dict[str, Any]]
 # masks per forward pass when not given: about this many input pixels per batch
 _AUTO_BATCH_PIXELS = 2_000_000
+#: What masked pixels become: black (the paper's and RISE's), or the image's mean colour (the
+#: substrate of eval's deletion / insertion curves, `attention.perturbation`).
+FILLS = ("black", "mean")
 
 
 @dataclass(frozen=True)
 class DriseOptions:
     """num_masks N; grid_size: cells per side of the random grid; probability: share of cells
-    kept; seed: the masks' generator seed (same seed and input size -> same masks); batch_size:
+    kept; seed: the masks' generator seed (same seed and input size -> same masks); fill: what
+    masked pixels become (`FILLS`); batch_size:
     masks per forward pass (None: about 2 M input pixels per batch, at most 64); max_side: the
     stored map's long side is at most this many cells (the map is averaged down by an integer
     factor, see `drise_maps`)."""
@@ -49,6 +53,7 @@ class DriseOptions:
     seed: int = 0
     batch_size: int | None = None
     max_side: int = 256
+    fill: str = "black"
 
     def __post_init__(self) -> None:
         if self.num_masks < 1 or self.grid_size < 1 or self.max_side < 1:
@@ -57,6 +62,8 @@ class DriseOptions:
             raise ValueError(f"D-RISE probability must be in (0, 1], got {self.probability}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"D-RISE batch_size must be >= 1, got {self.batch_size}")
+        if self.fill not in FILLS:
+            raise ValueError(f"D-RISE fill must be one of {FILLS}, got {self.fill!r}")
 
 
 @dataclass(frozen=True)
@@ -136,8 +143,9 @@ def drise_saliency(
     forward: (images (n, 3, h, w), padding_mask (n, h, w)) -> outputs with "pred_logits" and
     "pred_boxes" (normalised cxcywh), e.g. the engine's prepared model (bf16 where it runs so).
     image: (3, h, w) model input (`image_to_input`, unpadded); masked pixels become black (0 in
-    [0, 1], i.e. −mean/std when the spec normalises). target_boxes (T, 4) xyxy normalised to
+    [0, 1], i.e. −mean/std when the spec normalises) by default. target_boxes (T, 4) xyxy normalised to
     [0, 1] of the image; target_labels (T,). Every target shares the same N forward passes.
+    options.fill "mean": masked pixels take the image's mean colour (per channel) instead.
     Returns S_t = Σ_i w_ti M_i / Σ_i M_i per pixel (see the module docstring).
     """
     if image.ndim != 3:
@@ -145,10 +153,12 @@ def drise_saliency(
     height, width = int(image.shape[-2]), int(image.shape[-1])
     mask_set = random_masks((height, width), options)
     batch_size = options.batch_size or max(1, min(64, _AUTO_BATCH_PIXELS // (height * width)))
-    fill = torch.zeros(3, 1, 1)
-    if spec.mean is not None:
-        fill = -torch.tensor(spec.mean).view(3, 1, 1) / torch.tensor(spec.std).view(3, 1, 1)
     image = image.float().cpu()
+    fill = torch.zeros(3, 1, 1)
+    if options.fill == "mean":
+        fill = image.mean(dim=(1, 2)).view(3, 1, 1)  # normalisation is affine per channel: the mean colour's input
+    elif spec.mean is not None:
+        fill = -torch.tensor(spec.mean).view(3, 1, 1) / torch.tensor(spec.std).view(3, 1, 1)
     target_boxes = target_boxes.float().cpu().reshape(-1, 4)
     target_labels = torch.as_tensor(target_labels, dtype=torch.int64).reshape(-1)
     saliency = torch.zeros((len(target_labels), height * width), dtype=torch.float64)

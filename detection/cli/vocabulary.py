@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 #: What every verb's --model accepts.
-MODEL_HELP = ("the detector: 'demo' (shipped), a published name (detr-r50, detr-r50-dc5, detr-r101, "
+MODEL_HELP = ("the detector: 'demo' or 'hard' (shipped), a published name (detr-r50, detr-r50-dc5, detr-r101, "
               "detr-r101-dc5, downloaded once), a native model folder, an authors' .pth, a Hugging Face "
               "folder (config.json + model.safetensors) or hf:ORG/NAME[@REVISION]")
 

@@ -26,10 +26,13 @@ from detection.resources import data_path, data_root
 
 __all__ = ["DetrConfig", "DETR", "build_model", "load_model", "save_model", "load_config",
            "available_configs", "replace_class_head", "ensure_published_native", "load_published",
-           "CONFIG_DIR", "DEMO_DIR"]
+           "CONFIG_DIR", "DEMO_DIR", "SHIPPED_MODELS"]
 
 REPO_ROOT = data_root()  # the repository checkout, or detection/_data/ in an installed wheel
 DEMO_DIR = data_path("weights", "demo")
+#: The models shipped in weights/ by name: the demo model (five convex shapes) and the model trained on
+#: the hard shapes of issue 23 (twelve shapes, box supervision only; weights/hard/TRAINING.md).
+SHIPPED_MODELS = {"demo": DEMO_DIR, "hard": data_path("weights", "hard")}
 
 
 def build_model(config: DetrConfig | dict | str | os.PathLike) -> DETR:
@@ -46,7 +49,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     """A detector with weights (a DETR, or an HFDetector), in eval mode, on `device`.
 
     name_or_path:
-      * "demo": the model shipped in weights/demo/;
+      * "demo" / "hard": the models shipped in weights/demo/ and weights/hard/ (`SHIPPED_MODELS`);
       * a native model folder (model.json + model.safetensors);
       * an authors' checkpoint file (.pth) or an HF DETR folder (config.json + weights),
         converted in memory;
@@ -65,11 +68,12 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     if prompt is not None and not (hf_folder or is_hub_name(text)):
         raise ValueError(f"--model {text}: a prompt applies to open-vocabulary Hugging Face detectors only; this "
                          "model has fixed classes")
-    if text == "demo":
-        if not is_native_folder(DEMO_DIR):
-            raise ValueError(f"the demo model is not available: {DEMO_DIR} has no {META_FILE}. "
-                             "It is produced by training (see README); or pass a model folder.")
-        model = load_native(DEMO_DIR)
+    if text in SHIPPED_MODELS:
+        folder = SHIPPED_MODELS[text]
+        if not is_native_folder(folder):
+            raise ValueError(f"the {text} model is not available: {folder} has no {META_FILE}. "
+                             f"It is produced by training ({folder / 'TRAINING.md'}); or pass a model folder.")
+        model = load_native(folder)
     elif is_hub_name(text):
         folder, source = fetch_hub_folder(text)
         model = _load_hf_folder(folder, source, prompt)
