@@ -29,6 +29,38 @@ def _gt_with_segmentation(gt_dataset: dict[str, Any]) -> dict[str, Any]:
     return dict(gt_dataset, annotations=annotations)
 
 
+def _evaluated(gt_dataset: dict[str, Any], mask_results: list[dict[str, Any]], image_ids: Sequence[int],
+               category_ids: Sequence[int]) -> COCOeval:
+    """A COCOeval (segm, explanation IoU thresholds) of the masks after `evaluate()`."""
+    gt = coco_from_dataset(_gt_with_segmentation(gt_dataset))
+    if mask_results:
+        dt, _ = call_quietly(lambda: gt.loadRes([dict(r) for r in mask_results]))
+    else:
+        dt = coco_from_dataset(
+            {"images": list(gt_dataset["images"]), "categories": list(gt_dataset["categories"]), "annotations": []}
+        )
+    evaluator = COCOeval(gt, dt, iouType="segm")
+    evaluator.params.imgIds = list(image_ids)
+    evaluator.params.catIds = list(category_ids)
+    evaluator.params.iouThrs = EXPLANATION_IOU_THRESHOLDS.copy()
+    call_quietly(evaluator.evaluate)
+    return evaluator
+
+
+def _summary(precision: np.ndarray, iou_thresholds: np.ndarray) -> dict[str, float]:
+    """mask_ap / mask_ap_standard / mask_ap50 of a (T, R, K) precision array (-1: no GT)."""
+    def mean_valid(rows: np.ndarray) -> float:
+        valid = rows[rows > -1]
+        return float(valid.mean()) if valid.size else -1.0
+
+    standard_rows = np.isin(iou_thresholds, STANDARD_IOU_THRESHOLDS)
+    return {
+        "mask_ap": mean_valid(precision),
+        "mask_ap_standard": mean_valid(precision[standard_rows]),
+        "mask_ap50": mean_valid(precision[iou_thresholds == STANDARD_IOU_THRESHOLDS[0]]),
+    }
+
+
 def mask_ap(
     gt_dataset: dict[str, Any],
     mask_results: list[dict[str, Any]],
@@ -43,28 +75,69 @@ def mask_ap(
     over the thresholds; -1 when no category has GT in the subset (COCO's convention).
     Empty results are scored properly (all 0 where GT exists) instead of crashing loadRes([]).
     """
-    gt = coco_from_dataset(_gt_with_segmentation(gt_dataset))
-    if mask_results:
-        dt, _ = call_quietly(lambda: gt.loadRes([dict(r) for r in mask_results]))
-    else:
-        dt = coco_from_dataset(
-            {"images": list(gt_dataset["images"]), "categories": list(gt_dataset["categories"]), "annotations": []}
-        )
-    evaluator = COCOeval(gt, dt, iouType="segm")
-    evaluator.params.imgIds = list(image_ids)
-    evaluator.params.catIds = list(category_ids)
-    evaluator.params.iouThrs = EXPLANATION_IOU_THRESHOLDS.copy()
-    call_quietly(lambda: (evaluator.evaluate(), evaluator.accumulate()))
+    evaluator = _evaluated(gt_dataset, mask_results, image_ids, category_ids)
+    call_quietly(evaluator.accumulate)
     # precision: (T, R, K, A, M); area "all" = 0, maxDets 100 = last
-    precision = evaluator.eval["precision"][:, :, :, 0, -1]
+    return _summary(evaluator.eval["precision"][:, :, :, 0, -1], evaluator.params.iouThrs)
 
-    def mean_valid(rows: np.ndarray) -> float:
-        valid = rows[rows > -1]
-        return float(valid.mean()) if valid.size else -1.0
 
-    standard_rows = np.isin(evaluator.params.iouThrs, STANDARD_IOU_THRESHOLDS)
-    return {
-        "mask_ap": mean_valid(precision),
-        "mask_ap_standard": mean_valid(precision[standard_rows]),
-        "mask_ap50": mean_valid(precision[evaluator.params.iouThrs == STANDARD_IOU_THRESHOLDS[0]]),
-    }
+def mask_ap_resamples(
+    gt_dataset: dict[str, Any],
+    mask_results: list[dict[str, Any]],
+    image_ids: Sequence[int],
+    category_ids: Sequence[int],
+    draws: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """`mask_ap`'s figures over resamples of the images: draws (R, n) int indices into `image_ids`
+    (with repeats: an image drawn twice counts twice) -> {name: (R,) values}.
+
+    One `COCOeval.evaluate()` matches every image once; each resample then runs pycocotools'
+    `accumulate` (area "all", 100 detections) over its images' per-image results, vectorised: the
+    same tp / fp cumulative sums, precision envelope and recall-threshold lookup, so the identity
+    draw (arange(n)) gives `mask_ap`'s figures exactly (tested)."""
+    evaluator = _evaluated(gt_dataset, mask_results, image_ids, category_ids)
+    params = evaluator.params
+    images, areas = len(params.imgIds), len(params.areaRng)
+    max_detections = params.maxDets[-1]
+    recall_thresholds = params.recThrs
+    per_category = []  # per category: per image (scores, matches (T, d), ignored (T, d), GT not ignored)
+    for k in range(len(params.catIds)):
+        rows = []
+        for i in range(images):
+            entry = evaluator.evalImgs[k * areas * images + i]  # area index 0 ("all")
+            if entry is None:
+                rows.append(None)
+                continue
+            rows.append((np.asarray(entry["dtScores"][:max_detections], dtype=np.float64),
+                         np.asarray(entry["dtMatches"][:, :max_detections]),
+                         np.asarray(entry["dtIgnore"][:, :max_detections]),
+                         int(np.count_nonzero(np.asarray(entry["gtIgnore"]) == 0))))
+        per_category.append(rows)
+    thresholds = len(params.iouThrs)
+    position = {int(image): index for index, image in enumerate(params.imgIds)}  # evaluate() sorted them
+    given = [position[int(image)] for image in image_ids]
+    out = {name: np.empty(len(draws)) for name in ("mask_ap", "mask_ap_standard", "mask_ap50")}
+    for r, drawn in enumerate(np.asarray(draws)):
+        draw = [given[j] for j in drawn]
+        precision = -np.ones((thresholds, len(recall_thresholds), len(per_category)))
+        for k, rows in enumerate(per_category):
+            chosen = [rows[i] for i in draw if rows[i] is not None]
+            positives = sum(row[3] for row in chosen)
+            if not chosen or positives == 0:
+                continue
+            scores = np.concatenate([row[0] for row in chosen])
+            order = np.argsort(-scores, kind="mergesort")
+            matched = np.concatenate([row[1] for row in chosen], axis=1)[:, order]
+            ignored = np.concatenate([row[2] for row in chosen], axis=1)[:, order]
+            tp = np.cumsum(np.logical_and(matched, np.logical_not(ignored)), axis=1).astype(np.float64)
+            fp = np.cumsum(np.logical_and(np.logical_not(matched), np.logical_not(ignored)), axis=1).astype(np.float64)
+            detections = tp.shape[1]
+            recall = tp / positives
+            envelope = np.maximum.accumulate((tp / (fp + tp + np.spacing(1)))[:, ::-1], axis=1)[:, ::-1]
+            for t in range(thresholds):
+                at = np.searchsorted(recall[t], recall_thresholds, side="left")
+                precision[t, :, k] = np.where(at < detections, envelope[t, np.minimum(at, max(detections - 1, 0))]
+                                              if detections else 0.0, 0.0)
+        for name, value in _summary(precision, params.iouThrs).items():
+            out[name][r] = value
+    return out

@@ -10,7 +10,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from detection.attention.floors import GAUSSIAN_BASELINE, CellGrid, FloorSettings, floor_maps, gaussian_box_map
-from detection.attention.mask_ap import mask_ap
+from detection.attention.mask_ap import mask_ap, mask_ap_resamples
 from detection.attention.matching import annotation_region, match_detections
 
 __all__ = ["GAUSSIAN_BASELINE", "FaithfulnessAccumulator", "check_map", "encode_mask", "energy_pointing_game",
@@ -279,7 +279,7 @@ class FaithfulnessAccumulator:
         Means over matched detections; None when there are none. per_category: also "per_category"
         {category id: the same metrics over that category's detections}; bootstrap > 0: also "ci95"
         {metric: [low, high]}, the 2.5 / 97.5 percentiles of the mean over `bootstrap` resamples of the
-        images (seeded; mask AP has none: it would need a COCO evaluation per resample)."""
+        images (seeded; mask AP's from one COCO matching, accumulated per resample: `mask_ap_resamples`)."""
         summary: dict[str, dict[str, Any]] = {}
         for choice in self.all_choices():
             row = self._row(choice, gt_dataset, image_ids, category_ids)
@@ -287,7 +287,7 @@ class FaithfulnessAccumulator:
                 row["per_category"] = {
                     int(c): self._row(choice, gt_dataset, image_ids, [c], category=int(c)) for c in category_ids}
             if bootstrap > 0:
-                row["ci95"] = self._bootstrap(choice, image_ids, bootstrap, seed)
+                row["ci95"] = self._bootstrap(choice, gt_dataset, image_ids, category_ids, bootstrap, seed)
             summary[choice] = row
         return summary
 
@@ -320,11 +320,18 @@ class FaithfulnessAccumulator:
             row["num_matched"] = len(values["pointing_game"][0])
         return row
 
-    def _bootstrap(self, choice: str, image_ids: Sequence[int], resamples: int, seed: int) -> dict[str, list[float]]:
+    def _bootstrap(self, choice: str, gt_dataset: dict[str, Any], image_ids: Sequence[int],
+                   category_ids: Sequence[int], resamples: int, seed: int) -> dict[str, list[float]]:
         rng = np.random.default_rng(seed)
         images = np.asarray(list(image_ids))
         draws = rng.integers(0, len(images), size=(resamples, len(images))) if len(images) else None
         out: dict[str, list[float]] = {}
+        if draws is not None:
+            for name, values in mask_ap_resamples(gt_dataset, self.masks[choice], list(images), category_ids,
+                                                  draws).items():
+                valid = values[values > -1]
+                if name != "mask_ap50" and len(valid):
+                    out[name] = [float(np.percentile(valid, 2.5)), float(np.percentile(valid, 97.5))]
         for name, (values, keys) in self._values(choice, None).items():
             if not values or draws is None or len(keys) != len(values):
                 continue

@@ -96,13 +96,14 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
         ]
         for choice, row in attention.items():
             cells = [choice] + [_with_interval(row, name) for name in _TABLE_METRICS[:2]] + \
-                [format_metric(row["mask_ap"]), format_metric(row["mask_ap_standard"])]
+                [_with_interval(row, "mask_ap"), _with_interval(row, "mask_ap_standard")]
             if with_curves:
                 cells += [_with_interval(row, name) for name in _TABLE_METRICS[4:]]
             lines.append("| " + " | ".join(cells) + " |")
         if any("ci95" in row for row in attention.values()):
             lines += ["", f"[low, high]: 95 % bootstrap interval of the mean over images "
-                          f"({metrics.get('settings', {}).get('bootstrap', '?')} resamples); mask AP has none."]
+                          f"({metrics.get('settings', {}).get('bootstrap', '?')} resamples; mask AP: the COCO evaluation of each "
+                          "resample's images)."]
         if metrics.get("best_box_only"):
             lines += ["", "Best box-only map of this run, per metric (freeze one with `--best-box-only`): " +
                       ", ".join(f"{metric}: `{name}`" for metric, name in metrics["best_box_only"].items() if name)]
