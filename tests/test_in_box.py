@@ -108,3 +108,19 @@ def test_eval_scores_in_box_with_its_frozen_power_and_records_an_override(tmp_pa
     # zero outside the box: the whole map's mass lies in the detection's box, so more of it in the object's
     assert row["energy_pointing_game"] >= runs["default"]["attention"]["last/mean"]["energy_pointing_game"]
     assert runs["power1"]["attention"]["in-box/last/mean"] != row
+
+
+def test_the_api_gives_in_box_maps_that_vanish_away_from_each_box():
+    import detection
+
+    explanation = detection.explain("demo/images/shapes_1.png", method="in-box", device="cpu")
+    height, width = explanation.maps.shape[1:]
+    # a cell the box touches is nonzero; bilinear upsampling carries it to the next cell's centre: 1.5 cells
+    reach = 1.5 * 16 * max(height / 160, width / 199) + 1  # stride 16 at the 160 x 199 input
+    rows, cols = np.mgrid[0:height, 0:width]
+    assert len(explanation.detections) > 0
+    for saliency, (x0, y0, x1, y1) in zip(explanation.maps, explanation.detections.boxes.tolist()):
+        far = (cols < x0 - reach) | (cols > x1 + reach) | (rows < y0 - reach) | (rows > y1 + reach)
+        assert far.any() and float(np.abs(saliency[far]).max()) == 0.0
+        inside = (cols >= x0) & (cols < x1) & (rows >= y0) & (rows < y1)
+        assert float(saliency[inside].max()) == pytest.approx(1.0)

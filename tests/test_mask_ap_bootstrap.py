@@ -88,3 +88,38 @@ def test_summaries_carry_mask_ap_intervals_around_the_mask_ap():
     gauss_low, gauss_high = accumulator.summarize(dataset, ids, [1, 2], bootstrap=50)["gaussian-baseline"]["ci95"][
         "mask_ap"]
     assert gauss_low <= gauss_high < 1.0
+
+
+def test_paired_differences_against_each_floor_and_their_markdown():
+    from detection.evaluation.writer import _difference_markdown
+
+    dataset, _ = _random_set(4, images=12)
+    accumulator = FaithfulnessAccumulator(["perfect", "gaussian-copy"])
+    for image in dataset["images"]:
+        annotations = [a for a in dataset["annotations"] if a["image_id"] == image["id"]]
+        boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                          for a in annotations], float).reshape(-1, 4)
+        perfect = np.zeros((len(annotations), 24, 24), np.float32)
+        for k, a in enumerate(annotations):
+            x, y, w, h = a["bbox"]
+            perfect[k, y:y + h, x:x + w] = 1.0
+        gaussian = np.stack([_gaussian(box) for box in boxes]) if len(boxes) else perfect
+        accumulator.add_image(image["id"], (24, 24), boxes, np.full(len(boxes), 0.9),
+                              np.array([a["category_id"] for a in annotations]),
+                              {"perfect": perfect, "gaussian-copy": gaussian}, annotations)
+    ids = [image["id"] for image in dataset["images"]]
+    summary = accumulator.summarize(dataset, ids, [1, 2], bootstrap=50)
+    assert "ci95_difference" not in summary["gaussian-baseline"]
+    # a map equal to the floor: every resample's difference is 0
+    same = summary["gaussian-copy"]["ci95_difference"]["gaussian-baseline"]
+    assert same["mask_ap"] == [0.0, 0.0] and same["pointing_game"] == [0.0, 0.0]
+    low, high = summary["perfect"]["ci95_difference"]["gaussian-baseline"]["mask_ap"]
+    assert 0 < low <= high
+    markdown = "\n".join(_difference_markdown(summary, with_curves=False))
+    assert "| perfect | +" in markdown and "]*" in markdown and "| gaussian-copy | +0.000 [+0.000, +0.000] |" in markdown
+
+
+def _gaussian(box):
+    from detection.attention.floors import gaussian_box_map
+
+    return gaussian_box_map(box, (24, 24), 0.25)

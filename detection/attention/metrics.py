@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from detection.attention.floors import GAUSSIAN_BASELINE, CellGrid, FloorSettings, floor_maps, gaussian_box_map
+from detection.attention.floors import (CEILING, GAUSSIAN_BASELINE, CellGrid, FloorSettings, floor_maps,
+                                        gaussian_box_map)
 from detection.attention.mask_ap import mask_ap, mask_ap_resamples
 from detection.attention.matching import annotation_region, match_detections
 
@@ -279,16 +280,32 @@ class FaithfulnessAccumulator:
         Means over matched detections; None when there are none. per_category: also "per_category"
         {category id: the same metrics over that category's detections}; bootstrap > 0: also "ci95"
         {metric: [low, high]}, the 2.5 / 97.5 percentiles of the mean over `bootstrap` resamples of the
-        images (seeded; mask AP's from one COCO matching, accumulated per resample: `mask_ap_resamples`)."""
+        images (seeded; mask AP's from one COCO matching, accumulated per resample: `mask_ap_resamples`),
+        and for every map that is not a floor "ci95_difference" {floor: {metric: [low, high]}}: the
+        interval of (map − floor) over the same resamples (paired; the ceiling is not a floor). A map
+        beats a floor beyond chance where that interval excludes 0."""
         summary: dict[str, dict[str, Any]] = {}
+        resampled: dict[str, dict[str, np.ndarray]] = {}
         for choice in self.all_choices():
             row = self._row(choice, gt_dataset, image_ids, category_ids)
             if per_category:
                 row["per_category"] = {
                     int(c): self._row(choice, gt_dataset, image_ids, [c], category=int(c)) for c in category_ids}
             if bootstrap > 0:
-                row["ci95"] = self._bootstrap(choice, gt_dataset, image_ids, category_ids, bootstrap, seed)
+                resampled[choice] = self._resampled(choice, gt_dataset, image_ids, category_ids, bootstrap, seed)
+                row["ci95"] = {name: _interval(values) for name, values in resampled[choice].items()
+                               if _interval(values) is not None}
             summary[choice] = row
+        floors = [floor for floor in self.floors if floor != CEILING and floor in resampled]
+        for choice in resampled:
+            if choice in self.floors:
+                continue
+            # the same image draws for every map: each resample's difference is paired
+            summary[choice]["ci95_difference"] = {
+                floor: {name: interval for name, values in resampled[choice].items()
+                        if name in resampled[floor]
+                        and (interval := _interval(values - resampled[floor][name])) is not None}
+                for floor in floors}
         return summary
 
     def _values(self, choice: str, category: int | None) -> dict[str, tuple[list[float], list[list[int]]]]:
@@ -320,22 +337,23 @@ class FaithfulnessAccumulator:
             row["num_matched"] = len(values["pointing_game"][0])
         return row
 
-    def _bootstrap(self, choice: str, gt_dataset: dict[str, Any], image_ids: Sequence[int],
-                   category_ids: Sequence[int], resamples: int, seed: int) -> dict[str, list[float]]:
-        rng = np.random.default_rng(seed)
+    def _resampled(self, choice: str, gt_dataset: dict[str, Any], image_ids: Sequence[int],
+                   category_ids: Sequence[int], resamples: int, seed: int) -> dict[str, np.ndarray]:
+        """metric -> (resamples,) values of one choice over seeded resamples of the images (the same
+        draws for every choice); NaN where a resample has nothing to average."""
         images = np.asarray(list(image_ids))
-        draws = rng.integers(0, len(images), size=(resamples, len(images))) if len(images) else None
-        out: dict[str, list[float]] = {}
-        if draws is not None:
-            for name, values in mask_ap_resamples(gt_dataset, self.masks[choice], list(images), category_ids,
-                                                  draws).items():
-                valid = values[values > -1]
-                if name != "mask_ap50" and len(valid):
-                    out[name] = [float(np.percentile(valid, 2.5)), float(np.percentile(valid, 97.5))]
+        if not len(images):
+            return {}
+        draws = np.random.default_rng(seed).integers(0, len(images), size=(resamples, len(images)))
+        out: dict[str, np.ndarray] = {}
+        for name, values in mask_ap_resamples(gt_dataset, self.masks[choice], list(images), category_ids,
+                                              draws).items():
+            if name != "mask_ap50":
+                out[name] = np.where(values > -1, values, np.nan)
+        position = {int(i): k for k, i in enumerate(images)}
         for name, (values, keys) in self._values(choice, None).items():
-            if not values or draws is None or len(keys) != len(values):
+            if not values or len(keys) != len(values):
                 continue
-            position = {int(i): k for k, i in enumerate(images)}
             per_image_sum = np.zeros(len(images))
             per_image_count = np.zeros(len(images))
             for value, (image_id, _) in zip(values, keys):
@@ -343,7 +361,11 @@ class FaithfulnessAccumulator:
                     per_image_sum[position[image_id]] += value
                     per_image_count[position[image_id]] += 1
             sums, counts = per_image_sum[draws].sum(axis=1), per_image_count[draws].sum(axis=1)
-            means = sums[counts > 0] / counts[counts > 0]
-            if len(means):
-                out[name] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+            out[name] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
         return out
+
+
+def _interval(values: np.ndarray) -> list[float] | None:
+    """[2.5, 97.5] percentiles of the defined (non-NaN) values; None when there are none."""
+    valid = values[~np.isnan(values)]
+    return [float(np.percentile(valid, 2.5)), float(np.percentile(valid, 97.5))] if len(valid) else None

@@ -107,6 +107,7 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
         if metrics.get("best_box_only"):
             lines += ["", "Best box-only map of this run, per metric (freeze one with `--best-box-only`): " +
                       ", ".join(f"{metric}: `{name}`" for metric, name in metrics["best_box_only"].items() if name)]
+        lines += _difference_markdown(attention, with_curves)
         lines += _per_category_markdown(attention, metrics.get("category_names", {}), with_curves)
     if metrics.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in metrics["warnings"]]
@@ -124,6 +125,32 @@ def _with_interval(row: dict[str, Any], name: str) -> str:
     interval = row.get("ci95", {}).get(name)
     text = format_metric(row.get(name))
     return f"{text} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else text
+
+
+def _difference_markdown(attention: dict[str, Any], with_curves: bool) -> list[str]:
+    """Per metric (mask AP 0.2:0.95, and deletion AUC with curves): each map minus each floor, the mean
+    difference with its paired 95 % bootstrap interval; * where the interval excludes 0."""
+    rows = {choice: row["ci95_difference"] for choice, row in attention.items() if row.get("ci95_difference")}
+    if not rows:
+        return []
+    floors = list(next(iter(rows.values())))
+    lines = ["", "## Maps against the floors", "",
+             "Map minus floor, with the 95 % bootstrap interval of the difference (the same image resamples for "
+             "both: paired); * where the interval excludes 0."]
+    for metric in ("mask_ap", "deletion_auc") if with_curves else ("mask_ap",):
+        lines += ["", f"**{_TITLES[metric]}**", "", "| map | " + " | ".join(floors) + " |", "|---|" + "---|" * len(floors)]
+        for choice, differences in rows.items():
+            cells = []
+            for floor in floors:
+                interval = differences.get(floor, {}).get(metric)
+                value, base = attention[choice].get(metric), attention[floor].get(metric)
+                if interval is None or value is None or base is None:
+                    cells.append("n/a")
+                    continue
+                mark = "*" if interval[0] > 0 or interval[1] < 0 else ""
+                cells.append(f"{value - base:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]{mark}")
+            lines.append(f"| {choice} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _per_category_markdown(attention: dict[str, Any], names: dict[str, str], with_curves: bool) -> list[str]:
