@@ -158,3 +158,13 @@ def test_options_are_checked():
         DriseOptions(num_masks=0)
     with pytest.raises(ValueError, match="fill"):
         DriseOptions(fill="grey")
+
+
+def test_the_run_fingerprint_names_the_fill_only_when_it_is_not_black():
+    """A run folder D-RISE wrote before the fill option existed resumes: its fingerprint had no fill."""
+    from detection.engine.predict_methods import ExplainOptions
+
+    black = ExplainOptions(methods=("raw", "drise")).fingerprint()["drise"]
+    assert "fill" not in black and black["num_masks"] == 1000
+    mean = ExplainOptions(methods=("raw", "drise"), drise=DriseOptions(fill="mean")).fingerprint()["drise"]
+    assert mean == dict(black, fill="mean")

@@ -40,7 +40,10 @@ class ExplainOptions:
         """What changes the files (for the run fingerprint)."""
         entry: dict[str, Any] = {"methods": list(self.methods)}
         if Drise.name in self.methods:
-            entry[Drise.name] = {**dataclasses.asdict(self.drise), "precision": self.drise_precision}
+            drise = dataclasses.asdict(self.drise)
+            if drise["fill"] == "black":  # the fill came after run folders existed: theirs was black
+                del drise["fill"]
+            entry[Drise.name] = {**drise, "precision": self.drise_precision}
         return entry
 
 
