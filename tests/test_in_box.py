@@ -61,7 +61,7 @@ def test_the_method_is_its_definition_on_a_real_record(record_setup):
     targets = Targets([2, 5], [0, 1], boxes)
     maps = InBoxAttention(("last", "rollout", 1), ("mean", "max")).explain(image, targets)
     assert list(maps) == ["in-box/last/mean", "in-box/last/max", "in-box/1/mean", "in-box/1/max"]
-    assert InBoxAttention.name in METHODS and DEFAULT_POWER == 0.5
+    assert InBoxAttention.name in METHODS and DEFAULT_POWER == 0.35
     for choice, got in maps.items():
         _, layers, heads = choice.split("/")
         raw = query_cell_maps(image.attention, 0, [2, 5], heads=heads, layers=int(layers) if layers != "last" else layers)
@@ -70,7 +70,7 @@ def test_the_method_is_its_definition_on_a_real_record(record_setup):
         coverage = torch.zeros(2, 3, 4)
         coverage[0, 0, :2], coverage[0, 1, :2] = 1.0, 0.5
         coverage[1] = torch.tensor([[0.0, 0.2, 0.2, 0.2], [0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
-        expected = (raw / raw.flatten(1).amax(1)[:, None, None]).double().sqrt() * coverage.double()
+        expected = (raw / raw.flatten(1).amax(1)[:, None, None]).double() ** 0.35 * coverage.double()
         torch.testing.assert_close(got.values, expected.float(), rtol=1e-6, atol=1e-7)
         assert got.stride == 32 and got.input_size == (96, 128)
 

@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 "entry per method and choice, e.g. last/mean, attn-grad/last, relevance, drise")
     attention.add_argument("--attn-grad-layers", default="last", help="comma list of attn-grad layer choices: last, mean, or an index")
     attention.add_argument("--in-box-power", type=float, default=None,
-                           help="in-box maps: the contrast exponent (default 0.5, chosen on the hard-shapes "
+                           help="in-box maps: the contrast exponent (default 0.35, chosen on the hard-shapes "
                                 "selection split; docs/methods.md)")
     add_drise_arguments(attention, "--precision")
     attention.add_argument("--gaussian-sigma", type=float, default=0.25, help="baseline Gaussian sigma as a fraction of box width/height")

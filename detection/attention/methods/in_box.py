@@ -28,7 +28,7 @@ from detection.attention.maps import image_geometry, query_cell_maps
 from detection.attention.methods.base import (ExplanationMethod, ImageInput, MethodContext, MethodMaps,
                                               MethodOptions, Targets)
 
-DEFAULT_POWER = 0.5
+DEFAULT_POWER = 0.35
 
 
 def box_cell_coverage(boxes_xyxy: torch.Tensor, original_size: Sequence[int], input_size: Sequence[int],
