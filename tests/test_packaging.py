@@ -18,7 +18,8 @@ from detection.resources import data_root
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "demo" / "images" / "shapes_1.png"
 SHIPPED = ["configs/models/demo.yaml", "configs/models/detr-r50.yaml", "configs/train/demo.yaml",
-           "weights/manifest.yaml", "weights/demo/model.json", "weights/demo/model.safetensors"]
+           "weights/manifest.yaml", "weights/demo/model.json", "weights/demo/model.safetensors",
+           "weights/hard/model.json", "weights/hard/model.safetensors"]
 
 
 def _copy_project(dest: Path) -> None:
