@@ -67,13 +67,13 @@ def test_load_reports_missing_and_unexpected_keys(tmp_path) -> None:
 
 
 def test_demo_missing_gives_clear_error(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(registry, "DEMO_DIR", tmp_path / "demo")
+    monkeypatch.setitem(registry.SHIPPED_MODELS, "demo", tmp_path / "demo")
     with pytest.raises(ValueError, match="demo model is not available"):
         load_model("demo")
 
 
 def test_demo_resolves_to_weights_folder(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(registry, "DEMO_DIR", tmp_path / "demo")
+    monkeypatch.setitem(registry.SHIPPED_MODELS, "demo", tmp_path / "demo")
     save_model(build_model("detr-tiny"), tmp_path / "demo", source="test")
     assert load_model("demo").config.name == "detr-tiny"
 

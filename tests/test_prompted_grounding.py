@@ -244,7 +244,7 @@ def test_predict_saves_maps_and_token_scores_and_explain_returns_them(grounding,
 
     family, folder, images = grounding
     model = load_model(folder, prompt=PHRASES)
-    assert applicable_methods(model) == ["raw", "attn-grad", "drise"]
+    assert applicable_methods(model) == ["raw", "attn-grad", "drise", "in-box"]
     out = tmp_path / "run"
     assert main(["predict", str(images[0].parent), "--model", str(folder), "--prompt", PROMPT, "--out", str(out),
                  "--score-threshold", "0.0", "--device", "cpu", "--workers", "0", "--quiet", "--save-attention",

@@ -252,7 +252,7 @@ def test_predict_saves_maps_and_phrase_scores_report_export_and_explain(omdet, t
 
     folder, images = omdet
     model = load_model(folder, prompt=PHRASES)
-    assert applicable_methods(model) == ["raw", "attn-grad", "drise"]
+    assert applicable_methods(model) == ["raw", "attn-grad", "drise", "in-box"]
     out = tmp_path / "run"
     prompt = PROMPT + " dog."  # a phrase no detection has (checked below)
     common = ["--model", str(folder), "--prompt", prompt, "--device", "cpu", "--workers", "0", "--quiet"]

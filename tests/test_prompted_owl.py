@@ -174,7 +174,7 @@ def test_image_maps_raw_and_attn_grad_are_the_patch_token_s_row(owl) -> None:
     folder, images = owl
     api.clear_model_cache()
     model = load_model(folder, prompt=PHRASES)
-    assert applicable_methods(model) == ["raw", "attn-grad", "relevance", "drise"]
+    assert applicable_methods(model) == ["raw", "attn-grad", "relevance", "drise", "in-box"]
     grid = model.patch_grid()
     rgb = np.asarray(Image.open(images[0]).convert("RGB"))
     from detection.data.preprocess import image_to_input
@@ -199,6 +199,18 @@ def test_image_maps_raw_and_attn_grad_are_the_patch_token_s_row(owl) -> None:
                 values = explained.attention.decoder_cross[-1, 0, :, query].mean(0)
             assert torch.allclose(values.reshape(-1), expected.reshape(-1), atol=1e-6), (method, k)
             assert tuple(values.shape[-2:]) == grid
+    # in-box: the raw row (its peak scaled to 1) to the power 0.35 inside each detection's box, 0 outside
+    from detection.attention.methods.in_box import box_cell_coverage
+
+    boxed = detection.explain(str(images[0]), model=str(folder), prompt=PROMPT, method="in-box",
+                              score_threshold=0.3, device="cpu")
+    maps = boxed.method_maps
+    coverage = box_cell_coverage(boxed.detections.boxes, boxed.detections.image_size, maps.input_size, maps.stride,
+                                 tuple(maps.values.shape[-2:]))
+    for k, query in enumerate(boxed.detections.query_index.tolist()):
+        row = weights.detach()[0, :, 1 + query, 1:].mean(0).reshape(grid)
+        expected = (row / row.max()) ** 0.35 * coverage[k]
+        assert torch.allclose(maps.values[k], expected.float(), atol=1e-5), k
     with pytest.raises(MethodNotApplicable, match="'rollout' does not apply to the OWL-ViT family.*every layer"):
         detection.explain(str(images[0]), model=str(folder), prompt=PROMPT, method="rollout", device="cpu")
 
