@@ -11,7 +11,7 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 # (source folder, glob) pairs copied to detection/_data/<same relative path>
-SHIPPED = [("configs", "**/*.yaml"), ("weights", "manifest.yaml"), ("weights", "demo/*")]
+SHIPPED = [("configs", "**/*.yaml"), ("weights", "manifest.yaml"), ("weights", "demo/*"), ("weights", "hard/*")]
 
 
 def shipped_files() -> list[Path]:
