@@ -44,8 +44,9 @@ def test_the_identity_draw_is_pycocotools_exactly(seed):
     dataset, results = _random_set(seed)
     ids = [image["id"] for image in dataset["images"]][::-1]  # any order: evaluate() sorts them
     expected = mask_ap(dataset, results, ids, [1, 2])
-    got = mask_ap_resamples(dataset, results, ids, [1, 2], np.arange(len(ids))[None])
+    figures, got = mask_ap_resamples(dataset, results, ids, [1, 2], np.arange(len(ids))[None])
     assert {name: float(values[0]) for name, values in got.items()} == expected
+    assert figures == expected  # the whole set's figures from the same matching
     assert expected["mask_ap"] > 0
 
 
@@ -62,7 +63,7 @@ def test_a_resample_with_repeats_is_the_set_with_those_images_copied():
                                   for k, a in enumerate(a for a in dataset["annotations"] if a["image_id"] == old_id)]
         copied_results += [dict(r, image_id=new_id) for r in results if r["image_id"] == old_id]
     expected = mask_ap(copied, copied_results, [image["id"] for image in copied["images"]], [1, 2])
-    got = mask_ap_resamples(dataset, results, ids, [1, 2], draw[None])
+    _, got = mask_ap_resamples(dataset, results, ids, [1, 2], draw[None])
     for name, value in expected.items():
         assert got[name][0] == pytest.approx(value, abs=1e-12), name
 

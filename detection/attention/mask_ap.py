@@ -87,14 +87,16 @@ def mask_ap_resamples(
     image_ids: Sequence[int],
     category_ids: Sequence[int],
     draws: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """`mask_ap`'s figures over resamples of the images: draws (R, n) int indices into `image_ids`
-    (with repeats: an image drawn twice counts twice) -> {name: (R,) values}.
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """`mask_ap`'s figures on the whole set, and over resamples of the images: draws (R, n) int
+    indices into `image_ids` (with repeats: an image drawn twice counts twice) -> ({name: value},
+    {name: (R,) values}).
 
-    One `COCOeval.evaluate()` matches every image once; each resample then runs pycocotools'
-    `accumulate` (area "all", 100 detections) over its images' per-image results, vectorised: the
-    same tp / fp cumulative sums, precision envelope and recall-threshold lookup, so the identity
-    draw (arange(n)) gives `mask_ap`'s figures exactly (tested)."""
+    One `COCOeval.evaluate()` matches every image once (the expensive part) and serves both: the
+    whole set's figures are pycocotools' own `accumulate`; each resample runs that accumulation (area
+    "all", 100 detections) over its images' per-image results, vectorised: the same tp / fp
+    cumulative sums, precision envelope and recall-threshold lookup, so the identity draw
+    (arange(n)) gives `mask_ap`'s figures exactly (tested)."""
     evaluator = _evaluated(gt_dataset, mask_results, image_ids, category_ids)
     params = evaluator.params
     images, areas = len(params.imgIds), len(params.areaRng)
@@ -140,4 +142,5 @@ def mask_ap_resamples(
                                               if detections else 0.0, 0.0)
         for name, value in _summary(precision, params.iouThrs).items():
             out[name][r] = value
-    return out
+    call_quietly(evaluator.accumulate)
+    return _summary(evaluator.eval["precision"][:, :, :, 0, -1], params.iouThrs), out

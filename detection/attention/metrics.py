@@ -287,14 +287,17 @@ class FaithfulnessAccumulator:
         summary: dict[str, dict[str, Any]] = {}
         resampled: dict[str, dict[str, np.ndarray]] = {}
         for choice in self.all_choices():
-            row = self._row(choice, gt_dataset, image_ids, category_ids)
+            mask_figures = None  # the bootstrap's COCO matching gives the whole set's mask AP too
+            if bootstrap > 0:
+                mask_figures, resampled[choice] = self._resampled(choice, gt_dataset, image_ids, category_ids,
+                                                                  bootstrap, seed)
+            row = self._row(choice, gt_dataset, image_ids, category_ids, mask_figures=mask_figures)
             if per_category:
                 row["per_category"] = {
                     int(c): self._row(choice, gt_dataset, image_ids, [c], category=int(c)) for c in category_ids}
             if bootstrap > 0:
-                resampled[choice] = self._resampled(choice, gt_dataset, image_ids, category_ids, bootstrap, seed)
-                row["ci95"] = {name: _interval(values) for name, values in resampled[choice].items()
-                               if _interval(values) is not None}
+                row["ci95"] = {name: interval for name, values in resampled[choice].items()
+                               if (interval := _interval(values)) is not None}
             summary[choice] = row
         floors = [floor for floor in self.floors if floor != CEILING and floor in resampled]
         for choice in resampled:
@@ -320,12 +323,12 @@ class FaithfulnessAccumulator:
                 for name, (values, keys) in out.items()}
 
     def _row(self, choice: str, gt_dataset: dict[str, Any], image_ids: Sequence[int], category_ids: Sequence[int],
-             category: int | None = None) -> dict[str, Any]:
+             category: int | None = None, mask_figures: dict[str, float] | None = None) -> dict[str, Any]:
         values = self._values(choice, category)
         row: dict[str, Any] = {name: float(np.mean(v)) if v else None for name, (v, _) in values.items()
                                if name in ("pointing_game", "energy_pointing_game")}
         masks = self.masks[choice] if category is None else [m for m in self.masks[choice] if m["category_id"] == category]
-        row.update(mask_ap(gt_dataset, masks, image_ids, category_ids))
+        row.update(mask_figures if mask_figures is not None else mask_ap(gt_dataset, masks, image_ids, category_ids))
         for mode in ("deletion", "insertion"):
             curve_values = values[f"{mode}_auc"][0]
             row[f"{mode}_auc"] = float(np.mean(curve_values)) if curve_values else None
@@ -338,16 +341,19 @@ class FaithfulnessAccumulator:
         return row
 
     def _resampled(self, choice: str, gt_dataset: dict[str, Any], image_ids: Sequence[int],
-                   category_ids: Sequence[int], resamples: int, seed: int) -> dict[str, np.ndarray]:
-        """metric -> (resamples,) values of one choice over seeded resamples of the images (the same
-        draws for every choice); NaN where a resample has nothing to average."""
+                   category_ids: Sequence[int], resamples: int,
+                   seed: int) -> tuple[dict[str, float] | None, dict[str, np.ndarray]]:
+        """(the whole set's mask AP figures, None without images; metric -> (resamples,) values of one
+        choice over seeded resamples of the images (the same draws for every choice), NaN where a
+        resample has nothing to average)."""
         images = np.asarray(list(image_ids))
         if not len(images):
-            return {}
+            return None, {}
         draws = np.random.default_rng(seed).integers(0, len(images), size=(resamples, len(images)))
         out: dict[str, np.ndarray] = {}
-        for name, values in mask_ap_resamples(gt_dataset, self.masks[choice], list(images), category_ids,
-                                              draws).items():
+        mask_figures, mask_resamples = mask_ap_resamples(gt_dataset, self.masks[choice], list(images), category_ids,
+                                                         draws)
+        for name, values in mask_resamples.items():
             if name != "mask_ap50":
                 out[name] = np.where(values > -1, values, np.nan)
         position = {int(i): k for k, i in enumerate(images)}
@@ -362,7 +368,7 @@ class FaithfulnessAccumulator:
                     per_image_count[position[image_id]] += 1
             sums, counts = per_image_sum[draws].sum(axis=1), per_image_count[draws].sum(axis=1)
             out[name] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-        return out
+        return mask_figures, out
 
 
 def _interval(values: np.ndarray) -> list[float] | None:

@@ -25,6 +25,7 @@ from detection.cli.vocabulary import MODEL_HELP, add_quiet, add_workers, example
 from detection.attention.methods import AttentionRollout
 from detection.attention.aggregate import ROLLOUT_LAYERS
 from detection.attention.floors import BEST_BOX_ONLY, BOX_FAMILY, parse_floors
+from detection.attention.methods.in_box import DEFAULT_POWER as IN_BOX_POWER
 from detection.cli.drise_options import add_drise_arguments, drise_options
 from detection.cli.prompt_options import add_prompt_arguments, prompt_from_args
 from detection.attention.methods import METHODS, MethodNotApplicable, applicable_methods, parse_methods
@@ -90,8 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 "entry per method and choice, e.g. last/mean, attn-grad/last, relevance, drise")
     attention.add_argument("--attn-grad-layers", default="last", help="comma list of attn-grad layer choices: last, mean, or an index")
     attention.add_argument("--in-box-power", type=float, default=None,
-                           help="in-box maps: the contrast exponent (default 0.35, chosen on the hard-shapes "
-                                "selection split; docs/methods.md)")
+                           help=f"in-box maps: the contrast exponent (default {IN_BOX_POWER}, chosen on the "
+                                "hard-shapes selection split; docs/methods.md)")
     add_drise_arguments(attention, "--precision")
     attention.add_argument("--gaussian-sigma", type=float, default=0.25, help="baseline Gaussian sigma as a fraction of box width/height")
     attention.add_argument("--floors", default="gaussian",
